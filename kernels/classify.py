@@ -1,0 +1,99 @@
+"""Classification engines: a fine-tuned sequence classifier, or a zero-shot embedding classifier.
+
+Both take pre-tokenized items (so that tokenization runs in the caller's thread, overlapped with
+device work) and return one {label: score in [0, 1]} per item, in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .loading import default_dtype, load_encoder, resolve_device
+
+# Zero-shot scores: sigmoid(SCALE * (sim_label - sim_neutral) + BIAS). sim_* are cosine similarities
+# to the nearest description of the label / of ordinary text. Chosen on the real MiniLM weights so
+# that ordinary sentences score < 0.1 and on-topic ones > 0.5 (tests/integration/test_real_models.py).
+ZS_SCALE = 12.0
+ZS_BIAS = -1.0
+
+
+class ClassifierEngine:
+    """load (constructor) / encode / run / check_health / shutdown."""
+
+    def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 512,
+                 prototypes: dict[str, list[str]] | None = None, neutral: list[str] | None = None,
+                 dtype: torch.dtype | None = None):
+        self.device = resolve_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.zero_shot = prototypes is not None
+        self.model, self.tokenizer, self.revision = load_encoder(path, self.device, self.dtype,
+                                                                 classifier=not self.zero_shot)
+        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.variant = f"torch-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+        if self.zero_shot:
+            assert prototypes is not None
+            self.labels = list(prototypes)
+            texts, owner = [], []
+            for i, label in enumerate(self.labels):
+                texts += prototypes[label]
+                owner += [i] * len(prototypes[label])
+            self._protos = self._embed(self.encode(texts))
+            self._owner = torch.tensor(owner, device=self.device)
+            self._neutral = self._embed(self.encode(neutral or ["."]))
+        else:
+            id2label = self.model.config.id2label
+            self.labels = [id2label[i] for i in range(len(id2label))]
+            self.multi_label = self.model.config.problem_type == "multi_label_classification"
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, truncated to max_length (over-long inputs are truncated, not refused)."""
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
+        return ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def _embed(self, batch: list[list[int]]) -> torch.Tensor:
+        ids, mask = self._pad(batch)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+    @torch.inference_mode()
+    def run(self, batch: list[list[int]]) -> list[dict[str, float]]:
+        if not batch:
+            return []
+        if self.zero_shot:
+            emb = self._embed(batch)
+            sims = emb @ self._protos.T  # [B, n_protos]
+            per_label = torch.full((len(batch), len(self.labels)), -1.0, device=self.device)
+            per_label = per_label.scatter_reduce(1, self._owner.expand(len(batch), -1), sims, reduce="amax")
+            neutral = (emb @ self._neutral.T).amax(dim=1, keepdim=True)
+            scores = torch.sigmoid(ZS_SCALE * (per_label - neutral) + ZS_BIAS)
+        else:
+            ids, mask = self._pad(batch)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        rows = scores.cpu().tolist()
+        out = [dict(zip(self.labels, r)) for r in rows]
+        if len(out) != len(batch):
+            raise RuntimeError(f"classifier returned {len(out)} rows for {len(batch)} inputs")
+        return out
+
+    def check_health(self) -> bool:
+        return len(self.run(self.encode(["health check"]))) == 1
+
+    def shutdown(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

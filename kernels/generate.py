@@ -1,0 +1,165 @@
+"""The generation loop: a batch of prompts with per-row sampling parameters, KV-cached.
+
+Hugging Face `generate` takes one GenerationConfig per call; bulk files mix temperatures, top_p,
+seeds, stops and max_tokens line by line. This loop runs them together in one left-padded batch
+and gives each row its own parameters, its own seeded generator and its own stop condition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loading import default_dtype, load_causal_lm, resolve_device
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenResult:
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class PromptTooLong(ValueError):
+    """Raised when a prompt leaves no room for even one new token in the model's context."""
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row. temperature 0 -> greedy; else nucleus sampling with the row's generator."""
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = (temperature > 0).nonzero().flatten().tolist()
+    if not sampled_rows:
+        return greedy
+    out = greedy.clone()
+    sub = logits[sampled_rows].float() / temperature[sampled_rows].unsqueeze(1)
+    probs = torch.softmax(sub, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    drop = (cum - sorted_p) >= top_p[sampled_rows].unsqueeze(1)
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    for j, row in enumerate(sampled_rows):
+        pick = torch.multinomial(sorted_p[j], 1, generator=generators[row])
+        out[row] = order[j, pick]
+    return out
+
+
+class GenerationEngine:
+    """load (constructor) / encode_chat / encode_prompt / run / check_health / shutdown."""
+
+    def __init__(self, path: Path, *, cache_dir: Path, device: str = "cpu", max_context: int = 2048,
+                 dtype: torch.dtype | None = None):
+        self.device = resolve_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.model, self.tokenizer, self.revision = load_causal_lm(path, cache_dir, self.device, self.dtype)
+        cfg = self.model.config
+        self.max_context = min(max_context, getattr(cfg, "max_position_embeddings", max_context))
+        eos = set()
+        for src in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            eos.update(src if isinstance(src, list) else [src] if src is not None else [])
+        self.eos_ids = eos
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(eos), 0)
+        self.variant = f"torch-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def budget(self, prompt_len: int, max_tokens: int) -> int:
+        """max_tokens clipped to the context; PromptTooLong if no room is left."""
+        room = self.max_context - prompt_len
+        if room < 1:
+            raise PromptTooLong(f"prompt is {prompt_len} tokens; this model's context is {self.max_context} "
+                                f"tokens, leaving no room to generate")
+        return min(max_tokens, room)
+
+    @torch.inference_mode()
+    def run(self, reqs: list[GenRequest]) -> list[GenResult]:
+        if not reqs:
+            return []
+        B = len(reqs)
+        budgets = [self.budget(len(r.prompt_ids), r.max_tokens) for r in reqs]
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        for i, r in enumerate(reqs):  # left padding: every row's next token lands in the last column
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        temperature = torch.tensor([r.temperature for r in reqs], device=self.device)
+        top_p = torch.tensor([r.top_p for r in reqs], device=self.device)
+        gens: list[torch.Generator | None] = []
+        for r in reqs:
+            g = torch.Generator(device=self.device)
+            if r.seed is not None:
+                g.manual_seed(r.seed)
+            else:
+                g.seed()
+            gens.append(g)
+
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        new_tokens: list[list[int]] = [[] for _ in range(B)]
+        texts = [""] * B
+        finish: list[str | None] = [None] * B
+        for _step in range(max(budgets)):
+            nxt = sample_next(out.logits[:, -1, :], temperature, top_p, gens)
+            tokens = nxt.tolist()
+            for i, t in enumerate(tokens):
+                if finish[i] is not None:
+                    continue
+                if t in self.eos_ids:
+                    finish[i] = "stop"
+                    continue
+                new_tokens[i].append(t)
+                if reqs[i].stop:
+                    text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)
+                    hits = [text.find(s) for s in reqs[i].stop if s in text]
+                    if hits:
+                        texts[i] = text[: min(hits)]
+                        finish[i] = "stop"
+                        continue
+                if len(new_tokens[i]) >= budgets[i]:
+                    finish[i] = "length"
+            if all(f is not None for f in finish):
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
+                             past_key_values=cache, use_cache=True)
+        results = []
+        for i, r in enumerate(reqs):
+            text = texts[i] if finish[i] == "stop" and texts[i] else None
+            if text is None:
+                text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)
+            results.append(GenResult(text, finish[i] or "length", len(r.prompt_ids), len(new_tokens[i])))
+        return results
+
+    def check_health(self) -> bool:
+        return len(self.run([GenRequest(self.encode_prompt("Hi"), max_tokens=1, temperature=0)])) == 1
+
+    def shutdown(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

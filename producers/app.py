@@ -1,0 +1,60 @@
+"""The Celery app factory: the broker contract shared by producers and workers.
+
+`producers.app:app` is built lazily from the environment (for `celery -A` and Flower).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from . import constants as C
+from .redis_server import resolve_redis_url
+from .settings import Settings
+
+
+def make_app(settings: Settings | None = None, redis_url: str | None = None) -> Celery:
+    settings = settings or Settings()
+    url = redis_url or resolve_redis_url(settings)
+    transport = {
+        # Must exceed a reserved message's wait + run time, or it is delivered twice (see Settings).
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Only the workers that consume a queue get its broadcast events.
+        "fanout_prefix": True, "fanout_patterns": True,
+    }
+    app = Celery("gristmill", broker=url, backend=url, set_as_current=False)
+    app.conf.update(
+        # JSON only: a pickled message from anyone who can write to the broker would run code.
+        task_serializer="json", result_serializer="json", event_serializer="json",
+        accept_content=["json"], result_accept_content=["json"],
+        # Ack after the task returns, i.e. after its results are written; a crash mid-chunk
+        # redelivers the chunk and the idempotent writes drop what was already written.
+        task_acks_late=True,
+        # A pool child killed mid-task (OOM, segfault) requeues its message instead of acking it;
+        # our attempts cap (Settings.max_attempts) stops a poison message from looping.
+        task_reject_on_worker_lost=True,
+        # The batcher sees concurrency x multiplier messages; see Settings.prefetch_multiplier.
+        worker_prefetch_multiplier=settings.prefetch_multiplier,
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Results go to our per-batch hash, never one Celery result per message.
+        task_ignore_result=True,
+        result_expires=settings.result_ttl_s,
+        # Task events for Flower.
+        worker_send_task_events=True, task_send_sent_event=True,
+        task_queues=[Queue(q) for q in C.QUEUES],
+        task_default_queue=C.CLASSIFY_QUEUE,
+        task_routes={C.GENERATE_TASK: {"queue": C.GENERATE_QUEUE}, C.CLASSIFY_TASK: {"queue": C.CLASSIFY_QUEUE}},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":
+        global app
+        app = make_app()
+        return app
+    raise AttributeError(name)

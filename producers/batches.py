@@ -1,0 +1,233 @@
+"""Batch records and their lifecycle in Redis: create, count, record results, finalize, cancel.
+
+Results live in one hash per batch keyed by custom_id, written with HSETNX inside one Lua call per
+chunk: a redelivered message can never add a second line for an item, and the counters move only
+for lines that are new. The same call marks the chunk done and, when the last chunk is done,
+moves the batch to `finalizing` exactly once, so only one writer finalizes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from . import constants as C
+from .errors import BatchNotFound
+
+
+class RequestCounts(BaseModel):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class Batch(BaseModel):
+    """A batch as OpenAI describes one, plus the counts gristmill keeps."""
+    id: str
+    object: str = "batch"
+    status: str
+    input_file: str | None = None
+    input_sha256: str | None = None
+    completion_window: str = "24h"
+    request_counts: RequestCounts
+    created_at: int
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    expires_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    errors: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in C.TERMINAL
+
+
+# Record result lines. KEYS: meta, results, chunks_done. ARGV: chunk (or ""), now, then triples
+# (field, tagged value, is_error). Returns {new_completed, new_failed, transition}.
+_RECORD = """
+local completed, failed = 0, 0
+for i = 3, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i+1]) == 1 then
+    if ARGV[i+2] == '1' then failed = failed + 1 else completed = completed + 1 end
+  end
+end
+if completed > 0 then redis.call('HINCRBY', KEYS[1], 'completed', completed) end
+if failed > 0 then redis.call('HINCRBY', KEYS[1], 'failed', failed) end
+if ARGV[1] ~= '' then redis.call('SADD', KEYS[3], ARGV[1]) end
+local transition = ''
+local chunks_total = redis.call('HGET', KEYS[1], 'chunks_total')
+if chunks_total and redis.call('SCARD', KEYS[3]) >= tonumber(chunks_total) then
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if status == 'in_progress' then
+    redis.call('HSET', KEYS[1], 'status', 'finalizing', 'finalizing_at', ARGV[2])
+    transition = 'finalizing'
+  elseif status == 'cancelling' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[2])
+    transition = 'cancelled'
+  end
+end
+return {completed, failed, transition}
+"""
+
+# Cancel. KEYS: meta, chunks_done. ARGV: now. Returns the status after.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'validating' or status == 'in_progress' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
+  status = 'cancelling'
+  local chunks_total = redis.call('HGET', KEYS[1], 'chunks_total')
+  if chunks_total and redis.call('SCARD', KEYS[2]) >= tonumber(chunks_total) then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
+    status = 'cancelled'
+  end
+end
+return status
+"""
+
+_INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+               "expires_at", "cancelling_at", "cancelled_at")
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
+def tag(value: dict[str, Any], is_error: bool) -> str:
+    return (C.ERROR_TAG if is_error else C.OUTPUT_TAG) + json.dumps(value, separators=(",", ":"),
+                                                                     ensure_ascii=False)
+
+
+class BatchStore:
+    """All reads and writes of batch state. Thin over a redis-py client (decode_responses=True)."""
+
+    def __init__(self, redis, result_ttl_s: int = 7 * 24 * 3600):
+        self.r = redis
+        self.result_ttl_s = result_ttl_s
+        self._record = redis.register_script(_RECORD)
+        self._cancel = redis.register_script(_CANCEL)
+
+    # -- creation and reads
+    def create(self, batch_id: str, *, input_file: str | None, completion_window: str, window_s: int,
+               metadata: dict[str, str] | None = None) -> None:
+        now = int(time.time())
+        meta = {"status": C.VALIDATING, "created_at": now, "expires_at": now + window_s,
+                "completion_window": completion_window, "total": 0, "completed": 0, "failed": 0,
+                "input_file": input_file or "", "metadata": json.dumps(metadata or {})}
+        pipe = self.r.pipeline()
+        pipe.hset(C.batch_key(batch_id), mapping=meta)
+        pipe.zadd(C.BATCH_INDEX, {batch_id: now})
+        pipe.execute()
+
+    def raw(self, batch_id: str) -> dict[str, str]:
+        meta = self.r.hgetall(C.batch_key(batch_id))
+        if not meta:
+            raise BatchNotFound(f"batch {batch_id!r} not found (unknown id, or its records expired)")
+        return meta
+
+    def get(self, batch_id: str) -> Batch:
+        m = self.raw(batch_id)
+        fields: dict[str, Any] = {k: int(m[k]) for k in _INT_FIELDS if m.get(k)}
+        errors = json.loads(m["errors"]) if m.get("errors") else None
+        return Batch(id=batch_id, status=m["status"], input_file=m.get("input_file") or None,
+                     input_sha256=m.get("input_sha256") or None,
+                     completion_window=m.get("completion_window", "24h"),
+                     request_counts=RequestCounts(total=int(m.get("total", 0)), completed=int(m.get("completed", 0)),
+                                                  failed=int(m.get("failed", 0))),
+                     errors=errors, metadata=json.loads(m.get("metadata") or "{}") or None, **fields)
+
+    def status(self, batch_id: str) -> str | None:
+        return self.r.hget(C.batch_key(batch_id), "status")
+
+    def list_ids(self, limit: int = 20) -> list[str]:
+        return list(self.r.zrevrange(C.BATCH_INDEX, 0, limit - 1))
+
+    # -- lifecycle
+    def mark_in_progress(self, batch_id: str, total: int, input_sha256: str) -> None:
+        self.r.hset(C.batch_key(batch_id), mapping={"status": C.IN_PROGRESS, "in_progress_at": int(time.time()),
+                                                      "total": total, "input_sha256": input_sha256})
+
+    def fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
+        now = int(time.time())
+        self.r.hset(C.batch_key(batch_id), mapping={"status": C.FAILED, "failed_at": now,
+                                                      "errors": json.dumps(errors)})
+        self._expire(batch_id)
+
+    def set_chunks_total(self, batch_id: str, n: int) -> str:
+        """Called once enqueueing ends; finalizes at once if every chunk is already done."""
+        self.r.hset(C.batch_key(batch_id), "chunks_total", n)
+        return self.record(batch_id, None, [])
+
+    def record(self, batch_id: str, chunk: int | None, lines: list[tuple[str, dict[str, Any], bool]]) -> str:
+        """Write (field, line, is_error) triples idempotently; mark `chunk` done; finalize when last.
+        Returns the transition made ('' when none)."""
+        argv: list[Any] = ["" if chunk is None else chunk, int(time.time())]
+        for field, line, is_error in lines:
+            argv += [field, tag(line, is_error), "1" if is_error else "0"]
+        keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id)]
+        _, _, transition = self._record(keys=keys, args=argv)
+        if transition == C.FINALIZING:
+            self.finalize(batch_id)
+        elif transition == C.CANCELLED:
+            self._expire(batch_id)
+        return transition
+
+    def finalize(self, batch_id: str) -> None:
+        """The one writer that moved the batch to `finalizing` settles its final state and TTLs."""
+        m = self.raw(batch_id)
+        now = int(time.time())
+        total, failed = int(m.get("total", 0)), int(m.get("failed", 0))
+        if m.get("valid", "1") == "0" and total:
+            status, extra = C.FAILED, {"failed_at": now, "errors": json.dumps(
+                [{"code": "no_valid_lines", "message": "no input line passed validation; see the error file"}])}
+        elif m.get("has_expired"):
+            status, extra = C.EXPIRED, {"expired_at": now}
+        else:
+            status, extra = C.COMPLETED, {"completed_at": now}
+        del failed
+        self.r.hset(C.batch_key(batch_id), mapping={"status": status, **extra})
+        self._expire(batch_id)
+
+    def cancel(self, batch_id: str) -> str:
+        status = self._cancel(keys=[C.batch_key(batch_id), C.chunks_done_key(batch_id)], args=[int(time.time())])
+        if status is None:
+            raise BatchNotFound(f"batch {batch_id!r} not found")
+        if status == C.CANCELLED:
+            self._expire(batch_id)
+        return status
+
+    def _expire(self, batch_id: str) -> None:
+        pipe = self.r.pipeline()
+        for key in C.batch_keys(batch_id):
+            pipe.expire(key, self.result_ttl_s)
+        pipe.execute()
+
+    # -- worker side
+    def begin_chunk(self, batch_id: str, chunk: int) -> tuple[str | None, int, bool]:
+        """(status, delivery attempt number, expired?) for a chunk a worker is about to run."""
+        pipe = self.r.pipeline()
+        pipe.hget(C.batch_key(batch_id), "status")
+        pipe.hget(C.batch_key(batch_id), "expires_at")
+        pipe.hincrby(C.attempts_key(batch_id), chunk, 1)
+        status, expires_at, attempts = pipe.execute()
+        expired = bool(expires_at) and time.time() > int(expires_at)
+        return status, int(attempts), expired
+
+    def mark_expired(self, batch_id: str) -> None:
+        self.r.hset(C.batch_key(batch_id), "has_expired", 1)
+
+    # -- results
+    def iter_results(self, batch_id: str, count: int = 1000) -> Iterator[tuple[bool, str]]:
+        """(is_error, json line) for every line written so far; works while the batch runs."""
+        self.raw(batch_id)
+        for _, value in self.r.hscan_iter(C.results_key(batch_id), count=count):
+            yield value[0] == C.ERROR_TAG, value[1:]

@@ -1,0 +1,146 @@
+"""The `gristmill` command. Producer verbs run here; worker verbs exec `python -m workers`, so this
+module (and `import producers`) never imports torch or the workers package."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import GristmillError
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="gristmill: bulk offline inference over Redis and Celery (OpenAI Batch format).")
+
+
+def _client():
+    from .client import Client
+    return Client()
+
+
+def _progress_line(b) -> str:
+    rc = b.request_counts
+    return f"{b.id} {b.status}: {rc.completed} completed, {rc.failed} failed, {rc.total} total"
+
+
+@cli.command()
+def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format"),
+           wait: bool = typer.Option(False, "--wait", help="block until the batch ends, showing progress"),
+           completion_window: Optional[str] = typer.Option(None, help="e.g. 24h (default: settings)")):
+    """Validate and enqueue FILE; prints the batch id as the last line."""
+    c = _client()
+    b = c.submit_file(file, completion_window=completion_window)
+    typer.echo(_progress_line(b), err=True)
+    if wait:
+        last = [""]
+
+        def show(x):
+            line = _progress_line(x)
+            if line != last[0]:
+                typer.echo(line, err=True)
+                last[0] = line
+        b = c.wait(b.id, on_progress=show)
+    typer.echo(b.id)
+
+
+@cli.command()
+def status(batch_id: str, as_json: bool = typer.Option(False, "--json", help="the whole batch object as JSON")):
+    """Status and request_counts of a batch."""
+    b = _client().get(batch_id)
+    typer.echo(b.model_dump_json(indent=2) if as_json else _progress_line(b))
+
+
+@cli.command()
+def results(batch_id: str, output: Path = typer.Option(..., "-o", "--output", help="output JSONL"),
+            errors: Optional[Path] = typer.Option(None, "--errors", help="error JSONL")):
+    """Download the results written so far (partial while the batch runs)."""
+    c = _client()
+    n_out, n_err = c.download(batch_id, output, errors)
+    b = c.get(batch_id)
+    typer.echo(f"{n_out} output lines -> {output}" + (f"; {n_err} error lines -> {errors}" if errors else
+                                                      f"; {n_err} error lines (use --errors to save them)"))
+    typer.echo(_progress_line(b), err=True)
+
+
+@cli.command()
+def cancel(batch_id: str):
+    """Cancel a batch: queued work is skipped, finished results stay downloadable."""
+    typer.echo(_progress_line(_client().cancel(batch_id)))
+
+
+@cli.command("list")
+def list_(limit: int = 20):
+    """Recent batches."""
+    for b in _client().list(limit):
+        typer.echo(_progress_line(b))
+
+
+@cli.command()
+def models(as_json: bool = typer.Option(False, "--json")):
+    """The registered models and the urls they serve (no Redis needed)."""
+    from . import constants as C
+    from .settings import Settings
+    reg = Settings().registry
+    rows = []
+    for spec in reg.specs.values():
+        urls = [u for u in C.URL_QUEUE if spec.serves(u)]
+        default_for = [u for u, n in reg.defaults.items() if n == spec.name]
+        rows.append({"name": spec.name, "kind": spec.kind, "aliases": list(spec.aliases), "serves": urls,
+                     "default_for": default_for, "weights": str(spec.path or f"{spec.package}:{spec.file or ''}")})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']}  [{r['kind']}]  serves {', '.join(r['serves'])}"
+                   + (f"  (default for {', '.join(r['default_for'])})" if r["default_for"] else "")
+                   + (f"  aliases: {', '.join(r['aliases'])}" if r["aliases"] else ""))
+
+
+def _exec_workers(*args: str) -> None:
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *args])
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context, device: str = typer.Option("cpu", help="cpu or cuda:N")):
+    """Run one Celery worker process pinned to DEVICE."""
+    _exec_workers("worker", "--device", device, *ctx.args)
+
+
+@cli.command()
+def up(gpus: str = typer.Option("all", help="all | none | 0,1,..."),
+       flower: bool = typer.Option(True, help="also start Flower on 127.0.0.1:5555")):
+    """Redis (if GRISTMILL_REDIS_URL is unset), one worker per GPU (else one CPU worker), Flower."""
+    _exec_workers("up", "--gpus", gpus, *([] if flower else ["--no-flower"]))
+
+
+@cli.command("flower")
+def flower_():
+    """Flower alone, on the settings' address and port."""
+    from .redis_server import resolve_redis_url
+    from .settings import Settings
+    s = Settings()
+    os.environ["GRISTMILL_REDIS_URL"] = resolve_redis_url(s)
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
+                              f"--address={s.flower_address}", f"--port={s.flower_port}"])
+
+
+@cli.command()
+def demo(gpus: str = typer.Option("all")):
+    """Start everything, run the shipped example, print a summary, stop everything."""
+    _exec_workers("demo", "--gpus", gpus)
+
+
+def main() -> None:
+    try:
+        cli()
+    except GristmillError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

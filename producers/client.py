@@ -1,0 +1,117 @@
+"""The Python front door: submit JSONL files, watch progress, download results, cancel."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from . import constants as C
+from .batches import Batch, BatchStore, new_batch_id
+from .errors import SubmissionRejected
+from .ingest import IngestReport, check_unique, enqueue
+from .redis_server import resolve_redis_url
+from .registry import ModelSpec
+from .settings import Settings, parse_window
+
+
+class Client:
+    """Talks to Redis and the Celery broker; never imports torch.
+
+    >>> c = Client()                       # GRISTMILL_REDIS_URL, or the running `gristmill up`
+    >>> b = c.submit_file("jobs.jsonl")
+    >>> c.wait(b.id); c.download(b.id, "out.jsonl", "errors.jsonl")
+    """
+
+    def __init__(self, settings: Settings | None = None, redis_url: str | None = None):
+        self.settings = settings or Settings()
+        self.redis_url = redis_url or resolve_redis_url(self.settings)
+        self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        self.store = BatchStore(self.redis, self.settings.result_ttl_s)
+        self._app = None
+
+    @property
+    def app(self):
+        if self._app is None:
+            from .app import make_app
+            self._app = make_app(self.settings, self.redis_url)
+        return self._app
+
+    def submit_file(self, path: str | Path, *, completion_window: str | None = None,
+                    metadata: dict[str, str] | None = None) -> Batch:
+        """Validate and enqueue every line of `path`. Raises SubmissionRejected (nothing enqueued)
+        for whole-file problems such as duplicate custom_ids; bad lines become error lines."""
+        path = Path(path)
+        if not path.is_file():
+            raise SubmissionRejected(f"input file {path} does not exist")
+        window = completion_window or self.settings.completion_window
+        batch_id = new_batch_id()
+        self.store.create(batch_id, input_file=str(path), completion_window=window,
+                          window_s=parse_window(window), metadata=metadata)
+        try:
+            total, sha = check_unique(self.store, batch_id, path)
+        except SubmissionRejected as e:
+            self.store.fail(batch_id, [{"code": "duplicate_custom_id", "message": str(e)}])
+            raise
+        self.store.mark_in_progress(batch_id, total, sha)
+        report = IngestReport(total=total, sha256=sha)
+        enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report)
+        if report.valid == 0:
+            self.redis.hset(C.batch_key(batch_id), "valid", 0)
+        self.store.set_chunks_total(batch_id, report.chunks)
+        return self.store.get(batch_id)
+
+    def get(self, batch_id: str) -> Batch:
+        return self.store.get(batch_id)
+
+    def list(self, limit: int = 20) -> list[Batch]:
+        return [self.store.get(b) for b in self.store.list_ids(limit) if self.redis.exists(C.batch_key(b))]
+
+    def cancel(self, batch_id: str) -> Batch:
+        self.store.cancel(batch_id)
+        return self.store.get(batch_id)
+
+    def wait(self, batch_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
+             on_progress: Callable[[Batch], None] | None = None) -> Batch:
+        """Block until the batch reaches a terminal state (or `timeout` seconds pass)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self.store.get(batch_id)
+            if on_progress:
+                on_progress(batch)
+            if batch.done:
+                return batch
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} still {batch.status} after {timeout} s "
+                                   f"({batch.request_counts.completed + batch.request_counts.failed}"
+                                   f"/{batch.request_counts.total} done)")
+            time.sleep(poll_s)
+
+    def download(self, batch_id: str, out: str | Path, errors: str | Path | None = None) -> tuple[int, int]:
+        """Write the output lines (and error lines, if `errors` is given) written so far.
+        Returns (outputs, errors) counted. Safe while the batch runs: partial results."""
+        n_out = n_err = 0
+        out_f = open(out, "w", encoding="utf-8")
+        err_f = open(errors, "w", encoding="utf-8") if errors else None
+        try:
+            for is_error, line in self.store.iter_results(batch_id):
+                if is_error:
+                    n_err += 1
+                    if err_f:
+                        err_f.write(line + "\n")
+                else:
+                    n_out += 1
+                    out_f.write(line + "\n")
+        finally:
+            out_f.close()
+            if err_f:
+                err_f.close()
+        return n_out, n_err
+
+    def models(self) -> list[ModelSpec]:
+        return list(self.settings.registry.specs.values())
+
+    def close(self) -> None:
+        self.redis.close()

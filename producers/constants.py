@@ -1,0 +1,85 @@
+"""Every Redis key, queue and task name gristmill uses, in one place (as rq/defaults.py does)."""
+
+from __future__ import annotations
+
+PREFIX = "gristmill"
+
+# Celery: one queue per task kind, so a host can run generation and classification workers apart.
+GENERATE_QUEUE = "gristmill.generate"
+CLASSIFY_QUEUE = "gristmill.classify"
+GENERATE_TASK = "gristmill.generate"
+CLASSIFY_TASK = "gristmill.classify"
+QUEUES = (GENERATE_QUEUE, CLASSIFY_QUEUE)
+
+# Request urls accepted in input lines (OpenAI Batch format) and the queue each one goes to.
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+MODERATIONS_URL = "/v1/moderations"
+CLASSIFICATIONS_URL = "/v1/classifications"
+URL_QUEUE = {
+    CHAT_URL: GENERATE_QUEUE,
+    COMPLETIONS_URL: GENERATE_QUEUE,
+    MODERATIONS_URL: CLASSIFY_QUEUE,
+    CLASSIFICATIONS_URL: CLASSIFY_QUEUE,
+}
+QUEUE_TASK = {GENERATE_QUEUE: GENERATE_TASK, CLASSIFY_QUEUE: CLASSIFY_TASK}
+
+# Batch lifecycle, in OpenAI's words.
+VALIDATING = "validating"
+IN_PROGRESS = "in_progress"
+FINALIZING = "finalizing"
+COMPLETED = "completed"
+FAILED = "failed"
+EXPIRED = "expired"
+CANCELLING = "cancelling"
+CANCELLED = "cancelled"
+TERMINAL = frozenset({COMPLETED, FAILED, EXPIRED, CANCELLED})
+
+# Error codes written into error-file lines.
+E_INVALID_JSON = "invalid_json"
+E_MISSING_CUSTOM_ID = "missing_custom_id"
+E_INVALID_METHOD = "invalid_method"
+E_INVALID_URL = "invalid_url"
+E_INVALID_BODY = "invalid_body"
+E_MODEL_NOT_FOUND = "model_not_found"
+E_CONTEXT_LENGTH = "context_length_exceeded"
+E_ENGINE = "engine_error"
+E_EXPIRED = "batch_expired"
+E_WORKER_CRASHED = "worker_crashed"
+
+# Results are stored as one Redis hash per batch; each value starts with one of these tags.
+OUTPUT_TAG = "o"
+ERROR_TAG = "e"
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash: status, counts, timestamps, metadata of one batch."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def results_key(batch_id: str) -> str:
+    """Hash: custom_id (or '#<line>' when the line has none) -> tagged output or error line."""
+    return f"{PREFIX}:batch:{batch_id}:results"
+
+
+def ids_key(batch_id: str) -> str:
+    """Set: custom_ids seen while validating (duplicate detection without client memory)."""
+    return f"{PREFIX}:batch:{batch_id}:ids"
+
+
+def chunks_done_key(batch_id: str) -> str:
+    """Set: indexes of chunk messages whose items are all written (or skipped on cancel)."""
+    return f"{PREFIX}:batch:{batch_id}:chunks"
+
+
+def attempts_key(batch_id: str) -> str:
+    """Hash: chunk index -> deliveries seen, for the requeue cap."""
+    return f"{PREFIX}:batch:{batch_id}:attempts"
+
+
+BATCH_INDEX = f"{PREFIX}:batches"  # sorted set: batch id scored by created_at
+
+
+def batch_keys(batch_id: str) -> list[str]:
+    return [batch_key(batch_id), results_key(batch_id), ids_key(batch_id),
+            chunks_done_key(batch_id), attempts_key(batch_id)]

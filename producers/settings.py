@@ -1,0 +1,95 @@
+"""Settings: every knob, its default and why, validated when built. Env prefix GRISTMILL_."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+
+def _default_home() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "gristmill"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRISTMILL_", extra="ignore", validate_default=True)
+
+    # Redis. Unset: `gristmill up` starts an embedded redis-server and records its url under `home`.
+    redis_url: str | None = None
+    # State directory: embedded Redis data (AOF), converted model cache, logs.
+    home: Path = Field(default_factory=_default_home)
+
+    # Models: extra registrations (JSON list of ModelSpec), and whether the built-ins stay registered.
+    models_file: Path | None = None
+    builtin_models: bool = True
+
+    # Ingest. Lines per Celery message. One message per line costs ~1 ms of broker work (DESIGN.md:
+    # ~800 msgs/s); 256 lines amortise that to ~4 us a line while a message stays ~100 kB.
+    chunk_size: int = Field(default=256, ge=1, le=100_000)
+
+    # Micro-batching (per worker process). Defaults measured on a 2-core CPU with MiniLM-L6
+    # (README, "Choosing the batch defaults"); a GPU worker raises them (see `for_device`).
+    max_batch_size: int = Field(default=64, ge=1)
+    token_budget: int = Field(default=16_384, ge=16)  # padded tokens per device batch
+    max_wait_ms: float = Field(default=5.0, ge=0.0)
+    # Messages a worker works on at once (threads in its pool); the batcher merges their items.
+    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    # Extra messages reserved per thread. 1 keeps a few messages in hand to overlap broker latency
+    # with compute, without hoarding work that an idle worker elsewhere could take.
+    prefetch_multiplier: int = Field(default=1, ge=1)
+
+    # Redis redelivers an un-acked message after this many seconds. It must exceed the longest wait
+    # + run of a reserved message: (concurrency*prefetch) chunks of 256 generation lines on a CPU
+    # take minutes, so 2 h leaves ample margin. The cost: work of a worker killed with -9 comes
+    # back only after 2 h (a clean shutdown requeues at once).
+    visibility_timeout_s: int = Field(default=7200, ge=60)
+    # A chunk delivered more than this many times is failed with `worker_crashed` instead of run:
+    # a message that keeps killing its worker must not cycle forever.
+    max_attempts: int = Field(default=3, ge=1)
+
+    # Batch results live this long after the batch ends (OpenAI keeps output files 30 days).
+    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    # Default completion window; work not done by then gets `batch_expired` lines.
+    completion_window: str = "24h"
+
+    # Flower.
+    flower_address: str = "127.0.0.1"
+    flower_port: int = 5555
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        parse_window(v)
+        return v
+
+    @cached_property
+    def registry(self):
+        from .registry import load_registry
+        return load_registry(self.models_file, include_defaults=self.builtin_models)
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.home / "redis"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+
+def parse_window(v: str) -> int:
+    """'24h' / '30m' / '3600s' / '2d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        n, unit = float(v[:-1]), v[-1]
+        seconds = int(n * units[unit])
+    except (ValueError, KeyError, IndexError):
+        raise ConfigurationError(f"completion window {v!r}: write a number and a unit, e.g. '24h', '30m', '90s'")
+    if seconds <= 0:
+        raise ConfigurationError(f"completion window {v!r} must be positive")
+    return seconds

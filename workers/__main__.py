@@ -1,0 +1,77 @@
+"""`python -m workers worker|up|demo ...`: the process entry points behind `gristmill worker/up/demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from .pinning import pin
+
+
+def worker(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="gristmill worker")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N (default: cpu)")
+    ap.add_argument("--queues", default=None, help="comma-separated queues (default: all)")
+    ap.add_argument("--concurrency", type=int, default=None, help="messages in flight (default: settings)")
+    ap.add_argument("--no-preload", action="store_true", help="load models on first use, not at start")
+    ap.add_argument("--loglevel", default="INFO")
+    args = ap.parse_args(argv)
+    inner = pin(args.device)  # before anything imports torch
+
+    from celery import signals
+
+    from producers import constants as C
+    from producers.app import make_app
+    from producers.redis_server import resolve_redis_url
+    from producers.settings import Settings
+
+    from .tasks import init_state, register_tasks
+
+    settings = Settings()
+    url = resolve_redis_url(settings)
+    app = make_app(settings, url)
+    register_tasks(app)
+    queues = args.queues.split(",") if args.queues else list(C.QUEUES)
+    label = "cpu" if inner == "cpu" else f"gpu{os.environ['GRISTMILL_PHYSICAL_GPU']}"
+
+    @signals.worker_init.connect
+    def _load(**_):  # before the consumer starts: no message waits on a model load
+        st = init_state(settings, url, inner)
+        if not args.no_preload:
+            st.host.preload(queues)
+
+    @signals.worker_shutdown.connect
+    def _stop(**_):
+        from .tasks import _state
+        if _state is not None:
+            _state.shutdown()
+
+    concurrency = args.concurrency or settings.worker_concurrency
+    app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", f"--queues={','.join(queues)}",
+                     f"--hostname=gristmill-{label}-{os.getpid()}@{socket.gethostname()}",
+                     "--without-gossip", "--without-mingle", "-E", f"--loglevel={args.loglevel}"])
+    return 0
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) < 2:
+        print("usage: python -m workers worker|up|demo [options]", file=sys.stderr)
+        return 2
+    cmd, rest = sys.argv[1], sys.argv[2:]
+    if cmd == "worker":
+        return worker(rest)
+    from . import launcher
+    if cmd == "up":
+        return launcher.up_main(rest)
+    if cmd == "demo":
+        return launcher.demo_main(rest)
+    print(f"unknown command {cmd!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

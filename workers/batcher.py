@@ -1,0 +1,207 @@
+"""The micro-batcher: merges items from all in-flight messages into device batches.
+
+`plan` is the policy, a pure function (tested without a broker, with hypothesis). `MicroBatcher`
+is the runtime: task threads `submit` their items and wait on futures; one engine thread plans and
+runs batches, so one model sees items from many messages at once. Scheduling (plan) and execution
+(the runner) meet only through `Pending` records and lists of indexes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from producers.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    token_budget: int  # padded tokens: len(batch) * longest item
+    max_wait_s: float
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigurationError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.token_budget < 1:
+            raise ConfigurationError(f"token_budget must be >= 1, got {self.token_budget}")
+        if self.max_wait_s < 0:
+            raise ConfigurationError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+
+
+@dataclass(frozen=True)
+class Pending:
+    key: str  # items batch together only with the same key (the model)
+    cost: int  # tokens this item occupies in a padded row
+    arrived: float  # monotonic seconds
+
+
+def pack(costs: Sequence[int], order: Sequence[int], policy: BatchPolicy) -> list[list[int]]:
+    """Cut `order` (indexes sorted by cost) into consecutive batches within both budgets.
+    A single item over the token budget still runs, alone."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    widest = 0
+    for i in order:
+        w = max(widest, costs[i])
+        if cur and (len(cur) + 1 > policy.max_batch_size or (len(cur) + 1) * w > policy.token_budget):
+            batches.append(cur)
+            cur, w = [], costs[i]
+        cur.append(i)
+        widest = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def plan(pending: Sequence[Pending], policy: BatchPolicy, now: float, flush: bool = False) -> list[list[int]]:
+    """Which pending items run now, as device batches of indexes into `pending`.
+
+    Per key, items are sorted by cost (less padding) and packed. Full batches run at once; the
+    last, partial batch waits until its key's oldest item has waited `max_wait_s` (or `flush`),
+    so a trickle still runs promptly while a flood runs in full batches.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pending):
+        groups.setdefault(p.key, []).append(i)
+    out: list[list[int]] = []
+    costs = [p.cost for p in pending]
+    for idxs in groups.values():
+        due = flush or now - min(pending[i].arrived for i in idxs) >= policy.max_wait_s
+        order = sorted(idxs, key=lambda i: costs[i])
+        batches = pack(costs, order, policy)
+        last = batches[-1]
+        last_full = len(last) == policy.max_batch_size or (len(last) + 1) * max(costs[i] for i in last) > policy.token_budget
+        if not due and not last_full:
+            batches = batches[:-1]
+        out.extend(batches)
+    return out
+
+
+def next_deadline(pending: Sequence[Pending], policy: BatchPolicy) -> float | None:
+    if not pending:
+        return None
+    return min(p.arrived for p in pending) + policy.max_wait_s
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    splits: int = 0
+    by_key: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+    @property
+    def padding_waste(self) -> float:
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+@dataclass
+class _Entry:
+    pending: Pending
+    payload: Any
+    future: Future
+
+
+Runner = Callable[[str, list[Any]], list[Any]]
+
+
+class MicroBatcher:
+    """Thread-safe front of the engine thread. `runner(key, payloads) -> results` (same length)."""
+
+    def __init__(self, runner: Runner, policy: BatchPolicy, name: str = "gristmill-batcher"):
+        self.runner = runner
+        self.policy = policy
+        self.stats = BatchStats()
+        self._entries: list[_Entry] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, payloads: Sequence[Any], costs: Sequence[int]) -> list[Future]:
+        if len(payloads) != len(costs):
+            raise ValueError(f"submit: {len(payloads)} payloads but {len(costs)} costs")
+        now = time.monotonic()
+        futures = [Future() for _ in payloads]
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("the micro-batcher is shut down")
+            for payload, cost, fut in zip(payloads, costs, futures):
+                self._entries.append(_Entry(Pending(key, max(1, int(cost)), now), payload, fut))
+            self._cv.notify()
+        return futures
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[list[_Entry]] | None:
+        with self._cv:
+            while True:
+                if self._stopped and not self._entries:
+                    return None
+                if self._entries:
+                    now = time.monotonic()
+                    pend = [e.pending for e in self._entries]
+                    batches = plan(pend, self.policy, now, flush=self._stopped)
+                    if batches:
+                        chosen = [[self._entries[i] for i in b] for b in batches]
+                        taken = {i for b in batches for i in b}
+                        self._entries = [e for i, e in enumerate(self._entries) if i not in taken]
+                        return chosen
+                    deadline = next_deadline(pend, self.policy)
+                    self._cv.wait(timeout=max(0.0, (deadline or now) - now) + 1e-4)
+                else:
+                    self._cv.wait()
+
+    def _loop(self) -> None:
+        while True:
+            batches = self._take()
+            if batches is None:
+                return
+            for batch in batches:
+                self._execute(batch)
+
+    def _execute(self, batch: list[_Entry]) -> None:
+        key = batch[0].pending.key
+        try:
+            results = self.runner(key, [e.payload for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"engine for {key!r} returned {len(results)} results for {len(batch)} "
+                                   f"items; a batch function must return one result per input, in order")
+        except BaseException as exc:  # noqa: BLE001 - isolate: bisect down to the failing items
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            self.stats.splits += 1
+            log.warning("batch of %d for %s failed (%s: %s); splitting", len(batch), key, type(exc).__name__, exc)
+            mid = len(batch) // 2
+            self._execute(batch[:mid])
+            self._execute(batch[mid:])
+            return
+        width = max(e.pending.cost for e in batch)
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.padded_tokens += width * len(batch)
+        self.stats.real_tokens += sum(e.pending.cost for e in batch)
+        self.stats.by_key[key] = self.stats.by_key.get(key, 0) + len(batch)
+        for e, r in zip(batch, results):
+            e.future.set_result(r)

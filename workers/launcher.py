@@ -1,0 +1,167 @@
+"""`gristmill up` and `gristmill demo`: Redis if needed, one worker per GPU (else one CPU worker),
+Flower; everything stopped cleanly on Ctrl-C or exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from producers.client import Client
+from producers.redis_server import EmbeddedRedis
+from producers.settings import Settings
+
+from .pinning import visible_gpus
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "producers" / "examples" / "demo.jsonl"
+
+
+def parse_gpus(spec: str) -> list[int]:
+    """'all' -> every visible GPU; 'none' -> []; '0,1' -> [0, 1]."""
+    if spec == "all":
+        return visible_gpus()
+    if spec in ("none", "cpu", ""):
+        return []
+    try:
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--gpus: write 'all', 'none' or indexes like '0,1', not {spec!r}")
+
+
+class Stack:
+    """The processes of one `gristmill up`, started in order and stopped in reverse."""
+
+    def __init__(self, settings: Settings, gpus: list[int], flower: bool, log_dir: Path | None = None):
+        self.settings = settings
+        self.gpus = gpus
+        self.flower = flower
+        self.redis: EmbeddedRedis | None = None
+        self.url = settings.redis_url
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.log_dir = log_dir
+
+    def start(self) -> "Stack":
+        if not self.url:
+            emb = EmbeddedRedis(self.settings.redis_dir)
+            self.url = emb.running_url()
+            if self.url is None:
+                self.redis = emb
+                self.url = emb.start()
+                print(f"redis-server started at {self.url} (AOF in {self.settings.redis_dir})", file=sys.stderr)
+        env = {**os.environ, "GRISTMILL_REDIS_URL": self.url}
+        devices = [f"cuda:{g}" for g in self.gpus] or ["cpu"]
+        for dev in devices:
+            self._spawn(f"worker-{dev}", [sys.executable, "-m", "workers", "worker", "--device", dev], env)
+        if self.flower:
+            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
+                                   f"--address={self.settings.flower_address}", f"--port={self.settings.flower_port}"], env)
+            print(f"flower at http://{self.settings.flower_address}:{self.settings.flower_port}", file=sys.stderr)
+        return self
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")
+        self.procs.append((name, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)))
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Until every worker answers a ping (models are loaded before a worker consumes)."""
+        from producers.app import make_app
+        app = make_app(self.settings, self.url)
+        want = len(self.gpus) or 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {p.returncode} while starting")
+            if len(app.control.ping(timeout=0.5) or []) >= want:
+                return
+        raise TimeoutError(f"workers not ready after {timeout} s")
+
+    def stop(self) -> None:
+        for _, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # Celery: warm shutdown, unacked work goes back to Redis
+        for _, p in reversed(self.procs):
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> "Stack":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def up_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="gristmill up")
+    ap.add_argument("--gpus", default="all", help="all | none | 0,1,... (default: all visible; none -> one CPU worker)")
+    ap.add_argument("--no-flower", action="store_true")
+    args = ap.parse_args(argv)
+    settings = Settings()
+    with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower) as stack:
+        print(f"gristmill up: redis {stack.url}; Ctrl-C stops everything", file=sys.stderr)
+        try:
+            while all(p.poll() is None for _, p in stack.procs):
+                time.sleep(0.5)
+            dead = [n for n, p in stack.procs if p.poll() is not None]
+            print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("stopping...", file=sys.stderr)
+            return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    ap = argparse.ArgumentParser(prog="gristmill demo")
+    ap.add_argument("--input", type=Path, default=EXAMPLE)
+    ap.add_argument("--out-dir", type=Path, default=Path("out"))
+    ap.add_argument("--gpus", default="all")
+    args = ap.parse_args(argv)
+    console = Console(stderr=True)
+    settings = Settings()
+    t_start = time.monotonic()
+    with Stack(settings, parse_gpus(args.gpus), flower=False, log_dir=settings.home / "logs") as stack:
+        console.print(f"[bold]gristmill demo[/]: starting a worker (logs in {settings.home / 'logs'})...")
+        stack.wait_ready()
+        client = Client(settings, redis_url=stack.url)
+        t0 = time.monotonic()
+        batch = client.submit_file(args.input, metadata={"source": "demo"})
+        console.print(f"submitted {args.input} as {batch.id}: {batch.request_counts.total} lines")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task(batch.status, total=batch.request_counts.total)
+
+            def show(b):
+                bar.update(task, completed=b.request_counts.completed + b.request_counts.failed, description=b.status)
+            batch = client.wait(batch.id, timeout=900, poll_s=0.2, on_progress=show)
+        elapsed = time.monotonic() - t0
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        out, err = args.out_dir / "demo-results.jsonl", args.out_dir / "demo-errors.jsonl"
+        n_out, n_err = client.download(batch.id, out, err)
+        client.close()
+    rc = batch.request_counts
+    console.print(f"batch {batch.id} {batch.status}: {rc.completed} completed, {rc.failed} failed of {rc.total} "
+                  f"in {elapsed:.1f} s ({rc.total / elapsed:.1f} items/s; {time.monotonic() - t_start:.1f} s "
+                  f"with start-up)")
+    console.print(f"results: {out.resolve()} ({n_out} lines)\nerrors:  {err.resolve()} ({n_err} lines)")
+    return 0 if batch.status == "completed" else 1

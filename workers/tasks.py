@@ -1,0 +1,115 @@
+"""Celery tasks: one message = one chunk of validated lines of one batch.
+
+With the threads pool, several chunk tasks run at once; each hands its items to the process's
+MicroBatcher and waits, so device batches mix items from all in-flight messages. A task returns
+(and, with acks_late, its message is acked) only after its lines are written to Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+
+from producers import constants as C
+from producers import schemas as S
+from producers.batches import BatchStore
+from producers.settings import Settings
+
+from .batcher import BatchPolicy, MicroBatcher
+from .host import EngineHost, Prepared, item_error
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState:
+    """Per-process singletons: settings, Redis, engine host, micro-batcher."""
+
+    def __init__(self, settings: Settings, redis_url: str, device: str):
+        self.settings = settings
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.store = BatchStore(self.redis, settings.result_ttl_s)
+        self.host = EngineHost(settings, device)
+        policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000.0)
+        self.batcher = MicroBatcher(self.host.run, policy)
+
+    def shutdown(self) -> None:
+        self.batcher.shutdown()
+        self.host.shutdown()
+
+
+_state: WorkerState | None = None
+_state_lock = threading.Lock()
+
+
+def init_state(settings: Settings, redis_url: str, device: str) -> WorkerState:
+    global _state
+    with _state_lock:
+        if _state is None:
+            _state = WorkerState(settings, redis_url, device)
+    return _state
+
+
+def state() -> WorkerState:
+    if _state is None:
+        raise RuntimeError("worker state is not initialised; start workers with `gristmill worker`")
+    return _state
+
+
+def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]]) -> dict[str, int]:
+    store = st.store
+    status, attempts, expired = store.begin_chunk(batch_id, chunk)
+    if status is None:
+        log.warning("batch %s has no record (expired or deleted); dropping chunk %d", batch_id, chunk)
+        return {"skipped": len(raw_items)}
+    if status in (C.CANCELLING, C.CANCELLED):
+        store.record(batch_id, chunk, [])
+        return {"skipped": len(raw_items)}
+    items = [S.WorkItem.from_message(m) for m in raw_items]
+    lines: list[tuple[str, dict[str, Any], bool]] = []
+    if attempts > st.settings.max_attempts or expired:
+        if expired:
+            store.mark_expired(batch_id)
+            code, msg = C.E_EXPIRED, "the batch's completion window ended before this request ran"
+        else:
+            code, msg = C.E_WORKER_CRASHED, (f"delivered {attempts} times without finishing "
+                                             f"(max_attempts={st.settings.max_attempts}); the worker likely crashed on it")
+        lines = [(it.custom_id, S.error_line(it.custom_id, code, msg, it.line), True) for it in items]
+        store.record(batch_id, chunk, lines)
+        return {"failed": len(lines)}
+
+    try:
+        prepared = st.host.prepare(items)
+    except Exception as exc:  # noqa: BLE001 - a chunk-wide preparation failure fails its items, not the worker
+        log.exception("preparing chunk %d of %s failed", chunk, batch_id)
+        prepared = [S.LineError(it.line, it.custom_id, C.E_ENGINE, f"{type(exc).__name__}: {exc}") for it in items]
+    waiting = []
+    for p in prepared:
+        if isinstance(p, S.LineError):
+            lines.append((p.custom_id or f"#{p.line}", S.error_line(p.custom_id, p.code, p.message, p.line), True))
+        else:
+            waiting.append((p, st.batcher.submit(p.item.model, p.payloads, p.costs)))
+    for p, futures in waiting:
+        it = p.item
+        try:
+            results = [f.result() for f in futures]
+            lines.append((it.custom_id, st.host.format(it, results), False))
+        except Exception as exc:  # noqa: BLE001 - one bad item fails alone
+            lines.append((it.custom_id, item_error(it, exc), True))
+    store.record(batch_id, chunk, lines)
+    failed = sum(1 for *_, e in lines if e)
+    return {"completed": len(lines) - failed, "failed": failed}
+
+
+def register_tasks(app) -> None:
+    """Bind the chunk tasks to `app` by name; producers send them with send_task."""
+
+    @app.task(name=C.GENERATE_TASK, ignore_result=True, acks_late=True)
+    def generate(batch_id: str, chunk: int, items: list[dict[str, Any]]) -> dict[str, int]:
+        return process_chunk(state(), batch_id, chunk, items)
+
+    @app.task(name=C.CLASSIFY_TASK, ignore_result=True, acks_late=True)
+    def classify(batch_id: str, chunk: int, items: list[dict[str, Any]]) -> dict[str, int]:
+        return process_chunk(state(), batch_id, chunk, items)
