@@ -121,7 +121,7 @@ class GenerationEngine:
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         new_tokens: list[list[int]] = [[] for _ in range(B)]
-        texts = [""] * B
+        cut: list[str | None] = [None] * B  # text truncated at a stop string
         finish: list[str | None] = [None] * B
         for _step in range(max(budgets)):
             nxt = sample_next(out.logits[:, -1, :], temperature, top_p, gens)
@@ -137,7 +137,7 @@ class GenerationEngine:
                     text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)
                     hits = [text.find(s) for s in reqs[i].stop if s in text]
                     if hits:
-                        texts[i] = text[: min(hits)]
+                        cut[i] = text[: min(hits)]
                         finish[i] = "stop"
                         continue
                 if len(new_tokens[i]) >= budgets[i]:
@@ -150,7 +150,7 @@ class GenerationEngine:
                              past_key_values=cache, use_cache=True)
         results = []
         for i, r in enumerate(reqs):
-            text = texts[i] if finish[i] == "stop" and texts[i] else None
+            text = cut[i]
             if text is None:
                 text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)
             results.append(GenResult(text, finish[i] or "length", len(r.prompt_ids), len(new_tokens[i])))

@@ -7,7 +7,7 @@ class GristmillError(Exception):
     """Raised for every error gristmill itself reports; catch this to catch them all."""
 
 
-class ConfigurationError(GristmillError):
+class ConfigurationError(GristmillError, ValueError):
     """Raised when settings or a model registration are invalid; the message says how to fix it."""
 
 

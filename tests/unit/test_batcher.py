@@ -1,0 +1,134 @@
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from producers.errors import ConfigurationError
+from workers.batcher import BatchPolicy, MicroBatcher, Pending, pack, plan
+
+policies = st.builds(BatchPolicy, max_batch_size=st.integers(1, 64), token_budget=st.integers(1, 4096),
+                     max_wait_s=st.floats(0, 1))
+pendings = st.lists(st.builds(Pending, key=st.sampled_from(["a", "b", "c"]), cost=st.integers(1, 600),
+                              arrived=st.floats(0, 10)), max_size=200)
+
+
+@given(pendings, policies, st.floats(0, 12), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_plan_never_loses_duplicates_or_breaks_budgets(pending, policy, now, flush):
+    batches = plan(pending, policy, now, flush)
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat)), "an item was planned twice"
+    assert all(0 <= i < len(pending) for i in flat)
+    for b in batches:
+        assert b, "empty batch"
+        assert len({pending[i].key for i in b}) == 1, "batch mixes models"
+        assert len(b) <= policy.max_batch_size
+        width = max(pending[i].cost for i in b)
+        assert len(b) == 1 or len(b) * width <= policy.token_budget
+    if flush:
+        assert sorted(flat) == list(range(len(pending))), "flush must take every item"
+
+
+@given(pendings, policies)
+@settings(max_examples=200, deadline=None)
+def test_everything_runs_once_its_wait_is_over(pending, policy):
+    now = max((p.arrived for p in pending), default=0) + policy.max_wait_s + 1e-6
+    flat = sorted(i for b in plan(pending, policy, now) for i in b)
+    assert flat == list(range(len(pending)))
+
+
+def test_partial_batch_waits_but_full_batch_goes_at_once():
+    policy = BatchPolicy(max_batch_size=4, token_budget=10_000, max_wait_s=1.0)
+    few = [Pending("a", 10, 0.0)] * 3
+    assert plan(few, policy, now=0.5) == []
+    assert plan(few, policy, now=1.0) == [[0, 1, 2]]
+    many = [Pending("a", 10, 0.0)] * 6
+    assert plan(many, policy, now=0.5) == [[0, 1, 2, 3]]
+
+
+def test_sorting_by_length_cuts_padding():
+    costs = [100, 5, 100, 5, 100, 5, 100, 5]
+    policy = BatchPolicy(max_batch_size=4, token_budget=10**6, max_wait_s=0)
+    batches = plan([Pending("a", c, 0) for c in costs], policy, now=1)
+    assert sorted(sorted(costs[i] for i in b) for b in batches) == [[5] * 4, [100] * 4]
+
+
+def test_token_budget_splits_and_oversized_items_run_alone():
+    assert pack([50, 50, 50, 500], [0, 1, 2, 3], BatchPolicy(8, 120, 0)) == [[0, 1], [2], [3]]
+
+
+def test_policy_validates():
+    with pytest.raises(ConfigurationError, match="max_batch_size"):
+        BatchPolicy(0, 10, 0)
+
+
+def _runner(log):
+    def run(key, payloads):
+        log.append(list(payloads))
+        if any(p == "boom" for p in payloads):
+            raise RuntimeError("bad item")
+        return [f"{key}:{p}" for p in payloads]
+    return run
+
+
+def test_results_return_to_their_own_items_across_submitters():
+    log = []
+    mb = MicroBatcher(_runner(log), BatchPolicy(16, 10_000, 0.02))
+    futs = {}
+    def submit(tag):
+        payloads = [f"{tag}{i}" for i in range(10)]
+        futs[tag] = (payloads, mb.submit("m", payloads, [len(p) for p in payloads]))
+    threads = [threading.Thread(target=submit, args=(t,)) for t in "xyz"]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for payloads, fs in futs.values():
+        assert [f.result(timeout=5) for f in fs] == [f"m:{p}" for p in payloads]
+    assert max(len(b) for b in log) > 10, "items of several submitters should share a batch"
+    mb.shutdown()
+
+
+def test_a_failing_item_fails_alone_after_splitting():
+    log = []
+    mb = MicroBatcher(_runner(log), BatchPolicy(8, 10_000, 0.0))
+    payloads = ["a", "b", "boom", "c", "d", "e", "f", "g"]
+    fs = mb.submit("m", payloads, [1] * 8)
+    outcomes = []
+    for p, f in zip(payloads, fs):
+        exc = f.exception(timeout=5)
+        outcomes.append(exc if exc else f.result())
+    assert isinstance(outcomes[2], RuntimeError)
+    assert [o for i, o in enumerate(outcomes) if i != 2] == [f"m:{p}" for p in payloads if p != "boom"]
+    assert mb.stats.splits >= 3  # 8 -> 4 -> 2 -> 1
+    mb.shutdown()
+
+
+def test_out_of_memory_batches_are_split_until_they_fit():
+    sizes = []
+    def run(key, payloads):
+        sizes.append(len(payloads))
+        if len(payloads) > 2:
+            raise MemoryError("CUDA out of memory (simulated by batch size)")
+        return payloads
+    mb = MicroBatcher(run, BatchPolicy(8, 10_000, 0.0))
+    fs = mb.submit("m", list(range(8)), [1] * 8)
+    assert [f.result(timeout=5) for f in fs] == list(range(8))
+    assert sizes[0] == 8 and max(sizes[1:]) <= 4 and 2 in sizes
+    mb.shutdown()
+
+
+def test_wrong_result_count_is_an_error_not_a_silent_misalignment():
+    mb = MicroBatcher(lambda k, p: p[:-1], BatchPolicy(4, 100, 0.0))
+    fs = mb.submit("m", [1], [1])
+    assert "returned 0 results for 1" in str(fs[0].exception(timeout=5))
+    mb.shutdown()
+
+
+def test_max_wait_bounds_latency_of_a_lone_item():
+    mb = MicroBatcher(lambda k, p: p, BatchPolicy(64, 10_000, 0.05))
+    t = time.monotonic()
+    (f,) = mb.submit("m", [1], [1])
+    f.result(timeout=5)
+    assert time.monotonic() - t < 2.0
+    mb.shutdown()

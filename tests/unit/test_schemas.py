@@ -1,0 +1,91 @@
+import json
+
+import pytest
+
+from producers import constants as C
+from producers.schemas import (LineError, WorkItem, classification_body, error_line, moderation_body,
+                               output_line, provenance, validate_line)
+
+
+def line(**kw):
+    base = {"custom_id": "a", "method": "POST", "url": C.CHAT_URL,
+            "body": {"messages": [{"role": "user", "content": "hi"}]}}
+    base.update(kw)
+    return json.dumps(base)
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_settings):
+    return tiny_settings.registry
+
+
+def test_valid_chat_line_resolves_default_model(registry):
+    item = validate_line(line(), 3, registry)
+    assert isinstance(item, WorkItem)
+    assert (item.line, item.custom_id, item.model) == (3, "a", "tiny-chat")
+    assert item.body["temperature"] == 1.0 and len(item.input_sha256) == 64
+
+
+def test_alias_resolves_to_registered_name(registry):
+    item = validate_line(line(body={"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}]}), 1, registry)
+    assert item.model == "tiny-chat"
+
+
+def test_same_body_same_digest_regardless_of_key_order(registry):
+    a = validate_line('{"custom_id":"a","method":"POST","url":"/v1/moderations","body":{"input":"x","model":"tiny-moderation"}}', 1, registry)
+    b = validate_line('{"custom_id":"b","method":"POST","url":"/v1/moderations","body":{"model":"tiny-moderation","input":"x"}}', 2, registry)
+    assert a.input_sha256 == b.input_sha256
+
+
+@pytest.mark.parametrize("raw,code,cid", [
+    ("{not json", C.E_INVALID_JSON, None),
+    ("[1, 2]", C.E_INVALID_JSON, None),
+    (json.dumps({"method": "POST", "url": C.CHAT_URL, "body": {}}), C.E_MISSING_CUSTOM_ID, None),
+    (json.dumps({"custom_id": "", "url": C.CHAT_URL, "body": {}}), C.E_MISSING_CUSTOM_ID, None),
+    (line(method="GET"), C.E_INVALID_METHOD, "a"),
+    (line(url="/v1/embeddings"), C.E_INVALID_URL, "a"),
+    (line(body="text"), C.E_INVALID_BODY, "a"),
+    (line(body={"messages": []}), C.E_INVALID_BODY, "a"),
+    (line(body={"messages": [{"role": "user", "content": "x"}], "temperature": 3}), C.E_INVALID_BODY, "a"),
+    (line(body={"messages": [{"role": "user", "content": "x"}], "n": 2}), C.E_INVALID_BODY, "a"),
+    (line(body={"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}), C.E_INVALID_BODY, "a"),
+    (line(body={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), C.E_MODEL_NOT_FOUND, "a"),
+    (line(url=C.MODERATIONS_URL, body={"input": []}), C.E_INVALID_BODY, "a"),
+    (line(url=C.MODERATIONS_URL, body={"model": "tiny-classifier", "input": "x"}), C.E_MODEL_NOT_FOUND, "a"),
+    (line(url=C.COMPLETIONS_URL, body={"prompt": ["a", "b"]}), C.E_INVALID_BODY, "a"),
+])
+def test_bad_lines_name_code_line_and_custom_id(registry, raw, code, cid):
+    err = validate_line(raw, 7, registry)
+    assert isinstance(err, LineError), err
+    assert (err.code, err.line, err.custom_id) == (code, 7, cid)
+    assert err.message
+
+
+def test_body_error_names_the_field(registry):
+    err = validate_line(line(body={"messages": [{"role": "user", "content": "x"}], "top_p": 0}), 1, registry)
+    assert "top_p" in err.message
+
+
+def test_moderation_body_shape_parses_with_openai_sdk():
+    from openai.types import ModerationCreateResponse
+    from producers.registry import MODERATION_CATEGORIES
+    scores = [{k: 0.9 if k == "violence" else 0.1 for k in MODERATION_CATEGORIES}]
+    body = moderation_body("m", scores, {k: 0.5 for k in MODERATION_CATEGORIES}, "v1")
+    parsed = ModerationCreateResponse.model_validate(body)
+    r = parsed.results[0]
+    assert r.flagged and r.categories.violence and not r.categories.hate
+    assert body["results"][0]["policy_version"] == "v1"
+
+
+def test_classification_body_applies_per_label_thresholds():
+    body = classification_body("m", [{"a": 0.6, "b": 0.3}], {"a": 0.7, "b": 0.25}, "p9")
+    r = body["results"][0]
+    assert r["label"] == "a" and r["flagged_labels"] == ["b"] and r["flagged"] and r["policy_version"] == "p9"
+
+
+def test_output_and_error_lines_follow_openai_shape():
+    out = output_line("x", {"k": 1}, provenance("m", "r", "v", "s"))
+    assert out["response"]["status_code"] == 200 and out["error"] is None
+    assert set(out["provenance"]) == {"model", "model_revision", "engine_variant", "input_sha256"}
+    err = error_line(None, "invalid_json", "bad", 4)
+    assert err["response"] is None and err["error"] == {"code": "invalid_json", "message": "bad", "line": 4}
