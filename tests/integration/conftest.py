@@ -1,0 +1,104 @@
+"""Integration fixtures: a real redis-server for the session, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from producers import constants as C
+from producers.app import make_app
+from producers.client import Client
+from producers.redis_server import EmbeddedRedis
+from producers.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+def clean(url: str) -> None:
+    """Remove gristmill's keys and queued messages. Not FLUSHDB: that would also drop kombu's queue
+    bindings, which running workers and cached producers declared once and do not declare again."""
+    r = redis.Redis.from_url(url)
+    keys = list(r.scan_iter(f"{C.PREFIX}:*")) + [q.encode() for q in C.QUEUES]
+    if keys:
+        r.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+def worker_env(url: str, home: Path, models_file: Path | None, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "GRISTMILL_REDIS_URL": url, "GRISTMILL_HOME": str(home), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(ROOT)}
+    if models_file is not None:
+        env.update(GRISTMILL_MODELS_FILE=str(models_file), GRISTMILL_BUILTIN_MODELS="false")
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, env: dict[str, str], log: Path, *args: str):
+        self.log = log
+        self.env = env
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", "cpu", *args],
+                                     env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, url: str, timeout: float = 180) -> "WorkerProcess":
+        app = make_app(Settings(redis_url=url), url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            if app.control.ping(timeout=0.5):
+                return self
+        raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(redis_url, home, tiny_models_file, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "tiny-worker.log"
+    w = WorkerProcess(worker_env(redis_url, home, tiny_models_file, GRISTMILL_MAX_WAIT_MS="20"), log)
+    try:
+        yield w.wait_ready(redis_url)
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def settings_for(home, tiny_models_file):
+    def make(url: str, **kw) -> Settings:
+        return Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, **kw)
+    return make
+
+
+@pytest.fixture
+def client(redis_url, tiny_worker, settings_for):
+    clean(redis_url)
+    c = Client(settings_for(redis_url, chunk_size=2))
+    yield c
+    c.close()

@@ -1,0 +1,35 @@
+import json
+from pathlib import Path
+
+from producers import constants as C
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def chat(cid: str, text: str = "hello world", **body) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": C.CHAT_URL,
+            "body": {"messages": [{"role": "user", "content": text}], "max_tokens": 6, "temperature": 0, **body}}
+
+
+def completion(cid: str, prompt: str = "the quick", **body) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": C.COMPLETIONS_URL, "body": {"prompt": prompt, **body}}
+
+
+def moderation(cid: str, text="i will hurt you", **body) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": C.MODERATIONS_URL, "body": {"input": text, **body}}
+
+
+def classification(cid: str, text="have a lovely day", **body) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": C.CLASSIFICATIONS_URL, "body": {"input": text, **body}}
+
+
+def read_results(client, batch_id, tmp_path) -> tuple[list[dict], list[dict]]:
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    client.download(batch_id, out, err)
+    return ([json.loads(x) for x in out.read_text().splitlines()],
+            [json.loads(x) for x in err.read_text().splitlines()])

@@ -1,0 +1,186 @@
+"""Submit -> real worker process -> results, against a real redis-server, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import redis
+from openai.types import Completion, ModerationCreateResponse
+from openai.types.chat import ChatCompletion
+
+from producers import constants as C
+from producers.errors import DuplicateCustomIds
+from producers.schemas import validate_line
+
+from .helpers import chat, classification, completion, moderation, read_results, write_jsonl
+
+
+def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
+    long_prompt = "the quick brown fox " * 60  # > 128 tokens: tiny-chat's context
+    rows = [chat("c1"), chat("c2", "what is the capital of france", temperature=0.7, seed=3, top_p=0.9),
+            chat("c3", max_completion_tokens=3), completion("p1", stop=["zzz"]), completion("p2", max_tokens=4),
+            moderation("m1"), moderation("m2", ["have a lovely day", "i will hurt you"]),
+            classification("k1"), classification("k2", ["a", "b", "c"]),
+            "{broken json",
+            {"method": "POST", "url": C.CHAT_URL, "body": {}},
+            {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}},
+            chat("bad-temp", temperature=9),
+            chat("bad-model", model="gpt-9"),
+            chat("too-long", long_prompt)]
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    batch = client.submit_file(f)
+    assert batch.status == C.IN_PROGRESS and batch.request_counts.total == len(rows)
+    assert batch.input_sha256 and len(batch.input_sha256) == 64
+    done = client.wait(batch.id, timeout=120)
+    assert done.status == C.COMPLETED
+    assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at
+    outs, errs = read_results(client, batch.id, tmp_path)
+
+    # exactly one output-or-error line per input line
+    assert len(outs) + len(errs) == len(rows)
+    assert done.request_counts.model_dump() == {"total": len(rows), "completed": len(outs), "failed": len(errs)}
+    by_id = {o["custom_id"]: o for o in outs}
+    assert set(by_id) == {"c1", "c2", "c3", "p1", "p2", "m1", "m2", "k1", "k2"}
+    errors = {(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errs}
+    assert errors == {(None, "invalid_json", 10), (None, "missing_custom_id", 11), ("bad-url", "invalid_url", 12),
+                      ("bad-temp", "invalid_body", 13), ("bad-model", "model_not_found", 14),
+                      ("too-long", "context_length_exceeded", 15)}
+
+    for cid in ("c1", "c2", "c3"):
+        cc = ChatCompletion.model_validate(by_id[cid]["response"]["body"])
+        assert cc.choices[0].message.role == "assistant" and cc.choices[0].finish_reason in ("stop", "length")
+        assert cc.usage.total_tokens == cc.usage.prompt_tokens + cc.usage.completion_tokens
+    assert ChatCompletion.model_validate(by_id["c3"]["response"]["body"]).usage.completion_tokens <= 3
+    assert Completion.model_validate(by_id["p2"]["response"]["body"]).usage.completion_tokens <= 4
+    mod = ModerationCreateResponse.model_validate(by_id["m2"]["response"]["body"])
+    assert len(mod.results) == 2
+    for r in mod.results:
+        for v in r.category_scores.model_dump(by_alias=True).values():
+            assert v is None or 0 <= v <= 1
+    assert all(r["policy_version"] == "tiny-mod-3" for r in by_id["m2"]["response"]["body"]["results"])
+    k2 = by_id["k2"]["response"]["body"]
+    assert len(k2["results"]) == 3 and all(r["policy_version"] == "tiny-policy-7" for r in k2["results"])
+    assert all(r["thresholds"]["negative"] == 0.2 for r in k2["results"])
+
+    for o in outs:
+        prov = o["provenance"]
+        assert prov["model"] in ("tiny-chat", "tiny-moderation", "tiny-classifier")
+        assert prov["engine_variant"] == "torch-float32-cpu" and len(prov["model_revision"]) == 12
+    line_of = {json.loads(r)["custom_id"] if isinstance(r, str) else r.get("custom_id"): i + 1
+               for i, r in enumerate(rows) if not isinstance(r, str)}
+    expect = validate_line(json.dumps(rows[line_of["k1"] - 1]), 1, client.settings.registry)
+    assert by_id["k1"]["provenance"]["input_sha256"] == expect.input_sha256
+
+
+def test_duplicate_custom_ids_reject_the_whole_submission(client, tmp_path):
+    f = write_jsonl(tmp_path / "dup.jsonl", [chat("a"), chat("b"), moderation("a"), chat("c"), chat("b")])
+    with pytest.raises(DuplicateCustomIds) as exc:
+        client.submit_file(f)
+    msg = str(exc.value)
+    assert "'a' on lines 1, 3" in msg and "'b' on lines 2, 5" in msg
+    r = client.redis
+    assert all(r.llen(q) == 0 for q in C.QUEUES), "nothing may be enqueued"
+    (batch,) = client.list()
+    assert batch.status == C.FAILED and "duplicate" in batch.errors[0]["message"]
+    assert not r.exists(C.results_key(batch.id))
+
+
+def test_a_redelivered_chunk_writes_no_second_line(client, tmp_path):
+    rows = [moderation(f"m{i}") for i in range(3)]
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    batch = client.wait(client.submit_file(f).id, timeout=60)
+    assert batch.request_counts.completed == 3
+    # the same message again, as Redis would redeliver it after a lost ack
+    items = [validate_line(json.dumps(r), i + 1, client.settings.registry).to_message() for i, r in enumerate(rows[:2])]
+    client.app.send_task(C.CLASSIFY_TASK, args=[batch.id, 0, items], queue=C.CLASSIFY_QUEUE)
+    deadline = time.time() + 30
+    while int(client.redis.hget(C.attempts_key(batch.id), 0) or 0) < 2:
+        assert time.time() < deadline, "the redelivered chunk was never processed"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    after = client.get(batch.id)
+    assert after.request_counts == batch.request_counts
+    assert client.redis.hlen(C.results_key(batch.id)) == 3
+
+
+def test_partial_results_while_running_then_cancel(redis_url, tiny_worker, settings_for, tmp_path):
+    from .conftest import clean
+    from producers.client import Client
+    clean(redis_url)
+    c = Client(settings_for(redis_url, chunk_size=1))
+    rows = [chat(f"c{i}", max_tokens=60, temperature=1.0) for i in range(150)]
+    batch = c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows))
+    deadline = time.time() + 60
+    while c.get(batch.id).request_counts.completed < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    n_out, _ = c.download(batch.id, tmp_path / "partial.jsonl")
+    assert 2 <= n_out < len(rows), "partial results are readable while the batch runs"
+    assert c.cancel(batch.id).status in (C.CANCELLING, C.CANCELLED)
+    final = c.wait(batch.id, timeout=120)
+    assert final.status == C.CANCELLED and final.cancelled_at and final.cancelling_at
+    assert final.request_counts.completed < len(rows)
+    time.sleep(0.5)
+    assert c.redis.hlen(C.results_key(batch.id)) == final.request_counts.completed + final.request_counts.failed
+    c.close()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['GRISTMILL_PICKLE_MARKER']}",))
+
+
+def test_a_pickled_message_is_never_executed(client, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("GRISTMILL_PICKLE_MARKER", str(marker))
+    client.app.send_task(C.CLASSIFY_TASK, args=[_Evil()], queue=C.CLASSIFY_QUEUE, serializer="pickle")
+    assert not marker.exists(), "pickling must not run the payload on this side either"
+    # the worker keeps serving JSON work after refusing the pickled message
+    f = write_jsonl(tmp_path / "in.jsonl", [moderation("after")])
+    assert client.wait(client.submit_file(f).id, timeout=60).status == C.COMPLETED
+    assert not marker.exists(), "the worker deserialized a pickled message"
+    assert client.redis.llen(C.CLASSIFY_QUEUE) == 0
+
+
+def test_expiry_and_the_requeue_cap(redis_url, home, tiny_models_file, settings_for, tmp_path):
+    """On a database no worker watches: one batch outlives its window, one chunk is over its
+    delivery cap; then a worker starts and must answer both with error lines, not run them."""
+    from producers.client import Client
+    from .conftest import WorkerProcess, worker_env
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    redis.Redis.from_url(url).flushdb()
+    c = Client(settings_for(url, chunk_size=2))
+    late = c.submit_file(write_jsonl(tmp_path / "a.jsonl", [moderation("a1"), moderation("a2")]), completion_window="1s")
+    poison = c.submit_file(write_jsonl(tmp_path / "b.jsonl", [moderation(f"b{i}") for i in range(4)]))
+    c.redis.hset(C.attempts_key(poison.id), 0, c.settings.max_attempts)  # chunk 0 crashed workers before
+    time.sleep(1.2)
+    w = WorkerProcess(worker_env(url, home, tiny_models_file), tmp_path / "w.log").wait_ready(url)
+    try:
+        a = c.wait(late.id, timeout=60)
+        b = c.wait(poison.id, timeout=60)
+    finally:
+        w.stop()
+    assert a.status == C.EXPIRED and a.expired_at and a.request_counts.failed == 2
+    _, errs = read_results(c, late.id, tmp_path)
+    assert {e["error"]["code"] for e in errs} == {C.E_EXPIRED}
+    assert b.status == C.COMPLETED and b.request_counts.model_dump() == {"total": 4, "completed": 2, "failed": 2}
+    outs, errs = read_results(c, poison.id, tmp_path)
+    assert {e["custom_id"] for e in errs} == {"b0", "b1"} and {e["error"]["code"] for e in errs} == {C.E_WORKER_CRASHED}
+    c.close()
+
+
+def test_all_invalid_file_fails_with_an_error_file(client, tmp_path):
+    f = write_jsonl(tmp_path / "bad.jsonl", ["nope", chat("x", model="gpt-9")])
+    b = client.get(client.submit_file(f).id)
+    assert b.status == C.FAILED and b.request_counts.failed == 2 and b.errors
+    _, errs = read_results(client, b.id, tmp_path)
+    assert len(errs) == 2
+
+
+def test_unknown_batch_is_an_error_not_pending_forever(client):
+    from producers.errors import BatchNotFound
+    with pytest.raises(BatchNotFound, match="batch_nope"):
+        client.get("batch_nope")
