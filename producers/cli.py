@@ -124,6 +124,7 @@ def flower_():
     from .settings import Settings
     s = Settings()
     os.environ["GRISTMILL_REDIS_URL"] = resolve_redis_url(s)
+    os.environ.update(s.flower_env())
     os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
                               f"--address={s.flower_address}", f"--port={s.flower_port}"])
 

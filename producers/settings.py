@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
 
+    def flower_env(self) -> dict[str, str]:
+        """Flower's API answers without credentials only when it listens on loopback; on any other
+        address it keeps Flower's default (refuse), and --basic-auth or OAuth is the user's to set."""
+        loopback = self.flower_address in ("127.0.0.1", "localhost", "::1")
+        return {"FLOWER_UNAUTHENTICATED_API": "true"} if loopback else {}
+
     @field_validator("completion_window")
     @classmethod
     def _window(cls, v: str) -> str:

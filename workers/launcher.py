@@ -58,7 +58,8 @@ class Stack:
             self._spawn(f"worker-{dev}", [sys.executable, "-m", "workers", "worker", "--device", dev], env)
         if self.flower:
             self._spawn("flower", [sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
-                                   f"--address={self.settings.flower_address}", f"--port={self.settings.flower_port}"], env)
+                                   f"--address={self.settings.flower_address}", f"--port={self.settings.flower_port}"],
+                        {**env, **self.settings.flower_env()})
             print(f"flower at http://{self.settings.flower_address}:{self.settings.flower_port}", file=sys.stderr)
         return self
 

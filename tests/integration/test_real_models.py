@@ -1,0 +1,62 @@
+"""The real default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) through a real worker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from openai.types import ModerationCreateResponse
+from openai.types.chat import ChatCompletion
+
+from producers import constants as C
+from producers.client import Client
+from producers.settings import Settings
+
+from .conftest import ROOT, WorkerProcess, clean, worker_env
+from .helpers import chat, moderation, read_results, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_home() -> Path:
+    # The converted GGUF is cached here between local runs (~25 s to convert, 0.3 s to reload).
+    h = Path(os.environ.get("GRISTMILL_TEST_HOME", ROOT / ".state" / "test-home"))
+    h.mkdir(parents=True, exist_ok=True)
+    return h
+
+
+def test_default_models_answer_sensibly(redis_url, real_home, tmp_path):
+    clean(redis_url)
+    w = WorkerProcess(worker_env(redis_url, real_home, None), tmp_path / "real.log").wait_ready(redis_url, timeout=300)
+    try:
+        c = Client(Settings(redis_url=redis_url, home=real_home, chunk_size=2))
+        rows = [chat("capital", "What is the capital of France?", max_tokens=24),
+                chat("stop", "What is the capital of France?", max_tokens=24, stop=[" is"]),
+                moderation("threat", "I will find you and kill you."),
+                moderation("benign", "Thank you for the lovely dinner last night."),
+                moderation("pair", ["I am going to kill myself tonight.", "The report is due on Friday."])]
+        b = c.wait(c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows)).id, timeout=300)
+        assert b.status == C.COMPLETED and b.request_counts.completed == len(rows)
+        outs, errs = read_results(c, b.id, tmp_path)
+        assert not errs
+        by = {o["custom_id"]: o for o in outs}
+        cap = ChatCompletion.model_validate(by["capital"]["response"]["body"])
+        assert "Paris" in cap.choices[0].message.content
+        assert cap.model == "SmolLM2-135M-Instruct"
+        stop = ChatCompletion.model_validate(by["stop"]["response"]["body"]).choices[0]
+        assert stop.finish_reason == "stop" and " is" not in stop.message.content
+        assert cap.choices[0].message.content.startswith(stop.message.content)
+
+        threat = ModerationCreateResponse.model_validate(by["threat"]["response"]["body"]).results[0]
+        benign = ModerationCreateResponse.model_validate(by["benign"]["response"]["body"]).results[0]
+        assert threat.flagged and not benign.flagged
+        assert threat.category_scores.harassment_threatening > 0.5 > benign.category_scores.harassment_threatening
+        pair = ModerationCreateResponse.model_validate(by["pair"]["response"]["body"]).results
+        assert pair[0].categories.self_harm_intent and not pair[1].flagged
+        prov = by["threat"]["provenance"]
+        assert prov["model"] == "all-MiniLM-L6-v2-moderation" and prov["engine_variant"] == "torch-float32-cpu"
+        c.close()
+    finally:
+        w.stop()
