@@ -28,6 +28,7 @@ def worker(argv: list[str]) -> int:
     from producers.redis_server import resolve_redis_url
     from producers.settings import Settings
 
+    from . import control  # noqa: F401  (registers the gristmill_stats remote-control command)
     from .tasks import init_state, register_tasks
 
     settings = Settings()

@@ -81,8 +81,12 @@ class EngineHost:
         out: list[Prepared | S.LineError | None] = [None] * len(items)
         texts_by_model: dict[str, list[tuple[int, list[str]]]] = {}
         for i, it in enumerate(items):
-            spec = self.registry.get(it.model)
-            if spec.is_generator:
+            spec = self.registry.specs.get(it.model)
+            if spec is None:
+                out[i] = S.LineError(it.line, it.custom_id, C.E_MODEL_NOT_FOUND,
+                                     f"this worker has no model {it.model!r}; producers and workers must "
+                                     f"share the same model registrations (GRISTMILL_MODELS_FILE)")
+            elif spec.is_generator:
                 out[i] = self._prepare_generation(it, spec)
             else:
                 texts_by_model.setdefault(it.model, []).append((i, S.ClassifyBody.model_validate(it.body).inputs()))
@@ -117,7 +121,13 @@ class EngineHost:
         return Prepared(it, [req], [len(ids) + budget])
 
     def run(self, model: str, payloads: list[Any]) -> list[Any]:
-        return self.engine(model).run(payloads)
+        try:
+            return self.engine(model).run(payloads)
+        except Exception as exc:
+            if "out of memory" in str(exc).lower() and self.device.startswith("cuda"):
+                import torch
+                torch.cuda.empty_cache()  # give the cached blocks back before the batcher retries halves
+            raise
 
     def format(self, it: S.WorkItem, results: list[Any]) -> dict[str, Any]:
         spec = self.registry.get(it.model)

@@ -184,3 +184,22 @@ def test_unknown_batch_is_an_error_not_pending_forever(client):
     from producers.errors import BatchNotFound
     with pytest.raises(BatchNotFound, match="batch_nope"):
         client.get("batch_nope")
+
+
+def test_a_model_the_worker_lacks_is_a_clear_per_line_error(redis_url, tiny_worker, home, tmp_path):
+    """Producer and worker registries disagree: the line fails with model_not_found, the rest run."""
+    import json as _json
+
+    from producers.client import Client
+    from producers.settings import Settings
+    from .conftest import clean
+    clean(redis_url)
+    extra = tmp_path / "models.json"
+    from producers.registry import DEFAULT_CLASSIFIER
+    extra.write_text(_json.dumps([DEFAULT_CLASSIFIER.model_dump(mode="json") | {"name": "only-here", "aliases": []}]))
+    c = Client(Settings(redis_url=redis_url, home=home, models_file=extra, builtin_models=False))
+    b = c.wait(c.submit_file(write_jsonl(tmp_path / "in.jsonl", [moderation("x", model="only-here")])).id, timeout=60)
+    _, errs = read_results(c, b.id, tmp_path)
+    assert [e["error"]["code"] for e in errs] == [C.E_MODEL_NOT_FOUND]
+    assert "GRISTMILL_MODELS_FILE" in errs[0]["error"]["message"]
+    c.close()

@@ -28,6 +28,8 @@ def real_home() -> Path:
 
 
 def test_default_models_answer_sensibly(redis_url, real_home, tmp_path):
+    # its own database: the session's tiny-model worker must not take these lines
+    redis_url = redis_url.rsplit("/", 1)[0] + "/5"
     clean(redis_url)
     w = WorkerProcess(worker_env(redis_url, real_home, None), tmp_path / "real.log").wait_ready(redis_url, timeout=300)
     try:

@@ -1,0 +1,58 @@
+"""Shared pieces of the benchmarks: synthetic inputs, random-weight models, a results table."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from "
+         "or had by hot word but what some we can out other were all there when up use your how said an each "
+         "she which do their time if will way about many then them write would like so these her long make "
+         "thing see him two has look more day could go come did number sound no most people my over know "
+         "water than call first who may down side been now find any new work part take get place made live "
+         "where after back little only round man year came show every good me give our under name very").split()
+
+
+def texts(n: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def write_requests(path: Path, items: list[str], url: str, model: str | None = None) -> Path:
+    with open(path, "w") as f:
+        for i, t in enumerate(items):
+            body = {"input": t} if model is None else {"model": model, "input": t}
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": body}) + "\n")
+    return path
+
+
+def random_minilm_classifier(out: Path, num_labels: int = 2) -> Path:
+    """all-MiniLM-L6-v2's architecture and tokenizer with random weights and a classification head
+    (the GPU host cannot take the weights package; throughput does not depend on the weights)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    from producers.registry import DEFAULT_CLASSIFIER
+    src = DEFAULT_CLASSIFIER.resolve_path()
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = AutoConfig.from_pretrained(str(src), num_labels=num_labels)
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def table(rows: list[tuple], headers: tuple) -> str:
+    cells = [tuple(str(c) for c in r) for r in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells[1:]]
+    return "\n".join(out)

@@ -1,0 +1,205 @@
+"""What the queue costs next to the model: the same engine, the same machine, one run, three ways.
+
+  (a) engine   the engine called in-process on the texts, tokenization included, with the same
+               batch policy the worker uses (sorted and packed within the same in-flight window);
+               the ceiling.
+  (b) naive    plain Celery, one task per item, a solo-pool worker calling the same engine, results
+               through the Celery result backend.
+  (c) gristmill  end to end: submit the JSONL file, worker micro-batches, download the results.
+
+    python -m benchmarks.queue_overhead [--device cpu|cuda] [--quick] [--items N]
+
+CPU: the default classifier (real all-MiniLM-L6-v2 weights), inputs of 8-64 words.
+CUDA: all-MiniLM-L6-v2's architecture with random weights, bf16, inputs of 128 tokens.
+Prints a table, then one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import random_minilm_classifier, table, texts, write_requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_ping(app, want_prefix: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        replies = app.control.ping(timeout=0.5) or []
+        if any(next(iter(r)).startswith(want_prefix) for r in replies):
+            return
+    raise TimeoutError(f"worker not ready:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_engine(settings, device: str, model: str, items: list[str]) -> tuple[float, dict]:
+    from workers.batcher import BatchPolicy, Pending, plan
+    from workers.host import EngineHost
+
+    host = EngineHost(settings, device)
+    eng = host.engine(model)
+    policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000)
+    window = settings.chunk_size * settings.worker_concurrency
+
+    def once(xs: list[str]) -> dict:
+        n = padded = real = batches = 0
+        for start in range(0, len(xs), window):
+            ids: list[list[int]] = []
+            for c in range(start, min(start + window, len(xs)), settings.chunk_size):
+                ids += eng.encode(xs[c: c + settings.chunk_size])
+            for b in plan([Pending("m", len(x), 0.0) for x in ids], policy, now=0.0, flush=True):
+                out = eng.run([ids[i] for i in b])
+                assert len(out) == len(b)
+                n += len(b)
+                batches += 1
+                padded += len(b) * max(len(ids[i]) for i in b)
+                real += sum(len(ids[i]) for i in b)
+        if device.startswith("cuda"):
+            import torch
+            torch.cuda.synchronize()
+        return {"items": n, "batches": batches, "padding_waste": 1 - real / padded}
+
+    once(items[: min(len(items), 2 * settings.max_batch_size)])  # warm-up
+    t = time.perf_counter()
+    info = once(items)
+    elapsed = time.perf_counter() - t
+    host.shutdown()
+    return len(items) / elapsed, info
+
+
+def run_naive(app, env, device: str, model: str, items: list[str], logdir: Path) -> float:
+    from .naive_worker import NAIVE_QUEUE, NAIVE_TASK
+    log = logdir / "naive.log"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.naive_worker", "--device", device, "--model", model],
+                            env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_ping(app, "naive-", proc, log)
+        for r in [app.send_task(NAIVE_TASK, args=[t], queue=NAIVE_QUEUE) for t in items[:16]]:
+            r.get(timeout=120)  # warm-up
+        t = time.perf_counter()
+        results = [app.send_task(NAIVE_TASK, args=[x], queue=NAIVE_QUEUE) for x in items]
+        for r in results:
+            r.get(timeout=600)
+        return len(items) / (time.perf_counter() - t)
+    finally:
+        stop(proc)
+
+
+def run_gristmill(app, env, settings, device: str, url_path: str, model: str | None, items: list[str],
+                  work: Path) -> tuple[float, dict]:
+    from producers.client import Client
+    log = work / "gristmill-worker.log"
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", device,
+                             "--queues", "gristmill.classify"],
+                            env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_ping(app, "gristmill-", proc, log)
+        client = Client(settings)
+        warm = write_requests(work / "warm.jsonl", items[: 2 * settings.max_batch_size], url_path, model)
+        client.wait(client.submit_file(warm).id, timeout=600, poll_s=0.05)
+        app.control.broadcast("gristmill_reset_stats", reply=True, timeout=2)
+        f = write_requests(work / "in.jsonl", items, url_path, model)
+        t = time.perf_counter()
+        b = client.submit_file(f)
+        b = client.wait(b.id, timeout=3600, poll_s=0.02)
+        n_out, n_err = client.download(b.id, work / "out.jsonl", work / "err.jsonl")
+        elapsed = time.perf_counter() - t
+        if b.status != "completed" or n_out != len(items) or n_err:
+            raise RuntimeError(f"gristmill run ended {b.status} with {n_out} outputs, {n_err} errors")
+        stats = app.control.broadcast("gristmill_stats", reply=True, timeout=5)
+        batcher = next(iter(stats[0].values()))["batcher"]
+        client.close()
+        return len(items) / elapsed, batcher
+    finally:
+        stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.queue_overhead", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    ap.add_argument("--quick", action="store_true", help="fewer items (under 4 minutes on a 2-core CPU)")
+    ap.add_argument("--items", type=int, default=None)
+    ap.add_argument("--naive-items", type=int, default=None, help="items for the (slow) naive baseline")
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    device = "cuda:0" if args.device == "cuda" else args.device
+
+    work = Path(tempfile.mkdtemp(prefix="gristmill-bench-"))
+    os.environ.pop("GRISTMILL_REDIS_URL", None)
+    os.environ["GRISTMILL_HOME"] = str(work / "home")
+    if cuda:
+        # DESIGN.md's reference point: MiniLM-L6 at 128 tokens; batches of 2048 fill an H100.
+        n = args.items or (100_000 if args.quick else 400_000)
+        naive_n = args.naive_items or 2000
+        items = texts(n, 200, 200)  # > 128 tokens, truncated to exactly 128
+        path = random_minilm_classifier(work / "minilm-random")
+        mf = work / "models.json"
+        mf.write_text(json.dumps([{"name": "minilm-random", "kind": "sequence_classifier", "path": str(path),
+                                   "max_input_tokens": 128}]))
+        os.environ.update(GRISTMILL_MODELS_FILE=str(mf), GRISTMILL_BUILTIN_MODELS="false")
+        os.environ.setdefault("GRISTMILL_MAX_BATCH_SIZE", "2048")
+        os.environ.setdefault("GRISTMILL_TOKEN_BUDGET", str(2048 * 128))
+        os.environ.setdefault("GRISTMILL_CHUNK_SIZE", "2048")
+        os.environ.setdefault("GRISTMILL_WORKER_CONCURRENCY", "8")
+        model, url_path, body_model = "minilm-random", "/v1/classifications", "minilm-random"
+    else:
+        n = args.items or (2000 if args.quick else 8000)
+        naive_n = args.naive_items or (400 if args.quick else 1500)
+        items = texts(n, 8, 64)
+        from producers.registry import DEFAULT_CLASSIFIER
+        model, url_path, body_model = DEFAULT_CLASSIFIER.name, "/v1/moderations", None
+
+    from producers.app import make_app
+    from producers.redis_server import EmbeddedRedis
+    from producers.settings import Settings
+
+    t_all = time.perf_counter()
+    engine_ips, einfo = run_engine(Settings(), device, model, items)
+    with EmbeddedRedis(work / "redis") as server:
+        os.environ["GRISTMILL_REDIS_URL"] = server.url
+        settings = Settings()
+        app = make_app(settings)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        naive_ips = run_naive(app, env, device, model, items[:naive_n], work)
+        grist_ips, stats = run_gristmill(app, env, settings, device, url_path, body_model, items, work)
+    figures = {
+        "device": args.device, "model": model, "items": n, "naive_items": naive_n,
+        "chunk_size": settings.chunk_size, "max_batch_size": settings.max_batch_size,
+        "token_budget": settings.token_budget, "worker_concurrency": settings.worker_concurrency,
+        "engine_items_per_s": round(engine_ips, 1), "naive_items_per_s": round(naive_ips, 1),
+        "gristmill_items_per_s": round(grist_ips, 1),
+        "e2e_vs_engine": round(grist_ips / engine_ips, 3), "e2e_vs_naive": round(grist_ips / naive_ips, 2),
+        "mean_batch_size": round(stats["mean_batch_size"], 1), "padding_waste": round(stats["padding_waste"], 3),
+        "engine_padding_waste": round(einfo["padding_waste"], 3), "wall_s": round(time.perf_counter() - t_all, 1),
+    }
+    print(table([("engine, in-process (ceiling)", n, f"{engine_ips:,.0f}", "1.00"),
+                 ("naive Celery, 1 task/item", naive_n, f"{naive_ips:,.0f}", f"{naive_ips / engine_ips:.2f}"),
+                 ("gristmill, submit -> results", n, f"{grist_ips:,.0f}", f"{grist_ips / engine_ips:.2f}")],
+                ("path", "items", "items/s", "vs engine")))
+    print(f"gristmill: mean batch {stats['mean_batch_size']:.1f}, padding waste {stats['padding_waste']:.1%} "
+          f"(engine ceiling {einfo['padding_waste']:.1%}); e2e/naive {grist_ips / naive_ips:.1f}x")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
