@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .loading import default_dtype, load_encoder, resolve_device
+import contextlib
+
+from .loading import autocast_dtype, default_dtype, load_encoder, resolve_device
 
 # Zero-shot scores: sigmoid(SCALE * (sim_label - sim_neutral) + BIAS). sim_* are cosine similarities
 # to the nearest description of the label / of ordinary text. Chosen on the real MiniLM weights so
@@ -24,15 +26,19 @@ class ClassifierEngine:
 
     def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 512,
                  prototypes: dict[str, list[str]] | None = None, neutral: list[str] | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, cpu_precision: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
+        # On CPUs with native bf16 (AVX-512 BF16, AMX), bf16 autocast ran MiniLM-L6 1.4-1.8x faster
+        # than fp32 at batch 64 on a 2-core AVX-512 BF16 machine (README, "Engine precision on the CPU").
+        self.autocast = autocast_dtype(self.device, cpu_precision)
         self.zero_shot = prototypes is not None
         self.model, self.tokenizer, self.revision = load_encoder(path, self.device, self.dtype,
                                                                  classifier=not self.zero_shot)
         self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.variant = f"torch-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+        precision = "bf16-autocast" if self.autocast is not None else str(self.dtype).removeprefix("torch.")
+        self.variant = f"torch-{precision}-{self.device.type}"
         if self.zero_shot:
             assert prototypes is not None
             self.labels = list(prototypes)
@@ -61,10 +67,16 @@ class ClassifierEngine:
             mask[i, : len(x)] = 1
         return ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
 
+    def _amp(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     @torch.inference_mode()
     def _embed(self, batch: list[list[int]]) -> torch.Tensor:
         ids, mask = self._pad(batch)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with self._amp():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
@@ -82,7 +94,8 @@ class ClassifierEngine:
             scores = torch.sigmoid(ZS_SCALE * (per_label - neutral) + ZS_BIAS)
         else:
             ids, mask = self._pad(batch)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            with self._amp():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         rows = scores.cpu().tolist()
         out = [dict(zip(self.labels, r)) for r in rows]

@@ -30,6 +30,28 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 dot products (AVX-512 BF16 or AMX) make bf16 matmuls faster than fp32 on a CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """Mixed precision for CPU engines: 'auto' (bf16 where the CPU has native bf16), 'bf16', 'fp32'.
+    Autocast runs matmuls in bf16 and keeps LayerNorm and softmax in fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"cpu precision must be auto, bf16 or fp32, not {precision!r}")
+    if device.type != "cpu" or precision == "fp32":
+        return None
+    if precision == "bf16" or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
 def file_digest(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):

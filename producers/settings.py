@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1)
     token_budget: int = Field(default=16_384, ge=16)  # padded tokens per device batch
     max_wait_ms: float = Field(default=5.0, ge=0.0)
+    # Classifier precision on CPUs: auto = bf16 autocast where the CPU has native bf16 (AVX-512 BF16
+    # or AMX), fp32 elsewhere. GPUs always run bf16.
+    cpu_precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Messages a worker works on at once (threads in its pool); the batcher merges their items.
     worker_concurrency: int = Field(default=4, ge=1, le=256)
     # Extra messages reserved per thread. 1 keeps a few messages in hand to overlap broker latency

@@ -66,7 +66,9 @@ def plan(pending: Sequence[Pending], policy: BatchPolicy, now: float, flush: boo
 
     Per key, items are sorted by cost (less padding) and packed. Full batches run at once; the
     last, partial batch waits until its key's oldest item has waited `max_wait_s` (or `flush`),
-    so a trickle still runs promptly while a flood runs in full batches.
+    so a trickle still runs promptly while a flood runs in full batches. Batches come oldest
+    member first: a runner that takes the head and re-plans as items arrive never starves long
+    items behind a stream of short ones.
     """
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(pending):
@@ -82,6 +84,7 @@ def plan(pending: Sequence[Pending], policy: BatchPolicy, now: float, flush: boo
         if not due and not last_full:
             batches = batches[:-1]
         out.extend(batches)
+    out.sort(key=lambda b: min(pending[i].arrived for i in b))
     return out
 
 
@@ -98,6 +101,7 @@ class BatchStats:
     padded_tokens: int = 0
     real_tokens: int = 0
     splits: int = 0
+    busy_s: float = 0.0  # time inside the runner
     by_key: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -127,6 +131,11 @@ class MicroBatcher:
         self.policy = policy
         self.stats = BatchStats()
         self._entries: list[_Entry] = []
+        # The current plan, as entry lists. Re-planned only when items arrive (or time passes with
+        # nothing runnable), so a chunk that lands while a batch runs joins the length sort of
+        # everything pending instead of being packed on its own.
+        self._planned: list[list[_Entry]] = []
+        self._dirty = False
         self._cv = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -142,6 +151,7 @@ class MicroBatcher:
                 raise RuntimeError("the micro-batcher is shut down")
             for payload, cost, fut in zip(payloads, costs, futures):
                 self._entries.append(_Entry(Pending(key, max(1, int(cost)), now), payload, fut))
+            self._dirty = True
             self._cv.notify()
         return futures
 
@@ -151,35 +161,40 @@ class MicroBatcher:
             self._cv.notify()
         self._thread.join(timeout)
 
-    def _take(self) -> list[list[_Entry]] | None:
+    def _take(self) -> list[_Entry] | None:
+        """The next batch to run: the head of the current plan, re-planned if items arrived."""
         with self._cv:
             while True:
                 if self._stopped and not self._entries:
                     return None
                 if self._entries:
+                    if self._dirty or not self._planned:
+                        now = time.monotonic()
+                        pend = [e.pending for e in self._entries]
+                        self._planned = [[self._entries[i] for i in b]
+                                         for b in plan(pend, self.policy, now, flush=self._stopped)]
+                        self._dirty = False
+                    if self._planned:
+                        batch = self._planned.pop(0)
+                        taken = {id(e) for e in batch}
+                        self._entries = [e for e in self._entries if id(e) not in taken]
+                        return batch
                     now = time.monotonic()
-                    pend = [e.pending for e in self._entries]
-                    batches = plan(pend, self.policy, now, flush=self._stopped)
-                    if batches:
-                        chosen = [[self._entries[i] for i in b] for b in batches]
-                        taken = {i for b in batches for i in b}
-                        self._entries = [e for i, e in enumerate(self._entries) if i not in taken]
-                        return chosen
-                    deadline = next_deadline(pend, self.policy)
+                    deadline = next_deadline([e.pending for e in self._entries], self.policy)
                     self._cv.wait(timeout=max(0.0, (deadline or now) - now) + 1e-4)
                 else:
                     self._cv.wait()
 
     def _loop(self) -> None:
         while True:
-            batches = self._take()
-            if batches is None:
+            batch = self._take()
+            if batch is None:
                 return
-            for batch in batches:
-                self._execute(batch)
+            self._execute(batch)
 
     def _execute(self, batch: list[_Entry]) -> None:
         key = batch[0].pending.key
+        t0 = time.perf_counter()
         try:
             results = self.runner(key, [e.payload for e in batch])
             if len(results) != len(batch):
@@ -198,6 +213,7 @@ class MicroBatcher:
             self._execute(batch[mid:])
             return
         width = max(e.pending.cost for e in batch)
+        self.stats.busy_s += time.perf_counter() - t0
         self.stats.batches += 1
         self.stats.items += len(batch)
         self.stats.padded_tokens += width * len(batch)

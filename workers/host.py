@@ -89,7 +89,8 @@ class EngineHost:
             elif spec.is_generator:
                 out[i] = self._prepare_generation(it, spec)
             else:
-                texts_by_model.setdefault(it.model, []).append((i, S.ClassifyBody.model_validate(it.body).inputs()))
+                inp = it.body["input"]  # validated at ingest; no second pydantic pass per item
+                texts_by_model.setdefault(it.model, []).append((i, [inp] if isinstance(inp, str) else list(inp)))
         for model, entries in texts_by_model.items():
             eng = self.engine(model)
             flat = [t for _, texts in entries for t in texts]

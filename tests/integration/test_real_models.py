@@ -58,7 +58,7 @@ def test_default_models_answer_sensibly(redis_url, real_home, tmp_path):
         pair = ModerationCreateResponse.model_validate(by["pair"]["response"]["body"]).results
         assert pair[0].categories.self_harm_intent and not pair[1].flagged
         prov = by["threat"]["provenance"]
-        assert prov["model"] == "all-MiniLM-L6-v2-moderation" and prov["engine_variant"] == "torch-float32-cpu"
+        assert prov["model"] == "all-MiniLM-L6-v2-moderation" and prov["engine_variant"] in ("torch-float32-cpu", "torch-bf16-autocast-cpu")
         c.close()
     finally:
         w.stop()

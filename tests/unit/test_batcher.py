@@ -132,3 +132,28 @@ def test_max_wait_bounds_latency_of_a_lone_item():
     f.result(timeout=5)
     assert time.monotonic() - t < 2.0
     mb.shutdown()
+
+
+@given(pendings, policies, st.floats(0, 12))
+@settings(max_examples=200, deadline=None)
+def test_batches_come_oldest_member_first(pending, policy, now):
+    heads = [min(pending[i].arrived for i in b) for b in plan(pending, policy, now)]
+    assert heads == sorted(heads)
+
+
+def test_items_arriving_while_a_batch_runs_are_sorted_together():
+    """Two chunks, each half short and half long: re-planning on arrival packs short with short."""
+    gate = threading.Event()
+    seen = []
+    def run(key, payloads):
+        seen.append(sorted(payloads))
+        gate.wait(5)
+        return payloads
+    mb = MicroBatcher(run, BatchPolicy(4, 10**6, 0.0))
+    first = mb.submit("m", [1, 1, 100, 100], [1, 1, 100, 100])  # runs at once, holding the engine
+    time.sleep(0.1)
+    second = mb.submit("m", [1, 100, 1, 100, 1, 100, 1, 100], [1, 100, 1, 100, 1, 100, 1, 100])
+    gate.set()
+    [f.result(timeout=5) for f in first + second]
+    assert seen[1:] == [[1, 1, 1, 1], [100, 100, 100, 100]]
+    mb.shutdown()

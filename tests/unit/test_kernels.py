@@ -87,3 +87,18 @@ def test_batch_results_do_not_depend_on_batch_mates(weights):
     alone = [eng.run(eng.encode([t]))[0] for t in texts]
     for a, b in zip(together, alone):
         assert all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
+def test_bf16_autocast_stays_close_to_fp32(weights):
+    texts = ["hello world", "the quick brown fox jumps over the lazy dog", "i will hurt you"]
+    fp32 = ClassifierEngine(weights / "classifier", max_length=32, cpu_precision="fp32")
+    bf16 = ClassifierEngine(weights / "classifier", max_length=32, cpu_precision="bf16")
+    assert fp32.variant == "torch-float32-cpu" and bf16.variant == "torch-bf16-autocast-cpu"
+    for a, b in zip(fp32.run(fp32.encode(texts)), bf16.run(bf16.encode(texts))):
+        assert max(abs(a[k] - b[k]) for k in a) < 0.02
+
+
+def test_cpu_precision_is_validated():
+    from kernels.loading import autocast_dtype
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        autocast_dtype(torch.device("cpu"), "fp8")
