@@ -185,15 +185,13 @@ class BatchStore:
         """The one writer that moved the batch to `finalizing` settles its final state and TTLs."""
         m = self.raw(batch_id)
         now = int(time.time())
-        total, failed = int(m.get("total", 0)), int(m.get("failed", 0))
-        if m.get("valid", "1") == "0" and total:
+        if m.get("valid", "1") == "0" and int(m.get("total", 0)):
             status, extra = C.FAILED, {"failed_at": now, "errors": json.dumps(
                 [{"code": "no_valid_lines", "message": "no input line passed validation; see the error file"}])}
         elif m.get("has_expired"):
             status, extra = C.EXPIRED, {"expired_at": now}
         else:
             status, extra = C.COMPLETED, {"completed_at": now}
-        del failed
         self.r.hset(C.batch_key(batch_id), mapping={"status": status, **extra})
         self._expire(batch_id)
 

@@ -25,7 +25,7 @@ class DuplicateCustomIds(SubmissionRejected):
     def __init__(self, duplicates: dict[str, list[int]], more: int = 0):
         self.duplicates = duplicates
         shown = "; ".join(f"{cid!r} on lines {', '.join(map(str, lines))}" for cid, lines in duplicates.items())
-        extra = f" (and {more} more)" if more else ""
+        extra = f" (and {more} more repeated lines)" if more else ""
         super().__init__(f"duplicate custom_id values: {shown}{extra}. Each line needs a unique custom_id.")
 
 

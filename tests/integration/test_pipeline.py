@@ -70,9 +70,8 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
         assert prov["model"] in ("tiny-chat", "tiny-moderation", "tiny-classifier")
         assert prov["engine_variant"] in ("torch-float32-cpu", "torch-bf16-autocast-cpu")
         assert len(prov["model_revision"]) == 12
-    line_of = {json.loads(r)["custom_id"] if isinstance(r, str) else r.get("custom_id"): i + 1
-               for i, r in enumerate(rows) if not isinstance(r, str)}
-    expect = validate_line(json.dumps(rows[line_of["k1"] - 1]), 1, client.settings.registry)
+    k1_row = next(r for r in rows if isinstance(r, dict) and r.get("custom_id") == "k1")
+    expect = validate_line(json.dumps(k1_row), 1, client.settings.registry)
     assert by_id["k1"]["provenance"]["input_sha256"] == expect.input_sha256
 
 
