@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # Default completion window; work not done by then gets `batch_expired` lines.
     completion_window: str = "24h"
 
+    # Prometheus metrics of each worker on 127.0.0.1:<port + GPU index> (a CPU worker: <port>);
+    # 0 turns them off.
+    metrics_port: int = Field(default=9808, ge=0, le=65535)
+
     # Flower.
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555

@@ -29,6 +29,7 @@ def worker(argv: list[str]) -> int:
     from producers.settings import Settings
 
     from . import control  # noqa: F401  (registers the gristmill_stats remote-control command)
+    from . import metrics
     from .tasks import init_state, register_tasks
 
     settings = Settings()
@@ -40,6 +41,12 @@ def worker(argv: list[str]) -> int:
 
     @signals.worker_init.connect
     def _load(**_):  # before the consumer starts: no message waits on a model load
+        if settings.metrics_port:
+            port = settings.metrics_port + int(os.environ.get("GRISTMILL_PHYSICAL_GPU", "0") or 0)
+            try:
+                metrics.serve(port)
+            except OSError as e:
+                logging.getLogger("gristmill").warning("metrics port %d unavailable (%s); metrics off", port, e)
         st = init_state(settings, url, inner)
         if not args.no_preload:
             st.host.preload(queues)

@@ -121,14 +121,19 @@ class _Entry:
 
 
 Runner = Callable[[str, list[Any]], list[Any]]
+# on_batch(key, size, real_tokens, padded_tokens, seconds); on_split(key)
+BatchHook = Callable[[str, int, int, int, float], None]
 
 
 class MicroBatcher:
     """Thread-safe front of the engine thread. `runner(key, payloads) -> results` (same length)."""
 
-    def __init__(self, runner: Runner, policy: BatchPolicy, name: str = "gristmill-batcher"):
+    def __init__(self, runner: Runner, policy: BatchPolicy, name: str = "gristmill-batcher",
+                 on_batch: BatchHook | None = None, on_split: Callable[[str], None] | None = None):
         self.runner = runner
         self.policy = policy
+        self.on_batch = on_batch
+        self.on_split = on_split
         self.stats = BatchStats()
         self._entries: list[_Entry] = []
         # The current plan, as entry lists. Re-planned only when items arrive (or time passes with
@@ -207,17 +212,23 @@ class MicroBatcher:
                 batch[0].future.set_exception(exc)
                 return
             self.stats.splits += 1
+            if self.on_split:
+                self.on_split(key)
             log.warning("batch of %d for %s failed (%s: %s); splitting", len(batch), key, type(exc).__name__, exc)
             mid = len(batch) // 2
             self._execute(batch[:mid])
             self._execute(batch[mid:])
             return
-        width = max(e.pending.cost for e in batch)
-        self.stats.busy_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        padded = max(e.pending.cost for e in batch) * len(batch)
+        real = sum(e.pending.cost for e in batch)
+        self.stats.busy_s += seconds
         self.stats.batches += 1
         self.stats.items += len(batch)
-        self.stats.padded_tokens += width * len(batch)
-        self.stats.real_tokens += sum(e.pending.cost for e in batch)
+        self.stats.padded_tokens += padded
+        self.stats.real_tokens += real
         self.stats.by_key[key] = self.stats.by_key.get(key, 0) + len(batch)
+        if self.on_batch:
+            self.on_batch(key, len(batch), real, padded, seconds)
         for e, r in zip(batch, results):
             e.future.set_result(r)

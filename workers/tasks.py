@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -18,8 +19,9 @@ from producers import schemas as S
 from producers.batches import BatchStore
 from producers.settings import Settings
 
+from . import metrics
 from .batcher import BatchPolicy, MicroBatcher
-from .host import EngineHost, Prepared, item_error
+from .host import EngineHost, item_error
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class WorkerState:
         self.store = BatchStore(self.redis, settings.result_ttl_s)
         self.host = EngineHost(settings, device)
         policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000.0)
-        self.batcher = MicroBatcher(self.host.run, policy)
+        self.batcher = MicroBatcher(self.host.run, policy, on_batch=metrics.on_batch, on_split=metrics.on_split)
 
     def shutdown(self) -> None:
         self.batcher.shutdown()
@@ -58,7 +60,23 @@ def state() -> WorkerState:
     return _state
 
 
-def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]]) -> dict[str, int]:
+def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]],
+                  queue: str = "") -> dict[str, int]:
+    t0 = time.perf_counter()
+    try:
+        return _process_chunk(st, batch_id, chunk, raw_items)
+    finally:
+        metrics.CHUNK_SECONDS.labels(queue).observe(time.perf_counter() - t0)
+
+
+def _write(st: WorkerState, batch_id: str, chunk: int, lines: list[tuple[str, dict[str, Any], bool]],
+           models: dict[str, str]) -> None:
+    st.store.record(batch_id, chunk, lines)
+    for field, line, is_error in lines:
+        metrics.ITEMS.labels(models.get(field, ""), "failed" if is_error else "completed").inc()
+
+
+def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]]) -> dict[str, int]:
     store = st.store
     status, attempts, expired = store.begin_chunk(batch_id, chunk)
     if status is None:
@@ -68,6 +86,7 @@ def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[di
         store.record(batch_id, chunk, [])
         return {"skipped": len(raw_items)}
     items = [S.WorkItem.from_message(m) for m in raw_items]
+    models = {it.custom_id: it.model for it in items}
     lines: list[tuple[str, dict[str, Any], bool]] = []
     if attempts > st.settings.max_attempts or expired:
         if expired:
@@ -77,7 +96,7 @@ def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[di
             code, msg = C.E_WORKER_CRASHED, (f"delivered {attempts} times without finishing "
                                              f"(max_attempts={st.settings.max_attempts}); the worker likely crashed on it")
         lines = [(it.custom_id, S.error_line(it.custom_id, code, msg, it.line), True) for it in items]
-        store.record(batch_id, chunk, lines)
+        _write(st, batch_id, chunk, lines, models)
         return {"failed": len(lines)}
 
     try:
@@ -98,7 +117,7 @@ def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[di
             lines.append((it.custom_id, st.host.format(it, results), False))
         except Exception as exc:  # noqa: BLE001 - one bad item fails alone
             lines.append((it.custom_id, item_error(it, exc), True))
-    store.record(batch_id, chunk, lines)
+    _write(st, batch_id, chunk, lines, models)
     failed = sum(1 for *_, e in lines if e)
     return {"completed": len(lines) - failed, "failed": failed}
 
@@ -108,8 +127,8 @@ def register_tasks(app) -> None:
 
     @app.task(name=C.GENERATE_TASK, ignore_result=True, acks_late=True)
     def generate(batch_id: str, chunk: int, items: list[dict[str, Any]]) -> dict[str, int]:
-        return process_chunk(state(), batch_id, chunk, items)
+        return process_chunk(state(), batch_id, chunk, items, C.GENERATE_QUEUE)
 
     @app.task(name=C.CLASSIFY_TASK, ignore_result=True, acks_late=True)
     def classify(batch_id: str, chunk: int, items: list[dict[str, Any]]) -> dict[str, int]:
-        return process_chunk(state(), batch_id, chunk, items)
+        return process_chunk(state(), batch_id, chunk, items, C.CLASSIFY_QUEUE)

@@ -45,7 +45,7 @@ def home(tmp_path_factory) -> Path:
 
 def worker_env(url: str, home: Path, models_file: Path | None, **extra: str) -> dict[str, str]:
     env = {**os.environ, "GRISTMILL_REDIS_URL": url, "GRISTMILL_HOME": str(home), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), "GRISTMILL_METRICS_PORT": "0"}
     if models_file is not None:
         env.update(GRISTMILL_MODELS_FILE=str(models_file), GRISTMILL_BUILTIN_MODELS="false")
     env.update(extra)
@@ -80,9 +80,16 @@ class WorkerProcess:
 
 
 @pytest.fixture(scope="session")
-def tiny_worker(redis_url, home, tiny_models_file, tmp_path_factory):
+def metrics_port() -> int:
+    from producers.redis_server import free_port
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(redis_url, home, tiny_models_file, tmp_path_factory, metrics_port):
     log = tmp_path_factory.mktemp("logs") / "tiny-worker.log"
-    w = WorkerProcess(worker_env(redis_url, home, tiny_models_file, GRISTMILL_MAX_WAIT_MS="20"), log)
+    w = WorkerProcess(worker_env(redis_url, home, tiny_models_file, GRISTMILL_MAX_WAIT_MS="20",
+                                 GRISTMILL_METRICS_PORT=str(metrics_port)), log)
     try:
         yield w.wait_ready(redis_url)
     finally:

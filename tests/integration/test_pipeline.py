@@ -203,3 +203,20 @@ def test_a_model_the_worker_lacks_is_a_clear_per_line_error(redis_url, tiny_work
     assert [e["error"]["code"] for e in errs] == [C.E_MODEL_NOT_FOUND]
     assert "GRISTMILL_MODELS_FILE" in errs[0]["error"]["message"]
     c.close()
+
+
+def test_worker_exports_prometheus_metrics(client, metrics_port, tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    f = write_jsonl(tmp_path / "in.jsonl", [moderation(f"m{i}") for i in range(5)] + [chat("c0", "x " * 400)])
+    client.wait(client.submit_file(f).id, timeout=60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("gristmill_items_total", (("model", "tiny-moderation"), ("outcome", "completed")))] >= 5
+    assert samples[("gristmill_items_total", (("model", "tiny-chat"), ("outcome", "failed")))] >= 1
+    assert samples[("gristmill_batch_size_count", (("model", "tiny-moderation"),))] >= 1
+    assert samples[("gristmill_engine_busy_seconds_total", (("model", "tiny-moderation"),))] > 0
+    assert samples[("gristmill_message_seconds_count", (("queue", C.CLASSIFY_QUEUE),))] >= 1
