@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram, start_http_server
 
-ITEMS = Counter("gristmill_items_total", "Items (input lines) written, by outcome", ["model", "outcome"])
+ITEMS = Counter("gristmill_items_total", "Items (input lines) this worker processed, by outcome; a redelivered "
+                "message counts again, though its duplicate lines are never stored", ["model", "outcome"])
 BATCH_SIZE = Histogram("gristmill_batch_size", "Items per device batch", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 BUSY = Counter("gristmill_engine_busy_seconds_total", "Time the engine spent running batches", ["model"])
