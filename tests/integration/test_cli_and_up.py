@@ -118,6 +118,10 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
         assert not ping(url)
         assert not url_file.exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed assertion: Ctrl-C first, so `up` stops its children
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         log.close()
