@@ -27,20 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers.launcher import wait_for_workers
+
 from .common import random_minilm_classifier, table, texts, write_requests
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_ping(app, want_prefix: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        replies = app.control.ping(timeout=0.5) or []
-        if any(next(iter(r)).startswith(want_prefix) for r in replies):
-            return
-    raise TimeoutError(f"worker not ready:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -95,7 +86,7 @@ def run_naive(app, env, device: str, model: str, items: list[str], logdir: Path)
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.naive_worker", "--device", device, "--model", model],
                             env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
-        wait_ping(app, "naive-", proc, log)
+        wait_for_workers(app, [("naive worker", proc, log)], prefix="naive-")
         for r in [app.send_task(NAIVE_TASK, args=[t], queue=NAIVE_QUEUE) for t in items[:16]]:
             r.get(timeout=120)  # warm-up
         t = time.perf_counter()
@@ -183,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "--queues", "gristmill.classify"],
                                 env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         try:
-            wait_ping(app, "gristmill-", proc, log)
+            wait_for_workers(app, [("gristmill worker", proc, log)], prefix="gristmill-")
             client = Client(settings)
             warm = write_requests(work / "warm.jsonl", items[: 2 * settings.max_batch_size], url_path, body_model)
             client.wait(client.submit_file(warm).id, timeout=600, poll_s=0.05)

@@ -6,11 +6,10 @@ device work) and return one {label: score in [0, 1]} per item, in order.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
-
-import contextlib
 
 from .loading import autocast_dtype, default_dtype, load_encoder, resolve_device
 
@@ -79,7 +78,7 @@ class ClassifierEngine:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
 
     @torch.inference_mode()
     def run(self, batch: list[list[int]]) -> list[dict[str, float]]:

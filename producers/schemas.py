@@ -91,6 +91,11 @@ class CompletionBody(_Sampling):
         return v
 
 
+def as_inputs(value: str | list[str]) -> list[str]:
+    """A classification `input` (one string or a list of them) as a list."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 class ClassifyBody(_Body):
     input: str | list[str]
 
@@ -102,7 +107,7 @@ class ClassifyBody(_Body):
         return v
 
     def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+        return as_inputs(self.input)
 
 
 BODY_SCHEMA: dict[str, type[_Body]] = {

@@ -21,7 +21,7 @@ def gristmill_stats(state, **kwargs):
     info["batcher"] = {"batches": s.batches, "items": s.items, "mean_batch_size": s.mean_batch_size,
                        "padding_waste": s.padding_waste, "splits": s.splits, "busy_s": s.busy_s,
                        "items_per_busy_s": s.items / s.busy_s if s.busy_s else 0.0}
-    for name, eng in list(_state.host._engines.items()):
+    for name, eng in _state.host.loaded().items():
         p = next(eng.model.parameters())
         entry = {"device": str(p.device), "dtype": str(p.dtype), "variant": eng.variant}
         if p.device.type == "cuda":

@@ -59,6 +59,10 @@ class EngineHost:
                                     prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
         return ClassifierEngine(path, device=self.device, max_length=spec.max_input_tokens)
 
+    def loaded(self) -> dict[str, Any]:
+        """The engines loaded so far, by model name."""
+        return dict(self._engines)
+
     def preload(self, queues: list[str]) -> None:
         for url, name in self.registry.defaults.items():
             if C.URL_QUEUE[url] in queues:
@@ -89,8 +93,8 @@ class EngineHost:
             elif spec.is_generator:
                 out[i] = self._prepare_generation(it, spec)
             else:
-                inp = it.body["input"]  # validated at ingest; no second pydantic pass per item
-                texts_by_model.setdefault(it.model, []).append((i, [inp] if isinstance(inp, str) else list(inp)))
+                # validated at ingest: no second pydantic pass per item here
+                texts_by_model.setdefault(it.model, []).append((i, S.as_inputs(it.body["input"])))
         for model, entries in texts_by_model.items():
             eng = self.engine(model)
             flat = [t for _, texts in entries for t in texts]

@@ -32,6 +32,23 @@ def parse_gpus(spec: str) -> list[int]:
         raise SystemExit(f"--gpus: write 'all', 'none' or indexes like '0,1', not {spec!r}")
 
 
+def wait_for_workers(app, procs: list[tuple[str, subprocess.Popen, Path | None]], want: int = 1,
+                     prefix: str = "", timeout: float = 600.0) -> None:
+    """Until `want` workers whose hostname starts with `prefix` answer a ping (they load their
+    models before consuming). Raises, with the tail of its log, if one of `procs` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, p, log in procs:
+            if p.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+                raise RuntimeError(f"{name} exited with code {p.returncode} while starting\n{tail}")
+        replies = app.control.ping(timeout=0.5) or []
+        if sum(1 for r in replies if next(iter(r)).startswith(prefix)) >= want:
+            return
+    logs = [str(log) for _, _, log in procs if log is not None]
+    raise TimeoutError(f"workers not ready after {timeout} s" + (f"; logs: {', '.join(logs)}" if logs else ""))
+
+
 class Stack:
     """The processes of one `gristmill up`, started in order and stopped in reverse."""
 
@@ -73,16 +90,9 @@ class Stack:
     def wait_ready(self, timeout: float = 600.0) -> None:
         """Until every worker answers a ping (models are loaded before a worker consumes)."""
         from producers.app import make_app
-        app = make_app(self.settings, self.url)
-        want = len(self.gpus) or 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p in self.procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {p.returncode} while starting")
-            if len(app.control.ping(timeout=0.5) or []) >= want:
-                return
-        raise TimeoutError(f"workers not ready after {timeout} s")
+        procs = [(name, p, self.log_dir / f"{name}.log" if self.log_dir else None) for name, p in self.procs]
+        wait_for_workers(make_app(self.settings, self.url), procs, want=len(self.gpus) or 1,
+                         prefix="gristmill-", timeout=timeout)
 
     def stop(self) -> None:
         for _, p in reversed(self.procs):

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from producers.app import make_app
 from producers.client import Client
 from producers.redis_server import EmbeddedRedis
 from producers.settings import Settings
+from workers.launcher import wait_for_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,14 +60,8 @@ class WorkerProcess:
                                      env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
 
     def wait_ready(self, url: str, timeout: float = 180) -> "WorkerProcess":
-        app = make_app(Settings(redis_url=url), url)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            if app.control.ping(timeout=0.5):
-                return self
-        raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
+        wait_for_workers(make_app(Settings(redis_url=url), url), [("worker", self.proc, self.log)], timeout=timeout)
+        return self
 
     def stop(self) -> None:
         if self.proc.poll() is None:

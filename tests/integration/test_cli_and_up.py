@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from producers import constants as C
 from producers.redis_server import free_port, ping
 
 from .conftest import ROOT, clean, worker_env
