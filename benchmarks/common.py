@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def random_minilm_classifier(out: Path, num_labels: int = 2) -> Path:
     from transformers import AutoConfig, BertForSequenceClassification
 
     from producers.registry import DEFAULT_CLASSIFIER
-    src = DEFAULT_CLASSIFIER.resolve_path()
+    # Hosts without the weights package (a GPU host) point this at a copy of its config and tokenizer.
+    arch = os.environ.get("GRISTMILL_BENCH_ARCH_DIR")
+    src = Path(arch) if arch else DEFAULT_CLASSIFIER.resolve_path()
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)

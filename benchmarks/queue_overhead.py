@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.launcher import wait_for_workers
+from workers.launcher import share_cores, wait_for_workers
 
 from .common import random_minilm_classifier, table, texts, write_requests
 
@@ -109,8 +109,17 @@ def gristmill_pass(app, client, url_path: str, model: str | None, items: list[st
     elapsed = time.perf_counter() - t
     if b.status != "completed" or n_out != len(items) or n_err:
         raise RuntimeError(f"gristmill run ended {b.status} with {n_out} outputs, {n_err} errors")
-    stats = app.control.broadcast("gristmill_stats", reply=True, timeout=5)
-    return len(items) / elapsed, next(iter(stats[0].values()))["batcher"]
+    replies = app.control.broadcast("gristmill_stats", reply=True, timeout=5)
+    return len(items) / elapsed, merge_stats([next(iter(r.values()))["batcher"] for r in replies])
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """One batcher summary over the worker processes (several per GPU with --instances)."""
+    tot = {k: sum(p[k] for p in parts) for k in ("batches", "items", "busy_s", "real_tokens", "padded_tokens")}
+    return {"mean_batch_size": tot["items"] / max(1, tot["batches"]),
+            "padding_waste": 1 - tot["real_tokens"] / tot["padded_tokens"] if tot["padded_tokens"] else 0.0,
+            # per process: the engine's rate while it ran (processes time-share one GPU)
+            "items_per_busy_s": tot["items"] / tot["busy_s"] if tot["busy_s"] else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer items (under 4 minutes on a 2-core CPU)")
     ap.add_argument("--items", type=int, default=None)
     ap.add_argument("--naive-items", type=int, default=None, help="items for the (slow) naive baseline")
+    ap.add_argument("--instances", type=int, default=None,
+                    help="gristmill worker processes on the device (default: GRISTMILL_INSTANCES_PER_GPU; 8 on cuda)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved engine / end-to-end passes; the best of each is reported (default 2, 3 without --quick)")
     args = ap.parse_args(argv)
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         # DESIGN.md's reference point: MiniLM-L6 at 128 tokens; batches of 2048 fill an H100.
         n = args.items or (100_000 if args.quick else 400_000)
         naive_n = args.naive_items or 2000
-        items = texts(n, 200, 200)  # > 128 tokens, truncated to exactly 128
+        items = texts(n, 126, 126)  # 128 tokens each with [CLS] and [SEP]
         path = random_minilm_classifier(work / "minilm-random")
         mf = work / "models.json"
         mf.write_text(json.dumps([{"name": "minilm-random", "kind": "sequence_classifier", "path": str(path),
@@ -143,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("GRISTMILL_MAX_BATCH_SIZE", "2048")
         os.environ.setdefault("GRISTMILL_TOKEN_BUDGET", str(2048 * 128))
         os.environ.setdefault("GRISTMILL_CHUNK_SIZE", "2048")
-        os.environ.setdefault("GRISTMILL_WORKER_CONCURRENCY", "8")
+        os.environ.setdefault("GRISTMILL_WORKER_CONCURRENCY", "4")
+        os.environ.setdefault("GRISTMILL_INSTANCES_PER_GPU", "8")
         model, url_path, body_model = "minilm-random", "/v1/classifications", "minilm-random"
     else:
         n = args.items or (2000 if args.quick else 8000)
@@ -164,17 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GRISTMILL_REDIS_URL"] = server.url
         settings = Settings()
         app = make_app(settings)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         naive_ips = run_naive(app, env, device, model, items[:naive_n], work)
 
         # This machine is noisy: engine and end-to-end passes alternate, the worker stays warm
         # and idle during engine passes, and the best pass of each is compared.
-        log = work / "gristmill-worker.log"
-        proc = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", device,
-                                 "--queues", "gristmill.classify"],
-                                env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        instances = args.instances or settings.instances_per_gpu
+        procs = []
+        for k in range(instances):
+            log = work / f"gristmill-worker-{k}.log"
+            procs.append((f"gristmill worker {k}", subprocess.Popen(
+                [sys.executable, "-m", "workers", "worker", "--device", device, "--queues", "gristmill.classify"],
+                env=share_cores({**env, "GRISTMILL_METRICS_OFFSET": str(k)}, instances), cwd=ROOT, stdout=open(log, "wb"),
+                stderr=subprocess.STDOUT), log))
         try:
-            wait_for_workers(app, [("gristmill worker", proc, log)], prefix="gristmill-")
+            wait_for_workers(app, procs, want=instances, prefix="gristmill-")
             client = Client(settings)
             warm = write_requests(work / "warm.jsonl", items[: 2 * settings.max_batch_size], url_path, body_model)
             client.wait(client.submit_file(warm).id, timeout=600, poll_s=0.05)
@@ -186,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             host.shutdown()
             client.close()
         finally:
-            stop(proc)
+            for _, p, _ in procs:
+                stop(p)
     engine_ips, einfo = max(engine_runs, key=lambda r: r[0])
     grist_ips, stats = max(grist_runs, key=lambda r: r[0])
     figures = {
         "device": args.device, "model": model, "items": n, "naive_items": naive_n,
         "chunk_size": settings.chunk_size, "max_batch_size": settings.max_batch_size,
         "token_budget": settings.token_budget, "worker_concurrency": settings.worker_concurrency,
+        "instances": instances,
         "engine_items_per_s": round(engine_ips, 1), "naive_items_per_s": round(naive_ips, 1),
         "gristmill_items_per_s": round(grist_ips, 1),
         "e2e_vs_engine": round(grist_ips / engine_ips, 3), "e2e_vs_naive": round(grist_ips / naive_ips, 2),

@@ -7,8 +7,10 @@ device work) and return one {label: score in [0, 1]} per item, in order.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .loading import autocast_dtype, default_dtype, load_encoder, resolve_device
@@ -18,6 +20,24 @@ from .loading import autocast_dtype, default_dtype, load_encoder, resolve_device
 # that ordinary sentences score < 0.1 and on-topic ones > 0.5 (tests/integration/test_real_models.py).
 ZS_SCALE = 12.0
 ZS_BIAS = -1.0
+
+
+def _ids_only_tokenizer(tokenizer, max_length: int):
+    """A copy of the fast tokenizer's Rust core that truncates and computes ids only.
+
+    `encode_batch_fast` skips character offsets: 137 us instead of 222 us per 128-token text through
+    the transformers call (one core), and tokenization is most of a classifier's host-side cost.
+    Same ids as `tokenizer(texts, truncation=True, max_length=...)` (tests/unit/test_kernels.py).
+    None when the tokenizer has no Rust core or the library predates encode_batch_fast.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    from tokenizers import Tokenizer
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.enable_truncation(max_length)
+    fast.no_padding()
+    return fast
 
 
 class ClassifierEngine:
@@ -36,6 +56,7 @@ class ClassifierEngine:
                                                                  classifier=not self.zero_shot)
         self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self._fast = _ids_only_tokenizer(self.tokenizer, self.max_length)
         precision = "bf16-autocast" if self.autocast is not None else str(self.dtype).removeprefix("torch.")
         self.variant = f"torch-{precision}-{self.device.type}"
         if self.zero_shot:
@@ -55,16 +76,23 @@ class ClassifierEngine:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length (over-long inputs are truncated, not refused)."""
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch_fast(texts)]
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
     def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, x in enumerate(batch):
-            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[i, : len(x)] = 1
-        return ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        # Vectorized: a per-row torch.tensor() loop took 39 ms for 2048 x 128 tokens, longer than the
+        # H100's forward pass (24 ms) on the same batch.
+        lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        flat = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+        width = int(lengths.max())
+        mask = np.arange(width) < lengths[:, None]
+        ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        ids[mask] = flat
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+        if self.device.type == "cuda":
+            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+        return ids_t.to(self.device, non_blocking=True), mask_t.to(self.device, non_blocking=True)
 
     def _amp(self):
         if self.autocast is None:

@@ -51,17 +51,18 @@ class Batch(BaseModel):
         return self.status in C.TERMINAL
 
 
-# Record result lines. KEYS: meta, results, chunks_done. ARGV: chunk (or ""), now, then triples
-# (field, tagged value, is_error). Returns {new_completed, new_failed, transition}.
+# Record one part of a batch's results: the lines of one chunk (or one block of ingest errors),
+# stored as one hash field. KEYS: meta, results, chunks_done. ARGV: chunk (or ''), now, part field
+# (or '' to only mark the chunk), value, completed, failed. HSETNX on the part makes a redelivered
+# chunk a no-op: its lines, and so its custom_ids, are fixed at ingest. Returns {completed, failed,
+# transition}, counting only a part that was new.
 _RECORD = """
 local completed, failed = 0, 0
-for i = 3, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i+1]) == 1 then
-    if ARGV[i+2] == '1' then failed = failed + 1 else completed = completed + 1 end
-  end
+if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
+  completed, failed = tonumber(ARGV[5]), tonumber(ARGV[6])
+  if completed > 0 then redis.call('HINCRBY', KEYS[1], 'completed', completed) end
+  if failed > 0 then redis.call('HINCRBY', KEYS[1], 'failed', failed) end
 end
-if completed > 0 then redis.call('HINCRBY', KEYS[1], 'completed', completed) end
-if failed > 0 then redis.call('HINCRBY', KEYS[1], 'failed', failed) end
 if ARGV[1] ~= '' then redis.call('SADD', KEYS[3], ARGV[1]) end
 local transition = ''
 local chunks_total = redis.call('HGET', KEYS[1], 'chunks_total')
@@ -102,9 +103,24 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
 
 
-def tag(value: dict[str, Any], is_error: bool) -> str:
-    return (C.ERROR_TAG if is_error else C.OUTPUT_TAG) + json.dumps(value, separators=(",", ":"),
-                                                                     ensure_ascii=False)
+def dumps_line(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_part(lines: list[tuple[dict[str, Any], bool]]) -> tuple[str, int, int]:
+    """(stored value, outputs, errors) for (line, is_error) pairs: "<len of outputs>:" then the
+    output JSONL, then the error JSONL, so downloads copy whole parts without parsing lines."""
+    out = "".join(dumps_line(v) + "\n" for v, e in lines if not e)
+    err = "".join(dumps_line(v) + "\n" for v, e in lines if e)
+    n_err = sum(1 for _, e in lines if e)
+    return f"{len(out)}:{out}{err}", len(lines) - n_err, n_err
+
+
+def decode_part(value: str) -> tuple[str, str]:
+    """(output JSONL, error JSONL) of a stored part."""
+    head, _, rest = value.partition(":")
+    n = int(head)
+    return rest[:n], rest[n:]
 
 
 class BatchStore:
@@ -167,12 +183,16 @@ class BatchStore:
         self.r.hset(C.batch_key(batch_id), "chunks_total", n)
         return self.record(batch_id, None, [])
 
-    def record(self, batch_id: str, chunk: int | None, lines: list[tuple[str, dict[str, Any], bool]]) -> str:
-        """Write (field, line, is_error) triples idempotently; mark `chunk` done; finalize when last.
-        Returns the transition made ('' when none)."""
-        argv: list[Any] = ["" if chunk is None else chunk, int(time.time())]
-        for field, line, is_error in lines:
-            argv += [field, tag(line, is_error), "1" if is_error else "0"]
+    def record(self, batch_id: str, chunk: int | None, lines: list[tuple[dict[str, Any], bool]],
+               part: str | None = None) -> str:
+        """Write (line, is_error) pairs as one part, once: a worker's part is its chunk ("c<chunk>"),
+        so a redelivered chunk writes nothing; ingest names its own parts. Marks `chunk` done and
+        finalizes the batch after its last chunk. Returns the transition made ('' when none)."""
+        if part is None:
+            part = "" if chunk is None else f"c{chunk}"
+        value, n_out, n_err = encode_part(lines) if lines else ("", 0, 0)
+        argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", value,
+                           n_out, n_err]
         keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id)]
         _, _, transition = self._record(keys=keys, args=argv)
         if transition == C.FINALIZING:
@@ -224,8 +244,18 @@ class BatchStore:
         self.r.hset(C.batch_key(batch_id), "has_expired", 1)
 
     # -- results
-    def iter_results(self, batch_id: str, count: int = 1000) -> Iterator[tuple[bool, str]]:
-        """(is_error, json line) for every line written so far; works while the batch runs."""
+    def iter_parts(self, batch_id: str, count: int = 16) -> Iterator[tuple[str, str]]:
+        """(output JSONL, error JSONL) of every part written so far; works while the batch runs."""
         self.raw(batch_id)
         for _, value in self.r.hscan_iter(C.results_key(batch_id), count=count):
-            yield value[0] == C.ERROR_TAG, value[1:]
+            yield decode_part(value)
+
+    def iter_results(self, batch_id: str) -> Iterator[tuple[bool, str]]:
+        """(is_error, JSON line) for every line written so far."""
+        for out, err in self.iter_parts(batch_id):
+            for is_error, blob in ((False, out), (True, err)):
+                yield from ((is_error, line) for line in blob.splitlines())
+
+    def count_lines(self, batch_id: str) -> int:
+        """Output plus error lines stored so far."""
+        return sum(out.count("\n") + err.count("\n") for out, err in self.iter_parts(batch_id))

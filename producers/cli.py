@@ -112,9 +112,11 @@ def worker(ctx: typer.Context, device: str = typer.Option("cpu", help="cpu or cu
 
 @cli.command()
 def up(gpus: str = typer.Option("all", help="all | none | 0,1,..."),
+       instances_per_gpu: int = typer.Option(None, min=1, help="worker processes per GPU (default: settings, 1)"),
        flower: bool = typer.Option(True, help="also start Flower on 127.0.0.1:5555")):
-    """Redis (if GRISTMILL_REDIS_URL is unset), one worker per GPU (else one CPU worker), Flower."""
-    _exec_workers("up", "--gpus", gpus, *([] if flower else ["--no-flower"]))
+    """Redis (if GRISTMILL_REDIS_URL is unset), worker processes per GPU (else one CPU worker), Flower."""
+    extra = ["--instances-per-gpu", str(instances_per_gpu)] if instances_per_gpu else []
+    _exec_workers("up", "--gpus", gpus, *extra, *([] if flower else ["--no-flower"]))
 
 
 @cli.command("flower")

@@ -96,14 +96,12 @@ class Client:
         out_f = open(out, "w", encoding="utf-8")
         err_f = open(errors, "w", encoding="utf-8") if errors else None
         try:
-            for is_error, line in self.store.iter_results(batch_id):
-                if is_error:
-                    n_err += 1
-                    if err_f:
-                        err_f.write(line + "\n")
-                else:
-                    n_out += 1
-                    out_f.write(line + "\n")
+            for out_lines, err_lines in self.store.iter_parts(batch_id):
+                n_out += out_lines.count("\n")
+                n_err += err_lines.count("\n")
+                out_f.write(out_lines)
+                if err_f:
+                    err_f.write(err_lines)
         finally:
             out_f.close()
             if err_f:

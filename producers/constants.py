@@ -47,10 +47,6 @@ E_ENGINE = "engine_error"
 E_EXPIRED = "batch_expired"
 E_WORKER_CRASHED = "worker_crashed"
 
-# Results are stored as one Redis hash per batch; each value starts with one of these tags.
-OUTPUT_TAG = "o"
-ERROR_TAG = "e"
-
 
 def batch_key(batch_id: str) -> str:
     """Hash: status, counts, timestamps, metadata of one batch."""

@@ -8,6 +8,8 @@ message per `chunk_size` lines per queue.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,20 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         for n, raw in enumerate(f, start=1):
             if raw.strip():
                 yield n, raw
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic GC off for a pass: ingest makes millions of short-lived acyclic dicts, and with
+    a chunk of them alive each generation-0 sweep rescans them (to_message: 11 us -> 0.3 us a line
+    with the GC off). Reference counting still frees everything; the GC is restored after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @dataclass
@@ -63,7 +79,7 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> tuple[int, str
                     dups.add(cid)
         pending.clear()
 
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, gc_paused():
         for n, raw in enumerate(f, start=1):
             digest.update(raw)
             if not raw.strip():
@@ -90,7 +106,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
             report: IngestReport) -> None:
     """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks."""
     buffers: dict[str, list[dict]] = {q: [] for q in C.QUEUES}
-    errors: list[tuple[str, dict, bool]] = []
+    errors: list[tuple[dict, bool]] = []
 
     def send(queue: str) -> None:
         items = buffers[queue]
@@ -102,28 +118,32 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
             if report.chunks % 64 == 0 and store.status(batch_id) == C.CANCELLING:
                 report.cancelled = True
 
+    parts = 0
+
     def flush_errors() -> None:
+        nonlocal parts
         if errors:
-            store.record(batch_id, None, errors)
+            store.record(batch_id, None, errors, part=f"v{parts}")
+            parts += 1
             errors.clear()
 
-    for n, raw in iter_lines(path):
-        if report.cancelled:
-            break
-        result = validate_line(raw, n, registry)
-        if isinstance(result, LineError):
-            report.invalid += 1
-            field_ = result.custom_id if result.custom_id is not None else f"#{n}"
-            errors.append((field_, error_line(result.custom_id, result.code, result.message, n), True))
-            if len(errors) >= _PIPE:
-                flush_errors()
-            continue
-        assert isinstance(result, WorkItem)
-        report.valid += 1
-        queue = C.URL_QUEUE[result.url]
-        buffers[queue].append(result.to_message())
-        if len(buffers[queue]) >= chunk_size:
-            send(queue)
+    with gc_paused():
+        for n, raw in iter_lines(path):
+            if report.cancelled:
+                break
+            result = validate_line(raw, n, registry)
+            if isinstance(result, LineError):
+                report.invalid += 1
+                errors.append((error_line(result.custom_id, result.code, result.message, n), True))
+                if len(errors) >= _PIPE:
+                    flush_errors()
+                continue
+            assert isinstance(result, WorkItem)
+            report.valid += 1
+            queue = C.URL_QUEUE[result.url]
+            buffers[queue].append(result.to_message())
+            if len(buffers[queue]) >= chunk_size:
+                send(queue)
     if not report.cancelled:
         for q in C.QUEUES:
             send(q)

@@ -6,7 +6,9 @@ Pure functions of their inputs: no Redis, no torch. Workers build their output l
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -200,8 +202,22 @@ def validate_line(raw: bytes | str, line_no: int, registry: Registry) -> Union[W
 
 # ---- output lines -------------------------------------------------------------------------------
 
+# Response ids: a random per-process prefix and a counter (unique across processes with
+# overwhelming probability, and ~10x cheaper than a uuid4 per id at tens of thousands of lines/s).
+_RID_PREFIX = uuid.uuid4().hex[:12]
+_RID_COUNTER = itertools.count()
+
+
+def _reseed() -> None:
+    global _RID_PREFIX, _RID_COUNTER
+    _RID_PREFIX, _RID_COUNTER = uuid.uuid4().hex[:12], itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def _rid(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
+    return f"{prefix}{_RID_PREFIX}{next(_RID_COUNTER):012x}"
 
 
 def provenance(model: str, revision: str, variant: str, sha: str) -> dict[str, str]:

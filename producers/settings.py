@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     cpu_precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Messages a worker works on at once (threads in its pool); the batcher merges their items.
     worker_concurrency: int = Field(default=4, ge=1, le=256)
+    # Worker processes per GPU, each with its own engine and CUDA context (Triton's instance_group
+    # count). On a fast GPU one process's Python (tokenizing, formatting, JSON) cannot keep up:
+    # the processes share the GPU by time-slicing and spread the per-item CPU work over cores.
+    # 1 on CPU hosts, where the engine itself uses every core.
+    instances_per_gpu: int = Field(default=1, ge=1, le=64)
     # Extra messages reserved per thread. 1 keeps a few messages in hand to overlap broker latency
     # with compute, without hoarding work that an idle worker elsewhere could take.
     prefetch_multiplier: int = Field(default=1, ge=1)

@@ -42,7 +42,9 @@ def worker(argv: list[str]) -> int:
     @signals.worker_init.connect
     def _load(**_):  # before the consumer starts: no message waits on a model load
         if settings.metrics_port:
-            port = settings.metrics_port + int(os.environ.get("GRISTMILL_PHYSICAL_GPU", "0") or 0)
+            # the launcher gives each worker process its own offset (GPU index x instances + instance)
+            offset = os.environ.get("GRISTMILL_METRICS_OFFSET") or os.environ.get("GRISTMILL_PHYSICAL_GPU") or "0"
+            port = settings.metrics_port + int(offset)
             try:
                 metrics.serve(port)
             except OSError as e:

@@ -20,6 +20,7 @@ def gristmill_stats(state, **kwargs):
     s = _state.batcher.stats
     info["batcher"] = {"batches": s.batches, "items": s.items, "mean_batch_size": s.mean_batch_size,
                        "padding_waste": s.padding_waste, "splits": s.splits, "busy_s": s.busy_s,
+                       "real_tokens": s.real_tokens, "padded_tokens": s.padded_tokens,
                        "items_per_busy_s": s.items / s.busy_s if s.busy_s else 0.0}
     for name, eng in _state.host.loaded().items():
         p = next(eng.model.parameters())

@@ -135,18 +135,31 @@ class EngineHost:
             raise
 
     def format(self, it: S.WorkItem, results: list[Any]) -> dict[str, Any]:
-        spec = self.registry.get(it.model)
-        eng = self.engine(it.model)
-        prov = S.provenance(spec.name, self.revision(spec, eng), eng.variant, it.input_sha256)
-        if it.url in (C.CHAT_URL, C.COMPLETIONS_URL):
-            (r,) = results
-            build = S.chat_body if it.url == C.CHAT_URL else S.completion_body
-            body = build(spec.name, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, eng.variant)
-        else:
-            thresholds = {label: spec.threshold(label) for label in eng.labels}
-            build = S.moderation_body if it.url == C.MODERATIONS_URL else S.classification_body
-            body = build(spec.name, results, thresholds, spec.policy_version)
-        return S.output_line(it.custom_id, body, prov)
+        return self.format_many([(it, results)])[0]
+
+    def format_many(self, done: list[tuple[S.WorkItem, list[Any]]]) -> list[dict[str, Any]]:
+        """Output lines for (item, engine results) pairs; per-model facts looked up once."""
+        out = []
+        facts: dict[str, tuple] = {}
+        for it, results in done:
+            f = facts.get(it.model)
+            if f is None:
+                spec = self.registry.get(it.model)
+                eng = self.engine(it.model)
+                labels = getattr(eng, "labels", [])
+                f = facts[it.model] = (spec, eng, self.revision(spec, eng),
+                                       {label: spec.threshold(label) for label in labels})
+            spec, eng, revision, thresholds = f
+            prov = S.provenance(spec.name, revision, eng.variant, it.input_sha256)
+            if it.url in (C.CHAT_URL, C.COMPLETIONS_URL):
+                (r,) = results
+                build = S.chat_body if it.url == C.CHAT_URL else S.completion_body
+                body = build(spec.name, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, eng.variant)
+            else:
+                build = S.moderation_body if it.url == C.MODERATIONS_URL else S.classification_body
+                body = build(spec.name, results, thresholds, spec.policy_version)
+            out.append(S.output_line(it.custom_id, body, prov))
+        return out
 
 
 def item_error(it: S.WorkItem, exc: BaseException) -> dict[str, Any]:

@@ -49,12 +49,33 @@ def wait_for_workers(app, procs: list[tuple[str, subprocess.Popen, Path | None]]
     raise TimeoutError(f"workers not ready after {timeout} s" + (f"; logs: {', '.join(logs)}" if logs else ""))
 
 
+def worker_slots(gpus: list[int], instances: int) -> list[tuple[str, str, int]]:
+    """(process name, device, metrics port offset) of each worker process: `instances` per GPU,
+    or one CPU worker when there is no GPU."""
+    if not gpus:
+        return [("worker-cpu", "cpu", 0)]
+    return [(f"worker-cuda:{g}" + (f"-{k}" if instances > 1 else ""), f"cuda:{g}", i * instances + k)
+            for i, g in enumerate(gpus) for k in range(instances)]
+
+
+def share_cores(env: dict[str, str], processes: int) -> dict[str, str]:
+    """Split this host's cores among `processes` GPU worker processes for their CPU work
+    (tokenizer threads, torch's host ops) unless the caller already chose: sixteen processes each
+    spawning a thread per core oversubscribe the host. Unchanged for a single process."""
+    if processes <= 1:
+        return env
+    share = str(max(1, (os.cpu_count() or 1) // processes))
+    return {"RAYON_NUM_THREADS": share, "OMP_NUM_THREADS": share, **env}
+
+
 class Stack:
     """The processes of one `gristmill up`, started in order and stopped in reverse."""
 
-    def __init__(self, settings: Settings, gpus: list[int], flower: bool, log_dir: Path | None = None):
+    def __init__(self, settings: Settings, gpus: list[int], flower: bool, log_dir: Path | None = None,
+                 instances_per_gpu: int | None = None):
         self.settings = settings
         self.gpus = gpus
+        self.instances = instances_per_gpu or settings.instances_per_gpu
         self.flower = flower
         self.redis: EmbeddedRedis | None = None
         self.url = settings.redis_url
@@ -70,9 +91,10 @@ class Stack:
                 self.url = emb.start()
                 print(f"redis-server started at {self.url} (AOF in {self.settings.redis_dir})", file=sys.stderr)
         env = {**os.environ, "GRISTMILL_REDIS_URL": self.url}
-        devices = [f"cuda:{g}" for g in self.gpus] or ["cpu"]
-        for dev in devices:
-            self._spawn(f"worker-{dev}", [sys.executable, "-m", "workers", "worker", "--device", dev], env)
+        slots = worker_slots(self.gpus, self.instances)
+        for name, dev, offset in slots:
+            self._spawn(name, [sys.executable, "-m", "workers", "worker", "--device", dev],
+                        share_cores({**env, "GRISTMILL_METRICS_OFFSET": str(offset)}, len(slots)))
         if self.flower:
             self._spawn("flower", [sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
                                    f"--address={self.settings.flower_address}", f"--port={self.settings.flower_port}"],
@@ -91,7 +113,7 @@ class Stack:
         """Until every worker answers a ping (models are loaded before a worker consumes)."""
         from producers.app import make_app
         procs = [(name, p, self.log_dir / f"{name}.log" if self.log_dir else None) for name, p in self.procs]
-        wait_for_workers(make_app(self.settings, self.url), procs, want=len(self.gpus) or 1,
+        wait_for_workers(make_app(self.settings, self.url), procs, want=len(self.procs) - int(self.flower),
                          prefix="gristmill-", timeout=timeout)
 
     def stop(self) -> None:
@@ -123,10 +145,13 @@ class Stack:
 def up_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="gristmill up")
     ap.add_argument("--gpus", default="all", help="all | none | 0,1,... (default: all visible; none -> one CPU worker)")
+    ap.add_argument("--instances-per-gpu", type=int, default=None,
+                    help="worker processes per GPU (default: GRISTMILL_INSTANCES_PER_GPU, 1)")
     ap.add_argument("--no-flower", action="store_true")
     args = ap.parse_args(argv)
     settings = Settings()
-    with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower) as stack:
+    with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower,
+               instances_per_gpu=args.instances_per_gpu) as stack:
         print(f"gristmill up: redis {stack.url}; Ctrl-C stops everything", file=sys.stderr)
         try:
             while all(p.poll() is None for _, p in stack.procs):

@@ -69,11 +69,16 @@ def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[di
         metrics.CHUNK_SECONDS.labels(queue).observe(time.perf_counter() - t0)
 
 
-def _write(st: WorkerState, batch_id: str, chunk: int, lines: list[tuple[str, dict[str, Any], bool]],
-           models: dict[str, str]) -> None:
+def _write(st: WorkerState, batch_id: str, chunk: int, lines: list[tuple[dict[str, Any], bool]],
+           models: list[str]) -> None:
+    """`models[i]` is the model of `lines[i]`, for the items metric."""
     st.store.record(batch_id, chunk, lines)
-    for field, line, is_error in lines:
-        metrics.ITEMS.labels(models.get(field, ""), "failed" if is_error else "completed").inc()
+    counts: dict[tuple[str, str], int] = {}
+    for model, (_, is_error) in zip(models, lines):
+        k = (model, "failed" if is_error else "completed")
+        counts[k] = counts.get(k, 0) + 1
+    for (model, outcome), n in counts.items():
+        metrics.ITEMS.labels(model, outcome).inc(n)
 
 
 def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]]) -> dict[str, int]:
@@ -86,8 +91,8 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
         store.record(batch_id, chunk, [])
         return {"skipped": len(raw_items)}
     items = [S.WorkItem.from_message(m) for m in raw_items]
-    models = {it.custom_id: it.model for it in items}
-    lines: list[tuple[str, dict[str, Any], bool]] = []
+    lines: list[tuple[dict[str, Any], bool]] = []
+    models: list[str] = []
     if attempts > st.settings.max_attempts or expired:
         if expired:
             store.mark_expired(batch_id)
@@ -95,8 +100,8 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
         else:
             code, msg = C.E_WORKER_CRASHED, (f"delivered {attempts} times without finishing "
                                              f"(max_attempts={st.settings.max_attempts}); the worker likely crashed on it")
-        lines = [(it.custom_id, S.error_line(it.custom_id, code, msg, it.line), True) for it in items]
-        _write(st, batch_id, chunk, lines, models)
+        lines = [(S.error_line(it.custom_id, code, msg, it.line), True) for it in items]
+        _write(st, batch_id, chunk, lines, [it.model for it in items])
         return {"failed": len(lines)}
 
     try:
@@ -105,20 +110,24 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
         log.exception("preparing chunk %d of %s failed", chunk, batch_id)
         prepared = [S.LineError(it.line, it.custom_id, C.E_ENGINE, f"{type(exc).__name__}: {exc}") for it in items]
     waiting = []
-    for p in prepared:
+    for it, p in zip(items, prepared):
         if isinstance(p, S.LineError):
-            lines.append((p.custom_id or f"#{p.line}", S.error_line(p.custom_id, p.code, p.message, p.line), True))
+            lines.append((S.error_line(p.custom_id, p.code, p.message, p.line), True))
+            models.append(it.model)
         else:
             waiting.append((p, st.batcher.submit(p.item.model, p.payloads, p.costs)))
+    done: list[tuple[S.WorkItem, list[Any]]] = []
     for p, futures in waiting:
         it = p.item
         try:
-            results = [f.result() for f in futures]
-            lines.append((it.custom_id, st.host.format(it, results), False))
+            done.append((it, [f.result() for f in futures]))
         except Exception as exc:  # noqa: BLE001 - one bad item fails alone
-            lines.append((it.custom_id, item_error(it, exc), True))
+            lines.append((item_error(it, exc), True))
+            models.append(it.model)
+    lines += [(line, False) for line in st.host.format_many(done)]
+    models += [it.model for it, _ in done]
     _write(st, batch_id, chunk, lines, models)
-    failed = sum(1 for *_, e in lines if e)
+    failed = sum(1 for _, e in lines if e)
     return {"completed": len(lines) - failed, "failed": failed}
 
 

@@ -27,7 +27,7 @@ def test_one_worker_per_gpu_each_on_its_own_device(tiny_models_file, tmp_path):
     with EmbeddedRedis(tmp_path / "redis") as server:
         env = {**os.environ, "GRISTMILL_REDIS_URL": server.url, "GRISTMILL_HOME": str(tmp_path / "home"),
                "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         up = subprocess.Popen([sys.executable, "-m", "workers", "up", "--gpus", "all", "--no-flower"], env=env, cwd=ROOT)
         try:
             app = make_app(Settings(redis_url=server.url), server.url)

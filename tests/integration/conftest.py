@@ -45,7 +45,7 @@ def home(tmp_path_factory) -> Path:
 
 def worker_env(url: str, home: Path, models_file: Path | None, **extra: str) -> dict[str, str]:
     env = {**os.environ, "GRISTMILL_REDIS_URL": url, "GRISTMILL_HOME": str(home), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(ROOT), "GRISTMILL_METRICS_PORT": "0"}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "GRISTMILL_METRICS_PORT": "0"}
     if models_file is not None:
         env.update(GRISTMILL_MODELS_FILE=str(models_file), GRISTMILL_BUILTIN_MODELS="false")
     env.update(extra)

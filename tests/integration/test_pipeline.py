@@ -103,7 +103,7 @@ def test_a_redelivered_chunk_writes_no_second_line(client, tmp_path):
     time.sleep(0.3)
     after = client.get(batch.id)
     assert after.request_counts == batch.request_counts
-    assert client.redis.hlen(C.results_key(batch.id)) == 3
+    assert client.store.count_lines(batch.id) == 3
 
 
 def test_partial_results_while_running_then_cancel(redis_url, tiny_worker, settings_for, tmp_path):
@@ -124,7 +124,7 @@ def test_partial_results_while_running_then_cancel(redis_url, tiny_worker, setti
     assert final.status == C.CANCELLED and final.cancelled_at and final.cancelling_at
     assert final.request_counts.completed < len(rows)
     time.sleep(0.5)
-    assert c.redis.hlen(C.results_key(batch.id)) == final.request_counts.completed + final.request_counts.failed
+    assert c.store.count_lines(batch.id) == final.request_counts.completed + final.request_counts.failed
     c.close()
 
 

@@ -74,6 +74,13 @@ def test_sequence_classifier_scores_are_a_distribution(weights):
         assert abs(sum(s.values()) - 1) < 1e-5 and all(0 <= v <= 1 for v in s.values())
 
 
+def test_fast_encode_gives_the_transformers_ids(weights):
+    eng = ClassifierEngine(weights / "classifier", max_length=16)
+    assert eng._fast is not None, "the ids-only path is in use"
+    texts = ["hello world " * 50, "hi", "", "  Ünïcödé   spaces\tand\nlines  ", "the quick brown fox"]
+    assert eng.encode(texts) == eng.tokenizer(texts, truncation=True, max_length=16)["input_ids"]
+
+
 def test_zero_shot_scores_every_label_in_range(weights):
     eng = ClassifierEngine(weights / "encoder", max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
     (s,) = eng.run(eng.encode(["i will hurt you"]))
