@@ -52,13 +52,10 @@ class ClassifierEngine:
         # than fp32 at batch 64 on a 2-core AVX-512 BF16 machine (README, "Engine precision on the CPU").
         self.autocast = autocast_dtype(self.device, cpu_precision)
         self.zero_shot = prototypes is not None
-        self.model, self.tokenizer, self.revision = load_encoder(path, self.device, self.dtype,
-                                                                 classifier=not self.zero_shot)
-        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
+        self._load_backend(path)
+        self.max_length = min(max_length, getattr(self.config, "max_position_embeddings", max_length))
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._fast = _ids_only_tokenizer(self.tokenizer, self.max_length)
-        precision = "bf16-autocast" if self.autocast is not None else str(self.dtype).removeprefix("torch.")
-        self.variant = f"torch-{precision}-{self.device.type}"
         if self.zero_shot:
             assert prototypes is not None
             self.labels = list(prototypes)
@@ -70,9 +67,23 @@ class ClassifierEngine:
             self._owner = torch.tensor(owner, device=self.device)
             self._neutral = self._embed(self.encode(neutral or ["."]))
         else:
-            id2label = self.model.config.id2label
+            id2label = self.config.id2label
             self.labels = [id2label[i] for i in range(len(id2label))]
-            self.multi_label = self.model.config.problem_type == "multi_label_classification"
+            self.multi_label = self.config.problem_type == "multi_label_classification"
+
+    def _load_backend(self, path: Path) -> None:
+        """Sets model, tokenizer, config, revision and variant (the ONNX engine overrides this)."""
+        self.model, self.tokenizer, self.revision = load_encoder(path, self.device, self.dtype,
+                                                                 classifier=not self.zero_shot)
+        self.config = self.model.config
+        precision = "bf16-autocast" if self.autocast is not None else str(self.dtype).removeprefix("torch.")
+        self.variant = f"torch-{precision}-{self.device.type}"
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (zero-shot) or logits, as float32."""
+        with self._amp():
+            out = self.model(input_ids=ids, attention_mask=mask)
+        return (out.last_hidden_state if self.zero_shot else out.logits).float()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length (over-long inputs are truncated, not refused)."""
@@ -102,8 +113,7 @@ class ClassifierEngine:
     @torch.inference_mode()
     def _embed(self, batch: list[list[int]]) -> torch.Tensor:
         ids, mask = self._pad(batch)
-        with self._amp():
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        hidden = self._forward(ids, mask)
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(pooled, dim=-1)
@@ -121,8 +131,7 @@ class ClassifierEngine:
             scores = torch.sigmoid(ZS_SCALE * (per_label - neutral) + ZS_BIAS)
         else:
             ids, mask = self._pad(batch)
-            with self._amp():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = self._forward(ids, mask)
             scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         rows = scores.cpu().tolist()
         out = [dict(zip(self.labels, r)) for r in rows]
@@ -134,6 +143,6 @@ class ClassifierEngine:
         return len(self.run(self.encode(["health check"]))) == 1
 
     def shutdown(self) -> None:
-        del self.model
+        self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -119,6 +119,14 @@ def up(gpus: str = typer.Option("all", help="all | none | 0,1,..."),
     _exec_workers("up", "--gpus", gpus, *extra, *([] if flower else ["--no-flower"]))
 
 
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def optimize(ctx: typer.Context, model: str = typer.Argument(..., help="a registered classifier")):
+    """Build an int8 / pruned ONNX Runtime artifact of MODEL and report its speed and agreement
+    (options: --quantize int8|none --prune F --calibration FILE --texts FILE --out DIR
+    --min-agreement X --force)."""
+    _exec_workers("optimize", model, *ctx.args)
+
+
 @cli.command("flower")
 def flower_():
     """Flower alone, on the settings' address and port."""

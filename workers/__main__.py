@@ -69,11 +69,15 @@ def worker(argv: list[str]) -> int:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if len(sys.argv) < 2:
-        print("usage: python -m workers worker|up|demo [options]", file=sys.stderr)
+        print("usage: python -m workers worker|up|demo|optimize [options]", file=sys.stderr)
         return 2
     cmd, rest = sys.argv[1], sys.argv[2:]
     if cmd == "worker":
         return worker(rest)
+    if cmd == "optimize":
+        logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every tensor at INFO
+        from .optimize import main as optimize_main
+        return optimize_main(rest)
     from . import launcher
     if cmd == "up":
         return launcher.up_main(rest)

@@ -23,6 +23,10 @@ def gristmill_stats(state, **kwargs):
                        "real_tokens": s.real_tokens, "padded_tokens": s.padded_tokens,
                        "items_per_busy_s": s.items / s.busy_s if s.busy_s else 0.0}
     for name, eng in _state.host.loaded().items():
+        if getattr(eng, "model", None) is None:  # an ONNX Runtime engine
+            info["engines"][name] = {"device": ",".join(eng.session.get_providers()), "dtype": "onnx",
+                                     "variant": eng.variant}
+            continue
         p = next(eng.model.parameters())
         entry = {"device": str(p.device), "dtype": str(p.dtype), "variant": eng.variant}
         if p.device.type == "cuda":

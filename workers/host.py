@@ -54,10 +54,14 @@ class EngineHost:
             return GenerationEngine(path, cache_dir=self.settings.model_cache_dir, device=self.device,
                                     max_context=spec.max_input_tokens)
         from kernels.classify import ClassifierEngine
+        engine_cls = ClassifierEngine
+        if (path / "gristmill-artifact.json").is_file():  # built by `gristmill optimize`
+            from kernels.onnx_engine import OnnxClassifierEngine
+            engine_cls = OnnxClassifierEngine
         if spec.kind == "zero_shot":
-            return ClassifierEngine(path, device=self.device, max_length=spec.max_input_tokens,
-                                    prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
-        return ClassifierEngine(path, device=self.device, max_length=spec.max_input_tokens)
+            return engine_cls(path, device=self.device, max_length=spec.max_input_tokens,
+                              prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
+        return engine_cls(path, device=self.device, max_length=spec.max_input_tokens)
 
     def loaded(self) -> dict[str, Any]:
         """The engines loaded so far, by model name."""

@@ -1,0 +1,114 @@
+"""Build an optimized classifier artifact (prune -> export -> fuse -> quantize) and judge it.
+
+Pure compute: callers pass texts and label facts; `workers/optimize.py` is the command around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import onnx_engine
+from .loading import weights_revision
+
+FORMAT_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def artifact_digest(src: Path, *, zero_shot: bool, quantize: str | None, prune: float, calibration: list[str],
+                    max_length: int) -> str:
+    """Names an artifact by everything that shapes it, so a worker or a re-run reuses it."""
+    h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "src": weights_revision(src), "zs": zero_shot,
+                                   "q": quantize, "p": prune, "len": max_length}, sort_keys=True).encode())
+    for t in calibration if prune else []:
+        h.update(t.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def variant_name(quantize: str | None, prune: float) -> str:
+    v = "ort-" + (quantize or "fp32")
+    return v + (f"-pruned{round(prune * 100)}" if prune else "")
+
+
+def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | None = "int8", prune: float = 0.0,
+                   calibration: list[str] | None = None, max_length: int = 128) -> dict:
+    """Write an artifact directory at `out` (replaced if present). Returns its manifest."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize: 'int8' or None, not {quantize!r}")
+    calibration = calibration or []
+    if prune and not calibration:
+        raise ValueError("pruning needs calibration texts")
+    cls = AutoModel if zero_shot else AutoModelForSequenceClassification
+    model = cls.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    pruned = None
+    if prune:
+        from .prune import prune as prune_model
+        enc = [tok(calibration[i: i + 32], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+               for i in range(0, len(calibration), 32)]
+        pruned = prune_model(model, [(e["input_ids"], e["attention_mask"]) for e in enc], prune)
+    layer0 = (model if zero_shot else model.base_model).encoder.layer[0].attention.self
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = onnx_engine.export(model, Path(tmp) / "raw.onnx", logits=not zero_shot)
+        fused_ops = onnx_engine.fuse(raw, Path(tmp) / "fused.onnx", layer0.num_attention_heads,
+                                     layer0.num_attention_heads * layer0.attention_head_size)
+        final = Path(tmp) / "fused.onnx"
+        if quantize == "int8":
+            onnx_engine.quantize_int8(final, Path(tmp) / "int8.onnx")
+            final = Path(tmp) / "int8.onnx"
+        for f in out.glob("*.onnx*"):
+            f.unlink()
+        shutil.move(str(final), out / onnx_engine.ONNX_FILE)
+    for name in _TOKENIZER_FILES + ("config.json",):
+        if (Path(src) / name).exists():
+            shutil.copy(Path(src) / name, out / name)
+    manifest = {
+        "format": FORMAT_VERSION, "onnx": onnx_engine.ONNX_FILE, "zero_shot": zero_shot,
+        "variant": variant_name(quantize, prune), "quantize": quantize, "prune": prune,
+        "digest": artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=prune,
+                                  calibration=calibration, max_length=max_length),
+        "source": str(src), "source_revision": weights_revision(src), "max_length": max_length,
+        "fused_ops": fused_ops, "build_s": round(time.perf_counter() - t0, 1),
+        "size_bytes": (out / onnx_engine.ONNX_FILE).stat().st_size,
+        "pruned": None if pruned is None else pruned.__dict__,
+    }
+    (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def agreement(ref: list[dict[str, float]], new: list[dict[str, float]], thresholds: dict[str, float]) -> dict:
+    """How far `new` scores stray from the reference: top-label agreement, per-label flag agreement
+    (score >= threshold, every label of every text), and the largest absolute score change."""
+    if len(ref) != len(new) or not ref:
+        raise ValueError(f"agreement: {len(ref)} reference rows, {len(new)} new rows")
+    top = sum(max(a, key=a.get) == max(b, key=b.get) for a, b in zip(ref, new)) / len(ref)
+    flags = [(a[k] >= thresholds[k]) == (b[k] >= thresholds[k]) for a, b in zip(ref, new) for k in a]
+    delta = max(abs(a[k] - b[k]) for a, b in zip(ref, new) for k in a)
+    return {"top_label": round(top, 4), "flags": round(sum(flags) / len(flags), 4), "max_score_delta": round(delta, 4)}
+
+
+def throughput(engine, texts: list[str], batch: int = 64, repeats: int = 2) -> tuple[float, list[dict[str, float]]]:
+    """(items/s at `batch`, length-sorted as the worker batches them, best of `repeats`; scores in input order)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    ids = engine.encode([texts[i] for i in order])
+    engine.run(ids[:batch])
+    best, scores = 0.0, []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rows = [r for s in range(0, len(ids), batch) for r in engine.run(ids[s: s + batch])]
+        best = max(best, len(ids) / (time.perf_counter() - t))
+        scores = rows
+    back: list[dict[str, float]] = [{}] * len(texts)
+    for pos, i in enumerate(order):
+        back[i] = scores[pos]
+    return best, back

@@ -1,0 +1,119 @@
+"""Structured pruning, ONNX export / fusion / int8, the ONNX engine and the agreement report, on
+tiny random BERTs (the real weights are checked by benchmarks/engine_variants.py)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from kernels import texts as builtin  # noqa: E402
+from kernels.classify import ClassifierEngine  # noqa: E402
+from kernels.onnx_engine import OnnxClassifierEngine, read_manifest  # noqa: E402
+from kernels.optimize import agreement, artifact_digest, build_artifact  # noqa: E402
+from kernels.prune import prune  # noqa: E402
+from producers.registry import DEFAULT_PROTOTYPES  # noqa: E402
+
+TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "i will hurt you", "a", "ok then " * 20]
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_models_file) -> Path:
+    return tiny_models_file.parent / "weights"
+
+
+def _batches(eng, texts):
+    ids, mask = eng._pad(eng.encode(texts))
+    return [(ids, mask)]
+
+
+def test_prune_removes_heads_and_neurons_physically_and_still_runs(weights):
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(str(weights / "encoder"), attn_implementation="eager").eval()
+    eng = ClassifierEngine(weights / "encoder", max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
+    report = prune(model, _batches(eng, builtin.sentences(16)), 0.5, head_fraction=0.5)
+    assert (report.heads_before, report.heads_after) == (4, 2)
+    assert (report.ffn_before, report.ffn_after) == (128, 64)
+    assert report.params_after < report.params_before
+    assert sum(p.numel() for p in model.parameters()) == report.params_after
+    ids, mask = _batches(eng, TEXTS)[0]
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert out.shape == (len(TEXTS), ids.shape[1], 32) and torch.isfinite(out).all()
+
+
+def test_prune_keeps_the_most_important_neurons(weights):
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(str(weights / "encoder"), attn_implementation="eager").eval()
+    layer = model.encoder.layer[0]
+    with torch.no_grad():  # make neuron 5 dominant: it must survive a 90% cut
+        layer.output.dense.weight[:, 5] *= 100
+    kept = layer.intermediate.dense.weight[5].clone()
+    eng = ClassifierEngine(weights / "encoder", max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
+    prune(model, _batches(eng, builtin.sentences(16)), 0.9)
+    assert any(torch.equal(row, kept) for row in model.encoder.layer[0].intermediate.dense.weight)
+
+
+def test_prune_rejects_a_bad_fraction(weights):
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(str(weights / "encoder"))
+    with pytest.raises(ValueError, match="fraction"):
+        prune(model, [], 1.0)
+
+
+@pytest.mark.parametrize("zero_shot", [True, False])
+def test_onnx_fp32_artifact_matches_torch_and_int8_stays_close(weights, tmp_path, zero_shot):
+    name = "encoder" if zero_shot else "classifier"
+    kw = dict(max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"]) if zero_shot else dict(max_length=32)
+    ref = ClassifierEngine(weights / name, cpu_precision="fp32", **kw).run(
+        ClassifierEngine(weights / name, cpu_precision="fp32", **kw).encode(TEXTS))
+    for quantize, tol in [(None, 1e-4), ("int8", 0.2)]:
+        out = tmp_path / f"{name}-{quantize}"
+        m = build_artifact(weights / name, out, zero_shot=zero_shot, quantize=quantize, max_length=32)
+        assert read_manifest(out)["digest"] == m["digest"]
+        eng = OnnxClassifierEngine(out, **kw)
+        assert eng.variant == f"ort-{quantize or 'fp32'}-cpu" and eng.labels == list(ref[0])
+        got = eng.run(eng.encode(TEXTS))
+        assert max(abs(a[k] - b[k]) for a, b in zip(ref, got) for k in a) < tol
+
+
+def test_artifact_kind_must_match_the_registration(weights, tmp_path):
+    build_artifact(weights / "classifier", tmp_path / "a", zero_shot=False, quantize=None, max_length=32)
+    with pytest.raises(ValueError, match="sequence"):
+        OnnxClassifierEngine(tmp_path / "a", max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
+
+
+def test_digest_names_what_shapes_the_artifact(weights):
+    d = dict(zero_shot=True, quantize="int8", prune=0.0, calibration=[], max_length=32)
+    base = artifact_digest(weights / "encoder", **d)
+    assert base == artifact_digest(weights / "encoder", **d)
+    assert base != artifact_digest(weights / "encoder", **{**d, "quantize": None})
+    assert base != artifact_digest(weights / "encoder", **{**d, "prune": 0.3, "calibration": ["x"]})
+
+
+def test_agreement_report():
+    th = {"a": 0.5, "b": 0.5}
+    ref = [{"a": 0.9, "b": 0.1}, {"a": 0.2, "b": 0.3}]
+    new = [{"a": 0.8, "b": 0.1}, {"a": 0.4, "b": 0.3}]
+    assert agreement(ref, new, th) == {"top_label": 0.5, "flags": 1.0, "max_score_delta": 0.2}
+    with pytest.raises(ValueError):
+        agreement(ref, new[:1], th)
+
+
+def test_a_registered_artifact_runs_in_the_host_and_names_its_variant(weights, tmp_path):
+    import json
+
+    from producers import schemas as S
+    from producers.settings import Settings
+    from workers.host import EngineHost
+    build_artifact(weights / "classifier", tmp_path / "art", zero_shot=False, quantize="int8", max_length=32)
+    mf = tmp_path / "models.json"
+    mf.write_text(json.dumps([{"name": "tiny-int8", "kind": "sequence_classifier", "path": str(tmp_path / "art"),
+                               "max_input_tokens": 32}]))
+    host = EngineHost(Settings(models_file=mf, builtin_models=False, home=tmp_path / "home"))
+    item = S.WorkItem(1, "c1", "/v1/classifications", "tiny-int8", {"input": "hello"}, "0" * 64)
+    (prep,) = host.prepare([item])
+    line = host.format(item, host.run("tiny-int8", prep.payloads))
+    assert line["provenance"]["engine_variant"] == "ort-int8-cpu"
+    assert set(line["response"]["body"]["results"][0]["scores"]) == {"positive", "negative", "neutral"}
