@@ -69,11 +69,15 @@ def fuse(src: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, in
 
 
 def quantize_int8(src: Path, out: Path) -> None:
-    """Dynamic int8: int8 weights (per output channel: the zero-shot head amplifies embedding error,
-    so the finer scales matter), activations quantized per batch at run time."""
+    """Dynamic int8 of the matrix products (MatMul and the fused Attention): int8 weights per output
+    channel, activations quantized per batch at run time. The zero-shot head amplifies embedding
+    error, so accuracy decides the details (MiniLM, 512 held-out sentences, top-label agreement with
+    fp32): per-channel scales 79% -> 93%; leaving the embedding tables in fp32 (ORT would quantize
+    them per tensor) 91.8% -> 93.6%, at no measurable speed cost; the file grows from 23 to 59 MB."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Attention"],
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 

@@ -23,10 +23,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spe
 
 
 def artifact_digest(src: Path, *, zero_shot: bool, quantize: str | None, prune: float, calibration: list[str],
-                    max_length: int) -> str:
+                    max_length: int, distill_steps: int = 0) -> str:
     """Names an artifact by everything that shapes it, so a worker or a re-run reuses it."""
     h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "src": weights_revision(src), "zs": zero_shot,
-                                   "q": quantize, "p": prune, "len": max_length}, sort_keys=True).encode())
+                                   "q": quantize, "p": prune, "len": max_length,
+                                   "d": distill_steps if prune else 0}, sort_keys=True).encode())
     for t in calibration if prune else []:
         h.update(t.encode() + b"\n")
     return h.hexdigest()[:16]
@@ -38,7 +39,7 @@ def variant_name(quantize: str | None, prune: float) -> str:
 
 
 def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | None = "int8", prune: float = 0.0,
-                   calibration: list[str] | None = None, max_length: int = 128) -> dict:
+                   calibration: list[str] | None = None, max_length: int = 128, distill_steps: int = 0) -> dict:
     """Write an artifact directory at `out` (replaced if present). Returns its manifest."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     if quantize not in (None, "int8"):
@@ -49,12 +50,19 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
     cls = AutoModel if zero_shot else AutoModelForSequenceClassification
     model = cls.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(src))
-    pruned = None
+    pruned, losses = None, []
     if prune:
+        import copy
+
+        from .prune import distill
         from .prune import prune as prune_model
         enc = [tok(calibration[i: i + 32], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                for i in range(0, len(calibration), 32)]
-        pruned = prune_model(model, [(e["input_ids"], e["attention_mask"]) for e in enc], prune)
+        batches = [(e["input_ids"], e["attention_mask"]) for e in enc]
+        teacher = copy.deepcopy(model) if distill_steps else None
+        pruned = prune_model(model, batches, prune)
+        if teacher is not None:
+            losses = distill(model, teacher, batches, distill_steps)
     layer0 = (model if zero_shot else model.base_model).encoder.layer[0].attention.self
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +84,8 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
         "format": FORMAT_VERSION, "onnx": onnx_engine.ONNX_FILE, "zero_shot": zero_shot,
         "variant": variant_name(quantize, prune), "quantize": quantize, "prune": prune,
         "digest": artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=prune,
-                                  calibration=calibration, max_length=max_length),
+                                  calibration=calibration, max_length=max_length, distill_steps=distill_steps),
+        "distill_steps": distill_steps if prune else 0, "distill_losses": losses,
         "source": str(src), "source_revision": weights_revision(src), "max_length": max_length,
         "fused_ops": fused_ops, "build_s": round(time.perf_counter() - t0, 1),
         "size_bytes": (out / onnx_engine.ONNX_FILE).stat().st_size,

@@ -128,3 +128,44 @@ def prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], fr
     return PruneReport(heads_before, sum(layer.attention.self.num_attention_heads for layer in layers),
                        ffn_before, sum(layer.intermediate.dense.out_features for layer in layers),
                        params_before, sum(p.numel() for p in model.parameters()))
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+            steps: int, lr: float = 5e-5, seed: int = 0) -> list[float]:
+    """Recover a pruned model by matching the unpruned one on the calibration batches: token hidden
+    states (MSE on real tokens) plus the mean-pooled sentence direction (1 - cosine) for encoders,
+    KL on the label distribution for classifiers. Returns the loss every 50 steps."""
+    if steps <= 0 or not batches:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    teacher.eval()
+    with torch.inference_mode():
+        targets = [teacher(input_ids=i, attention_mask=m) for i, m in batches]
+        targets = [(t.logits.clone() if hasattr(t, "logits") else t.last_hidden_state.clone()) for t in targets]
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        k = int(torch.randint(len(batches), (1,), generator=g))
+        ids, mask = batches[k]
+        out = student(input_ids=ids, attention_mask=mask)
+        if hasattr(out, "logits"):
+            loss = torch.nn.functional.kl_div(out.logits.log_softmax(-1), targets[k].softmax(-1), reduction="batchmean")
+        else:
+            h, t = out.last_hidden_state, targets[k]
+            m = mask.unsqueeze(-1).to(h.dtype)
+            mse = ((h - t) ** 2 * m).sum() / (m.sum() * h.shape[-1])
+            cos = 1 - (_pooled(h, mask) * _pooled(t, mask)).sum(-1).mean()
+            loss = mse + 10.0 * cos
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            losses.append(round(float(loss), 5))
+    student.eval()
+    return losses

@@ -1,8 +1,8 @@
 """Built-in sentences for calibration and agreement checks when the user gives no file.
 
 Content-moderation-like text: everyday sentences and sentences near each default category, in
-varied framings. Calibration and held-out sets use disjoint framings, so agreement is measured on
-sentences the pruning never saw. A real deployment should pass its own traffic (`--calibration`,
+varied framings. Calibration and held-out sets share neither a core sentence nor a framing, so
+agreement is measured on sentences that pruning and distillation never saw. A real deployment should pass its own traffic (`--calibration`,
 `--texts`).
 """
 
@@ -36,12 +36,13 @@ _SUFFIX = ["", ".", "!", " ...", " - posted in the forum", " #thoughts", " to be
 
 
 def sentences(n: int, *, heldout: bool = False, seed: int = 0) -> list[str]:
-    """`n` sentences; calibration (heldout=False) and held-out sets use disjoint prefix/suffix pairs."""
+    """`n` sentences; calibration (heldout=False) and held-out sets use disjoint cores (alternate
+    ones, so both sets hold everyday and harmful sentences) and disjoint prefix/suffix pairs."""
     rng = random.Random(seed + (1_000_003 if heldout else 0))
     pairs = [(p, s) for i, p in enumerate(_PREFIX) for j, s in enumerate(_SUFFIX) if (i + j) % 2 == int(heldout)]
+    cores = CORES[int(heldout)::2]
     out = []
     for _ in range(n):
         p, s = rng.choice(pairs)
-        core = rng.choice(CORES)
-        out.append(f"{p}{core}{s}")
+        out.append(f"{p}{rng.choice(cores)}{s}")
     return out

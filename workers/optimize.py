@@ -62,6 +62,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("model", help="a registered classifier (name or alias)")
     ap.add_argument("--quantize", choices=["int8", "none"], default="int8")
     ap.add_argument("--prune", type=float, default=0.0, help="fraction of FFN neurons to remove (half as many heads)")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="after pruning, train the pruned model this many steps to match the unpruned one on the "
+                         "calibration text (default 0: it did not help on the built-in sentences; try it with "
+                         "thousands of lines of your own traffic)")
     ap.add_argument("--calibration", type=Path, help="texts for pruning importance (default: built-in sentences)")
     ap.add_argument("--texts", type=Path, help="held-out texts for the agreement check (default: built-in)")
     ap.add_argument("--out", type=Path, required=True)
@@ -91,7 +95,8 @@ def main(argv: list[str]) -> int:
     heldout = read_texts(args.texts) if args.texts else builtin.sentences(512, heldout=True)
     zero_shot = spec.kind == "zero_shot"
     digest = artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
-                             calibration=calibration, max_length=spec.max_input_tokens)
+                             calibration=calibration, max_length=spec.max_input_tokens,
+                             distill_steps=args.distill_steps)
     existing = read_manifest(args.out)
     if existing and existing.get("digest") == digest and existing.get("report"):
         print(f"{args.out}: up to date (digest {digest}); reusing it")
@@ -100,7 +105,8 @@ def main(argv: list[str]) -> int:
     staging = args.out.with_name(args.out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     manifest = build_artifact(src, staging, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
-                              calibration=calibration, max_length=spec.max_input_tokens)
+                              calibration=calibration, max_length=spec.max_input_tokens,
+                              distill_steps=args.distill_steps)
     report = judge(spec, src, staging, heldout)
     manifest["report"] = report
     (staging / "gristmill-artifact.json").write_text(json.dumps(manifest, indent=2))

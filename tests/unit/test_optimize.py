@@ -55,6 +55,21 @@ def test_prune_keeps_the_most_important_neurons(weights):
     assert any(torch.equal(row, kept) for row in model.encoder.layer[0].intermediate.dense.weight)
 
 
+def test_distillation_brings_a_pruned_model_back_towards_the_original(weights):
+    import copy
+
+    from kernels.prune import distill
+    from transformers import AutoModel
+    teacher = AutoModel.from_pretrained(str(weights / "encoder"), attn_implementation="eager").eval()
+    student = copy.deepcopy(teacher)
+    eng = ClassifierEngine(weights / "encoder", max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
+    batches = _batches(eng, builtin.sentences(32))
+    prune(student, batches, 0.75, head_fraction=0.5)
+    losses = distill(student, teacher, batches, steps=200, lr=2e-3)
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert not student.training
+
+
 def test_prune_rejects_a_bad_fraction(weights):
     from transformers import AutoModel
     model = AutoModel.from_pretrained(str(weights / "encoder"))
@@ -117,3 +132,34 @@ def test_a_registered_artifact_runs_in_the_host_and_names_its_variant(weights, t
     line = host.format(item, host.run("tiny-int8", prep.payloads))
     assert line["provenance"]["engine_variant"] == "ort-int8-cpu"
     assert set(line["response"]["body"]["results"][0]["scores"]) == {"positive", "negative", "neutral"}
+
+
+def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_models_file, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
+           "GRISTMILL_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "art"
+
+    def optimize(*extra):
+        return subprocess.run([sys.executable, "-m", "workers", "optimize", "tiny-moderation", "--out", str(out),
+                               "--prune", "0.5", *extra], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+
+    refused = optimize("--min-agreement", "1.01")
+    assert refused.returncode == 3, refused.stderr
+    assert "under the floor" in refused.stderr and not out.exists()
+    forced = optimize("--min-agreement", "1.01", "--force")
+    assert forced.returncode == 0, forced.stderr
+    manifest = json.loads((out / "gristmill-artifact.json").read_text())
+    assert manifest["variant"] == "ort-int8-pruned50" and manifest["pruned"]["ffn_after"] == manifest["pruned"]["ffn_before"] // 2
+    report = json.loads(forced.stdout.strip().splitlines()[-1])
+    assert report == manifest["report"] and set(report["agreement"]) == {"top_label", "flags", "max_score_delta"}
+    again = optimize("--min-agreement", "1.01")
+    assert again.returncode == 0 and "up to date" in again.stdout
+    unknown = subprocess.run([sys.executable, "-m", "workers", "optimize", "nope", "--out", str(out)], env=env,
+                             cwd=root, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "no model 'nope'" in unknown.stderr
