@@ -95,6 +95,17 @@ end
 return status
 """
 
+# Add custom_ids to a batch's id set. KEYS: ids. ARGV: ids. Returns the ids that were already
+# there (from earlier blocks, or earlier in this one): one round trip and, as a file without
+# repeats is the rule, an empty reply, where a pipelined SADD per id costs a reply per line.
+_ADD_IDS = """
+local repeats = {}
+for i = 1, #ARGV do
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 0 then repeats[#repeats + 1] = ARGV[i] end
+end
+return repeats
+"""
+
 _INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                "expires_at", "cancelling_at", "cancelled_at")
 
@@ -131,6 +142,7 @@ class BatchStore:
         self.result_ttl_s = result_ttl_s
         self._record = redis.register_script(_RECORD)
         self._cancel = redis.register_script(_CANCEL)
+        self._add_ids = redis.register_script(_ADD_IDS)
 
     # -- creation and reads
     def create(self, batch_id: str, *, input_file: str | None, completion_window: str, window_s: int,
@@ -160,6 +172,10 @@ class BatchStore:
                      request_counts=RequestCounts(total=int(m.get("total", 0)), completed=int(m.get("completed", 0)),
                                                   failed=int(m.get("failed", 0))),
                      errors=errors, metadata=json.loads(m.get("metadata") or "{}") or None, **fields)
+
+    def add_ids(self, batch_id: str, ids: list[str]) -> list[str]:
+        """Record custom_ids for duplicate detection; returns those seen before (repeats)."""
+        return list(self._add_ids(keys=[C.ids_key(batch_id)], args=ids)) if ids else []
 
     def status(self, batch_id: str) -> str | None:
         return self.r.hget(C.batch_key(batch_id), "status")

@@ -61,7 +61,6 @@ class IngestReport:
 def check_unique(store: BatchStore, batch_id: str, path: Path) -> tuple[int, str]:
     """Pass 1: (non-blank lines, sha256 of the file). Raises DuplicateCustomIds naming the repeats."""
     digest = hashlib.sha256()
-    key = C.ids_key(batch_id)
     pending: list[tuple[int, str]] = []
     dups: set[str] = set()
     n_dups = 0
@@ -69,15 +68,13 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> tuple[int, str
 
     def flush() -> None:
         nonlocal n_dups
-        pipe = store.r.pipeline(transaction=False)
-        for _, cid in pending:
-            pipe.sadd(key, cid)
-        for (_, cid), added in zip(pending, pipe.execute()):
-            if not added:
-                n_dups += 1
+        if pending:
+            repeats = store.add_ids(batch_id, [cid for _, cid in pending])
+            n_dups += len(repeats)
+            for cid in repeats:
                 if len(dups) < _MAX_NAMED_DUPLICATES:
                     dups.add(cid)
-        pending.clear()
+            pending.clear()
 
     with open(path, "rb") as f, gc_paused():
         for n, raw in enumerate(f, start=1):
@@ -91,7 +88,7 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> tuple[int, str
                 if len(pending) >= _PIPE:
                     flush()
     flush()
-    store.r.expire(key, store.result_ttl_s)
+    store.r.expire(C.ids_key(batch_id), store.result_ttl_s)
     if dups:
         where: dict[str, list[int]] = {c: [] for c in dups}
         for n, raw in iter_lines(path):

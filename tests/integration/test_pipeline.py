@@ -88,6 +88,14 @@ def test_duplicate_custom_ids_reject_the_whole_submission(client, tmp_path):
     assert not r.exists(C.results_key(batch.id))
 
 
+def test_a_duplicate_in_a_later_block_of_ids_is_found(client, tmp_path):
+    rows = [moderation(f"m{i}") for i in range(2500)] + [moderation("m10")]  # ids are checked 1,000 at a time
+    with pytest.raises(DuplicateCustomIds) as exc:
+        client.submit_file(write_jsonl(tmp_path / "dup.jsonl", rows))
+    assert "'m10' on lines 11, 2501" in str(exc.value)
+    assert all(client.redis.llen(q) == 0 for q in C.QUEUES), "nothing may be enqueued"
+
+
 def test_a_redelivered_chunk_writes_no_second_line(client, tmp_path):
     rows = [moderation(f"m{i}") for i in range(3)]
     f = write_jsonl(tmp_path / "in.jsonl", rows)
