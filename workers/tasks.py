@@ -141,7 +141,14 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
         except Exception as exc:  # noqa: BLE001 - one bad item fails alone
             lines.append((item_error(it, exc), True))
             models.append(it.model)
-    lines += [(line, False) for line in st.host.format_many(done)]
+    try:
+        lines += [(line, False) for line in st.host.format_many(done)]
+    except Exception:  # noqa: BLE001 - find the item that cannot be formatted; it fails alone
+        for it, results in done:
+            try:
+                lines.append((st.host.format(it, results), False))
+            except Exception as exc:  # noqa: BLE001
+                lines.append((item_error(it, exc), True))
     models += [it.model for it, _ in done]
     _write(st, batch_id, chunk, lines, models)
     failed = sum(1 for _, e in lines if e)
