@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import redis
 from . import constants as C
 from .batches import Batch, BatchStore, new_batch_id
 from .errors import SubmissionRejected
-from .ingest import IngestReport, check_unique, enqueue
+from .ingest import AUTO_PARALLEL_LINES, IngestReport, check_unique, enqueue, enqueue_parallel, ranges
 from .redis_server import resolve_redis_url
 from .registry import ModelSpec
 from .settings import Settings, parse_window
@@ -51,17 +52,30 @@ class Client:
         self.store.create(batch_id, input_file=str(path), completion_window=window,
                           window_s=parse_window(window), metadata=metadata)
         try:
-            total, sha = check_unique(self.store, batch_id, path)
+            pass1 = check_unique(self.store, batch_id, path)
         except SubmissionRejected as e:
             self.store.fail(batch_id, [{"code": "duplicate_custom_id", "message": str(e)}])
             raise
-        self.store.mark_in_progress(batch_id, total, sha)
-        report = IngestReport(total=total, sha256=sha)
-        enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report)
+        self.store.mark_in_progress(batch_id, pass1.total, pass1.sha256)
+        report = IngestReport(total=pass1.total, sha256=pass1.sha256)
+        spans = ranges(pass1.marks, self._ingest_processes(pass1.total))
+        if len(spans) > 1:
+            enqueue_parallel(self.settings, self.redis_url, batch_id, path, spans, report)
+        else:
+            enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report)
         if report.valid == 0:
             self.redis.hset(C.batch_key(batch_id), "valid", 0)
         self.store.set_chunks_total(batch_id, report.chunks)
         return self.store.get(batch_id)
+
+    def _ingest_processes(self, lines: int) -> int:
+        n = self.settings.ingest_processes
+        if n:
+            return n
+        cores = os.cpu_count() or 1
+        # On 2 cores two processes ran no faster (29k vs 29-31k lines/s): pass 1 and the Redis
+        # server hold the other core. So auto mode waits for a host with cores to spare.
+        return min(8, cores) if lines >= AUTO_PARALLEL_LINES and cores >= 4 else 1
 
     def get(self, batch_id: str) -> Batch:
         return self.store.get(batch_id)

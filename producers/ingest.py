@@ -23,14 +23,38 @@ from .schemas import LineError, WorkItem, error_line, peek_custom_id, validate_l
 
 _PIPE = 1000  # Redis round-trip amortisation for ids and error lines
 _MAX_NAMED_DUPLICATES = 20
+# Pass 1 notes where every _MARK_EVERY-th line starts, so pass 2 can split the file there.
+_MARK_EVERY = 50_000
+AUTO_PARALLEL_LINES = 200_000
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) for every non-blank line."""
+def iter_lines(path: Path, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) for every non-blank line of bytes [start, end); `start`
+    must be a line start and `first_line` its number."""
+    pos = start
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        f.seek(start)
+        for n, raw in enumerate(f, start=first_line):
+            if end is not None and pos >= end:
+                return
+            pos += len(raw)
             if raw.strip():
                 yield n, raw
+
+
+@dataclass(frozen=True)
+class Pass1:
+    total: int  # non-blank lines
+    sha256: str
+    marks: list[tuple[int, int]]  # (byte offset, line number) of every _MARK_EVERY-th line start
+
+
+def ranges(marks: list[tuple[int, int]], parts: int) -> list[tuple[int, int | None, int]]:
+    """Split the file into up to `parts` contiguous (start, end, first line) ranges at marks."""
+    cuts = [(0, 1)] + marks
+    step = max(1, -(-len(cuts) // max(1, parts)))
+    starts = cuts[::step]
+    return [(s, starts[i + 1][0] if i + 1 < len(starts) else None, line) for i, (s, line) in enumerate(starts)]
 
 
 @contextlib.contextmanager
@@ -58,9 +82,12 @@ class IngestReport:
     by_queue: dict[str, int] = field(default_factory=dict)
 
 
-def check_unique(store: BatchStore, batch_id: str, path: Path) -> tuple[int, str]:
-    """Pass 1: (non-blank lines, sha256 of the file). Raises DuplicateCustomIds naming the repeats."""
+def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
+    """Pass 1: line count, sha256 and split marks of the file. Raises DuplicateCustomIds naming
+    the repeats."""
     digest = hashlib.sha256()
+    marks: list[tuple[int, int]] = []
+    offset = 0
     pending: list[tuple[int, str]] = []
     dups: set[str] = set()
     n_dups = 0
@@ -78,6 +105,9 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> tuple[int, str
 
     with open(path, "rb") as f, gc_paused():
         for n, raw in enumerate(f, start=1):
+            if n % _MARK_EVERY == 1 and n > 1:
+                marks.append((offset, n))
+            offset += len(raw)
             digest.update(raw)
             if not raw.strip():
                 continue
@@ -96,19 +126,23 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> tuple[int, str
             if cid in where:
                 where[cid].append(n)
         raise DuplicateCustomIds(where, more=max(0, n_dups - sum(len(v) - 1 for v in where.values())))
-    return total, digest.hexdigest()
+    return Pass1(total, digest.hexdigest(), marks)
 
 
 def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Path, chunk_size: int,
-            report: IngestReport) -> None:
-    """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks."""
+            report: IngestReport, span: tuple[int, int | None, int] = (0, None, 1), stride: int = 1,
+            offset: int = 0) -> None:
+    """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks.
+
+    `span` = (start byte, end byte, first line number) of the lines to take; the k-th chunk sent
+    is numbered k * stride + offset, so parallel ranges never share a chunk number."""
     buffers: dict[str, list[dict]] = {q: [] for q in C.QUEUES}
     errors: list[tuple[dict, bool]] = []
 
     def send(queue: str) -> None:
         items = buffers[queue]
         if items:
-            app.send_task(C.QUEUE_TASK[queue], args=[batch_id, report.chunks, items], queue=queue)
+            app.send_task(C.QUEUE_TASK[queue], args=[batch_id, report.chunks * stride + offset, items], queue=queue)
             report.chunks += 1
             report.by_queue[queue] = report.by_queue.get(queue, 0) + len(items)
             buffers[queue] = []
@@ -120,12 +154,12 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
     def flush_errors() -> None:
         nonlocal parts
         if errors:
-            store.record(batch_id, None, errors, part=f"v{parts}")
+            store.record(batch_id, None, errors, part=f"v{offset}.{parts}")
             parts += 1
             errors.clear()
 
     with gc_paused():
-        for n, raw in iter_lines(path):
+        for n, raw in iter_lines(path, *span):
             if report.cancelled:
                 break
             result = validate_line(raw, n, registry)
@@ -145,3 +179,62 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
         for q in C.QUEUES:
             send(q)
     flush_errors()
+
+
+def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
+                   span: tuple[int, int | None, int], stride: int, offset: int) -> dict:
+    """One pass-2 process: its own Settings, Redis connection and Celery producer."""
+    import redis as redis_lib
+
+    from .app import make_app
+    from .settings import Settings
+    settings = Settings.model_validate_json(settings_json)
+    r = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    report = IngestReport()
+    enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s), settings.registry, batch_id,
+            Path(path), settings.chunk_size, report, span, stride, offset)
+    r.close()
+    return {"valid": report.valid, "invalid": report.invalid, "chunks": report.chunks,
+            "cancelled": report.cancelled, "by_queue": report.by_queue}
+
+
+def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans: list[tuple[int, int | None, int]],
+                     report: IngestReport) -> None:
+    """Pass 2 over `spans`, one `python -m producers.ingest` process each. Plain subprocesses, not
+    multiprocessing: spawn would re-import the caller's __main__, which a user's script may not guard."""
+    import json
+    import subprocess
+    import sys
+    procs = []
+    for i, span in enumerate(spans):
+        job = json.dumps({"settings": settings.model_dump_json(), "redis_url": redis_url, "batch_id": batch_id,
+                          "path": str(path), "span": span, "stride": len(spans), "offset": i})
+        p = subprocess.Popen([sys.executable, "-m", "producers.ingest"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdin.write(job)
+        p.stdin.close()
+        procs.append(p)
+    failures = []
+    for p in procs:
+        out, err = p.stdout.read(), p.stderr.read()
+        if p.wait() != 0:
+            failures.append(err.strip()[-2000:])
+            continue
+        part = json.loads(out.strip().splitlines()[-1])
+        report.valid += part["valid"]
+        report.invalid += part["invalid"]
+        report.chunks += part["chunks"]
+        report.cancelled |= part["cancelled"]
+        for q, n in part["by_queue"].items():
+            report.by_queue[q] = report.by_queue.get(q, 0) + n
+    if failures:
+        raise RuntimeError("parallel ingest failed in %d of %d processes:\n%s" % (len(failures), len(procs),
+                                                                                  "\n---\n".join(failures)))
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(_enqueue_range(job["settings"], job["redis_url"], job["batch_id"], job["path"],
+                                    tuple(job["span"]), job["stride"], job["offset"])))

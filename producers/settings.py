@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     # Ingest. Lines per Celery message. One message per line costs ~1 ms of broker work (DESIGN.md:
     # ~800 msgs/s); 256 lines amortise that to ~4 us a line while a message stays ~100 kB.
     chunk_size: int = Field(default=256, ge=1, le=100_000)
+    # Processes that validate and enqueue a file's lines (pass 2), each over its own byte range.
+    # One process does ~27k lines/s on a 2-core development machine, less than one H100 worker
+    # takes. 0 = auto: one per core (at most 8) for files of 200,000 lines or more on hosts with 4+
+    # cores, else 1 (starting a process costs ~1 s; on 2 cores it did not pay).
+    ingest_processes: int = Field(default=0, ge=0, le=64)
 
     # Micro-batching (per worker process). Defaults measured on a 2-core CPU with MiniLM-L6
     # (README, "Choosing the batch defaults"); a GPU worker raises them (see `for_device`).

@@ -228,3 +228,32 @@ def test_worker_exports_prometheus_metrics(client, metrics_port, tmp_path):
     assert samples[("gristmill_batch_size_count", (("model", "tiny-moderation"),))] >= 1
     assert samples[("gristmill_engine_busy_seconds_total", (("model", "tiny-moderation"),))] > 0
     assert samples[("gristmill_message_seconds_count", (("queue", C.CLASSIFY_QUEUE),))] >= 1
+
+
+def test_parallel_ingest_over_byte_ranges_matches_one_process(redis_url, tiny_worker, settings_for, tmp_path,
+                                                              monkeypatch):
+    from producers import ingest
+    from producers.client import Client
+
+    from .conftest import clean
+    clean(redis_url)
+    monkeypatch.setattr(ingest, "_MARK_EVERY", 40)  # 130 lines -> marks at lines 41, 81, 121
+    rows = [moderation(f"m{i}") if i % 3 else classification(f"k{i}") for i in range(130)]
+    rows[45] = "not json"
+    rows[95] = {"custom_id": "bad", "method": "POST", "url": "/v1/nope", "body": {}}
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    c = Client(settings_for(redis_url, chunk_size=16, ingest_processes=3))
+    batch = c.wait(c.submit_file(f).id, timeout=120)
+    assert batch.status == C.COMPLETED
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (130, 128, 2)
+    n_out, n_err = c.download(batch.id, tmp_path / "out.jsonl", tmp_path / "err.jsonl")
+    assert (n_out, n_err) == (128, 2)
+    outs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(o["custom_id"] for o in outs) == sorted(f"m{i}" if i % 3 else f"k{i}" for i in range(130)
+                                                          if i not in (45, 95))
+    errs = {e["error"]["line"]: e for e in map(json.loads, (tmp_path / "err.jsonl").read_text().splitlines())}
+    assert set(errs) == {46, 96} and errs[96]["custom_id"] == "bad", "line numbers survive the split"
+    done = c.redis.smembers(C.chunks_done_key(batch.id))
+    assert len(done) == int(c.redis.hget(C.batch_key(batch.id), "chunks_total"))
+    assert {int(x) % 2 for x in done} == {0, 1}, "two ranges, chunk numbers interleaved (stride 2)"
+    c.close()
