@@ -157,3 +157,27 @@ def test_items_arriving_while_a_batch_runs_are_sorted_together():
     [f.result(timeout=5) for f in first + second]
     assert seen[1:] == [[1, 1, 1, 1], [100, 100, 100, 100]]
     mb.shutdown()
+
+
+def test_a_chunk_submitted_per_model_returns_results_to_their_items():
+    from producers.schemas import LineError, WorkItem
+    from workers.host import Prepared
+    from workers.tasks import submit_chunk
+    calls = []
+
+    def runner(key, payloads):
+        calls.append((key, len(payloads)))
+        return [f"{key}:{p}" for p in payloads]
+
+    b = MicroBatcher(runner, BatchPolicy(max_batch_size=64, token_budget=10_000, max_wait_s=0.05))
+    try:
+        def item(i, model):
+            return WorkItem(i, f"c{i}", "/v1/classifications", model, {}, "")
+        prepared = [Prepared(item(0, "a"), ["x", "y"], [2, 3]), LineError(2, "c1", "invalid_body", "bad"),
+                    Prepared(item(2, "b"), ["z"], [1]), Prepared(item(3, "a"), ["w"], [4])]
+        waiting = submit_chunk(b, prepared)
+        got = {p.item.custom_id: [f.result(timeout=5) for f in futures] for p, futures in waiting}
+    finally:
+        b.shutdown()
+    assert got == {"c0": ["a:x", "a:y"], "c3": ["a:w"], "c2": ["b:z"]}
+    assert sorted(calls) == [("a", 3), ("b", 1)], "one batch per model: the chunk arrived in one call per model"
