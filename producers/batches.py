@@ -266,12 +266,6 @@ class BatchStore:
         for _, value in self.r.hscan_iter(C.results_key(batch_id), count=count):
             yield decode_part(value)
 
-    def iter_results(self, batch_id: str) -> Iterator[tuple[bool, str]]:
-        """(is_error, JSON line) for every line written so far."""
-        for out, err in self.iter_parts(batch_id):
-            for is_error, blob in ((False, out), (True, err)):
-                yield from ((is_error, line) for line in blob.splitlines())
-
     def count_lines(self, batch_id: str) -> int:
         """Output plus error lines stored so far."""
         return sum(out.count("\n") + err.count("\n") for out, err in self.iter_parts(batch_id))

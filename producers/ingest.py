@@ -9,6 +9,7 @@ message per `chunk_size` lines per queue.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 from collections.abc import Iterator
@@ -81,6 +82,15 @@ class IngestReport:
     cancelled: bool = False
     by_queue: dict[str, int] = field(default_factory=dict)
 
+    def add(self, part: dict) -> None:
+        """Fold in the pass-2 counts of one range (an `asdict` of that range's report)."""
+        self.valid += part["valid"]
+        self.invalid += part["invalid"]
+        self.chunks += part["chunks"]
+        self.cancelled |= part["cancelled"]
+        for q, n in part["by_queue"].items():
+            self.by_queue[q] = self.by_queue.get(q, 0) + n
+
 
 def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
     """Pass 1: line count, sha256 and split marks of the file. Raises DuplicateCustomIds naming
@@ -88,7 +98,7 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
     digest = hashlib.sha256()
     marks: list[tuple[int, int]] = []
     offset = 0
-    pending: list[tuple[int, str]] = []
+    pending: list[str] = []
     dups: set[str] = set()
     n_dups = 0
     total = 0
@@ -96,7 +106,7 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
     def flush() -> None:
         nonlocal n_dups
         if pending:
-            repeats = store.add_ids(batch_id, [cid for _, cid in pending])
+            repeats = store.add_ids(batch_id, pending)
             n_dups += len(repeats)
             for cid in repeats:
                 if len(dups) < _MAX_NAMED_DUPLICATES:
@@ -114,7 +124,7 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
             total += 1
             cid = peek_custom_id(raw)
             if cid is not None:
-                pending.append((n, cid))
+                pending.append(cid)
                 if len(pending) >= _PIPE:
                     flush()
     flush()
@@ -194,8 +204,7 @@ def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
     enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s), settings.registry, batch_id,
             Path(path), settings.chunk_size, report, span, stride, offset)
     r.close()
-    return {"valid": report.valid, "invalid": report.invalid, "chunks": report.chunks,
-            "cancelled": report.cancelled, "by_queue": report.by_queue}
+    return dataclasses.asdict(report)
 
 
 def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans: list[tuple[int, int | None, int]],
@@ -209,24 +218,15 @@ def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans:
     for i, span in enumerate(spans):
         job = json.dumps({"settings": settings.model_dump_json(), "redis_url": redis_url, "batch_id": batch_id,
                           "path": str(path), "span": span, "stride": len(spans), "offset": i})
-        p = subprocess.Popen([sys.executable, "-m", "producers.ingest"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        p.stdin.write(job)
-        p.stdin.close()
-        procs.append(p)
+        procs.append(subprocess.Popen([sys.executable, "-m", "producers.ingest", job], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     failures = []
     for p in procs:
-        out, err = p.stdout.read(), p.stderr.read()
-        if p.wait() != 0:
+        out, err = p.communicate()  # both pipes drained together: a chatty stderr cannot block the child
+        if p.returncode != 0:
             failures.append(err.strip()[-2000:])
-            continue
-        part = json.loads(out.strip().splitlines()[-1])
-        report.valid += part["valid"]
-        report.invalid += part["invalid"]
-        report.chunks += part["chunks"]
-        report.cancelled |= part["cancelled"]
-        for q, n in part["by_queue"].items():
-            report.by_queue[q] = report.by_queue.get(q, 0) + n
+        else:
+            report.add(json.loads(out.strip().splitlines()[-1]))
     if failures:
         raise RuntimeError("parallel ingest failed in %d of %d processes:\n%s" % (len(failures), len(procs),
                                                                                   "\n---\n".join(failures)))
@@ -235,6 +235,6 @@ def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans:
 if __name__ == "__main__":
     import json
     import sys
-    job = json.loads(sys.stdin.read())
+    job = json.loads(sys.argv[1])
     print(json.dumps(_enqueue_range(job["settings"], job["redis_url"], job["batch_id"], job["path"],
                                     tuple(job["span"]), job["stride"], job["offset"])))

@@ -54,10 +54,9 @@ class EngineHost:
             return GenerationEngine(path, cache_dir=self.settings.model_cache_dir, device=self.device,
                                     max_context=spec.max_input_tokens)
         from kernels.classify import ClassifierEngine
-        engine_cls = ClassifierEngine
-        if (path / "gristmill-artifact.json").is_file():  # built by `gristmill optimize`
-            from kernels.onnx_engine import OnnxClassifierEngine
-            engine_cls = OnnxClassifierEngine
+        from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
+        # a directory built by `gristmill optimize` runs on ONNX Runtime
+        engine_cls = OnnxClassifierEngine if read_manifest(path) is not None else ClassifierEngine
         if spec.kind == "zero_shot":
             return engine_cls(path, device=self.device, max_length=spec.max_input_tokens,
                               prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)

@@ -26,7 +26,8 @@ def read_texts(path: Path) -> list[str]:
         except ValueError:
             obj = None
         if isinstance(obj, dict):
-            value = (obj.get("body") or {}).get("input") if isinstance(obj.get("body"), dict) else None
+            body = obj.get("body")
+            value = body.get("input") if isinstance(body, dict) else None
             if value is None:
                 raise SystemExit(f"{path}:{n}: a JSON line needs body.input (or write plain text lines)")
             out += [value] if isinstance(value, str) else list(value)
