@@ -28,14 +28,15 @@ def cpu_variants(args) -> dict[str, dict]:
     from kernels.loading import cpu_has_bf16
     from kernels.onnx_engine import OnnxClassifierEngine
     from kernels.optimize import agreement, build_artifact, throughput
-    from producers.registry import DEFAULT_CLASSIFIER, NEUTRAL_PROTOTYPES
+    from producers.registry import DEFAULT_CLASSIFIER
+    from workers.host import classifier_kwargs
     from workers.optimize import read_texts
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
     heldout = read_texts(args.texts) if args.texts else builtin.sentences(256 if args.quick else 1024, heldout=True)
     calibration = builtin.sentences(256)
-    kw = dict(max_length=spec.max_input_tokens, prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
+    kw = classifier_kwargs(spec)
     ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
     thresholds = {k: spec.threshold(k) for k in ref.labels}
     ref_ips, ref_scores = throughput(ref, heldout, repeats=args.repeats)

@@ -57,10 +57,7 @@ class EngineHost:
         from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
         # a directory built by `gristmill optimize` runs on ONNX Runtime
         engine_cls = OnnxClassifierEngine if read_manifest(path) is not None else ClassifierEngine
-        if spec.kind == "zero_shot":
-            return engine_cls(path, device=self.device, max_length=spec.max_input_tokens,
-                              prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
-        return engine_cls(path, device=self.device, max_length=spec.max_input_tokens)
+        return engine_cls(path, device=self.device, **classifier_kwargs(spec))
 
     def loaded(self) -> dict[str, Any]:
         """The engines loaded so far, by model name."""
@@ -163,6 +160,14 @@ class EngineHost:
                 body = build(spec.name, results, thresholds, spec.policy_version)
             out.append(S.output_line(it.custom_id, body, prov))
         return out
+
+
+def classifier_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """ClassifierEngine keyword arguments for a registered classifier (zero-shot or not)."""
+    kw: dict[str, Any] = {"max_length": spec.max_input_tokens}
+    if spec.kind == "zero_shot":
+        kw.update(prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
+    return kw
 
 
 def item_error(it: S.WorkItem, exc: BaseException) -> dict[str, Any]:

@@ -42,10 +42,8 @@ def judge(spec, src: Path, artifact: Path, heldout: list[str]) -> dict:
     from kernels.classify import ClassifierEngine
     from kernels.onnx_engine import OnnxClassifierEngine
     from kernels.optimize import agreement, throughput
-    from producers.registry import NEUTRAL_PROTOTYPES
-    kw = dict(max_length=spec.max_input_tokens)
-    if spec.kind == "zero_shot":
-        kw.update(prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
+    from .host import classifier_kwargs
+    kw = classifier_kwargs(spec)
     ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
     new = OnnxClassifierEngine(artifact, **kw)
     ref_ips, ref_scores = throughput(ref, heldout)
