@@ -1,0 +1,110 @@
+"""What the host's CPUs allow before any model work: tokenizing and submitting 128-token texts.
+
+    python -m benchmarks.host_limits [--items N] [--lines N]
+
+(a) MiniLM's tokenizer (ids only, truncated to 128) on 1 core and on every core (one process
+    per core, one thread each), and in one process with the tokenizer's own threads;
+(b) `Client.submit_file` of a file of 128-token classification lines into an embedded Redis, with
+    pass 2 in one process and in two (the baseline is the one-process run).
+On the H100 host these bound the end-to-end rate of `benchmarks.queue_overhead --device cuda`.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import random_minilm_classifier, table, texts, write_requests
+
+_TOK = None
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer
+
+    from producers.registry import DEFAULT_CLASSIFIER
+    arch = os.environ.get("GRISTMILL_BENCH_ARCH_DIR")
+    src = Path(arch) if arch else DEFAULT_CLASSIFIER.resolve_path()
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.enable_truncation(128)
+    tok.no_padding()
+    return tok
+
+
+def _init() -> None:
+    global _TOK
+    _TOK = _tokenizer()
+
+
+def _encode(chunk: list[str]) -> int:
+    return len(_TOK.encode_batch_fast(chunk))
+
+
+def tokenize_rates(xs: list[str]) -> dict[str, float]:
+    cores = os.cpu_count() or 1
+    parts = [xs[i: i + 256] for i in range(0, len(xs), 256)]
+    out = {}
+    for procs in sorted({1, cores}):
+        # spawned workers with one tokenizer thread each (RAYON_NUM_THREADS is read at their start)
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        with mp.get_context("spawn").Pool(procs, initializer=_init) as pool:
+            pool.map(_encode, parts[:procs])
+            t = time.perf_counter()
+            n = sum(pool.map(_encode, parts))
+            out[f"tokenize_{procs}_processes_per_s"] = n / (time.perf_counter() - t)
+        del os.environ["RAYON_NUM_THREADS"]
+    tok = _tokenizer()
+    tok.encode_batch_fast(xs[:256])
+    t = time.perf_counter()
+    tok.encode_batch_fast(xs)
+    out["tokenize_1_process_threads_per_s"] = len(xs) / (time.perf_counter() - t)
+    return out
+
+
+def submit_rates(n: int, work: Path) -> dict[str, float]:
+    path = random_minilm_classifier(work / "minilm-random")
+    mf = work / "models.json"
+    mf.write_text(json.dumps([{"name": "minilm-random", "kind": "sequence_classifier", "path": str(path),
+                               "max_input_tokens": 128}]))
+    os.environ.update(GRISTMILL_MODELS_FILE=str(mf), GRISTMILL_BUILTIN_MODELS="false", GRISTMILL_CHUNK_SIZE="2048",
+                      GRISTMILL_HOME=str(work / "home"))
+    os.environ.pop("GRISTMILL_REDIS_URL", None)
+    from producers.client import Client
+    from producers.redis_server import EmbeddedRedis
+    from producers.settings import Settings
+    f = write_requests(work / "in.jsonl", texts(n, 126, 126), "/v1/classifications", "minilm-random")
+    best: dict[int, float] = {}
+    with EmbeddedRedis(work / "redis") as server:
+        for procs in (1, 2, 1, 2):  # alternated; best of two each
+            c = Client(Settings(redis_url=server.url, ingest_processes=procs))
+            t = time.perf_counter()
+            c.submit_file(f)
+            best[procs] = max(best.get(procs, 0.0), n / (time.perf_counter() - t))
+            c.redis.flushdb()
+            c.close()
+    return {"submit_1_process_lines_per_s": best[1], "submit_2_processes_lines_per_s": best[2]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.host_limits", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=16384, help="texts to tokenize")
+    ap.add_argument("--lines", type=int, default=50000, help="lines to submit")
+    args = ap.parse_args(argv)
+    figures = {"cores": os.cpu_count(), **tokenize_rates(texts(args.items, 126, 126)),
+               **submit_rates(args.lines, Path(tempfile.mkdtemp(prefix="gristmill-host-")))}
+    rows = [(k.removesuffix("_per_s").replace("_", " "), f"{v:,.0f}") for k, v in figures.items() if k != "cores"]
+    print(table(rows, ("128-token texts", "per s")))
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
