@@ -45,8 +45,10 @@ class ClassifierEngine:
 
     def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 512,
                  prototypes: dict[str, list[str]] | None = None, neutral: list[str] | None = None,
-                 dtype: torch.dtype | None = None, cpu_precision: str = "auto"):
+                 dtype: torch.dtype | None = None, cpu_precision: str = "auto", quantize: str = "none",
+                 sparsity: str = "none", compile: bool | str = False):
         self.device = resolve_device(device)
+        self.quantize, self.sparsity, self.compiled = quantize, sparsity, compile
         self.dtype = dtype or default_dtype(self.device)
         # On CPUs with native bf16 (AVX-512 BF16, AMX), bf16 autocast ran MiniLM-L6 1.4-1.8x faster
         # than fp32 at batch 64 on a 2-core AVX-512 BF16 machine (README, "Engine precision on the CPU").
@@ -56,6 +58,16 @@ class ClassifierEngine:
         self.max_length = min(max_length, getattr(self.config, "max_position_embeddings", max_length))
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._fast = _ids_only_tokenizer(self.tokenizer, self.max_length)
+        if self.quantize == "fp8-static":
+            from .quant import calibrate_fp8
+            from .texts import sentences
+            calib = self.encode(sentences(256))
+            calibrate_fp8(self.model, lambda: [self._forward(*self._pad(calib[i:i + 64])) for i in range(0, 256, 64)])
+        if self.compiled:
+            # Inductor fuses the elementwise work between matmuls (LayerNorm, GELU, residuals, the
+            # quantize and rescale steps); the first batch of each new shape compiles (seconds).
+            # A string is torch.compile's mode (e.g. "max-autotune-no-cudagraphs").
+            self.model = torch.compile(self.model, **({} if self.compiled is True else {"mode": self.compiled}))
         if self.zero_shot:
             assert prototypes is not None
             self.labels = list(prototypes)
@@ -77,7 +89,9 @@ class ClassifierEngine:
                                                                  classifier=not self.zero_shot)
         self.config = self.model.config
         precision = "bf16-autocast" if self.autocast is not None else str(self.dtype).removeprefix("torch.")
-        self.variant = f"torch-{precision}-{self.device.type}"
+        from .quant import apply_variant, variant_suffix
+        apply_variant(self.model, self.quantize, self.sparsity)
+        self.variant = f"torch-{precision}-{self.device.type}{variant_suffix(self.quantize, self.sparsity, self.compiled)}"
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states (zero-shot) or logits, as float32."""

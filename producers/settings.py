@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     # Classifier precision on CPUs: auto = bf16 autocast where the CPU has native bf16 (AVX-512 BF16
     # or AMX), fp32 elsewhere. GPUs always run bf16.
     cpu_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Torch classifier variants (README, "Engine variants on the GPU"). engine_quantize:
+    # int8-weight-only (int8 weights, bf16 activations, a Triton kernel), int8-dynamic (int8 weights
+    # and activations, torch._int_mm), fp8-dynamic (fp8 e4m3 weights and activations with row-wise
+    # scales, torch._scaled_mm; Hopper or newer), fp8-static (per-tensor scales, the activations' fixed
+    # by calibration on built-in sentences); engine_sparsity: 2:4 magnitude sparsity (no
+    # retraining: measure agreement first); engine_compile: torch.compile the model (fuses the
+    # elementwise work between matmuls; each new batch shape compiles first). Default: plain eager.
+    engine_quantize: Literal["none", "int8-weight-only", "int8-dynamic", "fp8-dynamic", "fp8-static"] = "none"
+    engine_sparsity: Literal["none", "2:4"] = "none"
+    engine_compile: bool = False
     # Messages a worker works on at once (threads in its pool); the batcher merges their items.
     worker_concurrency: int = Field(default=4, ge=1, le=256)
     # Worker processes per GPU, each with its own engine and CUDA context (Triton's instance_group
@@ -91,6 +101,14 @@ class Settings(BaseSettings):
     def _window(cls, v: str) -> str:
         parse_window(v)
         return v
+
+    @model_validator(mode="after")
+    def _variant(self) -> "Settings":
+        if self.engine_quantize != "none" and self.engine_sparsity != "none":
+            raise ConfigurationError(
+                f"engine_quantize={self.engine_quantize} and engine_sparsity={self.engine_sparsity} do not "
+                "combine: set one of GRISTMILL_ENGINE_QUANTIZE / GRISTMILL_ENGINE_SPARSITY back to 'none'")
+        return self
 
     @cached_property
     def registry(self):

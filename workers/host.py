@@ -56,8 +56,11 @@ class EngineHost:
         from kernels.classify import ClassifierEngine
         from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
         # a directory built by `gristmill optimize` runs on ONNX Runtime
-        engine_cls = OnnxClassifierEngine if read_manifest(path) is not None else ClassifierEngine
-        return engine_cls(path, device=self.device, **classifier_kwargs(spec))
+        if read_manifest(path) is not None:
+            return OnnxClassifierEngine(path, device=self.device, **classifier_kwargs(spec))
+        st = self.settings
+        return ClassifierEngine(path, device=self.device, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
+                                sparsity=st.engine_sparsity, compile=st.engine_compile, **classifier_kwargs(spec))
 
     def loaded(self) -> dict[str, Any]:
         """The engines loaded so far, by model name."""

@@ -66,3 +66,10 @@ def test_settings_validate_on_build(monkeypatch):
 
 def test_parse_window():
     assert parse_window("24h") == 86400 and parse_window("90s") == 90 and parse_window("2d") == 172800
+
+
+def test_quantization_and_2to4_sparsity_are_refused_together():
+    from producers.settings import Settings
+    with pytest.raises(ValueError, match="do not combine"):
+        Settings(engine_quantize="fp8-dynamic", engine_sparsity="2:4")
+    assert Settings(engine_quantize="fp8-dynamic").engine_sparsity == "none"

@@ -1,0 +1,308 @@
+"""GPU engine variants of a torch encoder: int8 weight-only, int8 dynamic (W8A8), fp8 dynamic, 2:4.
+
+- `Int8WeightOnlyLinear`: int8 weights with one scale per output channel; activations stay in the
+  model's dtype. On CUDA a Triton kernel loads int8 tiles, widens them in registers and runs the
+  tensor-core dot in bf16/fp16 with fp32 accumulation, so the weights cross memory as int8. It pays
+  where weight traffic dominates (small batches, decode); a batch-512 encoder is compute-bound.
+- `Int8DynamicLinear`: int8 weights and int8 activations (one scale per row, computed at run time),
+  multiplied by `torch._int_mm` (int8 tensor cores on CUDA, oneDNN on CPU).
+- `Fp8DynamicLinear`: float8 e4m3 weights (one scale per output channel) and activations (one scale
+  per row, at run time), multiplied by `torch._scaled_mm` with row-wise scales: Hopper's fp8 tensor
+  cores run at twice the bf16 rate. Elsewhere the same quantize-dequantize numerics run in fp32.
+- `Fp8StaticLinear`: the same with one scale per tensor for both operands, the activations' fixed by
+  a calibration pass: quantizing is then a pointwise op that torch.compile folds into the op before
+  it, where a per-row scale needs its own reduction pass over the activations.
+- `sparsify_2to4`: keep the 2 largest of every 4 weights along the input dimension (magnitude, no
+  retraining) and, on CUDA in bf16/fp16, store them as a semi-structured sparse tensor (cuSPARSELt
+  or CUTLASS kernels).
+
+Without CUDA the int8 weight-only layer runs Triton's interpreter when TRITON_INTERPRET=1 (the
+tests do) and otherwise a dequantize-then-matmul reference with the same numerics, so agreement on
+real weights is measurable on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+try:  # Triton ships with CUDA builds of torch; CPU hosts may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+QUANTIZE_MODES = ("none", "int8-weight-only", "int8-dynamic", "fp8-dynamic", "fp8-static")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SPARSITY_MODES = ("none", "2:4")
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: w ~= q * scale[:, None]."""
+    scale = (w.detach().float().abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    q = torch.round(w.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+if triton is not None:
+    @triton.jit
+    def _int8_wo_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+                        sxm, sxk, swn, swk, sym, syn,
+                        HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        # grouped launch order: neighbouring programs share x rows in L2
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * swn + kk[:, None] * swk,
+                        mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+            acc += tl.dot(x, w.to(x.dtype))
+        # one scale per output channel factors out of the sum over k
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                         (64, 64, 64, 4, 3), (16, 64, 128, 4, 4), (32, 128, 128, 4, 3)]]
+    _int8_wo_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])(_int8_wo_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def int8_weight_only_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (q [N, K] int8 * scale[N]).T + bias, in x's dtype."""
+    M, K = x.shape
+    N = q.shape[0]
+    use_triton = triton is not None and (x.is_cuda or _interpreting())
+    if not use_triton:
+        w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
+        return nn.functional.linear(x, w, bias)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    args = (x, q, scale, bias if bias is not None else scale, y, M, N, K,
+            x.stride(0), x.stride(1), q.stride(0), q.stride(1), y.stride(0), y.stride(1))
+    if x.is_cuda:
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+        _int8_wo_tuned[grid](*args, HAS_BIAS=bias is not None)
+    else:  # the interpreter: one fixed tile shape (autotuning would only re-run the same numpy code)
+        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
+        _int8_wo_kernel[grid](*args, HAS_BIAS=bias is not None, BM=32, BN=32, BK=32, GROUP_M=4)
+    return y
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_per_channel(linear.weight)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return int8_weight_only_matmul(x2, self.q, self.scale, bias).reshape(*shape[:-1], self.out_features)
+
+
+class Int8DynamicLinear(nn.Module):
+    """int8 x int8 -> int32 products, rescaled per row (activations) and per column (weights)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_per_channel(linear.weight)
+        self.register_buffer("qt", q.t())  # [K, N] column-major: the layout cuBLASLt's int8 GEMM takes
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        rows = x2.shape[0]
+        if rows <= 16:  # torch._int_mm needs more than 16 rows
+            x2 = torch.nn.functional.pad(x2, (0, 0, 0, 17 - rows))
+        xs = (x2.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
+        xq = torch.round(x2 / xs).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.qt).float() * xs * self.scale[None, :]
+        if self.bias is not None:
+            y = y + self.bias
+        return y[:rows].to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def _fp8_native(x: torch.Tensor) -> bool:
+    """torch._scaled_mm with row-wise scales: CUDA devices of compute capability 8.9 or newer."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn per row: x ~= q * scale[:, None]; scale is float32 [rows, 1]."""
+    scale = (x.detach().float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+class Fp8DynamicLinear(nn.Module):
+    """fp8 x fp8 -> fp32 accumulate, rescaled per row (activations) and per column (weights)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_fp8_rows(linear.weight)
+        if linear.in_features % 16 or linear.out_features % 16:
+            raise ValueError(f"fp8 matmuls need dimensions divisible by 16, not {linear.in_features}x"
+                             f"{linear.out_features}")
+        self.register_buffer("qt", q.t())  # [K, N] column-major, as _scaled_mm takes its second operand
+        self.register_buffer("scale", scale.t().contiguous())  # [1, N]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs = quantize_fp8_rows(x2)
+        if _fp8_native(x2):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = torch._scaled_mm(xq, self.qt, scale_a=xs, scale_b=self.scale, bias=bias, out_dtype=x.dtype)
+        else:  # the same rounding, computed in fp32: how agreement is measured on a CPU
+            y = (xq.float() * xs) @ (self.qt.float() * self.scale)
+            if self.bias is not None:
+                y = y + self.bias
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Fp8StaticLinear(nn.Module):
+    """fp8 x fp8 with per-tensor scales; the activation scale comes from `calibrate_fp8`."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.in_features % 16 or linear.out_features % 16:
+            raise ValueError(f"fp8 matmuls need dimensions divisible by 16, not {linear.in_features}x"
+                             f"{linear.out_features}")
+        w = linear.weight.detach().float()
+        w_scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)
+        self.register_buffer("qt", (w / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).t())
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("x_scale", torch.ones((), device=w.device))
+        self.register_buffer("x_amax", torch.zeros((), device=w.device))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.calibrating = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.calibrating:  # observe the range; compute with the fp8 weights and unrounded inputs
+            self.x_amax = torch.maximum(self.x_amax, x2.detach().abs().amax().float())
+            y = x2.float() @ (self.qt.float() * self.w_scale)
+            y = (y if self.bias is None else y + self.bias).to(x.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
+        xq = (x2.float() / self.x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if _fp8_native(x2):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = torch._scaled_mm(xq, self.qt, scale_a=self.x_scale, scale_b=self.w_scale, bias=bias,
+                                 out_dtype=x.dtype)
+        else:
+            y = (xq.float() * self.x_scale) @ (self.qt.float() * self.w_scale)
+            y = (y if self.bias is None else y + self.bias).to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def calibrate_fp8(model: nn.Module, run) -> int:
+    """Fixes every Fp8StaticLinear's activation scale from the largest |input| seen while `run()`
+    drives the model over calibration inputs; returns how many layers were calibrated."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8StaticLinear)]
+    for m in layers:
+        m.calibrating = True
+        m.x_amax = torch.zeros_like(m.x_amax)
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for m in layers:
+            m.calibrating = False
+    for m in layers:
+        if float(m.x_amax) <= 0:
+            raise RuntimeError("fp8 calibration saw no input on some layer: give it non-empty text")
+        m.x_scale = (m.x_amax / FP8_MAX).clone()
+    return len(layers)
+
+
+def mask_2to4(w: torch.Tensor) -> torch.Tensor:
+    """Zero the 2 smallest-magnitude weights of every 4 consecutive ones along the input dimension."""
+    n, k = w.shape
+    if k % 4:
+        raise ValueError(f"2:4 sparsity needs the input dimension divisible by 4, not {k}")
+    groups = w.detach().abs().reshape(n, k // 4, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.topk(2, dim=2).indices, True)
+    return w * keep.reshape(n, k).to(w.dtype)
+
+
+def _encoder_linears(model: nn.Module):
+    """(parent, attribute, linear) for every nn.Linear inside the transformer layers: the matmuls
+    that carry the FLOPs. Embeddings, poolers and classification heads stay as they are."""
+    for name, module in model.named_modules():
+        if ".layer." not in f".{name}." and ".layers." not in f".{name}.":
+            continue
+        for attr, child in module.named_children():
+            if type(child) is nn.Linear:
+                yield module, attr, child
+
+
+def apply_variant(model: nn.Module, quantize: str = "none", sparsity: str = "none") -> int:
+    """Rewrites the model's encoder linears in place; returns how many were rewritten."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
+    if sparsity not in SPARSITY_MODES:
+        raise ValueError(f"sparsity must be one of {', '.join(SPARSITY_MODES)}, not {sparsity!r}")
+    if quantize != "none" and sparsity != "none":
+        raise ValueError("int8 and 2:4 sparsity do not combine here; pick one")
+    n = 0
+    for parent, attr, lin in list(_encoder_linears(model)):
+        if sparsity == "2:4":
+            w = mask_2to4(lin.weight.data)
+            if w.is_cuda and w.dtype in (torch.float16, torch.bfloat16):
+                from torch.sparse import to_sparse_semi_structured
+                w = to_sparse_semi_structured(w)
+            lin.weight = nn.Parameter(w, requires_grad=False)
+        elif quantize == "int8-weight-only":
+            setattr(parent, attr, Int8WeightOnlyLinear(lin).to(lin.weight.device))
+        elif quantize == "int8-dynamic":
+            setattr(parent, attr, Int8DynamicLinear(lin).to(lin.weight.device))
+        elif quantize == "fp8-dynamic":
+            setattr(parent, attr, Fp8DynamicLinear(lin).to(lin.weight.device))
+        elif quantize == "fp8-static":
+            setattr(parent, attr, Fp8StaticLinear(lin).to(lin.weight.device))
+        else:
+            continue
+        n += 1
+    return n
+
+
+def variant_suffix(quantize: str, sparsity: str, compiled: bool | str) -> str:
+    parts = [] if quantize == "none" else [{"int8-weight-only": "int8wo", "int8-dynamic": "w8a8",
+                                                   "fp8-dynamic": "fp8", "fp8-static": "fp8s"}[quantize]]
+    parts += ["sparse24"] if sparsity == "2:4" else []
+    parts += [] if not compiled else ["compiled"] if compiled is True else [f"compiled-{compiled}"]
+    return "".join(f"+{p}" for p in parts)
