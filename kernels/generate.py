@@ -1,8 +1,10 @@
-"""The generation loop: a batch of prompts with per-row sampling parameters, KV-cached.
+"""The generation engine: a batch of prompts with per-row sampling parameters, KV-cached.
 
 Hugging Face `generate` takes one GenerationConfig per call; bulk files mix temperatures, top_p,
-seeds, stops and max_tokens line by line. This loop runs them together in one left-padded batch
-and gives each row its own parameters, its own seeded generator and its own stop condition.
+seeds, stops and max_tokens line by line. This engine runs them together and gives each row its own
+parameters, its own seeded generator and its own stop condition. Llama-family models run the
+continuous-batching loop of kernels/decode.py (a finished row frees its slot for the next
+request); other architectures run a static left-padded loop over Hugging Face's cache.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .decode import ContinuousLoop, supports
 from .loading import default_dtype, load_causal_lm, resolve_device
 
 
@@ -31,6 +34,7 @@ class GenResult:
     finish_reason: str  # "stop" (eos or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the new tokens (eos excluded)
 
 
 class PromptTooLong(ValueError):
@@ -62,7 +66,8 @@ class GenerationEngine:
     """load (constructor) / encode_chat / encode_prompt / run / check_health / shutdown."""
 
     def __init__(self, path: Path, *, cache_dir: Path, device: str = "cpu", max_context: int = 2048,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, max_slots: int | None = None, continuous: bool = True,
+                 cuda_graphs: bool = True):
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.model, self.tokenizer, self.revision = load_causal_lm(path, cache_dir, self.device, self.dtype)
@@ -73,7 +78,15 @@ class GenerationEngine:
             eos.update(src if isinstance(src, list) else [src] if src is not None else [])
         self.eos_ids = eos
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(eos), 0)
-        self.variant = f"torch-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+        # Slots of the continuous loop: requests decoding at once. A CPU's step time grows with the
+        # batch, a GPU's barely does until hundreds of rows.
+        slots = max_slots or (256 if self.device.type == "cuda" else 64)
+        self.loop = None
+        if continuous and supports(self.model):
+            self.loop = ContinuousLoop(self.model, max_slots=slots, cuda_graphs=cuda_graphs)
+        graphs = self.loop is not None and cuda_graphs and self.device.type == "cuda"
+        kind = ("continuous+cudagraphs" if graphs else "continuous") if self.loop else "static"
+        self.variant = f"torch-{str(self.dtype).removeprefix('torch.')}-{self.device.type}-{kind}"
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -92,12 +105,37 @@ class GenerationEngine:
                                 f"tokens, leaving no room to generate")
         return min(max_tokens, room)
 
+    def _generators(self, reqs: list[GenRequest]) -> list[torch.Generator]:
+        gens = []
+        for r in reqs:
+            g = torch.Generator(device=self.device)
+            if r.seed is not None:
+                g.manual_seed(r.seed)
+            else:
+                g.seed()
+            gens.append(g)
+        return gens
+
     @torch.inference_mode()
     def run(self, reqs: list[GenRequest]) -> list[GenResult]:
         if not reqs:
             return []
-        B = len(reqs)
         budgets = [self.budget(len(r.prompt_ids), r.max_tokens) for r in reqs]
+        track = _Tracker(self, reqs, budgets)
+        temperature = torch.tensor([r.temperature for r in reqs], device=self.device)
+        top_p = torch.tensor([r.top_p for r in reqs], device=self.device)
+        gens = self._generators(reqs)
+        if self.loop is not None:
+            def sample(logits: torch.Tensor, idx: list[int]) -> list[int]:
+                return sample_next(logits, temperature[idx], top_p[idx], [gens[i] for i in idx]).tolist()
+
+            self.loop.run([r.prompt_ids for r in reqs], budgets, sample, track.on_token, self.device, self.dtype)
+        else:
+            self._run_static(reqs, budgets, track, temperature, top_p, gens)
+        return track.results()
+
+    def _run_static(self, reqs, budgets, track, temperature, top_p, gens) -> None:
+        B = len(reqs)
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, width), dtype=torch.long)
@@ -106,55 +144,21 @@ class GenerationEngine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        temperature = torch.tensor([r.temperature for r in reqs], device=self.device)
-        top_p = torch.tensor([r.top_p for r in reqs], device=self.device)
-        gens: list[torch.Generator | None] = []
-        for r in reqs:
-            g = torch.Generator(device=self.device)
-            if r.seed is not None:
-                g.manual_seed(r.seed)
-            else:
-                g.seed()
-            gens.append(g)
 
         from transformers import DynamicCache
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        new_tokens: list[list[int]] = [[] for _ in range(B)]
-        cut: list[str | None] = [None] * B  # text truncated at a stop string
-        finish: list[str | None] = [None] * B
         for _step in range(max(budgets)):
             nxt = sample_next(out.logits[:, -1, :], temperature, top_p, gens)
-            tokens = nxt.tolist()
-            for i, t in enumerate(tokens):
-                if finish[i] is not None:
-                    continue
-                if t in self.eos_ids:
-                    finish[i] = "stop"
-                    continue
-                new_tokens[i].append(t)
-                if reqs[i].stop:
-                    text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)
-                    hits = [text.find(s) for s in reqs[i].stop if s in text]
-                    if hits:
-                        cut[i] = text[: min(hits)]
-                        finish[i] = "stop"
-                        continue
-                if len(new_tokens[i]) >= budgets[i]:
-                    finish[i] = "length"
-            if all(f is not None for f in finish):
+            for i, t in enumerate(nxt.tolist()):
+                if track.finish[i] is None:
+                    track.on_token(i, t)
+            if all(f is not None for f in track.finish):
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
             pos = pos[:, -1:] + 1
             out = self.model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
                              past_key_values=cache, use_cache=True)
-        results = []
-        for i, r in enumerate(reqs):
-            text = cut[i]
-            if text is None:
-                text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)
-            results.append(GenResult(text, finish[i] or "length", len(r.prompt_ids), len(new_tokens[i])))
-        return results
 
     def check_health(self) -> bool:
         return len(self.run([GenRequest(self.encode_prompt("Hi"), max_tokens=1, temperature=0)])) == 1
@@ -163,3 +167,42 @@ class GenerationEngine:
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class _Tracker:
+    """Per-request output state: new tokens, eos / stop-string / budget endings, final results."""
+
+    def __init__(self, engine: GenerationEngine, reqs: list[GenRequest], budgets: list[int]):
+        self.engine, self.reqs, self.budgets = engine, reqs, budgets
+        self.tokens: list[list[int]] = [[] for _ in reqs]
+        self.cut: list[str | None] = [None] * len(reqs)  # text truncated at a stop string
+        self.finish: list[str | None] = [None] * len(reqs)
+
+    def on_token(self, i: int, t: int) -> bool:
+        """Records request i's next token; True when the request is finished."""
+        if t in self.engine.eos_ids:
+            self.finish[i] = "stop"
+            return True
+        self.tokens[i].append(t)
+        stops = self.reqs[i].stop
+        if stops:
+            text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+            hits = [text.find(s) for s in stops if s in text]
+            if hits:
+                self.cut[i] = text[: min(hits)]
+                self.finish[i] = "stop"
+                return True
+        if len(self.tokens[i]) >= self.budgets[i]:
+            self.finish[i] = "length"
+            return True
+        return False
+
+    def results(self) -> list[GenResult]:
+        out = []
+        for i, r in enumerate(self.reqs):
+            text = self.cut[i]
+            if text is None:
+                text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+            out.append(GenResult(text, self.finish[i] or "length", len(r.prompt_ids), len(self.tokens[i]),
+                                 self.tokens[i]))
+        return out
