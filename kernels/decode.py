@@ -210,13 +210,18 @@ class ContinuousLoop:
         return self.cache
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], limits: list[int], sample, on_token, device, dtype) -> None:
+    def run(self, prompts: list[list[int]], limits: list[int], sample, on_token, device, dtype,
+            more=None) -> None:
         """prompts: token ids; limits: max new tokens each. sample(logits [n, V], indices) -> token ids;
-        on_token(index, token) -> True when that request is finished (the token is then not fed)."""
+        on_token(index, token) -> True when that request is finished (the token is then not fed).
+        more(n, max_len) -> up to n further (prompt, limit) pairs that fit max_len cache positions,
+        asked for whenever slots are free: requests that arrive while this runs join it. Their
+        indices continue after the given ones."""
         self.stats = LoopStats()
+        prompts, limits = list(prompts), list(limits)
         if any(not p for p in prompts):
             raise ValueError("a prompt has no tokens: generation needs at least one input token")
-        slots = min(self.max_slots, len(prompts))
+        slots = self.max_slots if more is not None else min(self.max_slots, len(prompts))
         cache = self._cache_for(slots, max(len(p) + n for p, n in zip(prompts, limits)), device, dtype)
         waiting = deque(range(len(prompts)))
         running: list[_Running] = []
@@ -242,8 +247,17 @@ class ContinuousLoop:
         # Admit waiting requests once this many slots are free (or nothing runs): each prefill is a
         # whole forward, and on a GPU one request's prefill costs about what 32 requests' does.
         admit_at = max(1, slots // 8)
-        while waiting or running:
+        while True:
             free = slots - len(running)
+            if more is not None and free > len(waiting) and free - len(waiting) >= min(admit_at, free):
+                for p, n in more(free - len(waiting), cache.max_len):
+                    if not p:
+                        raise ValueError("a prompt has no tokens: generation needs at least one input token")
+                    waiting.append(len(prompts))
+                    prompts.append(p)
+                    limits.append(n)
+            if not (waiting or running):
+                break
             if waiting and free and (not running or free >= min(admit_at, len(waiting))):
                 new: list[int] = []
                 width = 0

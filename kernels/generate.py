@@ -117,21 +117,52 @@ class GenerationEngine:
         return gens
 
     @torch.inference_mode()
-    def run(self, reqs: list[GenRequest]) -> list[GenResult]:
+    def run(self, reqs: list[GenRequest], more=None, on_done=None) -> list[GenResult]:
+        """Results in order. With the continuous loop, more(n, accept) may hand over up to n further
+        requests while this runs (accept(req) says which fit), and on_done(k, result) hears of each
+        request as it finishes (k: its position among the given, then the pulled requests)."""
         if not reqs:
             return []
+        reqs = list(reqs)
         budgets = [self.budget(len(r.prompt_ids), r.max_tokens) for r in reqs]
         track = _Tracker(self, reqs, budgets)
-        temperature = torch.tensor([r.temperature for r in reqs], device=self.device)
-        top_p = torch.tensor([r.top_p for r in reqs], device=self.device)
         gens = self._generators(reqs)
-        if self.loop is not None:
-            def sample(logits: torch.Tensor, idx: list[int]) -> list[int]:
-                return sample_next(logits, temperature[idx], top_p[idx], [gens[i] for i in idx]).tolist()
-
-            self.loop.run([r.prompt_ids for r in reqs], budgets, sample, track.on_token, self.device, self.dtype)
-        else:
+        if self.loop is None:
+            temperature = torch.tensor([r.temperature for r in reqs], device=self.device)
+            top_p = torch.tensor([r.top_p for r in reqs], device=self.device)
             self._run_static(reqs, budgets, track, temperature, top_p, gens)
+            return track.results()
+
+        params: list[torch.Tensor] = []  # per-request temperature and top_p, rebuilt when requests join
+
+        def sample(logits: torch.Tensor, idx: list[int]) -> list[int]:
+            if not params or len(params[0]) != len(reqs):
+                params[:] = [torch.tensor([r.temperature for r in reqs], device=self.device),
+                             torch.tensor([r.top_p for r in reqs], device=self.device)]
+            rows = torch.tensor(idx, device=self.device)
+            return sample_next(logits, params[0][rows], params[1][rows], [gens[i] for i in idx]).tolist()
+
+        def on_token(i: int, t: int) -> bool:
+            done = track.on_token(i, t)
+            if done and on_done is not None:
+                on_done(i, track.result(i))
+            return done
+
+        def pull(n: int, max_len: int) -> list[tuple[list[int], int]]:
+            def fits(r: GenRequest) -> bool:
+                room = self.max_context - len(r.prompt_ids)
+                return 0 < len(r.prompt_ids) and room >= 1 and len(r.prompt_ids) + min(r.max_tokens, room) <= max_len
+            new = more(n, fits)
+            out = []
+            for r in new:
+                budget = self.budget(len(r.prompt_ids), r.max_tokens)
+                track.add(r, budget)
+                gens.extend(self._generators([r]))
+                out.append((r.prompt_ids, budget))
+            return out
+
+        self.loop.run([r.prompt_ids for r in reqs], budgets, sample, on_token, self.device, self.dtype,
+                      more=pull if more is not None else None)
         return track.results()
 
     def _run_static(self, reqs, budgets, track, temperature, top_p, gens) -> None:
@@ -173,7 +204,7 @@ class _Tracker:
     """Per-request output state: new tokens, eos / stop-string / budget endings, final results."""
 
     def __init__(self, engine: GenerationEngine, reqs: list[GenRequest], budgets: list[int]):
-        self.engine, self.reqs, self.budgets = engine, reqs, budgets
+        self.engine, self.reqs, self.budgets = engine, reqs, budgets  # shared with run(): add() extends them
         self.tokens: list[list[int]] = [[] for _ in reqs]
         self.cut: list[str | None] = [None] * len(reqs)  # text truncated at a stop string
         self.finish: list[str | None] = [None] * len(reqs)
@@ -197,12 +228,19 @@ class _Tracker:
             return True
         return False
 
+    def add(self, req: GenRequest, budget: int) -> None:
+        self.reqs.append(req)
+        self.budgets.append(budget)
+        self.tokens.append([])
+        self.cut.append(None)
+        self.finish.append(None)
+
+    def result(self, i: int) -> GenResult:
+        text = self.cut[i]
+        if text is None:
+            text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        return GenResult(text, self.finish[i] or "length", len(self.reqs[i].prompt_ids), len(self.tokens[i]),
+                         self.tokens[i])
+
     def results(self) -> list[GenResult]:
-        out = []
-        for i, r in enumerate(self.reqs):
-            text = self.cut[i]
-            if text is None:
-                text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-            out.append(GenResult(text, self.finish[i] or "length", len(r.prompt_ids), len(self.tokens[i]),
-                                 self.tokens[i]))
-        return out
+        return [self.result(i) for i in range(len(self.reqs))]

@@ -121,6 +121,11 @@ class _Entry:
 
 
 Runner = Callable[[str, list[Any]], list[Any]]
+# A continuous runner: stream(key, payloads, pull, finish) runs the payloads and whatever it pulls
+# while it runs, and calls finish(k, result) for each as soon as that one is done (k counts the
+# payloads in the order given, then pulled). pull(n, accept) -> up to n payloads of the same key,
+# oldest first, that accept(payload) admits; they leave the pending queue.
+Stream = Callable[[str, list[Any], Callable[[int, Callable[[Any], bool]], list[Any]], Callable[[int, Any], None]], None]
 # on_batch(key, size, real_tokens, padded_tokens, seconds); on_split(key)
 BatchHook = Callable[[str, int, int, int, float], None]
 
@@ -129,8 +134,12 @@ class MicroBatcher:
     """Thread-safe front of the engine thread. `runner(key, payloads) -> results` (same length)."""
 
     def __init__(self, runner: Runner, policy: BatchPolicy, name: str = "gristmill-batcher",
-                 on_batch: BatchHook | None = None, on_split: Callable[[str], None] | None = None):
+                 on_batch: BatchHook | None = None, on_split: Callable[[str], None] | None = None,
+                 streamer: Callable[[str], Stream | None] | None = None):
         self.runner = runner
+        # streamer(key): a continuous runner for that key (generation on the continuous loop), or
+        # None. With one, requests that arrive while a batch runs join it instead of waiting.
+        self.streamer = streamer
         self.policy = policy
         self.on_batch = on_batch
         self.on_split = on_split
@@ -198,6 +207,51 @@ class MicroBatcher:
             self._execute(batch)
 
     def _execute(self, batch: list[_Entry]) -> None:
+        stream = self.streamer(batch[0].pending.key) if self.streamer else None
+        if stream is not None:
+            batch = self._stream(stream, batch)
+        if batch:
+            self._run_batch(batch)
+
+    def _stream(self, stream: Stream, batch: list[_Entry]) -> list[_Entry]:
+        """Runs a continuous batch; returns the entries left unfinished by a failure (the plain path
+        then isolates the failing ones by splitting)."""
+        key = batch[0].pending.key
+        entries = list(batch)
+        finished: set[int] = set()
+
+        def pull(n: int, accept: Callable[[Any], bool]) -> list[Any]:
+            with self._cv:
+                got = [e for e in self._entries if e.pending.key == key and accept(e.payload)][:n]
+                if got:
+                    taken = {id(e) for e in got}
+                    self._entries = [e for e in self._entries if id(e) not in taken]
+                    self._dirty = True  # the plan may hold them: re-plan before the next take
+            entries.extend(got)
+            return [e.payload for e in got]
+
+        def finish(k: int, result: Any) -> None:
+            finished.add(k)
+            entries[k].future.set_result(result)
+
+        t0 = time.perf_counter()
+        try:
+            stream(key, [e.payload for e in batch], pull, finish)
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            log.warning("continuous batch for %s failed (%s: %s); re-running its %d unfinished items", key,
+                        type(exc).__name__, exc, len(entries) - len(finished))
+            return [e for k, e in enumerate(entries) if k not in finished]
+        cost = sum(e.pending.cost for e in entries)  # no padding between requests in continuous batching
+        self._record(key, len(entries), cost, cost, time.perf_counter() - t0)
+        for k, e in enumerate(entries):
+            if k not in finished:
+                e.future.set_exception(RuntimeError(f"the continuous runner for {key!r} returned without "
+                                                    f"finishing item {k}; a streaming runner must finish every item"))
+        return []
+
+    def _run_batch(self, batch: list[_Entry]) -> None:
         key = batch[0].pending.key
         t0 = time.perf_counter()
         try:
@@ -216,19 +270,20 @@ class MicroBatcher:
                 self.on_split(key)
             log.warning("batch of %d for %s failed (%s: %s); splitting", len(batch), key, type(exc).__name__, exc)
             mid = len(batch) // 2
-            self._execute(batch[:mid])
-            self._execute(batch[mid:])
+            self._run_batch(batch[:mid])
+            self._run_batch(batch[mid:])
             return
-        seconds = time.perf_counter() - t0
         padded = max(e.pending.cost for e in batch) * len(batch)
-        real = sum(e.pending.cost for e in batch)
-        self.stats.busy_s += seconds
-        self.stats.batches += 1
-        self.stats.items += len(batch)
-        self.stats.padded_tokens += padded
-        self.stats.real_tokens += real
-        self.stats.by_key[key] = self.stats.by_key.get(key, 0) + len(batch)
-        if self.on_batch:
-            self.on_batch(key, len(batch), real, padded, seconds)
+        self._record(key, len(batch), sum(e.pending.cost for e in batch), padded, time.perf_counter() - t0)
         for e, r in zip(batch, results):
             e.future.set_result(r)
+
+    def _record(self, key: str, size: int, real: int, padded: int, seconds: float) -> None:
+        self.stats.busy_s += seconds
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.padded_tokens += padded
+        self.stats.real_tokens += real
+        self.stats.by_key[key] = self.stats.by_key.get(key, 0) + size
+        if self.on_batch:
+            self.on_batch(key, size, real, padded, seconds)

@@ -132,10 +132,28 @@ class EngineHost:
         try:
             return self.engine(model).run(payloads)
         except Exception as exc:
-            if "out of memory" in str(exc).lower() and self.device.startswith("cuda"):
-                import torch
-                torch.cuda.empty_cache()  # give the cached blocks back before the batcher retries halves
+            self._release_if_oom(exc)
             raise
+
+    def streamer(self, model: str):
+        """The batcher's continuous runner for a generation model on the continuous loop (requests
+        join the running batch as they arrive and finish one by one), else None."""
+        spec = self.registry.specs.get(model)
+        if spec is None or not spec.is_generator or getattr(self.engine(model), "loop", None) is None:
+            return None
+
+        def stream(key: str, payloads: list[Any], pull, finish) -> None:
+            try:
+                self.engine(key).run(payloads, more=pull, on_done=finish)
+            except Exception as exc:
+                self._release_if_oom(exc)
+                raise
+        return stream
+
+    def _release_if_oom(self, exc: Exception) -> None:
+        if "out of memory" in str(exc).lower() and self.device.startswith("cuda"):
+            import torch
+            torch.cuda.empty_cache()  # give the cached blocks back before the batcher retries halves
 
     def format(self, it: S.WorkItem, results: list[Any]) -> dict[str, Any]:
         return self.format_many([(it, results)])[0]

@@ -35,7 +35,8 @@ class WorkerState:
         self.store = BatchStore(self.redis, settings.result_ttl_s)
         self.host = EngineHost(settings, device)
         policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000.0)
-        self.batcher = MicroBatcher(self.host.run, policy, on_batch=metrics.on_batch, on_split=metrics.on_split)
+        self.batcher = MicroBatcher(self.host.run, policy, on_batch=metrics.on_batch, on_split=metrics.on_split,
+                                    streamer=self.host.streamer)
 
     def shutdown(self) -> None:
         self.batcher.shutdown()

@@ -181,3 +181,53 @@ def test_a_chunk_submitted_per_model_returns_results_to_their_items():
         b.shutdown()
     assert got == {"c0": ["a:x", "a:y"], "c3": ["a:w"], "c2": ["b:z"]}
     assert sorted(calls) == [("a", 3), ("b", 1)], "one batch per model: the chunk arrived in one call per model"
+
+
+def _streaming_batcher(started: threading.Event, go: threading.Event, fail_after: int | None = None):
+    """A batcher whose stream runner doubles payloads, pulls every pending item of its key, finishes
+    items one by one, and (optionally) raises after `fail_after` finishes."""
+    calls = []
+
+    def stream(key, payloads, pull, finish):
+        started.set()
+        go.wait(5)
+        items = list(payloads) + pull(100, lambda p: p != 13)  # 13 never fits: it must wait for its own batch
+        calls.append(items)
+        for k, p in enumerate(items):
+            if fail_after is not None and k == fail_after:
+                raise RuntimeError("device fault")
+            finish(k, p * 2)
+
+    b = MicroBatcher(lambda key, ps: [p * 3 for p in ps], BatchPolicy(2, 10_000, 0.0),
+                     streamer=lambda key: stream if key == "gen" else None)
+    return b, calls
+
+
+def test_items_arriving_during_a_streaming_batch_join_it():
+    started, go = threading.Event(), threading.Event()
+    b, calls = _streaming_batcher(started, go)
+    try:
+        first = b.submit("gen", [1, 2], [1, 1])
+        assert started.wait(5)
+        later = b.submit("gen", [3, 4, 13], [1, 1, 1]) + b.submit("clf", [5], [1])
+        go.set()
+        assert [f.result(5) for f in first + later[:2]] == [2, 4, 6, 8]
+        assert later[3].result(5) == 15, "another key runs on the plain runner"
+        assert later[2].result(5) == 26, "an item the running batch cannot take gets a batch of its own"
+        assert calls[0] == [1, 2, 3, 4] and calls[1] == [13]
+        assert b.stats.items == 6
+    finally:
+        b.shutdown()
+
+
+def test_a_failing_streaming_batch_reruns_only_its_unfinished_items():
+    started, go = threading.Event(), threading.Event()
+    go.set()
+    b, calls = _streaming_batcher(started, go, fail_after=1)
+    try:
+        futs = b.submit("gen", [1, 2], [1, 1])
+        assert futs[0].result(5) == 2, "finished before the fault: kept, not run twice"
+        assert futs[1].result(5) == 6, "unfinished: re-run on the plain runner, which splits to isolate"
+        assert len(calls) == 1
+    finally:
+        b.shutdown()

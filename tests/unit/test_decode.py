@@ -80,3 +80,30 @@ def test_an_empty_prompt_is_refused_by_name(engines):
     cont, _ = engines
     with pytest.raises(ValueError, match="no tokens"):
         cont.run([GenRequest([], 4, temperature=0)])
+
+
+def test_requests_handed_over_mid_run_join_and_finish_early(tiny_models_file, tmp_path):
+    """The loop asks for more work whenever slots free up; pulled requests get the same tokens as
+    alone, and each request is reported the moment it finishes."""
+    eng = GenerationEngine(tiny_models_file.parent / "weights" / "chat", cache_dir=tmp_path, max_context=64,
+                           max_slots=3)
+    p = _prompts(eng, 8)  # lengths 2, 22, 40, 58, 19, 35, 54, 13
+    first = [GenRequest(p[1], 30, temperature=0)]  # the run's cache: 22 + 30 = 52 positions
+    later = [GenRequest(p[i], 3, temperature=0) for i in (0, 7, 4)]
+    too_long = GenRequest(p[2], 20, temperature=0)  # 40 + 20 > 52: must wait for a batch of its own
+    queue = [*later, too_long]
+    done_order: list[int] = []
+
+    def more(n, accept):
+        take = [r for r in queue if accept(r)][:n]
+        for r in take:
+            queue.remove(r)
+        return take
+
+    out = eng.run(first, more=more, on_done=lambda k, r: done_order.append(k))
+    assert len(out) == 4 and queue == [too_long]
+    assert eng.loop.cache.max_len == 52 and eng.loop.stats.prefills >= 2
+    assert set(done_order[:3]) == {1, 2, 3} and done_order[-1] == 0, "short requests finish first"
+    for r, res in zip([*first, *later], out):
+        alone = eng.run([GenRequest(r.prompt_ids, r.max_tokens, temperature=0)])[0]
+        assert res.token_ids == alone.token_ids and res.completion_tokens == r.max_tokens
