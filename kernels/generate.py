@@ -149,9 +149,11 @@ class GenerationEngine:
             return done
 
         def pull(n: int, max_len: int) -> list[tuple[list[int], int]]:
-            def fits(r: GenRequest) -> bool:
-                room = self.max_context - len(r.prompt_ids)
-                return 0 < len(r.prompt_ids) and room >= 1 and len(r.prompt_ids) + min(r.max_tokens, room) <= max_len
+            def fits(r: GenRequest) -> bool:  # one that does not fit (or cannot run) waits for a batch of its own
+                try:
+                    return bool(r.prompt_ids) and len(r.prompt_ids) + self.budget(len(r.prompt_ids), r.max_tokens) <= max_len
+                except PromptTooLong:
+                    return False
             new = more(n, fits)
             out = []
             for r in new:
