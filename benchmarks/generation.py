@@ -39,6 +39,20 @@ ASKS = ["Write a long story about {}.", "Explain {} in detail.", "Tell me everyt
         "Write a detailed essay on {}."]
 
 
+def add_request_args(ap: argparse.ArgumentParser, *, device: str, requests: int | None = None,
+                     slots: int | None = None) -> None:
+    """The engine and request options that this benchmark and benchmarks.profile_decode share."""
+    ap.add_argument("--device", default=device)
+    ap.add_argument("--prompts", type=Path, help="cpu: one user message per line")
+    ap.add_argument("--requests", type=int, default=requests,
+                    help="requests (default cpu 64 / 24 quick, cuda 512 / 256 quick)")
+    ap.add_argument("--slots", type=int, default=slots, help="concurrent requests (default cpu 16, cuda 256)")
+    ap.add_argument("--min-new", type=int, default=16)
+    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="cuda: prompt length")
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def load_engine(args):
     import torch
 
@@ -131,15 +145,8 @@ def run_engine(eng, prompts, limits) -> tuple[list[list[int]], float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer requests (cpu: 24, cuda: 256)")
-    ap.add_argument("--prompts", type=Path, help="cpu: one user message per line")
-    ap.add_argument("--requests", type=int, help="requests (default cpu 64 / 24 quick, cuda 512 / 256 quick)")
-    ap.add_argument("--slots", type=int, help="concurrent requests (default cpu 16, cuda 256)")
-    ap.add_argument("--min-new", type=int, default=16)
-    ap.add_argument("--max-new", type=int, default=256)
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="cuda: prompt length")
-    ap.add_argument("--seed", type=int, default=0)
+    add_request_args(ap, device="cpu")
     args = ap.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.requests = args.requests or (256 if gpu else 24) if args.quick else args.requests or (512 if gpu else 64)

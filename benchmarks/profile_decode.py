@@ -9,19 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generation import load_engine, make_requests
+from .generation import add_request_args, load_engine, make_requests
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--slots", type=int, default=256)
-    ap.add_argument("--min-new", type=int, default=16)
-    ap.add_argument("--max-new", type=int, default=256)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--prompts", default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    add_request_args(ap, device="cuda", requests=256, slots=256)
     args = ap.parse_args(argv)
     import torch
     from torch.profiler import ProfilerActivity, profile

@@ -34,7 +34,6 @@ try:  # Triton ships with CUDA builds of torch; CPU hosts may lack it
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-QUANTIZE_MODES = ("none", "int8-weight-only", "int8-dynamic", "fp8-dynamic", "fp8-static")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SPARSITY_MODES = ("none", "2:4")
 
@@ -110,36 +109,48 @@ def int8_weight_only_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
     return y
 
 
-class Int8WeightOnlyLinear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What every quantized replacement of an nn.Linear shares: the fp32 bias, the feature counts,
+    and flattening the leading dimensions; subclasses map [rows, in] to [rows, out] in `_matmul`."""
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self._matmul(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+
+class Int8WeightOnlyLinear(_QuantizedLinear):
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
         q, scale = quantize_per_channel(linear.weight)
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return int8_weight_only_matmul(x2, self.q, self.scale, bias).reshape(*shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_weight_only_matmul(x, self.q, self.scale, self._bias_as(x.dtype))
 
 
-class Int8DynamicLinear(nn.Module):
+class Int8DynamicLinear(_QuantizedLinear):
     """int8 x int8 -> int32 products, rescaled per row (activations) and per column (weights)."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
+        super().__init__(linear)
         q, scale = quantize_per_channel(linear.weight)
         self.register_buffer("qt", q.t())  # [K, N] column-major: the layout cuBLASLt's int8 GEMM takes
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.float()
         rows = x2.shape[0]
         if rows <= 16:  # torch._int_mm needs more than 16 rows
             x2 = torch.nn.functional.pad(x2, (0, 0, 0, 17 - rows))
@@ -148,7 +159,7 @@ class Int8DynamicLinear(nn.Module):
         y = torch._int_mm(xq, self.qt).float() * xs * self.scale[None, :]
         if self.bias is not None:
             y = y + self.bias
-        return y[:rows].to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y[:rows].to(x.dtype)
 
 
 def _fp8_native(x: torch.Tensor) -> bool:
@@ -162,70 +173,70 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-class Fp8DynamicLinear(nn.Module):
+class _Fp8Linear(_QuantizedLinear):
+    """fp8 weights `qt` [K, N] (column-major, as _scaled_mm takes its second operand) with scale
+    `w_scale`; `_fp8_matmul` runs on fp8 tensor cores where there are some, else the same rounding
+    in fp32 (how agreement is measured on a CPU)."""
+
+    def __init__(self, linear: nn.Linear):
+        if linear.in_features % 16 or linear.out_features % 16:
+            raise ValueError(f"fp8 matmuls need dimensions divisible by 16, not {linear.in_features}x"
+                             f"{linear.out_features}")
+        super().__init__(linear)
+
+    def _fp8_matmul(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if _fp8_native(xq):
+            return torch._scaled_mm(xq, self.qt, scale_a=x_scale, scale_b=self.w_scale, bias=self._bias_as(dtype),
+                                    out_dtype=dtype)
+        return self._reference(xq.float() * x_scale, dtype)
+
+    def _reference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        y = x.float() @ (self.qt.float() * self.w_scale)
+        return (y if self.bias is None else y + self.bias).to(dtype)
+
+
+class Fp8DynamicLinear(_Fp8Linear):
     """fp8 x fp8 -> fp32 accumulate, rescaled per row (activations) and per column (weights)."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
+        super().__init__(linear)
         q, scale = quantize_fp8_rows(linear.weight)
-        if linear.in_features % 16 or linear.out_features % 16:
-            raise ValueError(f"fp8 matmuls need dimensions divisible by 16, not {linear.in_features}x"
-                             f"{linear.out_features}")
-        self.register_buffer("qt", q.t())  # [K, N] column-major, as _scaled_mm takes its second operand
-        self.register_buffer("scale", scale.t().contiguous())  # [1, N]
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("qt", q.t())
+        self.register_buffer("w_scale", scale.t().contiguous())  # [1, N]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, xs = quantize_fp8_rows(x2)
-        if _fp8_native(x2):
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = torch._scaled_mm(xq, self.qt, scale_a=xs, scale_b=self.scale, bias=bias, out_dtype=x.dtype)
-        else:  # the same rounding, computed in fp32: how agreement is measured on a CPU
-            y = (xq.float() * xs) @ (self.qt.float() * self.scale)
-            if self.bias is not None:
-                y = y + self.bias
-            y = y.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_fp8_rows(x)
+        return self._fp8_matmul(xq, xs, x.dtype)
 
 
-class Fp8StaticLinear(nn.Module):
+class Fp8StaticLinear(_Fp8Linear):
     """fp8 x fp8 with per-tensor scales; the activation scale comes from `calibrate_fp8`."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.in_features % 16 or linear.out_features % 16:
-            raise ValueError(f"fp8 matmuls need dimensions divisible by 16, not {linear.in_features}x"
-                             f"{linear.out_features}")
+        super().__init__(linear)
         w = linear.weight.detach().float()
         w_scale = (w.abs().amax() / FP8_MAX).clamp(min=1e-12)
         self.register_buffer("qt", (w / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).t())
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("x_scale", torch.ones((), device=w.device))
         self.register_buffer("x_amax", torch.zeros((), device=w.device))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.calibrating = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:  # observe the range; compute with the fp8 weights and unrounded inputs
-            self.x_amax = torch.maximum(self.x_amax, x2.detach().abs().amax().float())
-            y = x2.float() @ (self.qt.float() * self.w_scale)
-            y = (y if self.bias is None else y + self.bias).to(x.dtype)
-            return y.reshape(*shape[:-1], self.out_features)
-        xq = (x2.float() / self.x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        if _fp8_native(x2):
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = torch._scaled_mm(xq, self.qt, scale_a=self.x_scale, scale_b=self.w_scale, bias=bias,
-                                 out_dtype=x.dtype)
-        else:
-            y = (xq.float() * self.x_scale) @ (self.qt.float() * self.w_scale)
-            y = (y if self.bias is None else y + self.bias).to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            self.x_amax = torch.maximum(self.x_amax, x.detach().abs().amax().float())
+            return self._reference(x, x.dtype)
+        xq = (x.float() / self.x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return self._fp8_matmul(xq, self.x_scale, x.dtype)
+
+
+# quantize mode -> (replacement layer, tag in the engine variant's name)
+QUANTIZED_LAYERS: dict[str, tuple[type[_QuantizedLinear], str]] = {
+    "int8-weight-only": (Int8WeightOnlyLinear, "int8wo"),
+    "int8-dynamic": (Int8DynamicLinear, "w8a8"),
+    "fp8-dynamic": (Fp8DynamicLinear, "fp8"),
+    "fp8-static": (Fp8StaticLinear, "fp8s"),
+}
 
 
 def calibrate_fp8(model: nn.Module, run) -> int:
@@ -272,12 +283,12 @@ def _encoder_linears(model: nn.Module):
 
 def apply_variant(model: nn.Module, quantize: str = "none", sparsity: str = "none") -> int:
     """Rewrites the model's encoder linears in place; returns how many were rewritten."""
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
+    if quantize != "none" and quantize not in QUANTIZED_LAYERS:
+        raise ValueError(f"quantize must be one of none, {', '.join(QUANTIZED_LAYERS)}, not {quantize!r}")
     if sparsity not in SPARSITY_MODES:
         raise ValueError(f"sparsity must be one of {', '.join(SPARSITY_MODES)}, not {sparsity!r}")
     if quantize != "none" and sparsity != "none":
-        raise ValueError("int8 and 2:4 sparsity do not combine here; pick one")
+        raise ValueError(f"quantization ({quantize}) and 2:4 sparsity do not combine here; pick one")
     n = 0
     for parent, attr, lin in list(_encoder_linears(model)):
         if sparsity == "2:4":
@@ -286,14 +297,8 @@ def apply_variant(model: nn.Module, quantize: str = "none", sparsity: str = "non
                 from torch.sparse import to_sparse_semi_structured
                 w = to_sparse_semi_structured(w)
             lin.weight = nn.Parameter(w, requires_grad=False)
-        elif quantize == "int8-weight-only":
-            setattr(parent, attr, Int8WeightOnlyLinear(lin).to(lin.weight.device))
-        elif quantize == "int8-dynamic":
-            setattr(parent, attr, Int8DynamicLinear(lin).to(lin.weight.device))
-        elif quantize == "fp8-dynamic":
-            setattr(parent, attr, Fp8DynamicLinear(lin).to(lin.weight.device))
-        elif quantize == "fp8-static":
-            setattr(parent, attr, Fp8StaticLinear(lin).to(lin.weight.device))
+        elif quantize != "none":
+            setattr(parent, attr, QUANTIZED_LAYERS[quantize][0](lin).to(lin.weight.device))
         else:
             continue
         n += 1
@@ -301,8 +306,7 @@ def apply_variant(model: nn.Module, quantize: str = "none", sparsity: str = "non
 
 
 def variant_suffix(quantize: str, sparsity: str, compiled: bool | str) -> str:
-    parts = [] if quantize == "none" else [{"int8-weight-only": "int8wo", "int8-dynamic": "w8a8",
-                                                   "fp8-dynamic": "fp8", "fp8-static": "fp8s"}[quantize]]
+    parts = [] if quantize == "none" else [QUANTIZED_LAYERS[quantize][1]]
     parts += ["sparse24"] if sparsity == "2:4" else []
     parts += [] if not compiled else ["compiled"] if compiled is True else [f"compiled-{compiled}"]
     return "".join(f"+{p}" for p in parts)
