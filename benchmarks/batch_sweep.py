@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from kernels.classify import ClassifierEngine
-    from producers.registry import DEFAULT_CLASSIFIER, NEUTRAL_PROTOTYPES
+    from producers.registry import DEFAULT_CLASSIFIER
     from workers.batcher import BatchPolicy, Pending, plan
+    from workers.host import classifier_kwargs
 
-    eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), device=args.device, max_length=256,
-                           prototypes=DEFAULT_CLASSIFIER.prototypes, neutral=NEUTRAL_PROTOTYPES,
-                           cpu_precision=args.precision)
+    eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), device=args.device, cpu_precision=args.precision,
+                           **classifier_kwargs(DEFAULT_CLASSIFIER))
     ids = eng.encode(texts(args.items, 8, 64, seed=1))
     rows, figures = [], {"device": args.device, "variant": eng.variant, "items": args.items, "by_batch_size": {}}
     base = None

@@ -1,4 +1,5 @@
-"""Classification engines: a fine-tuned sequence classifier, or a zero-shot embedding classifier.
+"""Classification engines: a fine-tuned sequence classifier, or a sentence encoder's pooled
+embedding scored by a trained linear head (kernels/heads.py) or by zero-shot label descriptions.
 
 Both take pre-tokenized items (so that tokenization runs in the caller's thread, overlapped with
 device work) and return one {label: score in [0, 1]} per item, in order.
@@ -45,7 +46,8 @@ class ClassifierEngine:
 
     def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 512,
                  prototypes: dict[str, list[str]] | None = None, neutral: list[str] | None = None,
-                 dtype: torch.dtype | None = None, cpu_precision: str = "auto", quantize: str = "none",
+                 head: Path | None = None, pooled: bool = False, dtype: torch.dtype | None = None,
+                 cpu_precision: str = "auto", quantize: str = "none",
                  sparsity: str = "none", compile: bool | str = False):
         self.device = resolve_device(device)
         self.quantize, self.sparsity, self.compiled = quantize, sparsity, compile
@@ -53,7 +55,9 @@ class ClassifierEngine:
         # On CPUs with native bf16 (AVX-512 BF16, AMX), bf16 autocast ran MiniLM-L6 1.4-1.8x faster
         # than fp32 at batch 64 on a 2-core AVX-512 BF16 machine (README, "Engine precision on the CPU").
         self.autocast = autocast_dtype(self.device, cpu_precision)
-        self.zero_shot = prototypes is not None
+        # pooled: a sentence encoder whose mean-pooled embedding is scored by `head` or `prototypes`
+        # (or returned as is, for training heads); else a sequence-classification model's logits.
+        self.pooled = pooled or prototypes is not None or head is not None
         self._load_backend(path)
         self.max_length = min(max_length, getattr(self.config, "max_position_embeddings", max_length))
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -68,16 +72,27 @@ class ClassifierEngine:
             # quantize and rescale steps); the first batch of each new shape compiles (seconds).
             # A string is torch.compile's mode (e.g. "max-autotune-no-cudagraphs").
             self.model = torch.compile(self.model, **({} if self.compiled is True else {"mode": self.compiled}))
-        if self.zero_shot:
-            assert prototypes is not None
+        self._head = None
+        if head is not None:
+            from .heads import load_head
+            w, b, self.labels = load_head(Path(head))
+            if w.shape[1] != self.config.hidden_size:
+                raise ValueError(f"head {head} expects {w.shape[1]}-wide embeddings; the encoder gives "
+                                 f"{self.config.hidden_size}")
+            self._head = (w.to(self.device), b.to(self.device))
+            from .loading import file_digest
+            self.revision = f"{self.revision}+{file_digest([Path(head)])}"
+        elif prototypes is not None:
             self.labels = list(prototypes)
             texts, owner = [], []
             for i, label in enumerate(self.labels):
                 texts += prototypes[label]
                 owner += [i] * len(prototypes[label])
-            self._protos = self._embed(self.encode(texts))
+            self._protos = self.embed(self.encode(texts))
             self._owner = torch.tensor(owner, device=self.device)
-            self._neutral = self._embed(self.encode(neutral or ["."]))
+            self._neutral = self.embed(self.encode(neutral or ["."]))
+        elif self.pooled:
+            self.labels = []
         else:
             id2label = self.config.id2label
             self.labels = [id2label[i] for i in range(len(id2label))]
@@ -86,7 +101,7 @@ class ClassifierEngine:
     def _load_backend(self, path: Path) -> None:
         """Sets model, tokenizer, config, revision and variant (the ONNX engine overrides this)."""
         self.model, self.tokenizer, self.revision = load_encoder(path, self.device, self.dtype,
-                                                                 classifier=not self.zero_shot)
+                                                                 classifier=not self.pooled)
         self.config = self.model.config
         precision = "bf16-autocast" if self.autocast is not None else str(self.dtype).removeprefix("torch.")
         from .quant import apply_variant, variant_suffix
@@ -94,10 +109,10 @@ class ClassifierEngine:
         self.variant = f"torch-{precision}-{self.device.type}{variant_suffix(self.quantize, self.sparsity, self.compiled)}"
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (zero-shot) or logits, as float32."""
+        """Last hidden states (pooled) or logits, as float32."""
         with self._amp():
             out = self.model(input_ids=ids, attention_mask=mask)
-        return (out.last_hidden_state if self.zero_shot else out.logits).float()
+        return (out.last_hidden_state if self.pooled else out.logits).float()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length (over-long inputs are truncated, not refused)."""
@@ -125,7 +140,7 @@ class ClassifierEngine:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     @torch.inference_mode()
-    def _embed(self, batch: list[list[int]]) -> torch.Tensor:
+    def embed(self, batch: list[list[int]]) -> torch.Tensor:
         ids, mask = self._pad(batch)
         hidden = self._forward(ids, mask)
         m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -136,8 +151,11 @@ class ClassifierEngine:
     def run(self, batch: list[list[int]]) -> list[dict[str, float]]:
         if not batch:
             return []
-        if self.zero_shot:
-            emb = self._embed(batch)
+        if self._head is not None:
+            w, b = self._head
+            scores = torch.sigmoid(self.embed(batch) @ w.T + b)
+        elif self.pooled:
+            emb = self.embed(batch)
             sims = emb @ self._protos.T  # [B, n_protos]
             per_label = torch.full((len(batch), len(self.labels)), -1.0, device=self.device)
             per_label = per_label.scatter_reduce(1, self._owner.expand(len(batch), -1), sims, reduce="amax")

@@ -102,8 +102,8 @@ class OnnxClassifierEngine(ClassifierEngine):
         manifest = read_manifest(path)
         if manifest is None:
             raise FileNotFoundError(f"{path} has no {MANIFEST}; build one with `gristmill optimize`")
-        if manifest["zero_shot"] != self.zero_shot:
-            raise ValueError(f"artifact {path} was built for {'zero-shot' if manifest['zero_shot'] else 'sequence'} "
+        if manifest["zero_shot"] != self.pooled:  # the key predates trained heads: "an encoder export"
+            raise ValueError(f"artifact {path} was built for {'pooled-embedding' if manifest['zero_shot'] else 'sequence'} "
                              f"classification; register it with the matching kind")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.config = AutoConfig.from_pretrained(str(path))

@@ -25,6 +25,17 @@ class RequestCounts(BaseModel):
     failed: int = 0
 
 
+class DedupCounts(BaseModel):
+    """Classifier inputs looked up in the score cache, and those answered without running the model
+    (cached from an earlier chunk or batch, or repeated within one chunk)."""
+    inputs: int = 0
+    reused: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.reused / self.inputs if self.inputs else 0.0
+
+
 class Batch(BaseModel):
     """A batch as OpenAI describes one, plus the counts gristmill keeps."""
     id: str
@@ -45,6 +56,9 @@ class Batch(BaseModel):
     cancelled_at: int | None = None
     errors: list[dict[str, Any]] | None = None
     metadata: dict[str, str] | None = None
+    # The moderation policy the batch runs under: {policy_version, model, thresholds_digest}.
+    policy: dict[str, str] | None = None
+    dedup: DedupCounts = DedupCounts()
 
     @property
     def done(self) -> bool:
@@ -62,6 +76,10 @@ if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
   completed, failed = tonumber(ARGV[5]), tonumber(ARGV[6])
   if completed > 0 then redis.call('HINCRBY', KEYS[1], 'completed', completed) end
   if failed > 0 then redis.call('HINCRBY', KEYS[1], 'failed', failed) end
+  if tonumber(ARGV[7]) > 0 then
+    redis.call('HINCRBY', KEYS[1], 'dedup_inputs', ARGV[7])
+    redis.call('HINCRBY', KEYS[1], 'dedup_reused', ARGV[8])
+  end
 end
 if ARGV[1] ~= '' then redis.call('SADD', KEYS[3], ARGV[1]) end
 local transition = ''
@@ -146,11 +164,14 @@ class BatchStore:
 
     # -- creation and reads
     def create(self, batch_id: str, *, input_file: str | None, completion_window: str, window_s: int,
-               metadata: dict[str, str] | None = None) -> None:
+               metadata: dict[str, str] | None = None, policy=None) -> None:
         now = int(time.time())
         meta = {"status": C.VALIDATING, "created_at": now, "expires_at": now + window_s,
                 "completion_window": completion_window, "total": 0, "completed": 0, "failed": 0,
                 "input_file": input_file or "", "metadata": json.dumps(metadata or {})}
+        if policy is not None:
+            meta["policy"] = json.dumps({"policy_version": policy.policy_version, "model": policy.model,
+                                         "thresholds_digest": policy.thresholds_digest})
         pipe = self.r.pipeline()
         pipe.hset(C.batch_key(batch_id), mapping=meta)
         pipe.zadd(C.BATCH_INDEX, {batch_id: now})
@@ -171,7 +192,10 @@ class BatchStore:
                      completion_window=m.get("completion_window", "24h"),
                      request_counts=RequestCounts(total=int(m.get("total", 0)), completed=int(m.get("completed", 0)),
                                                   failed=int(m.get("failed", 0))),
-                     errors=errors, metadata=json.loads(m.get("metadata") or "{}") or None, **fields)
+                     errors=errors, metadata=json.loads(m.get("metadata") or "{}") or None,
+                     policy=json.loads(m["policy"]) if m.get("policy") else None,
+                     dedup=DedupCounts(inputs=int(m.get("dedup_inputs", 0)), reused=int(m.get("dedup_reused", 0))),
+                     **fields)
 
     def add_ids(self, batch_id: str, ids: list[str]) -> list[str]:
         """Record custom_ids for duplicate detection; returns those seen before (repeats)."""
@@ -200,7 +224,7 @@ class BatchStore:
         return self.record(batch_id, None, [])
 
     def record(self, batch_id: str, chunk: int | None, lines: list[tuple[dict[str, Any], bool]],
-               part: str | None = None) -> str:
+               part: str | None = None, dedup: tuple[int, int] = (0, 0)) -> str:
         """Write (line, is_error) pairs as one part, once: a worker's part is its chunk ("c<chunk>"),
         so a redelivered chunk writes nothing; ingest names its own parts. Marks `chunk` done and
         finalizes the batch after its last chunk. Returns the transition made ('' when none)."""
@@ -208,7 +232,7 @@ class BatchStore:
             part = "" if chunk is None else f"c{chunk}"
         value, n_out, n_err = encode_part(lines) if lines else ("", 0, 0)
         argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", value,
-                           n_out, n_err]
+                           n_out, n_err, *dedup]
         keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id)]
         _, _, transition = self._record(keys=keys, args=argv)
         if transition == C.FINALIZING:

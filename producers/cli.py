@@ -27,13 +27,27 @@ def _progress_line(b) -> str:
     return f"{b.id} {b.status}: {rc.completed} completed, {rc.failed} failed, {rc.total} total"
 
 
+def _details(b) -> str:
+    """Policy and dedup lines for `status`."""
+    out = []
+    if b.policy:
+        out.append(f"  policy {b.policy['policy_version']} (model {b.policy['model']}, "
+                   f"thresholds {b.policy['thresholds_digest']})")
+    if b.dedup.inputs:
+        out.append(f"  dedup: {b.dedup.reused} of {b.dedup.inputs} classifier inputs reused "
+                   f"({b.dedup.hit_rate:.1%} hit rate)")
+    return "\n".join(out)
+
+
 @cli.command()
 def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format"),
            wait: bool = typer.Option(False, "--wait", help="block until the batch ends, showing progress"),
-           completion_window: Optional[str] = typer.Option(None, help="e.g. 24h (default: settings)")):
+           completion_window: Optional[str] = typer.Option(None, help="e.g. 24h (default: settings)"),
+           policy: Optional[Path] = typer.Option(None, "--policy", help="moderation policy (YAML or JSON) for "
+                                                 "this batch (default: GRISTMILL_MODERATION_POLICY or the shipped one)")):
     """Validate and enqueue FILE; prints the batch id as the last line."""
     c = _client()
-    b = c.submit_file(file, completion_window=completion_window)
+    b = c.submit_file(file, completion_window=completion_window, policy=policy)
     typer.echo(_progress_line(b), err=True)
     if wait:
         last = [""]
@@ -49,9 +63,25 @@ def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format")
 
 @cli.command()
 def status(batch_id: str, as_json: bool = typer.Option(False, "--json", help="the whole batch object as JSON")):
-    """Status and request_counts of a batch."""
+    """Status and request_counts of a batch, its moderation policy and its dedup hit rate."""
     b = _client().get(batch_id)
-    typer.echo(b.model_dump_json(indent=2) if as_json else _progress_line(b))
+    if as_json:
+        typer.echo(b.model_dump_json(indent=2))
+        return
+    typer.echo(_progress_line(b))
+    if _details(b):
+        typer.echo(_details(b))
+
+
+@cli.command()
+def review(batch_id: str, band: str = typer.Option(..., "--band", help="LOW:HIGH, e.g. 0.3:0.7"),
+           output: Path = typer.Option(..., "-o", "--output", help="CSV to write"),
+           input_file: Optional[Path] = typer.Option(None, "--input", help="the submitted JSONL, if it moved"),
+           text_chars: int = typer.Option(500, help="characters of each text to include (0: all)")):
+    """Export for human review every classifier score inside the band (one row per input and label)."""
+    from .review import write_review
+    n, joined = write_review(_client(), batch_id, band, output, input_file, text_chars)
+    typer.echo(f"{n} rows -> {output}" + ("" if joined else " (input file not found: texts left empty; pass --input)"))
 
 
 @cli.command()

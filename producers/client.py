@@ -12,6 +12,7 @@ import redis
 from . import constants as C
 from .batches import Batch, BatchStore, new_batch_id
 from .errors import SubmissionRejected
+from .policy import Policy
 from .ingest import AUTO_PARALLEL_LINES, IngestReport, check_unique, enqueue, enqueue_parallel, ranges
 from .redis_server import resolve_redis_url
 from .registry import ModelSpec
@@ -41,16 +42,20 @@ class Client:
         return self._app
 
     def submit_file(self, path: str | Path, *, completion_window: str | None = None,
-                    metadata: dict[str, str] | None = None) -> Batch:
+                    metadata: dict[str, str] | None = None, policy: str | Path | Policy | None = None) -> Batch:
         """Validate and enqueue every line of `path`. Raises SubmissionRejected (nothing enqueued)
-        for whole-file problems such as duplicate custom_ids; bad lines become error lines."""
+        for whole-file problems such as duplicate custom_ids; bad lines become error lines.
+        `policy` (a Policy or its YAML/JSON file) governs the batch's moderation lines; default:
+        GRISTMILL_MODERATION_POLICY, else the shipped policy."""
         path = Path(path)
         if not path.is_file():
             raise SubmissionRejected(f"input file {path} does not exist")
+        if policy is None or not isinstance(policy, Policy):
+            policy = self.settings.policy(Path(policy) if policy is not None else None)
         window = completion_window or self.settings.completion_window
         batch_id = new_batch_id()
         self.store.create(batch_id, input_file=str(path), completion_window=window,
-                          window_s=parse_window(window), metadata=metadata)
+                          window_s=parse_window(window), metadata=metadata, policy=policy)
         try:
             pass1 = check_unique(self.store, batch_id, path)
         except SubmissionRejected as e:
@@ -60,9 +65,10 @@ class Client:
         report = IngestReport(total=pass1.total, sha256=pass1.sha256)
         spans = ranges(pass1.marks, self._ingest_processes(pass1.total))
         if len(spans) > 1:
-            enqueue_parallel(self.settings, self.redis_url, batch_id, path, spans, report)
+            enqueue_parallel(self.settings, self.redis_url, batch_id, path, spans, report, policy)
         else:
-            enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report)
+            enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report,
+                    policy=policy)
         if report.valid == 0:
             self.redis.hset(C.batch_key(batch_id), "valid", 0)
         self.store.set_chunks_total(batch_id, report.chunks)

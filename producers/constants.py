@@ -73,6 +73,11 @@ def attempts_key(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:attempts"
 
 
+def dedup_key(model_key: str, sha256: str) -> str:
+    """String: one classifier input's packed scores (workers/dedup.py), expiring after DEDUP_TTL_S."""
+    return f"{PREFIX}:dedup:{model_key}:{sha256[:32]}"
+
+
 BATCH_INDEX = f"{PREFIX}:batches"  # sorted set: batch id scored by created_at
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import constants as C
 from .batches import BatchStore
 from .errors import DuplicateCustomIds
+from .policy import Policy
 from .registry import Registry
 from .schemas import LineError, WorkItem, error_line, peek_custom_id, validate_line
 
@@ -141,18 +142,21 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
 
 def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Path, chunk_size: int,
             report: IngestReport, span: tuple[int, int | None, int] = (0, None, 1), stride: int = 1,
-            offset: int = 0) -> None:
+            offset: int = 0, policy: Policy | None = None) -> None:
     """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks.
 
     `span` = (start byte, end byte, first line number) of the lines to take; the k-th chunk sent
-    is numbered k * stride + offset, so parallel ranges never share a chunk number."""
+    is numbered k * stride + offset, so parallel ranges never share a chunk number. Classification
+    messages carry the batch's moderation `policy` (~1 kB), so workers apply what ingest checked."""
     buffers: dict[str, list[dict]] = {q: [] for q in C.QUEUES}
     errors: list[tuple[dict, bool]] = []
+    extra = {C.CLASSIFY_QUEUE: {"policy": policy.wire()} if policy is not None else {}}
 
     def send(queue: str) -> None:
         items = buffers[queue]
         if items:
-            app.send_task(C.QUEUE_TASK[queue], args=[batch_id, report.chunks * stride + offset, items], queue=queue)
+            app.send_task(C.QUEUE_TASK[queue], args=[batch_id, report.chunks * stride + offset, items],
+                          kwargs=extra.get(queue, {}), queue=queue)
             report.chunks += 1
             report.by_queue[queue] = report.by_queue.get(queue, 0) + len(items)
             buffers[queue] = []
@@ -172,7 +176,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
         for n, raw in iter_lines(path, *span):
             if report.cancelled:
                 break
-            result = validate_line(raw, n, registry)
+            result = validate_line(raw, n, registry, policy)
             if isinstance(result, LineError):
                 report.invalid += 1
                 errors.append((error_line(result.custom_id, result.code, result.message, n), True))
@@ -192,7 +196,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
 
 
 def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
-                   span: tuple[int, int | None, int], stride: int, offset: int) -> dict:
+                   span: tuple[int, int | None, int], stride: int, offset: int, policy: dict | None = None) -> dict:
     """One pass-2 process: its own Settings, Redis connection and Celery producer."""
     import redis as redis_lib
 
@@ -202,13 +206,14 @@ def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
     r = redis_lib.Redis.from_url(redis_url, decode_responses=True)
     report = IngestReport()
     enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s), settings.registry, batch_id,
-            Path(path), settings.chunk_size, report, span, stride, offset)
+            Path(path), settings.chunk_size, report, span, stride, offset,
+            Policy.model_validate(policy) if policy is not None else None)
     r.close()
     return dataclasses.asdict(report)
 
 
 def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans: list[tuple[int, int | None, int]],
-                     report: IngestReport) -> None:
+                     report: IngestReport, policy: Policy | None = None) -> None:
     """Pass 2 over `spans`, one `python -m producers.ingest` process each. Plain subprocesses, not
     multiprocessing: spawn would re-import the caller's __main__, which a user's script may not guard."""
     import json
@@ -217,7 +222,8 @@ def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans:
     procs = []
     for i, span in enumerate(spans):
         job = json.dumps({"settings": settings.model_dump_json(), "redis_url": redis_url, "batch_id": batch_id,
-                          "path": str(path), "span": span, "stride": len(spans), "offset": i})
+                          "path": str(path), "span": span, "stride": len(spans), "offset": i,
+                          "policy": policy.wire() if policy is not None else None})
         procs.append(subprocess.Popen([sys.executable, "-m", "producers.ingest", job], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     failures = []
@@ -237,4 +243,4 @@ if __name__ == "__main__":
     import sys
     job = json.loads(sys.argv[1])
     print(json.dumps(_enqueue_range(job["settings"], job["redis_url"], job["batch_id"], job["path"],
-                                    tuple(job["span"]), job["stride"], job["offset"])))
+                                    tuple(job["span"]), job["stride"], job["offset"], job.get("policy"))))

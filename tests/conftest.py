@@ -36,3 +36,9 @@ def tiny_settings(tiny_models_file, tmp_path_factory):
     from producers.settings import Settings
     return Settings(models_file=tiny_models_file, builtin_models=False,
                     home=tmp_path_factory.mktemp("home"), redis_url="redis://unused:1/0")
+
+
+@pytest.fixture(scope="session")
+def weights(tiny_models_file) -> Path:
+    """The tiny models' weight directories: chat, classifier, encoder."""
+    return tiny_models_file.parent / "weights"

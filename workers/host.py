@@ -13,25 +13,39 @@ from typing import Any
 from producers import constants as C
 from producers import schemas as S
 from producers.errors import ItemError
+from producers.policy import Policy, model_policy
 from producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
 from producers.settings import Settings
+
+from . import dedup
+from .dedup import ScoreCache
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Prepared:
-    """One item made ready for the batcher: payloads for the engine, their token costs."""
+    """One item made ready for the batcher: payloads for the engine, their token costs.
+
+    Classifier items also carry each input's SHA-256 and, where the score cache answered, its
+    scores (`known`, with no payload). An input repeating an earlier one of the same chunk has
+    neither payload nor scores: it shares the earlier input's result."""
     item: S.WorkItem
     payloads: list[Any]
     costs: list[int]
+    shas: list[str] | None = None
+    known: list[dict[str, float] | None] | None = None
+    mkey: str = ""  # the score-cache namespace of the item's model
+    # per input: answered without running it here (cache, a repeat, or another chunk's run)
+    reused: list[bool] | None = None
 
 
 class EngineHost:
-    def __init__(self, settings: Settings, device: str = "cpu"):
+    def __init__(self, settings: Settings, device: str = "cpu", cache: ScoreCache | None = None):
         self.settings = settings
         self.registry = settings.registry
         self.device = device
+        self.cache = cache
         self._engines: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -101,13 +115,60 @@ class EngineHost:
         for model, entries in texts_by_model.items():
             eng = self.engine(model)
             flat = [t for _, texts in entries for t in texts]
-            ids = eng.encode(flat)
+            shas = [S.text_sha256(t) for t in flat]
+            mkey = self.model_key(model)
+            cached = self.cache.lookup(mkey, shas) if self.cache is not None else [None] * len(flat)
+            known = [None if c is None else dedup.unpack(c, eng.labels) for c in cached]
+            first: dict[str, int] = {}
+            todo = [j for j, sha in enumerate(shas) if known[j] is None and first.setdefault(sha, j) == j]
+            ids = dict(zip(todo, eng.encode([flat[j] for j in todo])))  # tokenize only what will run
             k = 0
             for i, texts in entries:
-                payloads = ids[k: k + len(texts)]
+                span = range(k, k + len(texts))
                 k += len(texts)
-                out[i] = Prepared(items[i], payloads, [len(p) for p in payloads])
+                payloads = [ids.get(j) for j in span]
+                out[i] = Prepared(items[i], payloads, [len(p) if p is not None else 0 for p in payloads],
+                                  [shas[j] for j in span], [known[j] for j in span], mkey,
+                                  [ids.get(j) is None for j in span])
         return out  # type: ignore[return-value]
+
+    def model_key(self, model: str) -> str:
+        """The score-cache namespace of a loaded classifier: what ran, down to the variant."""
+        eng = self.engine(model)
+        return dedup.model_key(model, self.revision(self.registry.get(model), eng), eng.variant, eng.labels)
+
+    def settle(self, done: list[tuple[Prepared, list[Any]]]) -> tuple[list[tuple[S.WorkItem, list[Any]]], int, int]:
+        """Classifier results made canonical: new scores go into the cache, and where another
+        writer stored the same text first, its scores stand. Returns (item, results) pairs, the
+        classifier inputs seen and those reused (cache hits and repeats within the chunk)."""
+        computed: dict[str, dict[str, Any]] = {}  # model -> sha -> scores
+        inputs = reused = 0
+        for p, results in done:
+            if p.shas is None:
+                continue
+            inputs += len(p.shas)
+            for sha, was_reused, r in zip(p.shas, p.reused or [], results):
+                if was_reused:
+                    reused += 1
+                else:
+                    computed.setdefault(p.item.model, {})[sha] = r
+        final: dict[str, dict[str, dict[str, float]]] = {}
+        for model, by_sha in computed.items():
+            labels = self.engine(model).labels
+            packed = [dedup.pack(v, labels) for v in by_sha.values()]
+            if self.cache is not None:
+                try:
+                    packed = self.cache.publish(self.model_key(model), list(by_sha), packed)
+                except Exception:  # noqa: BLE001 - the cache is an optimisation; a Redis hiccup must not fail lines
+                    log.warning("score cache publish failed; lines keep their own scores", exc_info=True)
+            final[model] = {sha: dedup.unpack(v, labels) for sha, v in zip(by_sha, packed)}
+        out = []
+        for p, results in done:
+            if p.shas is not None and p.item.model in final:
+                table = final[p.item.model]
+                results = [table.get(sha, r) for sha, r in zip(p.shas, results)]
+            out.append((p.item, results))
+        return out, inputs, reused
 
     def _prepare_generation(self, it: S.WorkItem, spec: ModelSpec) -> Prepared | S.LineError:
         from kernels.generate import GenRequest, PromptTooLong
@@ -155,11 +216,13 @@ class EngineHost:
             import torch
             torch.cuda.empty_cache()  # give the cached blocks back before the batcher retries halves
 
-    def format(self, it: S.WorkItem, results: list[Any]) -> dict[str, Any]:
-        return self.format_many([(it, results)])[0]
+    def format(self, it: S.WorkItem, results: list[Any], policy: Policy | None = None) -> dict[str, Any]:
+        return self.format_many([(it, results)], policy)[0]
 
-    def format_many(self, done: list[tuple[S.WorkItem, list[Any]]]) -> list[dict[str, Any]]:
-        """Output lines for (item, engine results) pairs; per-model facts looked up once."""
+    def format_many(self, done: list[tuple[S.WorkItem, list[Any]]], policy: Policy | None = None) -> list[dict[str, Any]]:
+        """Output lines for (item, engine results) pairs; per-model facts looked up once. A
+        classifier's scores pass through the batch's `policy` when it is the policy's model, else
+        through the model's own registered thresholds."""
         out = []
         facts: dict[str, tuple] = {}
         for it, results in done:
@@ -167,27 +230,35 @@ class EngineHost:
             if f is None:
                 spec = self.registry.get(it.model)
                 eng = self.engine(it.model)
-                labels = getattr(eng, "labels", [])
-                f = facts[it.model] = (spec, eng, self.revision(spec, eng),
-                                       {label: spec.threshold(label) for label in labels})
-            spec, eng, revision, thresholds = f
-            prov = S.provenance(spec.name, revision, eng.variant, it.input_sha256)
+                pol = sources = None
+                if not spec.is_generator:
+                    pol = policy if policy is not None and policy.model == spec.name else model_policy(spec, eng.labels)
+                    sources = pol.sources(eng.labels)
+                f = facts[it.model] = (spec, eng, self.revision(spec, eng), pol, sources)
+            spec, eng, revision, pol, sources = f
             if it.url in (C.CHAT_URL, C.COMPLETIONS_URL):
                 (r,) = results
                 build = S.chat_body if it.url == C.CHAT_URL else S.completion_body
                 body = build(spec.name, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, eng.variant)
+                prov = S.provenance(spec.name, revision, eng.variant, it.input_sha256)
             else:
                 build = S.moderation_body if it.url == C.MODERATIONS_URL else S.classification_body
-                body = build(spec.name, results, thresholds, spec.policy_version)
+                body = build(spec.name, [pol.apply(r, sources) for r in results], pol.resolved_thresholds(),
+                             pol.policy_version)
+                texts = it.body["input"]
+                shas = [S.text_sha256(t) for t in S.as_inputs(texts)]
+                prov = S.provenance(spec.name, revision, eng.variant, shas[0] if isinstance(texts, str) else shas, pol)
             out.append(S.output_line(it.custom_id, body, prov))
         return out
 
 
 def classifier_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    """ClassifierEngine keyword arguments for a registered classifier (zero-shot or not)."""
+    """ClassifierEngine keyword arguments for a registered classifier."""
     kw: dict[str, Any] = {"max_length": spec.max_input_tokens}
     if spec.kind == "zero_shot":
         kw.update(prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
+    elif spec.kind == "embedding_classifier":
+        kw.update(head=spec.resolve_head())
     return kw
 
 

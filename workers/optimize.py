@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
     from kernels.optimize import artifact_digest, build_artifact
     from kernels.onnx_engine import read_manifest
     from producers.errors import GristmillError
+    from producers.registry import POOLED_KINDS
     from producers.settings import Settings
     try:
         specs = Settings().registry.specs
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
     quantize = None if args.quantize == "none" else args.quantize
     calibration = read_texts(args.calibration) if args.calibration else builtin.sentences(256)
     heldout = read_texts(args.texts) if args.texts else builtin.sentences(512, heldout=True)
-    zero_shot = spec.kind == "zero_shot"
+    zero_shot = spec.kind in POOLED_KINDS  # the artifact is the encoder; the head or prototypes stay outside
     digest = artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                              calibration=calibration, max_length=spec.max_input_tokens,
                              distill_steps=args.distill_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -60,7 +61,7 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
     for r in mod.results:
         for v in r.category_scores.model_dump(by_alias=True).values():
             assert v is None or 0 <= v <= 1
-    assert all(r["policy_version"] == "tiny-mod-3" for r in by_id["m2"]["response"]["body"]["results"])
+    assert all(r["policy_version"] == "tiny-mod-3" for r in by_id["m2"]["response"]["body"]["results"]), by_id["m2"]
     k2 = by_id["k2"]["response"]["body"]
     assert len(k2["results"]) == 3 and all(r["policy_version"] == "tiny-policy-7" for r in k2["results"])
     assert all(r["thresholds"]["negative"] == 0.2 for r in k2["results"])
@@ -73,9 +74,15 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
         else:
             assert prov["engine_variant"] in ("torch-float32-cpu", "torch-bf16-autocast-cpu")
         assert len(prov["model_revision"]) == 12
+        if prov["model"] != "tiny-chat":  # classifier lines: the policy, and a digest per input text
+            assert prov["policy_version"] in ("tiny-mod-3", "tiny-policy-7") and len(prov["thresholds_digest"]) == 16
     k1_row = next(r for r in rows if isinstance(r, dict) and r.get("custom_id") == "k1")
-    expect = validate_line(json.dumps(k1_row), 1, client.settings.registry)
-    assert by_id["k1"]["provenance"]["input_sha256"] == expect.input_sha256
+    assert by_id["k1"]["provenance"]["input_sha256"] == hashlib.sha256(k1_row["body"]["input"].encode()).hexdigest()
+    assert by_id["m2"]["provenance"]["input_sha256"] == [hashlib.sha256(t.encode()).hexdigest()
+                                                         for t in ("have a lovely day", "i will hurt you")]
+    c1_row = next(r for r in rows if isinstance(r, dict) and r.get("custom_id") == "c1")
+    assert by_id["c1"]["provenance"]["input_sha256"] == validate_line(json.dumps(c1_row), 1,
+                                                                      client.settings.registry).input_sha256
 
 
 def test_duplicate_custom_ids_reject_the_whole_submission(client, tmp_path):

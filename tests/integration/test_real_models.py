@@ -11,6 +11,7 @@ from openai.types.chat import ChatCompletion
 
 from producers import constants as C
 from producers.client import Client
+from producers.policy import DEFAULT_POLICY_FILE, load_policy
 from producers.settings import Settings
 
 from .conftest import ROOT, WorkerProcess, clean, worker_env
@@ -59,6 +60,26 @@ def test_default_models_answer_sensibly(redis_url, real_home, tmp_path):
         assert pair[0].categories.self_harm_intent and not pair[1].flagged
         prov = by["threat"]["provenance"]
         assert prov["model"] == "all-MiniLM-L6-v2-moderation" and prov["engine_variant"] in ("torch-float32-cpu", "torch-bf16-autocast-cpu")
+        shipped = load_policy(DEFAULT_POLICY_FILE)
+        assert prov["policy_version"] == shipped.policy_version == by["threat"]["response"]["body"]["results"][0]["policy_version"]
+        assert prov["thresholds_digest"] == shipped.thresholds_digest
         c.close()
     finally:
         w.stop()
+
+
+def test_shipped_head_is_what_training_on_the_seed_set_gives():
+    """kernels/moderation/head.safetensors must come from kernels/moderation/seed.jsonl with the
+    recipe in kernels/heads.py: retrain and compare (fp32 CPU embeddings, L-BFGS from zeros)."""
+    import torch
+
+    from kernels import heads
+    from producers.registry import DEFAULT_CLASSIFIER
+    examples = heads.load_seed()
+    w0, b0, labels = heads.load_head(heads.DEFAULT_HEAD)
+    emb = heads.embed([e.text for e in examples], DEFAULT_CLASSIFIER.resolve_path())
+    w, b = heads.fit(emb, heads.targets_of(examples, labels))
+    assert torch.allclose(w, w0, atol=1e-3) and torch.allclose(b, b0, atol=1e-3)
+    probs = torch.sigmoid(emb @ w0.T + b0)
+    # the head separates its own training set (a sanity floor, not the held-out figure)
+    assert float(((probs >= 0.5) == (heads.targets_of(examples, labels) == 1)).float().mean()) > 0.95

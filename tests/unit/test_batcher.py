@@ -183,6 +183,47 @@ def test_a_chunk_submitted_per_model_returns_results_to_their_items():
     assert sorted(calls) == [("a", 3), ("b", 1)], "one batch per model: the chunk arrived in one call per model"
 
 
+def test_repeated_inputs_share_one_run_within_and_across_chunks():
+    from producers.schemas import WorkItem
+    from workers.dedup import Recent
+    from workers.host import Prepared
+    from workers.tasks import submit_chunk
+    calls = []
+
+    def runner(key, payloads):
+        calls.append(list(payloads))
+        if "boom" in payloads:
+            raise RuntimeError("boom")
+        return [p.upper() for p in payloads]
+
+    def prep(i, shas, payloads, known=None):
+        n = len(shas)
+        return Prepared(WorkItem(i, f"c{i}", "/v1/moderations", "m", {}, ""), payloads, [1] * n, shas,
+                        known or [None] * n, "mk", [p is None for p in payloads])
+
+    b = MicroBatcher(runner, BatchPolicy(max_batch_size=64, token_budget=10_000, max_wait_s=0.01))
+    recent = Recent(capacity=8)
+    try:
+        # chunk 1: "x" twice (the repeat has no payload), and a cached "y"
+        one = submit_chunk(b, [prep(0, ["sx", "sx"], ["x", None]), prep(1, ["sy"], [None], [{"k": 1.0}])], recent)
+        # chunk 2, concurrently: "x" again shares chunk 1's run
+        two = submit_chunk(b, [prep(2, ["sx"], ["x"])], recent)
+        got = [[f.result(timeout=5) for f in fs] for _, fs in one + two]
+        assert got == [["X", "X"], [{"k": 1.0}], ["X"]]
+        assert calls == [["x"]], "x ran once"
+        assert two[0][0].reused == [True] and one[0][0].reused == [False, True]
+        # a failed run is not shared with later chunks: they run it again
+        bad = submit_chunk(b, [prep(3, ["sb"], ["boom"])], recent)
+        with pytest.raises(RuntimeError):
+            bad[0][1][0].result(timeout=5)
+        again = submit_chunk(b, [prep(4, ["sb"], ["boom"])], recent)
+        with pytest.raises(RuntimeError):
+            again[0][1][0].result(timeout=5)
+        assert calls.count(["boom"]) == 2
+    finally:
+        b.shutdown()
+
+
 def _streaming_batcher(started: threading.Event, go: threading.Event, fail_after: int | None = None):
     """A batcher whose stream runner doubles payloads, pulls every pending item of its key, finishes
     items one by one, and (optionally) raises after `fail_after` finishes."""

@@ -11,11 +11,6 @@ from producers.registry import DEFAULT_PROTOTYPES
 
 
 @pytest.fixture(scope="module")
-def weights(tiny_models_file) -> Path:
-    return tiny_models_file.parent / "weights"
-
-
-@pytest.fixture(scope="module")
 def gen(weights, tmp_path_factory):
     return GenerationEngine(weights / "chat", cache_dir=tmp_path_factory.mktemp("cache"), max_context=64)
 

@@ -18,11 +18,6 @@ from producers.registry import DEFAULT_PROTOTYPES  # noqa: E402
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "i will hurt you", "a", "ok then " * 20]
 
 
-@pytest.fixture(scope="module")
-def weights(tiny_models_file) -> Path:
-    return tiny_models_file.parent / "weights"
-
-
 def _batches(eng, texts):
     ids, mask = eng._pad(eng.encode(texts))
     return [(ids, mask)]

@@ -32,9 +32,9 @@ def test_alias_resolves_to_registered_name(registry):
 
 
 def test_same_body_same_digest_regardless_of_key_order(registry):
-    a = validate_line('{"custom_id":"a","method":"POST","url":"/v1/moderations","body":{"input":"x","model":"tiny-moderation"}}', 1, registry)
-    b = validate_line('{"custom_id":"b","method":"POST","url":"/v1/moderations","body":{"model":"tiny-moderation","input":"x"}}', 2, registry)
-    assert a.input_sha256 == b.input_sha256
+    a = validate_line('{"custom_id":"a","method":"POST","url":"/v1/completions","body":{"prompt":"x","model":"tiny-chat"}}', 1, registry)
+    b = validate_line('{"custom_id":"b","method":"POST","url":"/v1/completions","body":{"model":"tiny-chat","prompt":"x"}}', 2, registry)
+    assert a.input_sha256 == b.input_sha256 and len(a.input_sha256) == 64
 
 
 @pytest.mark.parametrize("raw,code,cid", [
@@ -51,7 +51,7 @@ def test_same_body_same_digest_regardless_of_key_order(registry):
     (line(body={"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}), C.E_INVALID_BODY, "a"),
     (line(body={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), C.E_MODEL_NOT_FOUND, "a"),
     (line(url=C.MODERATIONS_URL, body={"input": []}), C.E_INVALID_BODY, "a"),
-    (line(url=C.MODERATIONS_URL, body={"model": "tiny-classifier", "input": "x"}), C.E_MODEL_NOT_FOUND, "a"),
+    (line(url=C.MODERATIONS_URL, body={"model": "gpt-9", "input": "x"}), C.E_MODEL_NOT_FOUND, "a"),
     (line(url=C.COMPLETIONS_URL, body={"prompt": ["a", "b"]}), C.E_INVALID_BODY, "a"),
 ])
 def test_bad_lines_name_code_line_and_custom_id(registry, raw, code, cid):

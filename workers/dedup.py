@@ -1,0 +1,113 @@
+"""The classifier score cache: identical inputs run once and score identically.
+
+An entry maps (model, weights revision, engine variant, labels) + SHA-256 of the UTF-8 text to
+the model's scores, packed as float32 in label order (the engines compute float32, so packing
+loses nothing). Thresholds are not part of the key: a policy turns scores into flags afterwards,
+so batches under different policies share entries. Entries expire after GRISTMILL_DEDUP_TTL_S.
+
+Within a worker process, `Recent` shares the pending or finished result of an input among the
+chunks in flight, so a text repeated across concurrent chunks runs once. Across processes, two that
+miss on the same text at once both compute it; `publish` keeps the first writer's scores (SET NX)
+and hands them to the second, so every line reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from producers import constants as C
+
+# KEYS: entry keys. ARGV: ttl seconds, then one packed value per key. Sets each key that is absent
+# and returns the value that stands for every key (the earlier writer's, where there was one).
+_PUBLISH = """
+local out = {}
+for i = 1, #KEYS do
+  local v = ARGV[i + 1]
+  if redis.call('SET', KEYS[i], v, 'NX', 'EX', ARGV[1]) then
+    out[i] = v
+  else
+    out[i] = redis.call('GET', KEYS[i]) or v
+  end
+end
+return out
+"""
+
+
+def model_key(model: str, revision: str, variant: str, labels: Sequence[str]) -> str:
+    blob = "\x1f".join([model, revision, variant, *labels])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pack(scores: dict[str, float], labels: Sequence[str]) -> str:
+    return base64.b64encode(np.asarray([scores[k] for k in labels], dtype="<f4").tobytes()).decode()
+
+
+def unpack(value: str, labels: Sequence[str]) -> dict[str, float]:
+    arr = np.frombuffer(base64.b64decode(value), dtype="<f4")
+    if len(arr) != len(labels):
+        raise ValueError(f"cached scores hold {len(arr)} labels, the model has {len(labels)}")
+    return dict(zip(labels, arr.tolist()))
+
+
+def canonical(scores: dict[str, float], labels: Sequence[str]) -> dict[str, float]:
+    """The scores as a cache round trip returns them (float32), so a computed line and a cached
+    line for the same text print the same digits."""
+    return unpack(pack(scores, labels), labels)
+
+
+class ScoreCache:
+    def __init__(self, redis, ttl_s: int):
+        self.r = redis
+        self.ttl_s = ttl_s
+        self._publish = redis.register_script(_PUBLISH) if ttl_s > 0 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0
+
+    def lookup(self, mkey: str, shas: Sequence[str]) -> list[str | None]:
+        if not self.enabled or not shas:
+            return [None] * len(shas)
+        return self.r.mget([C.dedup_key(mkey, s) for s in shas])
+
+    def publish(self, mkey: str, shas: Sequence[str], values: Sequence[str]) -> list[str]:
+        """Store computed values where absent; returns the value that stands for each sha."""
+        if not self.enabled or not shas:
+            return list(values)
+        keys = [C.dedup_key(mkey, s) for s in shas]
+        return list(self._publish(keys=keys, args=[self.ttl_s, *values]))
+
+
+class Recent:
+    """The futures of recently submitted classifier inputs, by (model key, sha): a chunk whose input
+    is already running, or ran moments ago, takes that result instead of running it again. Bounded
+    (least recently used out); a future that fails is dropped, so a retry runs afresh."""
+
+    def __init__(self, capacity: int = 16384):
+        self.capacity = capacity
+        self.lock = threading.Lock()  # held by the caller across get/put and the batcher submit
+        self._futures: OrderedDict[tuple[str, str], Future] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> Future | None:
+        f = self._futures.get(key)
+        if f is not None:
+            self._futures.move_to_end(key)
+        return f
+
+    def put(self, key: tuple[str, str], future: Future) -> None:
+        self._futures[key] = future
+        while len(self._futures) > self.capacity:
+            self._futures.popitem(last=False)
+        future.add_done_callback(lambda f: f.exception() is not None and self._drop(key, f))
+
+    def _drop(self, key: tuple[str, str], future: Future) -> None:
+        with self.lock:
+            if self._futures.get(key) is future:
+                del self._futures[key]
