@@ -50,21 +50,21 @@ def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format")
     b = c.submit_file(file, completion_window=completion_window, policy=policy)
     typer.echo(_progress_line(b), err=True)
     if wait:
-        last = [""]
-
-        def show(x):
-            line = _progress_line(x)
-            if line != last[0]:
-                typer.echo(line, err=True)
-                last[0] = line
-        b = c.wait(b.id, on_progress=show)
+        from .progress import watch
+        b = watch(c, b.id)
+        typer.echo(_progress_line(b), err=True)
     typer.echo(b.id)
 
 
 @cli.command()
-def status(batch_id: str, as_json: bool = typer.Option(False, "--json", help="the whole batch object as JSON")):
+def status(batch_id: str, as_json: bool = typer.Option(False, "--json", help="the whole batch object as JSON"),
+           watch_: bool = typer.Option(False, "--watch", help="a live progress bar (rate, ETA) until the batch ends")):
     """Status and request_counts of a batch, its moderation policy and its dedup hit rate."""
-    b = _client().get(batch_id)
+    c = _client()
+    if watch_:
+        from .progress import watch
+        watch(c, batch_id)
+    b = c.get(batch_id)
     if as_json:
         typer.echo(b.model_dump_json(indent=2))
         return
@@ -158,15 +158,23 @@ def optimize(ctx: typer.Context, model: str = typer.Argument(..., help="a regist
 
 
 @cli.command("flower")
-def flower_():
-    """Flower alone, on the settings' address and port."""
+def flower_(port: Optional[int] = typer.Option(None, help="default: GRISTMILL_FLOWER_PORT (5555)"),
+            address: Optional[str] = typer.Option(None, help="default: GRISTMILL_FLOWER_ADDRESS (127.0.0.1)"),
+            basic_auth: Optional[str] = typer.Option(None, "--basic-auth", help="user:password (default: "
+                                                     "GRISTMILL_FLOWER_BASIC_AUTH, else a random password, printed)")):
+    """Flower on gristmill's Celery app, behind basic auth."""
     from .redis_server import resolve_redis_url
     from .settings import Settings
     s = Settings()
+    s = s.model_copy(update={k: v for k, v in (("flower_port", port), ("flower_address", address)) if v is not None})
+    if basic_auth is not None and basic_auth.count(":") < 1:
+        raise GristmillError("--basic-auth must be user:password")
     os.environ["GRISTMILL_REDIS_URL"] = resolve_redis_url(s)
-    os.environ.update(s.flower_env())
-    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
-                              f"--address={s.flower_address}", f"--port={s.flower_port}"])
+    cmd, creds = s.flower_command(basic_auth)
+    if basic_auth is None and s.flower_basic_auth is None:
+        typer.echo(f"flower at http://{s.flower_address}:{s.flower_port}: user {creds.split(':', 1)[0]}, "
+                   f"password {creds.split(':', 1)[1]}", err=True)
+    os.execv(cmd[0], cmd)
 
 
 @cli.command()

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
         items = buffers[queue]
         if items:
             app.send_task(C.QUEUE_TASK[queue], args=[batch_id, report.chunks * stride + offset, items],
-                          kwargs=extra.get(queue, {}), queue=queue)
+                          kwargs={**extra.get(queue, {}), "sent_at": time.time()}, queue=queue)
             report.chunks += 1
             report.by_queue[queue] = report.by_queue.get(queue, 0) + len(items)
             buffers[queue] = []

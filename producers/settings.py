@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from . import constants as C
@@ -95,15 +95,31 @@ class Settings(BaseSettings):
     # identically. 0 turns the cache off. Each entry is ~150 bytes for the default model.
     dedup_ttl_s: int = Field(default=24 * 3600, ge=0)
 
-    # Flower.
+    # Flower. It always asks for credentials: "user:password" here, else `gristmill up` and
+    # `gristmill flower` make a random password and print it (`make demo` runs no Flower).
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
+    flower_basic_auth: SecretStr | None = None
 
-    def flower_env(self) -> dict[str, str]:
-        """Flower's API answers without credentials only when it listens on loopback; on any other
-        address it keeps Flower's default (refuse), and --basic-auth or OAuth is the user's to set."""
-        loopback = self.flower_address in ("127.0.0.1", "localhost", "::1")
-        return {"FLOWER_UNAUTHENTICATED_API": "true"} if loopback else {}
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _auth(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            user, sep, password = v.get_secret_value().partition(":")
+            if not (user and sep and password):
+                raise ConfigurationError("GRISTMILL_FLOWER_BASIC_AUTH must be user:password")
+        return v
+
+    def flower_command(self, auth: str | None = None) -> tuple[list[str], str]:
+        """(argv, the user:password it asks for). Basic auth on every page and API call: its API
+        can revoke tasks and shut workers down. `auth` overrides the setting; with neither, a
+        random password for user `gristmill`."""
+        import secrets
+        import sys
+        creds = auth or (self.flower_basic_auth.get_secret_value() if self.flower_basic_auth else None)
+        creds = creds or f"gristmill:{secrets.token_urlsafe(12)}"
+        return ([sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
+                 f"--address={self.flower_address}", f"--port={self.flower_port}", f"--basic-auth={creds}"], creds)
 
     @field_validator("completion_window")
     @classmethod

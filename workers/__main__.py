@@ -17,6 +17,9 @@ def worker(argv: list[str]) -> int:
     ap.add_argument("--queues", default=None, help="comma-separated queues (default: all)")
     ap.add_argument("--concurrency", type=int, default=None, help="messages in flight (default: settings)")
     ap.add_argument("--no-preload", action="store_true", help="load models on first use, not at start")
+    ap.add_argument("--metrics-port", type=int, default=None,
+                    help="serve Prometheus metrics on this port (default: GRISTMILL_METRICS_PORT + slot; 0: off)")
+    ap.add_argument("--metrics-address", default="127.0.0.1", help="bind address of the metrics server")
     ap.add_argument("--loglevel", default="INFO")
     args = ap.parse_args(argv)
     inner = pin(args.device)  # before anything imports torch
@@ -41,14 +44,19 @@ def worker(argv: list[str]) -> int:
 
     @signals.worker_init.connect
     def _load(**_):  # before the consumer starts: no message waits on a model load
-        if settings.metrics_port:
+        if args.metrics_port is not None:
+            port = args.metrics_port
+        else:
             # the launcher gives each worker process its own offset (GPU index x instances + instance)
             offset = os.environ.get("GRISTMILL_METRICS_OFFSET") or os.environ.get("GRISTMILL_PHYSICAL_GPU") or "0"
-            port = settings.metrics_port + int(offset)
+            port = settings.metrics_port + int(offset) if settings.metrics_port else 0
+        if port:
             try:
-                metrics.serve(port)
+                metrics.serve(port, args.metrics_address)
             except OSError as e:
                 logging.getLogger("gristmill").warning("metrics port %d unavailable (%s); metrics off", port, e)
+        if inner != "cpu":
+            metrics.watch_gpu_memory()
         st = init_state(settings, url, inner)
         if not args.no_preload:
             st.host.preload(queues)

@@ -96,10 +96,11 @@ class Stack:
             self._spawn(name, [sys.executable, "-m", "workers", "worker", "--device", dev],
                         share_cores({**env, "GRISTMILL_METRICS_OFFSET": str(offset)}, len(slots)))
         if self.flower:
-            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
-                                   f"--address={self.settings.flower_address}", f"--port={self.settings.flower_port}"],
-                        {**env, **self.settings.flower_env()})
-            print(f"flower at http://{self.settings.flower_address}:{self.settings.flower_port}", file=sys.stderr)
+            cmd, creds = self.settings.flower_command()
+            self._spawn("flower", cmd, env)
+            shown = creds if self.settings.flower_basic_auth is None else creds.split(":", 1)[0] + ":<GRISTMILL_FLOWER_BASIC_AUTH>"
+            print(f"flower at http://{self.settings.flower_address}:{self.settings.flower_port} "
+                  f"(basic auth {shown})", file=sys.stderr)
         return self
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
@@ -166,7 +167,8 @@ def up_main(argv: list[str]) -> int:
 
 def demo_main(argv: list[str]) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from producers.progress import watch
 
     ap = argparse.ArgumentParser(prog="gristmill demo")
     ap.add_argument("--input", type=Path, default=EXAMPLE)
@@ -183,13 +185,7 @@ def demo_main(argv: list[str]) -> int:
         t0 = time.monotonic()
         batch = client.submit_file(args.input, metadata={"source": "demo"})
         console.print(f"submitted {args.input} as {batch.id}: {batch.request_counts.total} lines")
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as bar:
-            task = bar.add_task(batch.status, total=batch.request_counts.total)
-
-            def show(b):
-                bar.update(task, completed=b.request_counts.completed + b.request_counts.failed, description=b.status)
-            batch = client.wait(batch.id, timeout=900, poll_s=0.2, on_progress=show)
+        batch = watch(client, batch.id, console=console, poll_s=0.2, timeout=900)
         elapsed = time.monotonic() - t0
         args.out_dir.mkdir(parents=True, exist_ok=True)
         out, err = args.out_dir / "demo-results.jsonl", args.out_dir / "demo-errors.jsonl"

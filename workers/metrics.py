@@ -1,12 +1,16 @@
-"""Prometheus metrics of one worker process, served on GRISTMILL_METRICS_PORT (+ the GPU index).
+"""Prometheus metrics of one worker process, served on GRISTMILL_METRICS_PORT (+ its slot) or
+`gristmill worker --metrics-port P`.
 
 Flower shows tasks and workers; these show what the engine does: items by outcome, device batch
-sizes, padding, engine busy time, and how long each message takes from start to written.
+sizes, padding, engine time per batch, how long messages wait in the queue and take to run, and
+the GPU memory in use.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 ITEMS = Counter("gristmill_items_total", "Items (input lines) this worker processed, by outcome; a redelivered "
                 "message counts again, though its duplicate lines are never stored", ["model", "outcome"])
@@ -16,12 +20,18 @@ BUSY = Counter("gristmill_engine_busy_seconds_total", "Time the engine spent run
 TOKENS = Counter("gristmill_tokens_total", "Tokens in device batches: real ones, and padded slots", ["model", "kind"])
 CHUNK_SECONDS = Histogram("gristmill_message_seconds", "From a message's start to its lines written",
                           ["queue"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+QUEUE_WAIT = Histogram("gristmill_queue_wait_seconds", "From a message's enqueue (by the producer) to its start "
+                       "on this worker", ["queue"], buckets=_SECONDS)
+ENGINE_SECONDS = Histogram("gristmill_engine_seconds", "Engine time per device batch", ["model"], buckets=_SECONDS)
+GPU_MEMORY = Gauge("gristmill_gpu_memory_bytes", "GPU memory held by this worker's tensors (allocated) and by "
+                   "torch's caching allocator (reserved)", ["kind"])
 SPLITS = Counter("gristmill_batch_splits_total", "Batches split after an error or out-of-memory", ["model"])
 
 
 def on_batch(model: str, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
     BATCH_SIZE.labels(model).observe(size)
     BUSY.labels(model).inc(seconds)
+    ENGINE_SECONDS.labels(model).observe(seconds)
     TOKENS.labels(model, "real").inc(real_tokens)
     TOKENS.labels(model, "padded").inc(padded_tokens)
 
@@ -30,6 +40,14 @@ def on_split(model: str) -> None:
     SPLITS.labels(model).inc()
 
 
-def serve(port: int) -> None:
+def watch_gpu_memory() -> None:
+    """Report the current CUDA device's memory at every scrape (a GPU worker sees one device)."""
+    import torch
+    if torch.cuda.is_available():
+        GPU_MEMORY.labels("allocated").set_function(torch.cuda.memory_allocated)
+        GPU_MEMORY.labels("reserved").set_function(torch.cuda.memory_reserved)
+
+
+def serve(port: int, addr: str = "127.0.0.1") -> None:
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=addr)

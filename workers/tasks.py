@@ -67,7 +67,9 @@ def state() -> WorkerState:
 
 
 def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]],
-                  queue: str = "", policy: dict[str, Any] | None = None) -> dict[str, int]:
+                  queue: str = "", policy: dict[str, Any] | None = None, sent_at: float | None = None) -> dict[str, int]:
+    if sent_at is not None:
+        metrics.QUEUE_WAIT.labels(queue).observe(max(0.0, time.time() - sent_at))
     t0 = time.perf_counter()
     try:
         return _process_chunk(st, batch_id, chunk, raw_items, Policy.model_validate(policy) if policy else None)
@@ -205,10 +207,10 @@ def register_tasks(app) -> None:
     """Bind the chunk tasks to `app` by name; producers send them with send_task."""
 
     @app.task(name=C.GENERATE_TASK, ignore_result=True, acks_late=True)
-    def generate(batch_id: str, chunk: int, items: list[dict[str, Any]]) -> dict[str, int]:
-        return process_chunk(state(), batch_id, chunk, items, C.GENERATE_QUEUE)
+    def generate(batch_id: str, chunk: int, items: list[dict[str, Any]], sent_at: float | None = None) -> dict[str, int]:
+        return process_chunk(state(), batch_id, chunk, items, C.GENERATE_QUEUE, sent_at=sent_at)
 
     @app.task(name=C.CLASSIFY_TASK, ignore_result=True, acks_late=True)
     def classify(batch_id: str, chunk: int, items: list[dict[str, Any]],
-                 policy: dict[str, Any] | None = None) -> dict[str, int]:
-        return process_chunk(state(), batch_id, chunk, items, C.CLASSIFY_QUEUE, policy)
+                 policy: dict[str, Any] | None = None, sent_at: float | None = None) -> dict[str, int]:
+        return process_chunk(state(), batch_id, chunk, items, C.CLASSIFY_QUEUE, policy, sent_at)

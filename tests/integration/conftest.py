@@ -82,8 +82,8 @@ def metrics_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_worker(redis_url, home, tiny_models_file, tmp_path_factory, metrics_port):
     log = tmp_path_factory.mktemp("logs") / "tiny-worker.log"
-    w = WorkerProcess(worker_env(redis_url, home, tiny_models_file, GRISTMILL_MAX_WAIT_MS="20",
-                                 GRISTMILL_METRICS_PORT=str(metrics_port)), log)
+    w = WorkerProcess(worker_env(redis_url, home, tiny_models_file, GRISTMILL_MAX_WAIT_MS="20"), log,
+                      "--metrics-port", str(metrics_port))
     try:
         yield w.wait_ready(redis_url)
     finally:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from producers.redis_server import free_port, ping
 
@@ -32,6 +39,10 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     assert batch_id.startswith("batch_"), p.stdout
     assert "completed" in p.stderr
 
+    assert "lines/s" in p.stderr and "eta" in p.stderr and "3/3" in p.stderr, p.stderr  # the progress bar
+    watched = run(env, "status", batch_id, "--watch")
+    assert "3/3" in watched.stderr and "completed" in watched.stdout
+
     st = json.loads(run(env, "status", batch_id, "--json").stdout)
     assert st["status"] == "completed"
     assert st["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
@@ -52,6 +63,103 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     dup = write_jsonl(tmp_path / "dup.jsonl", [chat("x"), chat("x")])
     r = run(env, "submit", str(dup), check=False)
     assert r.returncode == 2 and "'x' on lines 1, 2" in r.stderr
+
+
+ARTIFACTS = Path(os.environ.get("GRISTMILL_TEST_ARTIFACTS", ROOT / ".state" / "test-artifacts"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def browse(url: str, screenshot: Path) -> str:
+    """Load `url` in headless Chromium: keep a screenshot, return the rendered DOM. (.ci/run
+    installs Debian's chromium; without one the test says so and skips.)"""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (`apt-get install chromium`; .ci/run installs it)")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900",
+             "--virtual-time-budget=5000"]
+    shot = subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=90)
+    assert screenshot.exists() and screenshot.stat().st_size > 0, shot.stderr.decode()[-2000:]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, timeout=90)
+    return dom.stdout.decode()
+
+
+def wait_for_flower(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2) as r:
+                assert r.read() == b"OK"
+                return
+        except OSError:
+            assert time.monotonic() < deadline, "flower did not answer"
+            time.sleep(0.5)
+
+
+def flower_get(port: int, path: str, creds: str | None, raw: bool = False):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if creds:
+        req.add_header("Authorization", "Basic " + base64.b64encode(creds.encode()).decode())
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read()
+    return body.decode() if raw else json.loads(body)
+
+
+def test_flower_needs_credentials_and_lists_the_worker_and_its_tasks(redis_url, tiny_worker, home, tiny_models_file,
+                                                                     tmp_path):
+    clean(redis_url)
+    env = worker_env(redis_url, home, tiny_models_file)
+    port = free_port()
+    log = open(tmp_path / "flower.log", "wb")
+    proc = subprocess.Popen([*GRISTMILL, "flower", "--port", str(port), "--basic-auth", "ops:pw-123"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_for_flower(port)
+        for creds in (None, "ops:wrong"):
+            try:
+                flower_get(port, "/api/workers", creds)
+                raise AssertionError(f"Flower answered without valid credentials ({creds})")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401
+        # a batch running while we look: its chunk tasks appear under gristmill's task names
+        f = write_jsonl(tmp_path / "in.jsonl", [chat(f"c{i}", max_tokens=24) for i in range(400)])
+        p = subprocess.Popen([*GRISTMILL, "submit", str(f), "--wait"], env={**env, "GRISTMILL_CHUNK_SIZE": "4"},
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        tasks: dict = {}
+        while not tasks and time.monotonic() < deadline:
+            tasks = flower_get(port, "/api/tasks", "ops:pw-123")
+            time.sleep(0.3)
+        assert {t["name"] for t in tasks.values()} <= {"gristmill.generate", "gristmill.classify"} and tasks
+        workers = flower_get(port, "/api/workers?refresh=1", "ops:pw-123")
+        assert any(name.startswith("gristmill-cpu-") for name in workers), workers
+        page = flower_get(port, "/workers", "ops:pw-123", raw=True)
+        assert "gristmill-cpu-" in page  # the dashboard table is rendered on the server
+        # the page as a person sees it, in headless Chromium, while the batch runs
+        dom = browse(f"http://ops:pw-123@127.0.0.1:{port}/workers", ARTIFACTS / "flower-workers.png")
+        assert "gristmill-cpu-" in dom and "Online" in dom, dom[-2000:]
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "completed" in err
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_flower_without_credentials_makes_a_password_and_prints_it(redis_url, home, tiny_models_file, tmp_path):
+    env = worker_env(redis_url, home, tiny_models_file)
+    port = free_port()
+    proc = subprocess.Popen([*GRISTMILL, "flower", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        m = re.search(r"user (\S+), password (\S+)", line)
+        assert m, line
+        wait_for_flower(port)
+        assert isinstance(flower_get(port, "/api/workers", f"{m.group(1)}:{m.group(2)}"), dict)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def _children(pid: int) -> list[int]:
@@ -92,17 +200,9 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
         p = run(env2, "submit", str(f), "--wait")
         assert "completed" in p.stderr
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2) as r:
-                    assert r.read() == b"OK"
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "flower did not answer"
-                time.sleep(0.5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/workers?refresh=1", timeout=10) as r:
-            workers = json.loads(r.read())
+        creds = re.search(r"basic auth (\S+:\S+)\)", (tmp_path / "up.log").read_text()).group(1)
+        wait_for_flower(port)
+        workers = flower_get(port, "/api/workers?refresh=1", creds)
         assert any(name.startswith("gristmill-cpu") for name in workers), workers
         with open(up_home / "redis" / "appendonly.aof", "rb") as aof:
             assert aof.read(1), "AOF persistence must be on"

@@ -238,6 +238,9 @@ def test_worker_exports_prometheus_metrics(client, metrics_port, tmp_path):
     assert samples[("gristmill_batch_size_count", (("model", "tiny-moderation"),))] >= 1
     assert samples[("gristmill_engine_busy_seconds_total", (("model", "tiny-moderation"),))] > 0
     assert samples[("gristmill_message_seconds_count", (("queue", C.CLASSIFY_QUEUE),))] >= 1
+    assert samples[("gristmill_queue_wait_seconds_count", (("queue", C.CLASSIFY_QUEUE),))] >= 1
+    assert samples[("gristmill_engine_seconds_count", (("model", "tiny-moderation"),))] >= 1
+    assert not any(name == "gristmill_gpu_memory_bytes" for name, _ in samples)  # a CPU worker has none
 
 
 def test_parallel_ingest_over_byte_ranges_matches_one_process(redis_url, tiny_worker, settings_for, tmp_path,

@@ -1,0 +1,94 @@
+"""docker/compose.yaml against the Compose Specification's JSON schema, and its services against
+each other: one Redis URL and password, Flower behind auth, one GPU per worker. (No Docker engine
+runs here; tests/data/compose-spec.json is the schema shipped in docker-compose 1.29.2's wheel.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker" / "compose.yaml"
+ENV = {"REDIS_PASSWORD": "s3cret-pw", "FLOWER_BASIC_AUTH": "admin:flower-pw"}
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:\?|:-)([^}]*))?\}")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR:?error}, and $$ for $."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.groups()
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise ValueError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+    return _VAR.sub(sub, value)
+
+
+def load(env: dict[str, str] = ENV) -> dict:
+    raw = yaml.safe_load(COMPOSE.read_text())
+    return interpolate({k: v for k, v in raw.items() if not k.startswith("x-")}, env)
+
+
+def test_compose_file_matches_the_compose_specification():
+    schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
+    jsonschema.Draft201909Validator(schema).validate(load())
+
+
+def test_secrets_must_be_given():
+    for missing in ENV:
+        with pytest.raises(ValueError, match=missing):
+            load({k: v for k, v in ENV.items() if k != missing})
+
+
+def test_services_agree_on_redis_flower_and_gpus():
+    from producers.settings import Settings
+    c = load()
+    services = c["services"]
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    assert redis_cmd[redis_cmd.index("--requirepass") + 1] == ENV["REDIS_PASSWORD"]
+    redis_port = 6379
+    gristmill = {name: s for name, s in services.items() if name != "redis"}
+    assert {"worker-gpu0", "worker-gpu1", "worker-cpu", "flower"} <= set(gristmill)
+    for name, s in gristmill.items():
+        env = s["environment"]
+        url = urlparse(env["GRISTMILL_REDIS_URL"])
+        assert (url.hostname, url.port or 6379, url.password) == ("redis", redis_port, ENV["REDIS_PASSWORD"]), name
+        assert "redis" in s["depends_on"], name
+        # each service's environment is a valid gristmill configuration
+        Settings(**{k.removeprefix("GRISTMILL_").lower(): v for k, v in env.items()})
+        dockerfile = ROOT / "docker" / Path(s["build"]["dockerfile"]).name
+        assert dockerfile.exists(), name
+    flower = gristmill["flower"]
+    assert flower["environment"]["GRISTMILL_FLOWER_BASIC_AUTH"] == ENV["FLOWER_BASIC_AUTH"]
+    assert all(p.startswith("127.0.0.1:") for p in flower["ports"]), "Flower is published on loopback only"
+    gpus = {}
+    for name, s in gristmill.items():
+        if not name.startswith("worker-gpu"):
+            continue
+        (dev,) = s["deploy"]["resources"]["reservations"]["devices"]
+        assert dev["capabilities"] == ["gpu"] and len(dev["device_ids"]) == 1
+        gpus[name] = dev["device_ids"][0]
+        cmd = s["command"]
+        assert cmd[cmd.index("--device") + 1] == "cuda:0", "its one reserved GPU is cuda:0 inside the container"
+        assert "Dockerfile.gpu" in s["build"]["dockerfile"]
+    assert len(set(gpus.values())) == len(gpus) == 2, "one worker per GPU"
+    host_ports = [p.split(":")[1] for s in gristmill.values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)), "metrics and Flower ports do not collide"
