@@ -280,6 +280,27 @@ class BatchStore:
         expired = bool(expires_at) and time.time() > int(expires_at)
         return status, int(attempts), expired
 
+    # -- a chunk re-run one item at a time (workers/tasks.py, _isolate)
+    def kept_lines(self, batch_id: str, chunk: int) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {k: tuple(json.loads(v)) for k, v in self.r.hgetall(C.kept_key(batch_id, chunk)).items()}  # type: ignore[misc]
+
+    def suspects(self, batch_id: str, chunk: int) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(C.suspects_key(batch_id, chunk)).items()}
+
+    def mark_running(self, batch_id: str, chunk: int, line: int) -> None:
+        """Count a death against `line` in advance; keep_line settles it."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(C.suspects_key(batch_id, chunk), line, 1)
+        pipe.expire(C.suspects_key(batch_id, chunk), self.result_ttl_s)
+        pipe.execute()
+
+    def keep_line(self, batch_id: str, chunk: int, line: int, value: dict[str, Any], is_error: bool) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(C.kept_key(batch_id, chunk), line, json.dumps([value, is_error]))
+        pipe.expire(C.kept_key(batch_id, chunk), self.result_ttl_s)
+        pipe.hincrby(C.suspects_key(batch_id, chunk), line, -1)  # it finished: no death to count
+        pipe.execute()
+
     def mark_expired(self, batch_id: str) -> None:
         self.r.hset(C.batch_key(batch_id), "has_expired", 1)
 

@@ -14,7 +14,7 @@ from .batches import Batch, BatchStore, new_batch_id
 from .errors import SubmissionRejected
 from .policy import Policy
 from .ingest import AUTO_PARALLEL_LINES, IngestReport, check_unique, enqueue, enqueue_parallel, ranges
-from .redis_server import resolve_redis_url
+from .redis_server import resolve_redis_url, with_retry
 from .registry import ModelSpec
 from .settings import Settings, parse_window
 
@@ -68,7 +68,7 @@ class Client:
             enqueue_parallel(self.settings, self.redis_url, batch_id, path, spans, report, policy)
         else:
             enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report,
-                    policy=policy)
+                    policy=policy, max_line_bytes=self.settings.max_line_bytes)
         if report.valid == 0:
             self.redis.hset(C.batch_key(batch_id), "valid", 0)
         self.store.set_chunks_total(batch_id, report.chunks)
@@ -98,7 +98,9 @@ class Client:
         """Block until the batch reaches a terminal state (or `timeout` seconds pass)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            batch = self.store.get(batch_id)
+            # a Redis restart mid-batch is waited out (up to `timeout`, else 5 minutes)
+            left = 300.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            batch = with_retry(self.store.get, batch_id, deadline_s=left, what=f"reading batch {batch_id}")
             if on_progress:
                 on_progress(batch)
             if batch.done:

@@ -78,6 +78,25 @@ def dedup_key(model_key: str, sha256: str) -> str:
     return f"{PREFIX}:dedup:{model_key}:{sha256[:32]}"
 
 
+def kept_key(batch_id: str, chunk: int) -> str:
+    """Hash: line number -> [line, is_error], the lines of a chunk re-run one item at a time."""
+    return f"{PREFIX}:batch:{batch_id}:kept:{chunk}"
+
+
+def suspects_key(batch_id: str, chunk: int) -> str:
+    """Hash: line number -> worker deaths while it ran alone (poison detection)."""
+    return f"{PREFIX}:batch:{batch_id}:suspects:{chunk}"
+
+
+# Hash: kombu delivery tag -> the worker process holding it (workers/reaper.py).
+OWNERS_KEY = f"{PREFIX}:owners"
+
+
+def alive_key(worker_id: str) -> str:
+    """String with a TTL: a worker process's heartbeat; gone = its deliveries go back to the queue."""
+    return f"{PREFIX}:alive:{worker_id}"
+
+
 BATCH_INDEX = f"{PREFIX}:batches"  # sorted set: batch id scored by created_at
 
 

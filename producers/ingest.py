@@ -143,7 +143,7 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
 
 def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Path, chunk_size: int,
             report: IngestReport, span: tuple[int, int | None, int] = (0, None, 1), stride: int = 1,
-            offset: int = 0, policy: Policy | None = None) -> None:
+            offset: int = 0, policy: Policy | None = None, max_line_bytes: int | None = None) -> None:
     """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks.
 
     `span` = (start byte, end byte, first line number) of the lines to take; the k-th chunk sent
@@ -177,7 +177,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
         for n, raw in iter_lines(path, *span):
             if report.cancelled:
                 break
-            result = validate_line(raw, n, registry, policy)
+            result = validate_line(raw, n, registry, policy, max_line_bytes)
             if isinstance(result, LineError):
                 report.invalid += 1
                 errors.append((error_line(result.custom_id, result.code, result.message, n), True))
@@ -208,7 +208,7 @@ def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
     report = IngestReport()
     enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s), settings.registry, batch_id,
             Path(path), settings.chunk_size, report, span, stride, offset,
-            Policy.model_validate(policy) if policy is not None else None)
+            Policy.model_validate(policy) if policy is not None else None, settings.max_line_bytes)
     r.close()
     return dataclasses.asdict(report)
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -42,12 +44,20 @@ def ping(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
-class EmbeddedRedis:
-    """Starts and stops one redis-server whose url is recorded in `<dir>/url` for other commands."""
+def redact(url: str) -> str:
+    """A Redis URL fit for logs: the password replaced by ***."""
+    return re.sub(r"(rediss?://[^:/@]*:)[^@]*@", r"\1***@", url)
 
-    def __init__(self, directory: Path, port: int | None = None):
+
+class EmbeddedRedis:
+    """Starts and stops one redis-server whose url is recorded in `<dir>/url` (mode 0600: it holds
+    the password) for other commands. It listens on loopback and asks for a password anyway, a
+    random one unless given: other users of a shared host must not read or write the queues."""
+
+    def __init__(self, directory: Path, port: int | None = None, password: str | None = None):
         self.dir = Path(directory)
         self.port = port
+        self.password = password or secrets.token_urlsafe(18)
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
 
@@ -66,12 +76,17 @@ class EmbeddedRedis:
     def start(self, timeout: float = 15.0) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
         port = self.port or free_port()
-        cmd = [find_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+        # the password goes in a 0600 config file, not on the command line that `ps` shows everyone
+        conf = self.dir / "gristmill-redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {self.password}\n")
+        cmd = [find_redis_binary(), str(conf), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                "--daemonize", "no", "--protected-mode", "yes", "--logfile", str(self.dir / "redis.log")]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        url = f"redis://127.0.0.1:{port}/0"
+        url = f"redis://:{self.password}@127.0.0.1:{port}/0"
         deadline = time.monotonic() + timeout
         while not ping(url):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -81,7 +96,9 @@ class EmbeddedRedis:
                 raise RedisUnavailable(f"redis-server did not start on port {port}: {tail}")
             time.sleep(0.05)
         self.url = url
-        self.url_file.write_text(url)
+        fd = os.open(self.url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(url)
         return url
 
     def stop(self) -> None:
@@ -107,6 +124,27 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# What a restarting or briefly unreachable Redis raises; a command retried after it may succeed.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def with_retry(fn, *args, deadline_s: float = 300.0, what: str = "redis call", **kwargs):
+    """`fn(*args, **kwargs)`, retried with backoff (0.1 s doubling to 5 s) while Redis is down or
+    loading its AOF, for up to `deadline_s`; then the last error propagates. For writes that are
+    idempotent (HSETNX parts, counters guarded by them), so a retry after an unseen success is safe."""
+    import logging
+    delay, deadline = 0.1, time.monotonic() + deadline_s
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except TRANSIENT as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            logging.getLogger("gristmill").warning("%s failed (%s); retrying in %.1f s", what, e, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
 
 
 def resolve_redis_url(settings) -> str:

@@ -99,6 +99,11 @@ def as_inputs(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+# Inputs in one classification line. Each becomes a row of a device batch; a list this long is
+# already 8 batches of the default size.
+MAX_INPUTS_PER_LINE = 2048
+
+
 class ClassifyBody(_Body):
     input: str | list[str]
 
@@ -107,6 +112,8 @@ class ClassifyBody(_Body):
     def _non_empty(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("input: give a string or a non-empty list of strings")
+        if isinstance(v, list) and len(v) > MAX_INPUTS_PER_LINE:
+            raise ValueError(f"input: {len(v)} strings; at most {MAX_INPUTS_PER_LINE} per line (split the line)")
         return v
 
     def inputs(self) -> list[str]:
@@ -168,9 +175,13 @@ def peek_custom_id(raw: bytes | str) -> str | None:
 
 
 def validate_line(raw: bytes | str, line_no: int, registry: Registry,
-                  policy: "Policy | None" = None) -> Union[WorkItem, LineError]:
+                  policy: "Policy | None" = None, max_bytes: int | None = None) -> Union[WorkItem, LineError]:
     """One input line -> a WorkItem to run, or the LineError its error-file line reports.
-    Moderation lines run the model of the batch's `policy` (see `moderation_model`)."""
+    Moderation lines run the model of the batch's `policy` (see `moderation_model`); a line over
+    `max_bytes` is refused before it is parsed."""
+    if max_bytes is not None and len(raw) > max_bytes:
+        return LineError(line_no, peek_custom_id(raw), C.E_INVALID_BODY, f"line is {len(raw):,} bytes; the limit is {max_bytes:,} "
+                         f"(GRISTMILL_MAX_LINE_BYTES)")
     try:
         obj = json.loads(raw)
     except ValueError as e:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Ingest. Lines per Celery message. One message per line costs ~1 ms of broker work (DESIGN.md:
     # ~800 msgs/s); 256 lines amortise that to ~4 us a line while a message stays ~100 kB.
     chunk_size: int = Field(default=256, ge=1, le=100_000)
+    # Longest input line accepted; a longer one is a per-line invalid_body error. It bounds what
+    # one line can put in a message, in Redis and in a worker's memory. 1 MiB holds ~250k tokens.
+    max_line_bytes: int = Field(default=1 << 20, ge=1024)
     # Processes that validate and enqueue a file's lines (pass 2), each over its own byte range.
     # One process does ~27k lines/s on a 2-core development machine, less than one H100 worker
     # takes. 0 = auto: one per core (at most 8) for files of 200,000 lines or more on hosts with 4+
@@ -74,8 +77,14 @@ class Settings(BaseSettings):
     # take minutes, so 2 h leaves ample margin. The cost: work of a worker killed with -9 comes
     # back only after 2 h (a clean shutdown requeues at once).
     visibility_timeout_s: int = Field(default=7200, ge=60)
-    # A chunk delivered more than this many times is failed with `worker_crashed` instead of run:
-    # a message that keeps killing its worker must not cycle forever.
+    # A worker's heartbeat lives this long; when it lapses (SIGKILL, OOM kill, a lost host) the
+    # other workers hand its unacked messages back to the queue (workers/reaper.py), so its work
+    # resumes in about this long plus a third of it, not after the visibility timeout.
+    lease_ttl_s: float = Field(default=30.0, ge=1.0)
+    # A chunk delivered again (an earlier delivery did not finish) runs one line at a time, and a
+    # line that was running at two worker deaths fails alone with `worker_crashed` (a poison
+    # input). A chunk delivered more than max_attempts + its line count times fails whole: a
+    # backstop, so that nothing cycles forever.
     max_attempts: int = Field(default=3, ge=1)
 
     # Batch results live this long after the batch ends (OpenAI keeps output files 30 days).

@@ -57,9 +57,22 @@ def worker(argv: list[str]) -> int:
                 logging.getLogger("gristmill").warning("metrics port %d unavailable (%s); metrics off", port, e)
         if inner != "cpu":
             metrics.watch_gpu_memory()
-        st = init_state(settings, url, inner)
+        st = init_state(settings, url, inner, app)
         if not args.no_preload:
             st.host.preload(queues)
+
+    @signals.task_received.connect
+    def _claim(request=None, **_):
+        from .tasks import _state
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if _state is not None and _state.lease is not None and tag:
+            _state.lease.claim(tag, request.id)
+
+    @signals.task_postrun.connect
+    def _release(task_id=None, **_):
+        from .tasks import _state
+        if _state is not None and _state.lease is not None and task_id:
+            _state.lease.release(task_id)
 
     @signals.worker_shutdown.connect
     def _stop(**_):

@@ -117,7 +117,12 @@ class EngineHost:
             flat = [t for _, texts in entries for t in texts]
             shas = [S.text_sha256(t) for t in flat]
             mkey = self.model_key(model)
-            cached = self.cache.lookup(mkey, shas) if self.cache is not None else [None] * len(flat)
+            cached = [None] * len(flat)
+            if self.cache is not None:
+                try:
+                    cached = self.cache.lookup(mkey, shas)
+                except Exception:  # noqa: BLE001 - the cache is an optimisation: on a Redis error, run the inputs
+                    log.warning("score cache lookup failed; running the inputs", exc_info=True)
             known = [None if c is None else dedup.unpack(c, eng.labels) for c in cached]
             first: dict[str, int] = {}
             todo = [j for j, sha in enumerate(shas) if known[j] is None and first.setdefault(sha, j) == j]
@@ -189,9 +194,10 @@ class EngineHost:
         req = GenRequest(ids, budget, body.temperature, body.top_p, body.seed, body.stop_list())
         return Prepared(it, [req], [len(ids) + budget])
 
-    def run(self, model: str, payloads: list[Any]) -> list[Any]:
+    def run(self, key: str, payloads: list[Any]) -> list[Any]:
+        """`key` is the model, or the model + "\x00" + a tag that keeps a batch to itself."""
         try:
-            return self.engine(model).run(payloads)
+            return self.engine(key.split("\x00", 1)[0]).run(payloads)
         except Exception as exc:
             self._release_if_oom(exc)
             raise

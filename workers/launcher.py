@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from producers.client import Client
-from producers.redis_server import EmbeddedRedis
+from producers.redis_server import EmbeddedRedis, redact
 from producers.settings import Settings
 
 from .pinning import visible_gpus
@@ -89,7 +89,7 @@ class Stack:
             if self.url is None:
                 self.redis = emb
                 self.url = emb.start()
-                print(f"redis-server started at {self.url} (AOF in {self.settings.redis_dir})", file=sys.stderr)
+                print(f"redis-server started at {redact(self.url)} (AOF in {self.settings.redis_dir})", file=sys.stderr)
         env = {**os.environ, "GRISTMILL_REDIS_URL": self.url}
         slots = worker_slots(self.gpus, self.instances)
         for name, dev, offset in slots:
@@ -153,7 +153,7 @@ def up_main(argv: list[str]) -> int:
     settings = Settings()
     with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower,
                instances_per_gpu=args.instances_per_gpu) as stack:
-        print(f"gristmill up: redis {stack.url}; Ctrl-C stops everything", file=sys.stderr)
+        print(f"gristmill up: redis {redact(stack.url or '')}; Ctrl-C stops everything", file=sys.stderr)
         try:
             while all(p.poll() is None for _, p in stack.procs):
                 time.sleep(0.5)

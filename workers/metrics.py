@@ -29,6 +29,7 @@ SPLITS = Counter("gristmill_batch_splits_total", "Batches split after an error o
 
 
 def on_batch(model: str, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+    model = model.split("\x00", 1)[0]  # an isolated batch's key carries a tag after the model
     BATCH_SIZE.labels(model).observe(size)
     BUSY.labels(model).inc(seconds)
     ENGINE_SECONDS.labels(model).observe(seconds)
@@ -37,7 +38,7 @@ def on_batch(model: str, size: int, real_tokens: int, padded_tokens: int, second
 
 
 def on_split(model: str) -> None:
-    SPLITS.labels(model).inc()
+    SPLITS.labels(model.split("\x00", 1)[0]).inc()
 
 
 def watch_gpu_memory() -> None:

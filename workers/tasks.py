@@ -20,11 +20,13 @@ from producers import constants as C
 from producers import schemas as S
 from producers.batches import BatchStore
 from producers.policy import Policy
+from producers.redis_server import with_retry
 from producers.settings import Settings
 
 from . import metrics
 from .batcher import BatchPolicy, MicroBatcher
 from .dedup import Recent, ScoreCache
+from .reaper import Lease
 from .host import EngineHost, Prepared, item_error
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,10 @@ log = logging.getLogger(__name__)
 class WorkerState:
     """Per-process singletons: settings, Redis, engine host, micro-batcher."""
 
-    def __init__(self, settings: Settings, redis_url: str, device: str):
+    def __init__(self, settings: Settings, redis_url: str, device: str, app=None):
         self.settings = settings
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.lease = Lease(app, self.redis, settings.lease_ttl_s).start() if app is not None else None
         self.store = BatchStore(self.redis, settings.result_ttl_s)
         self.host = EngineHost(settings, device, ScoreCache(self.redis, settings.dedup_ttl_s))
         self.recent = Recent() if settings.dedup_ttl_s > 0 else None
@@ -44,6 +47,8 @@ class WorkerState:
                                     streamer=self.host.streamer)
 
     def shutdown(self) -> None:
+        if self.lease is not None:
+            self.lease.stop()
         self.batcher.shutdown()
         self.host.shutdown()
 
@@ -52,11 +57,11 @@ _state: WorkerState | None = None
 _state_lock = threading.Lock()
 
 
-def init_state(settings: Settings, redis_url: str, device: str) -> WorkerState:
+def init_state(settings: Settings, redis_url: str, device: str, app=None) -> WorkerState:
     global _state
     with _state_lock:
         if _state is None:
-            _state = WorkerState(settings, redis_url, device)
+            _state = WorkerState(settings, redis_url, device, app)
     return _state
 
 
@@ -80,7 +85,9 @@ def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[di
 def _write(st: WorkerState, batch_id: str, chunk: int, lines: list[tuple[dict[str, Any], bool]],
            models: list[str], dedup: tuple[int, int] = (0, 0)) -> None:
     """`models[i]` is the model of `lines[i]`, for the items metric."""
-    st.store.record(batch_id, chunk, lines, dedup=dedup)
+    # retried while Redis is down: the write is idempotent (HSETNX on the chunk's part), and the
+    # message is acked only after it, so an outage delays a chunk instead of failing it
+    with_retry(st.store.record, batch_id, chunk, lines, dedup=dedup, what=f"writing chunk {chunk} of {batch_id}")
     counts: dict[tuple[str, str], int] = {}
     for model, (_, is_error) in zip(models, lines):
         k = (model, "failed" if is_error else "completed")
@@ -89,12 +96,14 @@ def _write(st: WorkerState, batch_id: str, chunk: int, lines: list[tuple[dict[st
         metrics.ITEMS.labels(model, outcome).inc(n)
 
 
-def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = None) -> list[tuple[Prepared, list]]:
+def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = None,
+                 tag: str = "") -> list[tuple[Prepared, list]]:
     """Hand a chunk's items to the batcher in one call per model, so the engine thread sees the
     chunk arrive whole and plans it once. (Submitting item by item woke it per item: it re-planned
     up to 2,048 times per chunk and, its wait expiring mid-chunk, ran half-size batches.)
     Classifier inputs the score cache answered get resolved futures; an input repeating an earlier
-    one of the chunk, or one another chunk is running (`recent`), shares that future.
+    one of the chunk, or one another chunk is running (`recent`), shares that future. A `tag`
+    keeps these items in device batches of their own.
     Returns (prepared item, its futures) pairs."""
     by_model: dict[str, list[Prepared]] = {}
     for p in prepared:
@@ -121,7 +130,7 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
                         payloads.append(payload)
                         costs.append(p.costs[k])
                         keys.append(key)
-            futures = batcher.submit(model, payloads, costs) if payloads else []
+            futures = batcher.submit(model + tag, payloads, costs) if payloads else []
             if recent is not None:
                 for key, f in zip(keys, futures):
                     if key is not None:
@@ -149,7 +158,7 @@ def _resolved(value: Any) -> Future:
 def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]],
                    policy: Policy | None) -> dict[str, int]:
     store = st.store
-    status, attempts, expired = store.begin_chunk(batch_id, chunk)
+    status, attempts, expired = with_retry(store.begin_chunk, batch_id, chunk, what=f"starting chunk {chunk}")
     if status is None:
         log.warning("batch %s has no record (expired or deleted); dropping chunk %d", batch_id, chunk)
         return {"skipped": len(raw_items)}
@@ -157,25 +166,38 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
         store.record(batch_id, chunk, [])
         return {"skipped": len(raw_items)}
     items = [S.WorkItem.from_message(m) for m in raw_items]
-    lines: list[tuple[dict[str, Any], bool]] = []
-    models: list[str] = []
-    if attempts > st.settings.max_attempts or expired:
+    cap = st.settings.max_attempts + len(items)  # isolation fails at most one line per delivery
+    if attempts > cap or expired:
         if expired:
             store.mark_expired(batch_id)
             code, msg = C.E_EXPIRED, "the batch's completion window ended before this request ran"
         else:
-            code, msg = C.E_WORKER_CRASHED, (f"delivered {attempts} times without finishing "
-                                             f"(max_attempts={st.settings.max_attempts}); the worker likely crashed on it")
+            code, msg = C.E_WORKER_CRASHED, (f"delivered {attempts} times without finishing; the worker "
+                                             f"likely crashed on it")
         lines = [(S.error_line(it.custom_id, code, msg, it.line), True) for it in items]
         _write(st, batch_id, chunk, lines, [it.model for it in items])
         return {"failed": len(lines)}
+    if attempts > 1:
+        lines, models, dedup = _isolate(st, batch_id, chunk, items, policy)
+    else:
+        lines, models, dedup = run_items(st, items, policy)
+    _write(st, batch_id, chunk, lines, models, dedup)
+    failed = sum(1 for _, e in lines if e)
+    return {"completed": len(lines) - failed, "failed": failed}
 
+
+def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, key: str = ""
+              ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], tuple[int, int]]:
+    """(line, is_error) pairs for `items`, their models, and (classifier inputs, reused). `key`
+    keeps these items out of other messages' device batches (isolation)."""
+    lines: list[tuple[dict[str, Any], bool]] = []
+    models: list[str] = []
     try:
         prepared = st.host.prepare(items)
     except Exception as exc:  # noqa: BLE001 - a chunk-wide preparation failure fails its items, not the worker
-        log.exception("preparing chunk %d of %s failed", chunk, batch_id)
+        log.exception("preparing %d items failed", len(items))
         prepared = [S.LineError(it.line, it.custom_id, C.E_ENGINE, f"{type(exc).__name__}: {exc}") for it in items]
-    waiting = submit_chunk(st.batcher, prepared, st.recent)
+    waiting = submit_chunk(st.batcher, prepared, st.recent, key)
     for it, p in zip(items, prepared):
         if isinstance(p, S.LineError):
             lines.append((S.error_line(p.custom_id, p.code, p.message, p.line), True))
@@ -198,9 +220,48 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
             except Exception as exc:  # noqa: BLE001
                 lines.append((item_error(it, exc), True))
     models += [it.model for it, _ in done]
-    _write(st, batch_id, chunk, lines, models, (inputs, reused))
-    failed = sum(1 for _, e in lines if e)
-    return {"completed": len(lines) - failed, "failed": failed}
+    return lines, models, (inputs, reused)
+
+
+# An item in flight during this many worker deaths (while its chunk ran one item at a time) is
+# failed alone as the likely cause: 2, so that one death from elsewhere (OOM kill of a busy host,
+# a node lost) never blames the line that happened to be running.
+SUSPECT_DEATHS = 2
+# One line at a time per process across all re-run chunks: a death then blames only the line that
+# was running alone, not one line of every chunk being re-run at that moment.
+_ISOLATED = threading.Lock()
+
+
+def _isolate(st: WorkerState, batch_id: str, chunk: int, items: list[S.WorkItem], policy: Policy | None
+             ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], tuple[int, int]]:
+    """A chunk delivered again: an earlier delivery did not finish, maybe because one of its lines
+    kills the worker (a poison input). Run its items one at a time, each marked in Redis while it
+    runs and its line kept once done; an item that was running at SUSPECT_DEATHS deaths fails
+    alone with `worker_crashed`, and the others complete."""
+    store, key = st.store, f"\x00{batch_id}:{chunk}"
+    lines: list[tuple[dict[str, Any], bool]] = []
+    models: list[str] = []
+    dedup = [0, 0]
+    kept = with_retry(store.kept_lines, batch_id, chunk)
+    suspects = with_retry(store.suspects, batch_id, chunk)
+    for it in items:
+        if str(it.line) in kept:
+            line, is_error = kept[str(it.line)]
+            lines.append((line, is_error))
+        elif suspects.get(str(it.line), 0) >= SUSPECT_DEATHS:
+            log.error("line %d of %s was running at %d worker deaths; failing it alone", it.line, batch_id,
+                      SUSPECT_DEATHS)
+            lines.append((S.error_line(it.custom_id, C.E_WORKER_CRASHED, f"the worker died {SUSPECT_DEATHS} times "
+                                       f"while running this line alone; it was not retried again", it.line), True))
+        else:
+            with _ISOLATED:
+                with_retry(store.mark_running, batch_id, chunk, it.line)
+                got, _, d = run_items(st, [it], policy, key)
+                with_retry(store.keep_line, batch_id, chunk, it.line, *got[0])
+            lines += got
+            dedup = [dedup[0] + d[0], dedup[1] + d[1]]
+        models.append(it.model)
+    return lines, models, (dedup[0], dedup[1])
 
 
 def register_tasks(app) -> None:

@@ -173,7 +173,8 @@ def test_expiry_and_the_requeue_cap(redis_url, home, tiny_models_file, settings_
     c = Client(settings_for(url, chunk_size=2))
     late = c.submit_file(write_jsonl(tmp_path / "a.jsonl", [moderation("a1"), moderation("a2")]), completion_window="1s")
     poison = c.submit_file(write_jsonl(tmp_path / "b.jsonl", [moderation(f"b{i}") for i in range(4)]))
-    c.redis.hset(C.attempts_key(poison.id), 0, c.settings.max_attempts)  # chunk 0 crashed workers before
+    # chunk 0 (2 lines) crashed workers before, past the cap of max_attempts + its lines
+    c.redis.hset(C.attempts_key(poison.id), 0, c.settings.max_attempts + 2)
     time.sleep(1.2)
     w = WorkerProcess(worker_env(url, home, tiny_models_file), tmp_path / "w.log").wait_ready(url)
     try:

@@ -1,0 +1,182 @@
+"""Load: a very large submission with a tiny model on the CPU, watching memory.
+
+    python -m benchmarks.load [--lines 1000000] [--quick]
+
+A `gristmill submit --wait` process, one worker process (a 2-layer, 64-wide BERT classifier with
+random weights and MiniLM's tokenizer, so the queue, not the model, is what is measured) and an
+embedded Redis. Every second it samples the resident memory of the producer and the worker and
+Redis's used memory; then it downloads the results (streamed) and checks one line per input.
+Prints a table, then one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from .common import table, texts
+from .queue_overhead import ROOT, stop
+
+
+def tiny_classifier(out: Path) -> Path:
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from producers.registry import DEFAULT_CLASSIFIER
+    src = DEFAULT_CLASSIFIER.resolve_path()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def write_file(path: Path, n: int) -> int:
+    pool = texts(4096, 4, 24, seed=5)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/classifications",
+                                "body": {"input": pool[i % len(pool)] + f" {i}"}}) + "\n")
+    return path.stat().st_size
+
+
+class Sampler(threading.Thread):
+    """RSS of the named processes and Redis's used memory, once a second."""
+
+    def __init__(self, procs: dict[str, int], redis_client):
+        super().__init__(daemon=True)
+        self.procs = {k: psutil.Process(pid) for k, pid in procs.items()}
+        self.r = redis_client
+        self.samples: list[dict] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self.halt.wait(1.0):
+            row = {"t": round(time.monotonic() - t0, 1)}
+            for k, p in self.procs.items():
+                try:
+                    row[k] = p.memory_info().rss
+                except psutil.Error:
+                    row[k] = None
+            try:
+                row["redis"] = int(self.r.info("memory")["used_memory"])
+            except Exception:  # noqa: BLE001
+                row["redis"] = None
+            self.samples.append(row)
+
+    def peak(self, key: str) -> int:
+        return max((s[key] for s in self.samples if s.get(key)), default=0)
+
+    def at(self, key: str, frac: float) -> int | None:
+        vals = [s[key] for s in self.samples if s.get(key)]
+        return vals[min(len(vals) - 1, int(frac * len(vals)))] if vals else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lines", type=int, default=None, help="default 1,000,000 (--quick: 100,000)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    n = args.lines or (100_000 if args.quick else 1_000_000)
+    work = Path(tempfile.mkdtemp(prefix="gristmill-load-"))
+    os.environ.pop("GRISTMILL_REDIS_URL", None)
+    os.environ["GRISTMILL_HOME"] = str(work / "home")
+    model = tiny_classifier(work / "tiny")
+    mf = work / "models.json"
+    mf.write_text(json.dumps([{"name": "tiny", "kind": "sequence_classifier", "path": str(model),
+                               "max_input_tokens": 64}]))
+    os.environ.update(GRISTMILL_MODELS_FILE=str(mf), GRISTMILL_BUILTIN_MODELS="false",
+                      GRISTMILL_MAX_BATCH_SIZE="256", GRISTMILL_TOKEN_BUDGET=str(256 * 64))
+    f = work / "in.jsonl"
+    size = write_file(f, n)
+
+    import redis as redis_lib
+
+    from producers.app import make_app
+    from producers.client import Client
+    from producers.redis_server import EmbeddedRedis
+    from producers.settings import Settings
+    from workers.launcher import wait_for_workers
+    with EmbeddedRedis(work / "redis") as server:
+        os.environ["GRISTMILL_REDIS_URL"] = server.url
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        log = work / "worker.log"
+        worker = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", "cpu",
+                                   "--queues", "gristmill.classify"], env=env, cwd=ROOT,
+                                  stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        try:
+            wait_for_workers(make_app(Settings()), [("worker", worker, log)])
+            r = redis_lib.Redis.from_url(server.url)
+            redis_pid = int(r.info("server")["process_id"])
+            t0 = time.perf_counter()
+            producer = subprocess.Popen([sys.executable, "-m", "producers.cli", "submit", str(f), "--wait"], env=env,
+                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            sampler = Sampler({"producer": producer.pid, "worker": worker.pid, "redis_rss": redis_pid}, r)
+            sampler.start()
+            out, _ = producer.communicate()
+            elapsed = time.perf_counter() - t0
+            batch_id = out.strip().splitlines()[-1]
+            client = Client(Settings())
+            t1 = time.perf_counter()
+            dl = Sampler({"downloader": os.getpid()}, r)
+            dl.start()
+            n_out, n_err = client.download(batch_id, work / "out.jsonl", work / "err.jsonl")
+            dl.halt.set()
+            sampler.halt.set()
+            download_s = time.perf_counter() - t1
+            b = client.get(batch_id)
+            client.close()
+        finally:
+            stop(worker)
+    ids = set()
+    with open(work / "out.jsonl") as fo:
+        for line in fo:
+            ids.add(json.loads(line)["custom_id"])
+    mb = 1 / 2**20
+    figures = {
+        "lines": n, "file_mb": round(size * mb, 1), "status": b.status, "outputs": n_out, "errors": n_err,
+        "unique_custom_ids": len(ids), "items_per_s": round(n / elapsed, 1), "elapsed_s": round(elapsed, 1),
+        "download_s": round(download_s, 1),
+        "producer_rss_mb": {k: round((sampler.at("producer", q) or 0) * mb, 1) for k, q in
+                            (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
+        "producer_peak_rss_mb": round(sampler.peak("producer") * mb, 1),
+        "worker_rss_mb": {k: round((sampler.at("worker", q) or 0) * mb, 1) for k, q in
+                          (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))},
+        "worker_peak_rss_mb": round(sampler.peak("worker") * mb, 1),
+        "downloader_peak_rss_mb": round(dl.peak("downloader") * mb, 1),
+        "redis_used_peak_mb": round(sampler.peak("redis") * mb, 1),
+        "redis_rss_peak_mb": round(sampler.peak("redis_rss") * mb, 1),
+    }
+    print(table([("submit -> completed", f"{n:,}", f"{elapsed:.0f} s", f"{n / elapsed:,.0f}/s"),
+                 ("producer RSS (10/50/90% of the run, peak)",
+                  "/".join(f"{v:.0f}" for v in figures["producer_rss_mb"].values()), f"{figures['producer_peak_rss_mb']:.0f} MB", ""),
+                 ("worker RSS (10/50/90%, peak)",
+                  "/".join(f"{v:.0f}" for v in figures["worker_rss_mb"].values()), f"{figures['worker_peak_rss_mb']:.0f} MB", ""),
+                 ("Redis used memory, peak", "", f"{figures['redis_used_peak_mb']:.0f} MB",
+                  f"file {figures['file_mb']:.0f} MB"),
+                 ("download (streamed), peak RSS", f"{n_out:,} lines", f"{figures['downloader_peak_rss_mb']:.0f} MB",
+                  f"{download_s:.0f} s")],
+                ("what", "detail", "value", "")))
+    print(json.dumps(figures))
+    return 0 if (b.status == "completed" and len(ids) == n_out == n and not n_err) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Faults with real processes: workers killed with SIGKILL mid-batch; nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from producers import constants as C
+from producers.client import Client
+from producers.settings import Settings
+
+from .conftest import WorkerProcess, clean, worker_env
+from .helpers import completion, moderation, read_results, write_jsonl
+
+
+def _own_db(redis_url: str, db: int) -> str:
+    # a database of its own: the session's tiny-model worker must not take these messages
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+def _kill(w: WorkerProcess) -> None:
+    """SIGKILL: no warm shutdown, no message handed back, like the OOM killer."""
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait(10)
+
+
+def _wait_done(c: Client, batch_id: str, at_least: int, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = c.get(batch_id).request_counts
+        done = rc.completed + rc.failed
+        if done >= at_least:
+            return done
+        assert time.monotonic() < deadline, f"stuck at {done} of {rc.total}"
+        time.sleep(0.05)
+
+
+def test_workers_killed_twice_mid_batch_lose_and_double_nothing(redis_url, home, tiny_models_file, tmp_path):
+    url = _own_db(redis_url, 6)
+    clean(url)
+    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2", GRISTMILL_CHUNK_SIZE="10")
+    n = 3000
+    rows = [completion(f"r{i}", f"line {i} of the batch", max_tokens=12, temperature=0) for i in range(n)]
+    c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
+    workers = [WorkerProcess(env, tmp_path / "w0.log").wait_ready(url)]
+    try:
+        b = c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows))
+        kills = []
+        for at in (n // 10, n // 2):
+            done = _wait_done(c, b.id, at)
+            assert done < n, "the batch finished before the kill: make it slower"
+            _kill(workers[-1])
+            kills.append(done)
+            workers.append(WorkerProcess(env, tmp_path / f"w{len(workers)}.log").wait_ready(url))
+        final = c.wait(b.id, timeout=200)
+        assert final.status == C.COMPLETED, final
+        outs, errs = read_results(c, b.id, tmp_path)
+        ids = Counter(o["custom_id"] for o in outs + errs)
+        assert not errs, errs[:3]
+        assert len(ids) == n and set(ids.values()) == {1}, "every custom_id exactly once"
+        assert final.request_counts.completed == n and final.request_counts.failed == 0
+        # the killed workers' messages came back through their lapsed leases, not the 2 h timeout
+        logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(len(workers)))
+        assert "handed back" in logs, kills
+    finally:
+        for w in workers:
+            w.stop()
+        c.close()
+
+
+def test_redis_killed_mid_batch_and_restarted_on_its_aof_loses_and_doubles_nothing(home, tiny_models_file, tmp_path):
+    from producers.redis_server import EmbeddedRedis, free_port
+    port, data = free_port(), tmp_path / "redis"
+    server = EmbeddedRedis(data, port=port)
+    url = server.start()
+    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="5")
+    n = 2000
+    rows = [completion(f"r{i}", f"line {i} of the batch", max_tokens=12, temperature=0) for i in range(n)]
+    c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
+    w = WorkerProcess(env, tmp_path / "w.log").wait_ready(url)
+    restarted = None
+    try:
+        b = c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows))
+        done = _wait_done(c, b.id, n // 5)
+        assert done < n, "the batch finished before the kill: make it slower"
+        server.proc.kill()  # SIGKILL: no SHUTDOWN, no final AOF flush
+        server.proc.wait(10)
+        time.sleep(3)  # workers and this client see connection errors meanwhile
+        restarted = EmbeddedRedis(data, port=port, password=server.password)
+        assert restarted.start() == url
+        final = c.wait(b.id, timeout=240)  # the client rides out the outage on its own
+        assert final.status == C.COMPLETED, final
+        assert w.proc.poll() is None, "the worker reconnected instead of dying"
+        outs, errs = read_results(c, b.id, tmp_path)
+        ids = Counter(o["custom_id"] for o in outs + errs)
+        assert not errs, errs[:3]
+        assert len(ids) == n and set(ids.values()) == {1}, "every custom_id exactly once"
+        assert final.request_counts.completed == n
+        assert server.password not in (tmp_path / "w.log").read_text(), "no secrets in logs"
+    finally:
+        w.stop()
+        c.close()
+        (restarted or server).stop()
+
+
+def test_a_poison_line_fails_alone_and_the_rest_of_its_chunk_completes(redis_url, home, tiny_models_file, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    url = _own_db(redis_url, 7)
+    clean(url)
+    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2")
+    rows = [moderation(f"m{i}", "POISON" if i == 5 else f"ordinary text {i}") for i in range(40)]
+    c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
+
+    def start(k: int) -> WorkerProcess:
+        # not waited for: the redelivered poison chunk may kill it before it answers a ping
+        w = WorkerProcess.__new__(WorkerProcess)
+        w.log, w.env = tmp_path / f"p{k}.log", env
+        w.proc = subprocess.Popen([sys.executable, "-m", "tests.integration.poison_worker", "--device", "cpu"], env=env,
+                                  stdout=open(w.log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+        return w
+
+    workers = [start(0).wait_ready(url)]
+    try:
+        b = c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows))
+        deadline = time.monotonic() + 240
+        while not c.get(b.id).done:
+            assert time.monotonic() < deadline, c.get(b.id)
+            if workers[-1].proc.poll() is not None:  # a supervisor's job: start another
+                workers.append(start(len(workers)))
+            time.sleep(0.2)
+        final = c.get(b.id)
+        outs, errs = read_results(c, b.id, tmp_path)
+        assert final.status == C.COMPLETED
+        assert [(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errs] == [("m5", C.E_WORKER_CRASHED, 6)]
+        assert "died 2 times" in errs[0]["error"]["message"]
+        assert sorted(o["custom_id"] for o in outs) == sorted(f"m{i}" for i in range(40) if i != 5)
+        assert len(workers) - 1 == 3, "deaths: the batched run, then two with the line running alone"
+    finally:
+        for w in workers:
+            w.stop()
+        c.close()

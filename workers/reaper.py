@@ -1,0 +1,149 @@
+"""Leases: a worker killed without a clean shutdown gets its messages handed back in seconds.
+
+With acks_late, a message a worker has taken stays in kombu's `unacked` hash until the worker
+acks it. A clean stop hands those back at once; a SIGKILL (OOM killer, node loss) leaves them
+until the visibility timeout, which must be long (hours) because it also bounds how long a slow
+message may run. So each worker process
+  - records, on receipt, which process holds each delivery (`gristmill:owners`: tag -> worker id),
+  - keeps a heartbeat key alive (`gristmill:alive:<id>`, TTL `lease_ttl_s`, renewed every third of it),
+  - and, every few seconds, restores the deliveries whose holder's heartbeat has lapsed, with
+    kombu's own `restore_by_tag` (a WATCH transaction: of two reapers, one restores).
+A worker also restores its own deliveries that no task of it holds any more: after a lost broker
+connection (Redis restarted) Celery opens a new channel, and an ack of the old one can be lost,
+leaving the message in `unacked` under a live worker's claim.
+A worker that lost its lease while alive (frozen longer than the TTL) may run a chunk twice; the
+per-chunk HSETNX write keeps the output to one line per input all the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from producers import constants as C
+
+log = logging.getLogger(__name__)
+
+# A delivery nobody claimed (its receiver died between kombu's write to `unacked` and our claim)
+# is restored after this many lease TTLs (at least 10 s); a live worker claims a delivery
+# milliseconds after taking it, and a frozen one loses its lease sooner anyway.
+ORPHAN_AFTER_TTLS = 3
+# A worker's own delivery whose task ended this long ago and is still unacked lost its ack.
+LOST_ACK_AFTER_S = 30.0
+
+
+class Lease:
+    def __init__(self, app, redis, ttl_s: float):
+        self.app = app
+        self.r = redis
+        self.ttl_s = ttl_s
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._held: dict[str, str] = {}  # task id -> delivery tag, while its task has not ended
+        self._ended: dict[str, float] = {}  # delivery tag -> when its task ended
+
+    def start(self) -> "Lease":
+        self.beat()
+        self._thread = threading.Thread(target=self._loop, name="gristmill-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.r.delete(C.alive_key(self.id))
+        except Exception:  # noqa: BLE001 - Redis may be gone at shutdown
+            pass
+
+    def beat(self) -> None:
+        self.r.set(C.alive_key(self.id), 1, px=int(self.ttl_s * 1000))
+
+    def claim(self, delivery_tag: str, task_id: str) -> None:
+        """Called as a message arrives (Celery's task_received, in the consumer thread)."""
+        with self._lock:
+            self._held[task_id] = delivery_tag
+        try:
+            self.r.hset(C.OWNERS_KEY, delivery_tag, self.id)
+        except Exception:  # noqa: BLE001 - a missed claim only means the orphan path restores it later
+            log.warning("could not record delivery %s", delivery_tag, exc_info=True)
+
+    def release(self, task_id: str) -> None:
+        """Called as a task ends (task_postrun); its ack follows."""
+        now = time.monotonic()
+        with self._lock:
+            tag = self._held.pop(task_id, None)
+            if tag is not None:
+                self._ended[tag] = now
+            for t in [t for t, at in self._ended.items() if now - at > 10 * LOST_ACK_AFTER_S]:
+                del self._ended[t]
+
+    def _lost_acks(self, mine: list[str]) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            held = set(self._held.values())
+            return [t for t in mine if t not in held and now - self._ended.get(t, 0.0) > LOST_ACK_AFTER_S]
+
+    def _loop(self) -> None:
+        every = max(0.5, self.ttl_s / 3)
+        while not self._stop.wait(every):
+            try:
+                self.beat()
+                self.reap()
+            except Exception:  # noqa: BLE001 - Redis down: the next round tries again
+                log.warning("lease round failed", exc_info=True)
+
+    def reap(self) -> list[str]:
+        """Restore the deliveries held by dead workers (and old unclaimed ones); forget claims on
+        deliveries already acked. Returns the restored tags."""
+        with self.app.connection_for_write() as conn:
+            channel = conn.default_channel
+            qos = channel.qos
+            # claims first: a claim is written after its delivery enters `unacked`, so a claimed
+            # tag missing from the later read of `unacked` was acked (or restored), never "not yet"
+            claimed = self.r.hgetall(C.OWNERS_KEY)
+            unacked = self.r.hkeys(channel.unacked_key)
+            pending = set(unacked)
+            gone = [t for t in claimed if t not in pending]
+            if gone:
+                self.r.hdel(C.OWNERS_KEY, *gone)
+            if not unacked:
+                return []
+            holders = sorted({claimed[t] for t in unacked if t in claimed})
+            pipe = self.r.pipeline()
+            for h in holders:
+                pipe.exists(C.alive_key(h))
+            alive = {h for h, ok in zip(holders, pipe.execute()) if ok}
+            stale = [t for t in unacked if t in claimed and claimed[t] not in alive]
+            stale += self._lost_acks([t for t in unacked if claimed.get(t) == self.id])
+            unclaimed = [t for t in unacked if t not in claimed]
+            if unclaimed:
+                now = time.time()
+                scores = self.r.zmscore(channel.unacked_index_key, unclaimed)
+                orphan_after = max(10.0, ORPHAN_AFTER_TTLS * self.ttl_s)
+                stale += [t for t, s in zip(unclaimed, scores) if s is not None and now - s > orphan_after]
+            for tag in stale:
+                log.warning("handing back %s (held by %s): %s", tag, claimed.get(tag, "nobody"), _describe(
+                    self.r.hget(channel.unacked_key, tag)))
+                qos.restore_by_tag(tag, leftmost=True)
+                self.r.hdel(C.OWNERS_KEY, tag)
+            if stale:
+                log.warning("handed back %d message(s) of worker(s) that stopped without acking them", len(stale))
+            return stale
+
+
+def _describe(payload: str | None) -> str:
+    """Task name, id and the start of its arguments, for the log line of a restored message."""
+    if not payload:
+        return "(already gone)"
+    try:
+        headers = json.loads(payload)[0].get("headers", {})
+        return f"{headers.get('task')}[{headers.get('id')}] {str(headers.get('argsrepr'))[:60]}"
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return "(unreadable)"
