@@ -32,10 +32,8 @@ from .queue_overhead import ROOT, stop
 def seed_set_figures() -> dict:
     from kernels import heads
     from producers.registry import DEFAULT_CLASSIFIER
-    examples = heads.load_seed()
-    labels = heads.load_head(heads.DEFAULT_HEAD)[2]
-    emb = heads.embed([e.text for e in examples], DEFAULT_CLASSIFIER.resolve_path())
-    return {"examples": len(examples), "per_label": heads.cross_validate(emb, examples, labels)}
+    _, _, _, meta = heads.train(DEFAULT_CLASSIFIER.resolve_path(), heads.SEED_SET)
+    return {"examples": meta["examples"], "per_label": meta["cv"]}
 
 
 def run_pass(client, f: Path, work: Path) -> dict:

