@@ -33,8 +33,10 @@ def worker(argv: list[str]) -> int:
 
     from . import control  # noqa: F401  (registers the gristmill_stats remote-control command)
     from . import metrics
+    from .reaper import tolerate_kombu_close_race
     from .tasks import init_state, register_tasks
 
+    tolerate_kombu_close_race()
     settings = Settings()
     url = resolve_redis_url(settings)
     app = make_app(settings, url)

@@ -147,3 +147,26 @@ def _describe(payload: str | None) -> str:
         return f"{headers.get('task')}[{headers.get('id')}] {str(headers.get('argsrepr'))[:60]}"
     except (ValueError, AttributeError, IndexError, TypeError):
         return "(unreadable)"
+
+
+def tolerate_kombu_close_race() -> None:
+    """kombu's Redis channel, closed after a lost broker connection, restores its unacked messages
+    through a connection object that may already be detached, and raises AttributeError ('NoneType'
+    object has no attribute 'hostname'; kombu issues 582 and 970). Celery treats that as
+    unrecoverable and the worker exits mid-outage. Skip the restore instead: those deliveries stay
+    in `unacked` under this worker's claim, and `Lease._lost_acks` hands them back once no task
+    of this worker holds them."""
+    from kombu.transport import redis as kredis
+    original = kredis.QoS.restore_unacked
+    if getattr(original, "_gristmill", False):
+        return
+
+    def restore_unacked(self, client=None):
+        try:
+            return original(self, client)
+        except AttributeError:
+            log.warning("kombu could not restore this channel's unacked messages after a lost connection; "
+                        "the lease hands them back")
+
+    restore_unacked._gristmill = True  # type: ignore[attr-defined]
+    kredis.QoS.restore_unacked = restore_unacked
