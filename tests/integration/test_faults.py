@@ -114,7 +114,10 @@ def test_a_poison_line_fails_alone_and_the_rest_of_its_chunk_completes(redis_url
     from .conftest import ROOT
     url = _own_db(redis_url, 7)
     clean(url)
-    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2")
+    # One message in flight per worker: this test is about the poison line, so its deaths must not
+    # also land in kombu's take-then-record window (README, "Reliability and security": a message
+    # being fetched at the instant of a death can be lost, which the worker-death test exercises).
+    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2", GRISTMILL_WORKER_CONCURRENCY="1")
     rows = [moderation(f"m{i}", "POISON" if i == 5 else f"ordinary text {i}") for i in range(40)]
     c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
 
