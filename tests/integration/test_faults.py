@@ -43,7 +43,7 @@ def test_workers_killed_twice_mid_batch_lose_and_double_nothing(redis_url, home,
     url = _own_db(redis_url, 6)
     clean(url)
     # One message in flight per worker. With four, a kill can land in kombu's take-then-record
-    # window (BRPOP, then the unacked write) and that one message is lost: seen in 1 of 5 CI runs
+    # window (BRPOP, then the unacked write) and that one message is lost: seen in one CI run
     # (README, "Reliability and security", known limits). That loss is not fixed yet.
     env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2", GRISTMILL_CHUNK_SIZE="10",
                      GRISTMILL_WORKER_CONCURRENCY="1")
