@@ -21,6 +21,20 @@ from producers.errors import ConfigurationError
 log = logging.getLogger(__name__)
 
 
+# A batcher key is a model name, optionally followed by KEY_TAG and a tag: items with a tag batch
+# only with items of the same tag (a chunk re-run line by line keeps its batches to itself).
+KEY_TAG = "\x00"
+
+
+def tagged(model: str, tag: str) -> str:
+    return f"{model}{KEY_TAG}{tag}"
+
+
+def model_of(key: str) -> str:
+    """The model a batcher key runs."""
+    return key.split(KEY_TAG, 1)[0]
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_size: int

@@ -18,6 +18,7 @@ from producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
 from producers.settings import Settings
 
 from . import dedup
+from .batcher import model_of
 from .dedup import ScoreCache
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,9 @@ class EngineHost:
         return Prepared(it, [req], [len(ids) + budget])
 
     def run(self, key: str, payloads: list[Any]) -> list[Any]:
-        """`key` is the model, or the model + "\x00" + a tag that keeps a batch to itself."""
+        """`key` is a batcher key: the model, maybe tagged (workers/batcher.py)."""
         try:
-            return self.engine(key.split("\x00", 1)[0]).run(payloads)
+            return self.engine(model_of(key)).run(payloads)
         except Exception as exc:
             self._release_if_oom(exc)
             raise

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from .batcher import model_of
+
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 ITEMS = Counter("gristmill_items_total", "Items (input lines) this worker processed, by outcome; a redelivered "
@@ -29,7 +31,7 @@ SPLITS = Counter("gristmill_batch_splits_total", "Batches split after an error o
 
 
 def on_batch(model: str, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
-    model = model.split("\x00", 1)[0]  # an isolated batch's key carries a tag after the model
+    model = model_of(model)  # a tagged batcher key: label by its model
     BATCH_SIZE.labels(model).observe(size)
     BUSY.labels(model).inc(seconds)
     ENGINE_SECONDS.labels(model).observe(seconds)
@@ -38,7 +40,7 @@ def on_batch(model: str, size: int, real_tokens: int, padded_tokens: int, second
 
 
 def on_split(model: str) -> None:
-    SPLITS.labels(model.split("\x00", 1)[0]).inc()
+    SPLITS.labels(model_of(model)).inc()
 
 
 def watch_gpu_memory() -> None:

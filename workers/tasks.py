@@ -24,7 +24,7 @@ from producers.redis_server import with_retry
 from producers.settings import Settings
 
 from . import metrics
-from .batcher import BatchPolicy, MicroBatcher
+from .batcher import BatchPolicy, MicroBatcher, tagged
 from .dedup import Recent, ScoreCache
 from .reaper import Lease
 from .host import EngineHost, Prepared, item_error
@@ -130,7 +130,7 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
                         payloads.append(payload)
                         costs.append(p.costs[k])
                         keys.append(key)
-            futures = batcher.submit(model + tag, payloads, costs) if payloads else []
+            futures = batcher.submit(tagged(model, tag) if tag else model, payloads, costs) if payloads else []
             if recent is not None:
                 for key, f in zip(keys, futures):
                     if key is not None:
@@ -186,9 +186,9 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
     return {"completed": len(lines) - failed, "failed": failed}
 
 
-def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, key: str = ""
+def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, tag: str = ""
               ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], tuple[int, int]]:
-    """(line, is_error) pairs for `items`, their models, and (classifier inputs, reused). `key`
+    """(line, is_error) pairs for `items`, their models, and (classifier inputs, reused). A `tag`
     keeps these items out of other messages' device batches (isolation)."""
     lines: list[tuple[dict[str, Any], bool]] = []
     models: list[str] = []
@@ -197,7 +197,7 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, k
     except Exception as exc:  # noqa: BLE001 - a chunk-wide preparation failure fails its items, not the worker
         log.exception("preparing %d items failed", len(items))
         prepared = [S.LineError(it.line, it.custom_id, C.E_ENGINE, f"{type(exc).__name__}: {exc}") for it in items]
-    waiting = submit_chunk(st.batcher, prepared, st.recent, key)
+    waiting = submit_chunk(st.batcher, prepared, st.recent, tag)
     for it, p in zip(items, prepared):
         if isinstance(p, S.LineError):
             lines.append((S.error_line(p.custom_id, p.code, p.message, p.line), True))
@@ -238,7 +238,7 @@ def _isolate(st: WorkerState, batch_id: str, chunk: int, items: list[S.WorkItem]
     kills the worker (a poison input). Run its items one at a time, each marked in Redis while it
     runs and its line kept once done; an item that was running at SUSPECT_DEATHS deaths fails
     alone with `worker_crashed`, and the others complete."""
-    store, key = st.store, f"\x00{batch_id}:{chunk}"
+    store, tag = st.store, f"{batch_id}:{chunk}"
     lines: list[tuple[dict[str, Any], bool]] = []
     models: list[str] = []
     dedup = [0, 0]
@@ -256,7 +256,7 @@ def _isolate(st: WorkerState, batch_id: str, chunk: int, items: list[S.WorkItem]
         else:
             with _ISOLATED:
                 with_retry(store.mark_running, batch_id, chunk, it.line)
-                got, _, d = run_items(st, [it], policy, key)
+                got, _, d = run_items(st, [it], policy, tag)
                 with_retry(store.keep_line, batch_id, chunk, it.line, *got[0])
             lines += got
             dedup = [dedup[0] + d[0], dedup[1] + d[1]]
