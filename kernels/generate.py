@@ -67,7 +67,7 @@ class GenerationEngine:
 
     def __init__(self, path: Path, *, cache_dir: Path, device: str = "cpu", max_context: int = 2048,
                  dtype: torch.dtype | None = None, max_slots: int | None = None, continuous: bool = True,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile_decode: bool = True):
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.model, self.tokenizer, self.revision = load_causal_lm(path, cache_dir, self.device, self.dtype)
@@ -83,9 +83,13 @@ class GenerationEngine:
         slots = max_slots or (256 if self.device.type == "cuda" else 64)
         self.loop = None
         if continuous and supports(self.model):
-            self.loop = ContinuousLoop(self.model, max_slots=slots, cuda_graphs=cuda_graphs)
+            # compiling pays on a GPU, where a one-token step is dozens of small kernels per layer
+            self.loop = ContinuousLoop(self.model, max_slots=slots, cuda_graphs=cuda_graphs,
+                                       compile_decode=compile_decode and self.device.type == "cuda")
         graphs = self.loop is not None and cuda_graphs and self.device.type == "cuda"
         kind = ("continuous+cudagraphs" if graphs else "continuous") if self.loop else "static"
+        if self.loop is not None and self.loop.stepper.compiled is not None:
+            kind += "+compiled"
         self.variant = f"torch-{str(self.dtype).removeprefix('torch.')}-{self.device.type}-{kind}"
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -164,7 +168,7 @@ class GenerationEngine:
             return out
 
         self.loop.run([r.prompt_ids for r in reqs], budgets, sample, on_token, self.device, self.dtype,
-                      more=pull if more is not None else None)
+                      more=pull if more is not None else None, greedy=lambda i: reqs[i].temperature == 0)
         return track.results()
 
     def _run_static(self, reqs, budgets, track, temperature, top_p, gens) -> None:

@@ -67,7 +67,7 @@ class EngineHost:
         if spec.kind == "causal_lm":
             from kernels.generate import GenerationEngine
             return GenerationEngine(path, cache_dir=self.settings.model_cache_dir, device=self.device,
-                                    max_context=spec.max_input_tokens)
+                                    max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
         from kernels.classify import ClassifierEngine
         from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
         # a directory built by `gristmill optimize` runs on ONNX Runtime

@@ -10,11 +10,14 @@ from kernels.decode import supports
 from kernels.generate import GenerationEngine, GenRequest
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_models_file, tmp_path_factory) -> tuple[GenerationEngine, GenerationEngine]:
+@pytest.fixture(scope="module", params=[False, True], ids=["in-step", "run-ahead"])
+def engines(request, tiny_models_file, tmp_path_factory) -> tuple[GenerationEngine, GenerationEngine]:
+    """The continuous loop reading each step's tokens before the next (the CPU's way), and queueing
+    greedy steps one ahead of reading them (CUDA's way, forced here so the CPU tests cover it)."""
     chat = tiny_models_file.parent / "weights" / "chat"
     cache = tmp_path_factory.mktemp("cache")
     cont = GenerationEngine(chat, cache_dir=cache, max_context=64, max_slots=3)
+    cont.loop.run_ahead = request.param
     static = GenerationEngine(chat, cache_dir=cache, max_context=64, continuous=False)
     return cont, static
 
@@ -50,6 +53,11 @@ def test_greedy_equals_hf_generate_with_slots_reused(engines):
     assert st.prefills >= 3, "8 requests through 3 slots need several admissions"
     assert st.mean_decode_batch <= 3
     assert st.new_tokens == sum(r.completion_tokens for r in ours) + sum(r.finish_reason == "stop" for r in ours)
+    extra = st.decode_rows - (st.new_tokens - len(prompts))  # each request's first token comes from its prefill
+    if cont.loop.run_ahead:
+        assert 0 < extra <= len(prompts), "rows ran one step ahead of their finish, at most once each"
+    else:
+        assert extra == 0
 
 
 def test_continuous_equals_static_for_seeded_sampling_and_stops(engines):
@@ -82,11 +90,13 @@ def test_an_empty_prompt_is_refused_by_name(engines):
         cont.run([GenRequest([], 4, temperature=0)])
 
 
-def test_requests_handed_over_mid_run_join_and_finish_early(tiny_models_file, tmp_path):
+@pytest.mark.parametrize("run_ahead", [False, True])
+def test_requests_handed_over_mid_run_join_and_finish_early(tiny_models_file, tmp_path, run_ahead):
     """The loop asks for more work whenever slots free up; pulled requests get the same tokens as
     alone, and each request is reported the moment it finishes."""
     eng = GenerationEngine(tiny_models_file.parent / "weights" / "chat", cache_dir=tmp_path, max_context=64,
                            max_slots=3)
+    eng.loop.run_ahead = run_ahead
     p = _prompts(eng, 8)  # lengths 2, 22, 40, 58, 19, 35, 54, 13
     first = [GenRequest(p[1], 30, temperature=0)]  # the run's cache: 22 + 30 = 52 positions
     later = [GenRequest(p[i], 3, temperature=0) for i in (0, 7, 4)]
@@ -107,3 +117,24 @@ def test_requests_handed_over_mid_run_join_and_finish_early(tiny_models_file, tm
     for r, res in zip([*first, *later], out):
         alone = eng.run([GenRequest(r.prompt_ids, r.max_tokens, temperature=0)])[0]
         assert res.token_ids == alone.token_ids and res.completion_tokens == r.max_tokens
+
+
+def test_plain_layer_functions_equal_the_model_modules(tiny_models_file, tmp_path):
+    """The functions a decode step compiles on CUDA compute what the model's own modules do (run
+    uncompiled here, in fp32): the same logits up to the stacked products' rounding, the same greedy tokens."""
+    from kernels import decode
+    eng = GenerationEngine(tiny_models_file.parent / "weights" / "chat", cache_dir=tmp_path, max_context=64,
+                           max_slots=4)
+    reqs = [GenRequest(p, 12, temperature=0) for p in _prompts(eng, 6)]
+    ref = eng.run(reqs)
+    stepper = eng.loop.stepper
+    cache = stepper.new_cache(2, 16, torch.device("cpu"), torch.float32)
+    cache.fill(0, torch.tensor([5, 9]), torch.tensor([3, 7]))
+    modules = stepper.decode(cache, 2, 8)[0]
+    cache.fill(0, torch.tensor([5, 9]), torch.tensor([3, 7]))
+    stepper.plain = decode._plain_layers(eng.model)
+    assert stepper.plain is not None
+    stepper.compiled = (decode._attention_in, decode._attention_out)
+    functions = stepper.decode(cache, 2, 8)[0]
+    torch.testing.assert_close(functions, modules, rtol=1e-5, atol=1e-5)
+    assert [r.token_ids for r in eng.run(reqs)] == [r.token_ids for r in ref]
