@@ -8,10 +8,12 @@ moves the batch to `finalizing` exactly once, so only one writer finalizes.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
-from typing import Any, Iterator
+import zlib
+from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel
 
@@ -59,6 +61,8 @@ class Batch(BaseModel):
     # The moderation policy the batch runs under: {policy_version, model, thresholds_digest}.
     policy: dict[str, str] | None = None
     dedup: DedupCounts = DedupCounts()
+    # Chunk messages sent again by the sweep (workers/reaper.py) after one was lost in transit.
+    resent: int = 0
 
     @property
     def done(self) -> bool:
@@ -66,7 +70,8 @@ class Batch(BaseModel):
 
 
 # Record one part of a batch's results: the lines of one chunk (or one block of ingest errors),
-# stored as one hash field. KEYS: meta, results, chunks_done. ARGV: chunk (or ''), now, part field
+# stored as one hash field; the chunk's kept message is dropped. KEYS: meta, results, chunks_done,
+# pending. ARGV: chunk (or ''), now, part field
 # (or '' to only mark the chunk), value, completed, failed. HSETNX on the part makes a redelivered
 # chunk a no-op: its lines, and so its custom_ids, are fixed at ingest. Returns {completed, failed,
 # transition}, counting only a part that was new.
@@ -81,7 +86,10 @@ if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
     redis.call('HINCRBY', KEYS[1], 'dedup_reused', ARGV[8])
   end
 end
-if ARGV[1] ~= '' then redis.call('SADD', KEYS[3], ARGV[1]) end
+if ARGV[1] ~= '' then
+  redis.call('SADD', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
 local transition = ''
 local chunks_total = redis.call('HGET', KEYS[1], 'chunks_total')
 if chunks_total and redis.call('SCARD', KEYS[3]) >= tonumber(chunks_total) then
@@ -195,6 +203,7 @@ class BatchStore:
                      errors=errors, metadata=json.loads(m.get("metadata") or "{}") or None,
                      policy=json.loads(m["policy"]) if m.get("policy") else None,
                      dedup=DedupCounts(inputs=int(m.get("dedup_inputs", 0)), reused=int(m.get("dedup_reused", 0))),
+                     resent=int(m.get("resent", 0)),
                      **fields)
 
     def add_ids(self, batch_id: str, ids: list[str]) -> list[str]:
@@ -218,10 +227,24 @@ class BatchStore:
                                                       "errors": json.dumps(errors)})
         self._expire(batch_id)
 
-    def set_chunks_total(self, batch_id: str, n: int) -> str:
-        """Called once enqueueing ends; finalizes at once if every chunk is already done."""
-        self.r.hset(C.batch_key(batch_id), "chunks_total", n)
+    def set_chunks_total(self, batch_id: str, n: int, queues: Iterable[str] = ()) -> str:
+        """Called once enqueueing ends; finalizes at once if every chunk is already done. The batch
+        joins the sweep's list: its chunks were all sent to `queues`."""
+        pipe = self.r.pipeline()
+        pipe.hset(C.batch_key(batch_id), mapping={"chunks_total": n, "queues": ",".join(sorted(queues))})
+        pipe.sadd(C.SWEEP_KEY, batch_id)
+        pipe.execute()
         return self.record(batch_id, None, [])
+
+    # -- chunk messages kept until their lines are written (workers/reaper.py sends lost ones again)
+    def keep_message(self, batch_id: str, chunk: int, message: dict[str, Any]) -> None:
+        """message: {task, queue, args, kwargs}, stored compressed (JSON lines shrink ~5x)."""
+        packed = base64.b64encode(zlib.compress(json.dumps(message, separators=(",", ":")).encode(), 1)).decode()
+        self.r.hset(C.pending_key(batch_id), chunk, packed)
+
+    def kept_message(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
+        packed = self.r.hget(C.pending_key(batch_id), chunk)
+        return json.loads(zlib.decompress(base64.b64decode(packed))) if packed else None
 
     def record(self, batch_id: str, chunk: int | None, lines: list[tuple[dict[str, Any], bool]],
                part: str | None = None, dedup: tuple[int, int] = (0, 0)) -> str:
@@ -233,7 +256,7 @@ class BatchStore:
         value, n_out, n_err = encode_part(lines) if lines else ("", 0, 0)
         argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", value,
                            n_out, n_err, *dedup]
-        keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id)]
+        keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id), C.pending_key(batch_id)]
         _, _, transition = self._record(keys=keys, args=argv)
         if transition == C.FINALIZING:
             self.finalize(batch_id)

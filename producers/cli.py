@@ -33,6 +33,8 @@ def _details(b) -> str:
     if b.policy:
         out.append(f"  policy {b.policy['policy_version']} (model {b.policy['model']}, "
                    f"thresholds {b.policy['thresholds_digest']})")
+    if b.resent:
+        out.append(f"  {b.resent} chunk message(s) sent again after a worker or Redis lost them in transit")
     if b.dedup.inputs:
         out.append(f"  dedup: {b.dedup.reused} of {b.dedup.inputs} classifier inputs reused "
                    f"({b.dedup.hit_rate:.1%} hit rate)")

@@ -71,7 +71,7 @@ class Client:
                     policy=policy, max_line_bytes=self.settings.max_line_bytes)
         if report.valid == 0:
             self.redis.hset(C.batch_key(batch_id), "valid", 0)
-        self.store.set_chunks_total(batch_id, report.chunks)
+        self.store.set_chunks_total(batch_id, report.chunks, [q for q, n in report.by_queue.items() if n])
         return self.store.get(batch_id)
 
     def _ingest_processes(self, lines: int) -> int:

@@ -88,6 +88,26 @@ def suspects_key(batch_id: str, chunk: int) -> str:
     return f"{PREFIX}:batch:{batch_id}:suspects:{chunk}"
 
 
+def pending_key(batch_id: str) -> str:
+    """Hash: chunk index -> its message (compressed), from ingest until its lines are written, so a
+    message lost between kombu's take and its record can be sent again (workers/reaper.py)."""
+    return f"{PREFIX}:batch:{batch_id}:pending"
+
+
+def chunk_task_id(batch_id: str, chunk: int) -> str:
+    """A chunk message's Celery task id: the same for every sending of it, and readable from the
+    message's headers without decoding its body."""
+    return f"{batch_id}.c{chunk}"
+
+
+def chunk_of_task_id(task_id: str) -> tuple[str, int] | None:
+    batch_id, sep, chunk = task_id.rpartition(".c")
+    return (batch_id, int(chunk)) if sep and chunk.isdigit() else None
+
+
+# Set: batches whose ingest has ended and that may still hold pending chunks: the sweep's work list.
+SWEEP_KEY = f"{PREFIX}:sweep"
+
 # Hash: kombu delivery tag -> the worker process holding it (workers/reaper.py).
 OWNERS_KEY = f"{PREFIX}:owners"
 
@@ -102,4 +122,4 @@ BATCH_INDEX = f"{PREFIX}:batches"  # sorted set: batch id scored by created_at
 
 def batch_keys(batch_id: str) -> list[str]:
     return [batch_key(batch_id), results_key(batch_id), ids_key(batch_id),
-            chunks_done_key(batch_id), attempts_key(batch_id)]
+            chunks_done_key(batch_id), attempts_key(batch_id), pending_key(batch_id)]

@@ -156,8 +156,12 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
     def send(queue: str) -> None:
         items = buffers[queue]
         if items:
-            app.send_task(C.QUEUE_TASK[queue], args=[batch_id, report.chunks * stride + offset, items],
-                          kwargs={**extra.get(queue, {}), "sent_at": time.time()}, queue=queue)
+            chunk = report.chunks * stride + offset
+            msg = {"task": C.QUEUE_TASK[queue], "queue": queue, "args": [batch_id, chunk, items],
+                   "kwargs": {**extra.get(queue, {}), "sent_at": time.time()}}
+            store.keep_message(batch_id, chunk, msg)  # before sending: a kept message is never missing
+            app.send_task(msg["task"], args=msg["args"], kwargs=msg["kwargs"], queue=queue,
+                          task_id=C.chunk_task_id(batch_id, chunk))
             report.chunks += 1
             report.by_queue[queue] = report.by_queue.get(queue, 0) + len(items)
             buffers[queue] = []

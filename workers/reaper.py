@@ -13,6 +13,14 @@ connection (Redis restarted) Celery opens a new channel, and an ack of the old o
 leaving the message in `unacked` under a live worker's claim.
 A worker that lost its lease while alive (frozen longer than the TTL) may run a chunk twice; the
 per-chunk HSETNX write keeps the output to one line per input all the same.
+
+The sweep closes the one gap leases cannot see. kombu's Redis transport takes a message off its
+queue (BRPOP) and records it in `unacked` with a second command; a worker killed between the two,
+or a BRPOP reply lost with a Redis that died, leaves the message nowhere. Ingest keeps every chunk's
+message (`pending`, dropped by the chunk's result write), so once a batch's queues are empty, a
+pending chunk that is in no worker's `unacked` in two sweeps in a row (a take is recorded within
+milliseconds) is sent again, by one worker (a lock per chunk). A chunk sent twice by a rare race
+still writes its lines once.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import time
 import uuid
 
 from producers import constants as C
+from producers.batches import BatchStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,8 @@ log = logging.getLogger(__name__)
 ORPHAN_AFTER_TTLS = 3
 # A worker's own delivery whose task ended this long ago and is still unacked lost its ack.
 LOST_ACK_AFTER_S = 30.0
+# A chunk sent again is not sent again for this long (the lock of the worker that sent it).
+RESEND_LOCK_S = 120
 
 
 class Lease:
@@ -48,6 +59,7 @@ class Lease:
         self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # task id -> delivery tag, while its task has not ended
         self._ended: dict[str, float] = {}  # delivery tag -> when its task ended
+        self._missing: set[tuple[str, int]] = set()  # pending chunks found nowhere by the last sweep
 
     def start(self) -> "Lease":
         self.beat()
@@ -96,6 +108,7 @@ class Lease:
             try:
                 self.beat()
                 self.reap()
+                self.sweep()
             except Exception:  # noqa: BLE001 - Redis down: the next round tries again
                 log.warning("lease round failed", exc_info=True)
 
@@ -136,6 +149,66 @@ class Lease:
             if stale:
                 log.warning("handed back %d message(s) of worker(s) that stopped without acking them", len(stale))
             return stale
+
+
+    def sweep(self) -> list[tuple[str, int]]:
+        """Send again the chunks lost between a take and its record (module docstring). Returns the
+        (batch, chunk) pairs sent."""
+        batches = sorted(self.r.smembers(C.SWEEP_KEY))
+        if not batches:
+            self._missing = set()
+            return []
+        queue_len: dict[str, int] = {}
+        held: set[tuple[str, int]] | None = None
+        missing: set[tuple[str, int]] = set()
+        for batch_id in batches:
+            status, queues = self.r.hmget(C.batch_key(batch_id), "status", "queues")
+            if status not in (C.IN_PROGRESS, C.CANCELLING) or not self.r.hlen(C.pending_key(batch_id)):
+                self.r.srem(C.SWEEP_KEY, batch_id)  # ended, or every chunk written: nothing to watch
+                continue
+            names = [q for q in (queues or "").split(",") if q] or list(C.QUEUES)
+            for q in names:
+                if q not in queue_len:
+                    queue_len[q] = self.r.llen(q)
+            if any(queue_len[q] for q in names):
+                continue  # its chunks may still be queued
+            pending = self.r.hkeys(C.pending_key(batch_id))
+            if held is None:
+                held = self._held_chunks()
+            missing.update((batch_id, int(c)) for c in pending if (batch_id, int(c)) not in held)
+        sent = []
+        for batch_id, chunk in sorted(missing & self._missing):
+            if self._resend(batch_id, chunk):
+                sent.append((batch_id, chunk))
+        self._missing = missing - set(sent)
+        return sent
+
+    def _held_chunks(self) -> set[tuple[str, int]]:
+        """(batch, chunk) of every message taken and not yet acked, by any worker."""
+        with self.app.connection_for_write() as conn:
+            unacked = conn.default_channel.unacked_key
+        out = set()
+        for payload in self.r.hvals(unacked):
+            try:
+                found = C.chunk_of_task_id(json.loads(payload)[0]["headers"]["id"])
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            if found is not None:
+                out.add(found)
+        return out
+
+    def _resend(self, batch_id: str, chunk: int) -> bool:
+        if not self.r.set(f"{C.pending_key(batch_id)}:resent:{chunk}", self.id, nx=True, ex=RESEND_LOCK_S):
+            return False  # another worker sent it
+        msg = BatchStore(self.r).kept_message(batch_id, chunk)
+        if msg is None:
+            return False  # written meanwhile
+        self.app.send_task(msg["task"], args=msg["args"], kwargs={**msg["kwargs"], "sent_at": time.time()},
+                           queue=msg["queue"], task_id=C.chunk_task_id(batch_id, chunk))
+        self.r.hincrby(C.batch_key(batch_id), "resent", 1)
+        log.warning("sent chunk %d of %s again: it had left its queue, yet no worker held it (a worker or Redis "
+                    "died between kombu's take of the message and its record)", chunk, batch_id)
+        return True
 
 
 def _describe(payload: str | None) -> str:

@@ -42,11 +42,9 @@ def _wait_done(c: Client, batch_id: str, at_least: int, timeout: float = 240) ->
 def test_workers_killed_twice_mid_batch_lose_and_double_nothing(redis_url, home, tiny_models_file, tmp_path):
     url = _own_db(redis_url, 6)
     clean(url)
-    # One message in flight per worker. With four, a kill can land in kombu's take-then-record
-    # window (BRPOP, then the unacked write) and that one message is lost: seen in one CI run
-    # (README, "Reliability and security", known limits). That loss is not fixed yet.
-    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2", GRISTMILL_CHUNK_SIZE="10",
-                     GRISTMILL_WORKER_CONCURRENCY="1")
+    # Four messages in flight per worker (the default): a kill may land in kombu's take-then-record
+    # window (BRPOP, then the unacked write), and the sweep must then send that chunk again.
+    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2", GRISTMILL_CHUNK_SIZE="10")
     n = 3000
     rows = [completion(f"r{i}", f"line {i} of the batch", max_tokens=12, temperature=0) for i in range(n)]
     c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
@@ -81,10 +79,9 @@ def test_redis_killed_mid_batch_and_restarted_on_its_aof_loses_and_doubles_nothi
     port, data = free_port(), tmp_path / "redis"
     server = EmbeddedRedis(data, port=port)
     url = server.start()
-    # One message in flight, as in the worker-death test: a BRPOP whose reply is lost with the
-    # connection takes a message off the queue for good (the kombu window, README known limits;
-    # seen once here with four in flight).
-    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="5", GRISTMILL_WORKER_CONCURRENCY="1")
+    # Four messages in flight: a BRPOP whose reply is lost with the connection takes a message off
+    # its queue with no record of it (seen here), which the sweep sends again.
+    env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="5")
     n = 2000
     rows = [completion(f"r{i}", f"line {i} of the batch", max_tokens=12, temperature=0) for i in range(n)]
     c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
@@ -121,9 +118,8 @@ def test_a_poison_line_fails_alone_and_the_rest_of_its_chunk_completes(redis_url
     from .conftest import ROOT
     url = _own_db(redis_url, 7)
     clean(url)
-    # One message in flight per worker: this test is about the poison line, so its deaths must not
-    # also land in kombu's take-then-record window (README, "Reliability and security": a message
-    # being fetched at the instant of a death can be lost, which the worker-death test exercises).
+    # One message in flight per worker: the deaths are then all the poison line's, and their count
+    # is exact (the other fault tests run four in flight).
     env = worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2", GRISTMILL_WORKER_CONCURRENCY="1")
     rows = [moderation(f"m{i}", "POISON" if i == 5 else f"ordinary text {i}") for i in range(40)]
     c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
@@ -156,3 +152,35 @@ def test_a_poison_line_fails_alone_and_the_rest_of_its_chunk_completes(redis_url
         for w in workers:
             w.stop()
         c.close()
+
+
+def test_a_message_taken_but_never_recorded_is_sent_again(redis_url, home, tiny_models_file, tmp_path):
+    """What a worker killed between kombu's BRPOP and its unacked write leaves: a chunk message gone
+    from its queue and held by no one. Taken here by hand, deterministically; the sweep sends the
+    kept copy again once the queue is empty, and the batch completes with every line once."""
+    import json
+
+    import redis
+    url = _own_db(redis_url, 8)
+    clean(url)
+    rows = [moderation(f"m{i}", f"ordinary text {i}") for i in range(60)]
+    c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10))
+    r = redis.Redis.from_url(url, decode_responses=True)
+    b = c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows))  # no worker yet: all 6 chunks queued
+    assert r.llen(C.CLASSIFY_QUEUE) == 6 and r.hlen(C.pending_key(b.id)) == 6
+    taken = json.loads(r.rpop(C.CLASSIFY_QUEUE))["headers"]["id"]
+    assert C.chunk_of_task_id(taken) == (b.id, 0)
+    w = WorkerProcess(worker_env(url, home, tiny_models_file, GRISTMILL_LEASE_TTL_S="2"), tmp_path / "w.log")
+    try:
+        w.wait_ready(url)
+        final = c.wait(b.id, timeout=120)
+        assert final.status == C.COMPLETED, final
+        outs, errs = read_results(c, b.id, tmp_path)
+        assert not errs and sorted(o["custom_id"] for o in outs) == sorted(f"m{i}" for i in range(60))
+        assert final.resent == 1
+        assert r.hlen(C.pending_key(b.id)) == 0, "written chunks leave no kept message behind"
+        assert f"sent chunk 0 of {b.id} again" in w.log.read_text()
+    finally:
+        w.stop()
+        c.close()
+        r.close()

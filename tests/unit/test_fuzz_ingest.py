@@ -55,6 +55,10 @@ class _Store:
 
     def __init__(self):
         self.parts: list[list] = []
+        self.kept: dict[int, dict] = {}
+
+    def keep_message(self, batch_id, chunk, message):
+        self.kept[chunk] = json.loads(json.dumps(message))
 
     def record(self, batch_id, chunk, lines, part=None):
         self.parts.append(list(lines))
@@ -66,9 +70,11 @@ class _Store:
 class _App:
     def __init__(self):
         self.sent: list[list[dict]] = []
+        self.ids: list[str] = []
 
-    def send_task(self, name, args, kwargs=None, queue=None):
+    def send_task(self, name, args, kwargs=None, queue=None, task_id=None):
         self.sent.append(args[2])
+        self.ids.append(task_id)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -87,6 +93,9 @@ def test_a_fuzzed_file_accounts_for_every_line_once(tiny_settings, tmp_path_fact
     assert sorted(sent + errors) == nonblank, "each non-blank line is sent or reported, once"
     assert report.valid == len(sent) and report.invalid == len(errors)
     assert all(len(msg) <= chunk for msg in app.sent)
+    # every message sent was kept first, the same, under the chunk its task id names
+    assert [C.chunk_of_task_id(t) for t in app.ids] == [("b", k) for k in range(len(app.sent))]
+    assert [store.kept[k]["args"][2] for k in range(len(app.sent))] == app.sent
 
 
 def test_over_long_lines_and_inputs_are_refused_with_the_limit(tiny_settings):
