@@ -11,6 +11,11 @@ Running requests occupy slots 0..n-1 with no holes: a finished slot is refilled 
 running slot's cache rows into it. Every step then works on views of the cache (`k[:, :n, :, :len]`)
 with no gather, and attention reads only the filled prefix of the longest running row.
 
+On CUDA, greedy steps run one ahead: the step takes the argmax itself and leaves it, one position
+on, as each slot's next input, so step t+1 is queued before step t's tokens are read, and the host's
+work overlaps the GPU's. Each layer's work around the cache can run as two compiled functions of
+plain tensors (`compile_decode`), captured inside the graphs with the rest of the step.
+
 The forward reuses the model's own modules (embeddings, RMSNorms, projections, rotary tables,
 MLPs), so weights and numerics are those of the Hugging Face model; only the attention's cache
 handling is ours. Greedy outputs equal `generate`'s (tests/unit/test_decode.py, and the real
@@ -20,7 +25,7 @@ SmolLM2 weights in benchmarks/generation.py).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -341,7 +346,9 @@ class ContinuousLoop:
         cache = self._cache_for(slots, max(len(p) + n for p, n in zip(prompts, limits)), device, dtype)
         cuda = torch.device(device).type == "cuda"
         ahead = int(greedy is not None and (cuda if self.run_ahead is None else self.run_ahead))
-        waiting = deque(range(len(prompts)))
+        # Longest budget first: short requests then fill the slots that long ones leave, instead of
+        # a long one starting late and decoding alone at the end (the classic makespan rule).
+        waiting = deque(sorted(range(len(prompts)), key=lambda i: -limits[i]))
         running: list[_Running] = []
         inflight: deque = deque()  # queued decode steps whose tokens are not read yet: (rows, tokens, event)
 

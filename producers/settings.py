@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     engine_sparsity: Literal["none", "2:4"] = "none"
     engine_compile: bool = False
     # Generation on CUDA: compile the decode step's per-layer work inside its CUDA graphs (README,
-    # "Generation engine"): 1.7-1.9x the tokens/s of the graphed eager step on the H100, for ~10 s of
+    # "Generation engine"): 1.8-2.0x the tokens/s of the graphed eager step on the H100, for ~10 s of
     # compiling when a worker first decodes. CPUs never compile.
     generation_compile: bool = True
     # Messages a worker works on at once (threads in its pool); the batcher merges their items.

@@ -36,7 +36,6 @@ def test_compiled_graphed_decode_matches_eager(tiny_models_file, tmp_path):
     """The decode step with its per-layer work compiled (torch.compile inside the CUDA graphs), steps
     queued one ahead of reading them: one step's logits equal the modules' to fp32 rounding, and the
     greedy tokens are eager's (fused reductions round differently, so a near-tie may flip)."""
-    from kernels import decode
     chat = tiny_models_file.parent / "weights" / "chat"
     kw = dict(cache_dir=tmp_path, device="cuda:0", dtype=torch.float32, max_context=64, max_slots=16)
     compiled = GenerationEngine(chat, **kw)  # compiling is the default on CUDA

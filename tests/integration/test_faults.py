@@ -7,7 +7,6 @@ import signal
 import time
 from collections import Counter
 
-import pytest
 
 from producers import constants as C
 from producers.client import Client

@@ -1,7 +1,6 @@
 """The continuous-batching loop (kernels/decode.py) on a tiny random Llama, against HF generate and
 against the static loop."""
 
-from pathlib import Path
 
 import pytest
 import torch

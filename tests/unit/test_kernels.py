@@ -1,6 +1,5 @@
 """Engines on tiny random models built from configs."""
 
-from pathlib import Path
 
 import pytest
 import torch
