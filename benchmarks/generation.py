@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     first32 = sum(a[:32] == b[:32] for a, b in zip(hf_out, our_out)) / len(prompts)
     st = eng.loop.stats if eng.loop else None
     figures = {
-        "device": args.device, "model": eng.variant, "hf_order": args.hf_order, "requests": len(prompts), "slots": args.slots,
+        "device": args.device, "model": eng.variant, "hf_order": args.hf_order, "requests": len(prompts),
+        "slots": args.slots,
         "new_tokens_asked": sum(limits), "hf_tokens": hf_tok, "engine_tokens": our_tok,
         "hf_s": round(hf_s, 2), "engine_s": round(our_s, 2),
         "hf_tok_per_s": round(hf_tok / hf_s, 1), "engine_tok_per_s": round(our_tok / our_s, 1),

@@ -11,10 +11,11 @@ Running requests occupy slots 0..n-1 with no holes: a finished slot is refilled 
 running slot's cache rows into it. Every step then works on views of the cache (`k[:, :n, :, :len]`)
 with no gather, and attention reads only the filled prefix of the longest running row.
 
-On CUDA, greedy steps run one ahead: the step takes the argmax itself and leaves it, one position
-on, as each slot's next input, so step t+1 is queued before step t's tokens are read, and the host's
-work overlaps the GPU's. Each layer's work around the cache can run as two compiled functions of
-plain tensors (`compile_decode`), captured inside the graphs with the rest of the step.
+On CUDA, steps run one ahead: the step takes the argmax itself (sampled rows draw right behind it,
+on the device) and leaves the token, one position on, as each slot's next input, so step t+1 is
+queued before step t's tokens are read, and the host's work overlaps the GPU's. Each layer's work
+around the cache can run as two compiled functions of plain tensors (`compile_decode`), captured
+inside the graphs with the rest of the step.
 
 The forward reuses the model's own modules (embeddings, RMSNorms, projections, rotary tables,
 MLPs), so weights and numerics are those of the Hugging Face model; only the attention's cache
@@ -304,7 +305,7 @@ class ContinuousLoop:
     def __init__(self, model, *, max_slots: int, prefill_tokens: int = 8192, cuda_graphs: bool = True,
                  run_ahead: bool | None = None, compile_decode: bool = False):
         self.stepper = LlamaStepper(model, compile_decode=compile_decode)
-        self.run_ahead = run_ahead  # queue greedy steps one ahead of reading them; None: on CUDA only
+        self.run_ahead = run_ahead  # queue each step before reading the last one's tokens; None: on CUDA only
         self.max_slots = max_slots
         self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward
         self.cuda_graphs = cuda_graphs
@@ -330,14 +331,15 @@ class ContinuousLoop:
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], limits: list[int], sample, on_token, device, dtype,
             more=None, greedy=None) -> None:
-        """prompts: token ids; limits: max new tokens each. sample(logits [n, V], indices) -> token ids;
-        on_token(index, token) -> True when that request is finished (the token is then not fed).
-        more(n, max_len) -> up to n further (prompt, limit) pairs that fit max_len cache positions,
-        asked for whenever slots are free: requests that arrive while this runs join it. Their
-        indices continue after the given ones. greedy(index) -> True when that request takes the
-        argmax: on CUDA, a step whose rows all do is queued before the previous step's tokens are
-        read, so the host's bookkeeping overlaps the device's work (a finished row then computes one
-        step more, whose token is dropped)."""
+        """prompts: token ids; limits: max new tokens each. sample(logits [n, V], indices) -> token ids
+        [n], on the device (a tensor: nothing read back); on_token(index, token) -> True when that
+        request is finished (the token is then not fed). more(n, max_len) -> up to n further
+        (prompt, limit) pairs that fit max_len cache positions, asked for whenever slots are free:
+        requests that arrive while this runs join it. Their indices continue after the given ones.
+        greedy(index) -> True when that request takes the argmax, which the step itself computes:
+        a step whose rows all do skips `sample`. On CUDA each step is queued before the previous
+        step's tokens are read, so the host's bookkeeping overlaps the device's work (a finished row
+        then computes one step more, whose token is dropped)."""
         self.stats = LoopStats()
         prompts, limits = list(prompts), list(limits)
         if any(not p for p in prompts):
@@ -345,7 +347,7 @@ class ContinuousLoop:
         slots = self.max_slots if more is not None else min(self.max_slots, len(prompts))
         cache = self._cache_for(slots, max(len(p) + n for p, n in zip(prompts, limits)), device, dtype)
         cuda = torch.device(device).type == "cuda"
-        ahead = int(greedy is not None and (cuda if self.run_ahead is None else self.run_ahead))
+        ahead = int(cuda if self.run_ahead is None else self.run_ahead)
         # Longest budget first: short requests then fill the slots that long ones leave, instead of
         # a long one starting late and decoding alone at the end (the classic makespan rule).
         waiting = deque(sorted(range(len(prompts)), key=lambda i: -limits[i]))
@@ -406,17 +408,13 @@ class ContinuousLoop:
                                               width)
                 self.stats.prefills += 1
                 first = sample(logits, new)
-                cache.fill(r0, torch.tensor(first, device=device), lengths.to(device))
+                cache.fill(r0, first, lengths.to(device))
                 rows = [_Running(i, len(prompts[i])) for i in new]
                 running.extend(rows)
-                deliver(rows, first)
+                deliver(rows, first.tolist())
                 continue  # admit more if prefill retired some at once; else decode
             if not running:
                 read_one()
-                continue
-            lookahead = ahead and all(greedy(r.index) for r in running)
-            if inflight and not lookahead:
-                read_one()  # a sampled step's tokens are written over the argmax, in this order of slots
                 continue
             n = len(running)
             kv_len = max(r.length for r in running) + 1
@@ -429,15 +427,13 @@ class ContinuousLoop:
                 r.length += 1
             self.stats.decode_steps += 1
             self.stats.decode_rows += n
-            if lookahead:
-                event = torch.cuda.Event() if cuda else None
-                inflight.append((rows, nxt.to("cpu", non_blocking=True), event))  # pinned, when from CUDA
-                if event is not None:
-                    event.record()
-                if len(inflight) > ahead:
-                    read_one()
-                continue
-            tokens = sample(logits, [r.index for r in rows])
             if greedy is None or not all(greedy(r.index) for r in rows):
-                cache.tok[:n] = torch.tensor(tokens, device=device)
-            deliver(rows, tokens)
+                # queued right behind the step, before any compaction: same order of slots
+                nxt = sample(logits, [r.index for r in rows])
+                cache.tok[:n] = nxt
+            event = torch.cuda.Event() if cuda else None
+            inflight.append((rows, nxt.to("cpu", non_blocking=True), event))  # pinned, when from CUDA
+            if event is not None:
+                event.record()
+            if len(inflight) > ahead:
+                read_one()

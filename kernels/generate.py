@@ -41,24 +41,36 @@ class PromptTooLong(ValueError):
     """Raised when a prompt leaves no room for even one new token in the model's context."""
 
 
-def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row. temperature 0 -> greedy; else nucleus sampling with the row's generator."""
-    greedy = logits.argmax(dim=-1)
-    sampled_rows = (temperature > 0).nonzero().flatten().tolist()
-    if not sampled_rows:
-        return greedy
-    out = greedy.clone()
-    sub = logits[sampled_rows].float() / temperature[sampled_rows].unsqueeze(1)
-    probs = torch.softmax(sub, dim=-1)
+def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[float],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row, left on logits' device: nothing is read back, so a decode loop can queue
+    the next step behind it. temperature 0 -> greedy. Other rows draw from their nucleus (the
+    smallest prefix of the sorted distribution whose mass reaches top_p): a row with a generator
+    (a seeded request) draws with it, row by row, so its tokens do not depend on its batch; the
+    others draw together, as the argmax of p / E with E ~ Exp(1) per token (an exact sample of p)."""
+    out = logits.argmax(dim=-1)
+    sampled = [j for j, t in enumerate(temperature) if t > 0]
+    if not sampled:
+        return out
+    dev = logits.device
+    rows = torch.tensor(sampled, device=dev)
+    temp = torch.tensor([temperature[j] for j in sampled], device=dev, dtype=torch.float32)
+    mass = torch.tensor([top_p[j] for j in sampled], device=dev, dtype=torch.float32)
+    probs = torch.softmax(logits[rows].float() / temp.unsqueeze(1), dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     cum = sorted_p.cumsum(dim=-1)
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    drop = (cum - sorted_p) >= top_p[sampled_rows].unsqueeze(1)
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    for j, row in enumerate(sampled_rows):
-        pick = torch.multinomial(sorted_p[j], 1, generator=generators[row])
-        out[row] = order[j, pick]
+    sorted_p = sorted_p.masked_fill((cum - sorted_p) >= mass.unsqueeze(1), 0.0)
+    picks = torch.empty(len(sampled), dtype=torch.long, device=dev)
+    free = [k for k, j in enumerate(sampled) if generators[j] is None]
+    if free:
+        f = torch.tensor(free, device=dev)
+        race = sorted_p[f] / torch.empty_like(sorted_p[f]).exponential_()
+        picks[f] = race.argmax(dim=-1)
+    for k, j in enumerate(sampled):
+        if generators[j] is not None:
+            picks[k] = torch.multinomial(sorted_p[k], 1, generator=generators[j])[0]
+    out[rows] = order.gather(1, picks.unsqueeze(1)).squeeze(1)
     return out
 
 
@@ -109,14 +121,14 @@ class GenerationEngine:
                                 f"tokens, leaving no room to generate")
         return min(max_tokens, room)
 
-    def _generators(self, reqs: list[GenRequest]) -> list[torch.Generator]:
-        gens = []
+    def _generators(self, reqs: list[GenRequest]) -> list[torch.Generator | None]:
+        """A seeded generator per seeded request; None for the others, which draw together."""
+        gens: list[torch.Generator | None] = []
         for r in reqs:
-            g = torch.Generator(device=self.device)
-            if r.seed is not None:
+            g = None
+            if r.seed is not None and r.temperature > 0:
+                g = torch.Generator(device=self.device)
                 g.manual_seed(r.seed)
-            else:
-                g.seed()
             gens.append(g)
         return gens
 
@@ -132,19 +144,12 @@ class GenerationEngine:
         track = _Tracker(self, reqs, budgets)
         gens = self._generators(reqs)
         if self.loop is None:
-            temperature = torch.tensor([r.temperature for r in reqs], device=self.device)
-            top_p = torch.tensor([r.top_p for r in reqs], device=self.device)
-            self._run_static(reqs, budgets, track, temperature, top_p, gens)
+            self._run_static(reqs, budgets, track, gens)
             return track.results()
 
-        params: list[torch.Tensor] = []  # per-request temperature and top_p, rebuilt when requests join
-
-        def sample(logits: torch.Tensor, idx: list[int]) -> list[int]:
-            if not params or len(params[0]) != len(reqs):
-                params[:] = [torch.tensor([r.temperature for r in reqs], device=self.device),
-                             torch.tensor([r.top_p for r in reqs], device=self.device)]
-            rows = torch.tensor(idx, device=self.device)
-            return sample_next(logits, params[0][rows], params[1][rows], [gens[i] for i in idx]).tolist()
+        def sample(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+            return sample_tokens(logits, [reqs[i].temperature for i in idx], [reqs[i].top_p for i in idx],
+                                 [gens[i] for i in idx])
 
         def on_token(i: int, t: int) -> bool:
             done = track.on_token(i, t)
@@ -171,7 +176,7 @@ class GenerationEngine:
                       more=pull if more is not None else None, greedy=lambda i: reqs[i].temperature == 0)
         return track.results()
 
-    def _run_static(self, reqs, budgets, track, temperature, top_p, gens) -> None:
+    def _run_static(self, reqs, budgets, track, gens) -> None:
         B = len(reqs)
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.full((B, width), self.pad_id, dtype=torch.long)
@@ -186,7 +191,7 @@ class GenerationEngine:
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         for _step in range(max(budgets)):
-            nxt = sample_next(out.logits[:, -1, :], temperature, top_p, gens)
+            nxt = sample_tokens(out.logits[:, -1, :], [r.temperature for r in reqs], [r.top_p for r in reqs], gens)
             for i, t in enumerate(nxt.tolist()):
                 if track.finish[i] is None:
                     track.on_token(i, t)

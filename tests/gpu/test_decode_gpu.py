@@ -60,3 +60,24 @@ def test_compiled_graphed_decode_matches_eager(tiny_models_file, tmp_path):
     print(f"compiled vs modules: logits rel. diff {rel:.2e}; {same}/{len(reqs)} requests' tokens equal")
     assert rel < 1e-5
     assert same >= 0.9 * len(reqs), f"{len(reqs) - same} of {len(reqs)} requests differ"
+
+
+def test_sampled_steps_run_ahead_on_cuda_and_seeded_rows_match_eager(tiny_models_file, tmp_path):
+    """Sampled rows draw on the device right behind each graphed step, so those steps also run one
+    ahead; a seeded request's tokens are those of the eager loop (fp32), unseeded ones run to budget."""
+    chat = tiny_models_file.parent / "weights" / "chat"
+    kw = dict(cache_dir=tmp_path, device="cuda:0", dtype=torch.float32, max_context=64, max_slots=16,
+              compile_decode=False)
+    graphed = GenerationEngine(chat, **kw)
+    eager = GenerationEngine(chat, cuda_graphs=False, **kw)
+    words = "the quick brown fox jumps over a lazy dog while seven cats sleep".split()
+    prompts = [graphed.encode_prompt(" ".join(words[: 1 + i % len(words)])) for i in range(24)]
+    reqs = [GenRequest(p, graphed.budget(len(p), 4 + (5 * i) % 16), temperature=0.8, top_p=0.9,
+                       seed=i if i % 2 else None) for i, p in enumerate(prompts)]
+    a, b = graphed.run(reqs), eager.run(reqs)
+    seeded = [k for k, r in enumerate(reqs) if r.seed is not None]
+    assert [a[k].token_ids for k in seeded] == [b[k].token_ids for k in seeded]
+    for r, res in zip(reqs, a):
+        assert res.finish_reason == "stop" or res.completion_tokens == r.max_tokens
+    st = graphed.loop.stats
+    assert st.decode_rows > st.new_tokens - len(reqs), "sampled steps ran one ahead of reading their tokens"

@@ -137,3 +137,35 @@ def test_plain_layer_functions_equal_the_model_modules(tiny_models_file, tmp_pat
     functions = stepper.decode(cache, 2, 8)[0]
     torch.testing.assert_close(functions, modules, rtol=1e-5, atol=1e-5)
     assert [r.token_ids for r in eng.run(reqs)] == [r.token_ids for r in ref]
+
+
+def test_sampling_draws_from_the_nucleus_and_seeded_rows_are_reproducible():
+    from kernels.generate import sample_tokens
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
+    logits = probs.log().expand(20000, 5).contiguous()
+    n = logits.shape[0]
+    # top_p 0.85: the nucleus is the first three tokens (0.4 + 0.3 < 0.85 <= 0.9), renormalized
+    drawn = sample_tokens(logits, [1.0] * n, [0.85] * n, [None] * n)
+    freq = torch.bincount(drawn, minlength=5).float() / n
+    assert freq[3:].sum() == 0, "tokens outside the nucleus are never drawn"
+    torch.testing.assert_close(freq[:3], probs[:3] / probs[:3].sum(), atol=0.015, rtol=0)
+    # greedy rows take the argmax; a seeded row draws the same token whatever its batch
+    mixed = sample_tokens(logits[:3], [0.0, 1.0, 1.0], [1.0] * 3,
+                          [None, torch.Generator().manual_seed(7), None])
+    assert mixed[0] == 0
+    alone = [sample_tokens(logits[:1], [1.0], [1.0], [torch.Generator().manual_seed(7)])[0] for _ in range(3)]
+    assert all(a == mixed[1] for a in alone)
+
+
+@pytest.mark.parametrize("run_ahead", [False, True])
+def test_unseeded_sampled_requests_run_to_their_budgets(tiny_models_file, tmp_path, run_ahead):
+    eng = GenerationEngine(tiny_models_file.parent / "weights" / "chat", cache_dir=tmp_path, max_context=64,
+                           max_slots=3)
+    eng.loop.run_ahead = run_ahead
+    reqs = [GenRequest(p, 4 + 3 * i, temperature=1.0, top_p=0.95) for i, p in enumerate(_prompts(eng, 6))]
+    out = eng.run(reqs)
+    for r, res in zip(reqs, out):
+        assert res.finish_reason == "stop" or res.completion_tokens == eng.budget(len(r.prompt_ids), r.max_tokens)
+        assert all(0 <= t < eng.model.config.vocab_size for t in res.token_ids)
+    stops = sum(r.finish_reason == "stop" for r in out)
+    assert eng.loop.stats.new_tokens == sum(r.completion_tokens for r in out) + stops
