@@ -71,7 +71,7 @@ class Batch(BaseModel):
 
 # Record one part of a batch's results: the lines of one chunk (or one block of ingest errors),
 # stored as one hash field; the chunk's kept message is dropped. KEYS: meta, results, chunks_done,
-# pending. ARGV: chunk (or ''), now, part field
+# pending, pending_at. ARGV: chunk (or ''), now, part field
 # (or '' to only mark the chunk), value, completed, failed. HSETNX on the part makes a redelivered
 # chunk a no-op: its lines, and so its custom_ids, are fixed at ingest. Returns {completed, failed,
 # transition}, counting only a part that was new.
@@ -89,6 +89,7 @@ end
 if ARGV[1] ~= '' then
   redis.call('SADD', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
 end
 local transition = ''
 local chunks_total = redis.call('HGET', KEYS[1], 'chunks_total')
@@ -240,7 +241,14 @@ class BatchStore:
     def keep_message(self, batch_id: str, chunk: int, message: dict[str, Any]) -> None:
         """message: {task, queue, args, kwargs}, stored compressed (JSON lines shrink ~5x)."""
         packed = base64.b64encode(zlib.compress(json.dumps(message, separators=(",", ":")).encode(), 1)).decode()
-        self.r.hset(C.pending_key(batch_id), chunk, packed)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(C.pending_key(batch_id), chunk, packed)
+        pipe.zadd(C.pending_at_key(batch_id), {str(chunk): message["kwargs"].get("sent_at", time.time())})
+        pipe.execute()
+
+    def mark_sent_again(self, batch_id: str, chunk: int, at: float) -> None:
+        """A pending chunk sent again at `at` (XX: a chunk written meanwhile stays gone)."""
+        self.r.zadd(C.pending_at_key(batch_id), {str(chunk): at}, xx=True)
 
     def kept_message(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
         packed = self.r.hget(C.pending_key(batch_id), chunk)
@@ -256,7 +264,8 @@ class BatchStore:
         value, n_out, n_err = encode_part(lines) if lines else ("", 0, 0)
         argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", value,
                            n_out, n_err, *dedup]
-        keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id), C.pending_key(batch_id)]
+        keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id), C.pending_key(batch_id),
+                C.pending_at_key(batch_id)]
         _, _, transition = self._record(keys=keys, args=argv)
         if transition == C.FINALIZING:
             self.finalize(batch_id)

@@ -94,6 +94,11 @@ def pending_key(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:pending"
 
 
+def pending_at_key(batch_id: str) -> str:
+    """Sorted set: each pending chunk, scored by when it was last sent (the sweep's ordering test)."""
+    return f"{PREFIX}:batch:{batch_id}:pending-at"
+
+
 def chunk_task_id(batch_id: str, chunk: int) -> str:
     """A chunk message's Celery task id: the same for every sending of it, and readable from the
     message's headers without decoding its body."""
@@ -122,4 +127,5 @@ BATCH_INDEX = f"{PREFIX}:batches"  # sorted set: batch id scored by created_at
 
 def batch_keys(batch_id: str) -> list[str]:
     return [batch_key(batch_id), results_key(batch_id), ids_key(batch_id),
-            chunks_done_key(batch_id), attempts_key(batch_id), pending_key(batch_id)]
+            chunks_done_key(batch_id), attempts_key(batch_id), pending_key(batch_id),
+            pending_at_key(batch_id)]

@@ -17,16 +17,19 @@ per-chunk HSETNX write keeps the output to one line per input all the same.
 The sweep closes the one gap leases cannot see. kombu's Redis transport takes a message off its
 queue (BRPOP) and records it in `unacked` with a second command; a worker killed between the two,
 or a BRPOP reply lost with a Redis that died, leaves the message nowhere. Ingest keeps every chunk's
-message (`pending`, dropped by the chunk's result write), so once a batch's queues are empty, a
-pending chunk that is in no worker's `unacked` in two sweeps in a row (a take is recorded within
-milliseconds) is sent again, by one worker (a lock per chunk). A chunk sent twice by a rare race
-still writes its lines once.
+message (`pending`, dropped by the chunk's result write) with the time it was sent. kombu's queues
+are FIFO lists: a pending chunk sent before the message its queue hands out next (or any pending
+chunk, once the queue is empty) is no longer queued. If no worker's `unacked` holds it either, in
+two sweeps in a row (a take is recorded within milliseconds), it is sent again, by one worker (a
+lock per chunk). A chunk sent twice by a rare race still writes its lines once.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -46,6 +49,9 @@ ORPHAN_AFTER_TTLS = 3
 LOST_ACK_AFTER_S = 30.0
 # A chunk sent again is not sent again for this long (the lock of the worker that sent it).
 RESEND_LOCK_S = 120
+# How far producers' clocks may disagree: a pending chunk counts as out of its queue only when it
+# was sent this much before the message that queue hands out next.
+SEND_SKEW_S = 5.0
 
 
 class Lease:
@@ -158,21 +164,24 @@ class Lease:
         if not batches:
             self._missing = set()
             return []
-        queue_len: dict[str, int] = {}
+        fronts: dict[str, float | None] = {}
         held: set[tuple[str, int]] | None = None
         missing: set[tuple[str, int]] = set()
         for batch_id in batches:
             status, queues = self.r.hmget(C.batch_key(batch_id), "status", "queues")
-            if status not in (C.IN_PROGRESS, C.CANCELLING) or not self.r.hlen(C.pending_key(batch_id)):
+            if status not in (C.IN_PROGRESS, C.CANCELLING) or not self.r.zcard(C.pending_at_key(batch_id)):
                 self.r.srem(C.SWEEP_KEY, batch_id)  # ended, or every chunk written: nothing to watch
                 continue
             names = [q for q in (queues or "").split(",") if q] or list(C.QUEUES)
             for q in names:
-                if q not in queue_len:
-                    queue_len[q] = self.r.llen(q)
-            if any(queue_len[q] for q in names):
-                continue  # its chunks may still be queued
-            pending = self.r.hkeys(C.pending_key(batch_id))
+                if q not in fronts:
+                    fronts[q] = self._front_sent_at(q)
+            if any(fronts[q] is None for q in names):
+                continue  # a queue's next message is not ours to read: no ordering to go by
+            before = min(fronts[q] for q in names) - SEND_SKEW_S  # type: ignore[type-var]
+            pending = self.r.zrangebyscore(C.pending_at_key(batch_id), "-inf", before)
+            if not pending:
+                continue
             if held is None:
                 held = self._held_chunks()
             missing.update((batch_id, int(c)) for c in pending if (batch_id, int(c)) not in held)
@@ -182,6 +191,22 @@ class Lease:
                 sent.append((batch_id, chunk))
         self._missing = missing - set(sent)
         return sent
+
+    def _front_sent_at(self, queue: str) -> float | None:
+        """When the message a queue hands out next was sent (inf when the queue is empty; None when
+        that message does not say). kombu pushes on the left and takes from the right, so every
+        message still queued was sent after it, or was handed back (to the right end) and is older."""
+        raw = self.r.lindex(queue, -1)
+        if raw is None:
+            return math.inf
+        try:
+            envelope = json.loads(raw)
+            body = envelope["body"]
+            if envelope.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            return float(json.loads(body)[1]["sent_at"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
 
     def _held_chunks(self) -> set[tuple[str, int]]:
         """(batch, chunk) of every message taken and not yet acked, by any worker."""
@@ -203,7 +228,9 @@ class Lease:
         msg = BatchStore(self.r).kept_message(batch_id, chunk)
         if msg is None:
             return False  # written meanwhile
-        self.app.send_task(msg["task"], args=msg["args"], kwargs={**msg["kwargs"], "sent_at": time.time()},
+        now = time.time()
+        BatchStore(self.r).mark_sent_again(batch_id, chunk, now)  # before the send: never older than its copy
+        self.app.send_task(msg["task"], args=msg["args"], kwargs={**msg["kwargs"], "sent_at": now},
                            queue=msg["queue"], task_id=C.chunk_task_id(batch_id, chunk))
         self.r.hincrby(C.batch_key(batch_id), "resent", 1)
         log.warning("sent chunk %d of %s again: it had left its queue, yet no worker held it (a worker or Redis "

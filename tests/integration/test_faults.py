@@ -183,3 +183,39 @@ def test_a_message_taken_but_never_recorded_is_sent_again(redis_url, home, tiny_
         w.stop()
         c.close()
         r.close()
+
+
+def test_the_sweep_finds_a_lost_chunk_while_its_queue_is_still_busy(redis_url, home, tiny_models_file, tmp_path):
+    """The queue is FIFO: a pending chunk sent well before the message the queue hands out next is
+    no longer in it. The sweep (called here directly, no worker running) sends such a chunk again
+    on its second sighting, and leaves chunks sent after the front of the queue alone."""
+    import json
+
+    import redis
+
+    from producers.app import make_app
+    from workers.reaper import SEND_SKEW_S, Lease
+    url = _own_db(redis_url, 9)
+    clean(url)
+    settings = Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10)
+    c = Client(settings)
+    r = redis.Redis.from_url(url, decode_responses=True)
+    lease = Lease(make_app(settings, url), r, ttl_s=30)
+    try:
+        b = c.submit_file(write_jsonl(tmp_path / "in.jsonl", [moderation(f"m{i}", f"text {i}") for i in range(60)]))
+        taken = json.loads(r.rpop(C.CLASSIFY_QUEUE))["headers"]["id"]
+        assert C.chunk_of_task_id(taken) == (b.id, 0)
+        assert r.llen(C.CLASSIFY_QUEUE) == 5
+        # sent milliseconds before the queue's front: within the clocks' skew, so not yet judged
+        assert lease.sweep() == [] and lease.sweep() == []
+        # as if chunk 0 had been sent ten minutes ago
+        r.zadd(C.pending_at_key(b.id), {"0": time.time() - 600})
+        assert lease.sweep() == [], "a first sighting is not enough"
+        assert lease.sweep() == [(b.id, 0)]
+        assert r.llen(C.CLASSIFY_QUEUE) == 6 and c.get(b.id).resent == 1
+        assert json.loads(r.lindex(C.CLASSIFY_QUEUE, 0))["headers"]["id"] == taken, "sent again, to the back"
+        assert r.zscore(C.pending_at_key(b.id), "0") > time.time() - SEND_SKEW_S
+        assert lease.sweep() == [] and lease.sweep() == [], "queued again now: not sent a second time"
+    finally:
+        c.close()
+        r.close()
