@@ -156,7 +156,6 @@ class Lease:
                 log.warning("handed back %d message(s) of worker(s) that stopped without acking them", len(stale))
             return stale
 
-
     def sweep(self) -> list[tuple[str, int]]:
         """Send again the chunks lost between a take and its record (module docstring). Returns the
         (batch, chunk) pairs sent."""

@@ -203,13 +203,19 @@ def test_the_sweep_finds_a_lost_chunk_while_its_queue_is_still_busy(redis_url, h
     lease = Lease(make_app(settings, url), r, ttl_s=30)
     try:
         b = c.submit_file(write_jsonl(tmp_path / "in.jsonl", [moderation(f"m{i}", f"text {i}") for i in range(60)]))
-        taken = json.loads(r.rpop(C.CLASSIFY_QUEUE))["headers"]["id"]
+        raw = r.rpop(C.CLASSIFY_QUEUE)
+        taken = json.loads(raw)["headers"]["id"]
         assert C.chunk_of_task_id(taken) == (b.id, 0)
         assert r.llen(C.CLASSIFY_QUEUE) == 5
         # sent milliseconds before the queue's front: within the clocks' skew, so not yet judged
         assert lease.sweep() == [] and lease.sweep() == []
-        # as if chunk 0 had been sent ten minutes ago
+        # as if chunk 0 had been sent ten minutes ago, and a worker held it as kombu records one
         r.zadd(C.pending_at_key(b.id), {"0": time.time() - 600})
+        with lease.app.connection_for_write() as conn:
+            unacked = conn.default_channel.unacked_key
+        r.hset(unacked, "tag-0", json.dumps([json.loads(raw), "", C.CLASSIFY_QUEUE]))
+        assert lease.sweep() == [] and lease.sweep() == [], "a held chunk is not lost"
+        r.hdel(unacked, "tag-0")  # its worker died in the window: nobody holds it
         assert lease.sweep() == [], "a first sighting is not enough"
         assert lease.sweep() == [(b.id, 0)]
         assert r.llen(C.CLASSIFY_QUEUE) == 6 and c.get(b.id).resent == 1
