@@ -66,6 +66,7 @@ class Lease:
         self._held: dict[str, str] = {}  # task id -> delivery tag, while its task has not ended
         self._ended: dict[str, float] = {}  # delivery tag -> when its task ended
         self._missing: set[tuple[str, int]] = set()  # pending chunks found nowhere by the last sweep
+        self._store = BatchStore(redis)
 
     def start(self) -> "Lease":
         self.beat()
@@ -224,11 +225,11 @@ class Lease:
     def _resend(self, batch_id: str, chunk: int) -> bool:
         if not self.r.set(f"{C.pending_key(batch_id)}:resent:{chunk}", self.id, nx=True, ex=RESEND_LOCK_S):
             return False  # another worker sent it
-        msg = BatchStore(self.r).kept_message(batch_id, chunk)
+        msg = self._store.kept_message(batch_id, chunk)
         if msg is None:
             return False  # written meanwhile
         now = time.time()
-        BatchStore(self.r).mark_sent_again(batch_id, chunk, now)  # before the send: never older than its copy
+        self._store.mark_sent_again(batch_id, chunk, now)  # before the send: never older than its copy
         self.app.send_task(msg["task"], args=msg["args"], kwargs={**msg["kwargs"], "sent_at": now},
                            queue=msg["queue"], task_id=C.chunk_task_id(batch_id, chunk))
         self.r.hincrby(C.batch_key(batch_id), "resent", 1)
