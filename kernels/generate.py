@@ -65,8 +65,8 @@ def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[fl
     free = [k for k, j in enumerate(sampled) if generators[j] is None]
     if free:
         f = torch.tensor(free, device=dev)
-        race = sorted_p[f] / torch.empty_like(sorted_p[f]).exponential_()
-        picks[f] = race.argmax(dim=-1)
+        nucleus = sorted_p[f]
+        picks[f] = (nucleus / torch.empty_like(nucleus).exponential_()).argmax(dim=-1)
     for k, j in enumerate(sampled):
         if generators[j] is not None:
             picks[k] = torch.multinomial(sorted_p[k], 1, generator=generators[j])[0]
