@@ -12,7 +12,10 @@
 CPU: the default classifier (real all-MiniLM-L6-v2 weights), inputs of 8-64 words.
 CUDA: all-MiniLM-L6-v2's architecture with random weights, bf16, inputs of 128 tokens.
 Engine and end-to-end passes alternate `--repeats` times and the best of each is compared (this
-machine's run-to-run noise is +-5-10%); every pass is listed in the JSON line. Prints a table,
+machine's run-to-run noise is +-5-10%); every pass is listed in the JSON line. Each round draws
+fresh texts (the engine and gristmill passes of a round share them), so that gristmill's score
+cache, which answers a text it has scored before without running the model, cannot answer a timed
+pass; a pass whose worker engine ran fewer items than it submitted is refused. Prints a table,
 then one JSON line of the figures.
 """
 
@@ -110,13 +113,17 @@ def gristmill_pass(app, client, url_path: str, model: str | None, items: list[st
     if b.status != "completed" or n_out != len(items) or n_err:
         raise RuntimeError(f"gristmill run ended {b.status} with {n_out} outputs, {n_err} errors")
     replies = app.control.broadcast("gristmill_stats", reply=True, timeout=5)
-    return len(items) / elapsed, merge_stats([next(iter(r.values()))["batcher"] for r in replies])
+    stats = merge_stats([next(iter(r.values()))["batcher"] for r in replies])
+    if stats["items"] < len(items):
+        raise RuntimeError(f"the workers' engines ran {stats['items']} of {len(items)} items: the rest were answered "
+                           "without the model (score cache?), so this pass would not measure the queue")
+    return len(items) / elapsed, stats
 
 
 def merge_stats(parts: list[dict]) -> dict:
     """One batcher summary over the worker processes (several per GPU with --instances)."""
     tot = {k: sum(p[k] for p in parts) for k in ("batches", "items", "busy_s", "real_tokens", "padded_tokens")}
-    return {"mean_batch_size": tot["items"] / max(1, tot["batches"]),
+    return {"items": tot["items"], "mean_batch_size": tot["items"] / max(1, tot["batches"]),
             "padding_waste": 1 - tot["real_tokens"] / tot["padded_tokens"] if tot["padded_tokens"] else 0.0,
             # per process: the engine's rate while it ran (processes time-share one GPU)
             "items_per_busy_s": tot["items"] / tot["busy_s"] if tot["busy_s"] else 0.0}
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         # DESIGN.md's reference point: MiniLM-L6 at 128 tokens; batches of 2048 fill an H100.
         n = args.items or (100_000 if args.quick else 400_000)
         naive_n = args.naive_items or 2000
-        items = texts(n, 126, 126)  # 128 tokens each with [CLS] and [SEP]
+        def items_for(k: int) -> list[str]:
+            return texts(n, 126, 126, seed=k)  # 128 tokens each with [CLS] and [SEP]
         path = random_minilm_classifier(work / "minilm-random")
         mf = work / "models.json"
         mf.write_text(json.dumps([{"name": "minilm-random", "kind": "sequence_classifier", "path": str(path),
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         n = args.items or (2000 if args.quick else 8000)
         naive_n = args.naive_items or (400 if args.quick else 1500)
-        items = texts(n, 8, 64)
+        def items_for(k: int) -> list[str]:
+            return texts(n, 8, 64, seed=k)
         from producers.registry import DEFAULT_CLASSIFIER
         model, url_path, body_model = DEFAULT_CLASSIFIER.name, "/v1/moderations", None
 
@@ -177,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
         app = make_app(settings)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        naive_ips = run_naive(app, env, device, model, items[:naive_n], work)
+        naive_ips = run_naive(app, env, device, model, items_for(0)[:naive_n], work)
 
         # This machine is noisy: engine and end-to-end passes alternate, the worker stays warm
         # and idle during engine passes, and the best pass of each is compared.
@@ -192,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_for_workers(app, procs, want=instances, prefix="gristmill-")
             client = Client(settings)
-            warm = write_requests(work / "warm.jsonl", items[: 2 * settings.max_batch_size], url_path, body_model)
+            warm = write_requests(work / "warm.jsonl", items_for(repeats + 1)[: 2 * settings.max_batch_size], url_path,
+                                  body_model)
             client.wait(client.submit_file(warm).id, timeout=600, poll_s=0.05)
             engine_timed, host = engine_runner(settings, device, model)
             engine_runs, grist_runs = [], []
-            for _ in range(repeats):
+            for k in range(1, repeats + 1):
+                items = items_for(k)  # fresh texts each round: nothing in the score cache
                 engine_runs.append(engine_timed(items))
                 grist_runs.append(gristmill_pass(app, client, url_path, body_model, items, work))
             host.shutdown()
