@@ -4,15 +4,20 @@ static batching, on the same prompts with mixed output lengths, in one run.
     python -m benchmarks.generation [--device cpu|cuda] [--quick] [--prompts FILE] [--requests N]
 
 CPU: the real SmolLM2-135M-Instruct weights in fp32, chat prompts (built-in, or one per line of
---prompts), greedy. CUDA: SmolLM2-135M's architecture with random weights in bf16 (the weights
-package does not travel to the GPU host; speed does not depend on the weights), 128-token prompts.
+--prompts), greedy. CUDA: SmolLM2-135M's architecture with random weights in bf16 (speed does not
+depend on the weights), 128-token prompts of random ids. `--weights PATH` (a GGUF file or a Hugging
+Face directory) runs real weights on either device, with chat prompts: the way to judge bf16
+agreement on a host that lacks the weights package, given a copy of its GGUF file; `--dtype`
+overrides the precision (fp32 on the CPU, bf16 on CUDA by default).
 Each request asks for its own number of new tokens, uniform in [--min-new, --max-new].
 
 The baseline runs `generate` over consecutive groups of --slots requests, each group left-padded and
 decoded until its longest request is done (what static batching does); our engine gets all requests
 at once with --slots slots. Both count only the tokens each request asked for (up to its own limit
 or end of sequence). greedy_match: the fraction of requests whose new tokens are identical;
-first32_match: the same over the first 32 tokens.
+first32_match: the same over the first 32 tokens. Below fp32, rounding depends on batch shapes,
+so `--consistency` measures how far HF agrees with itself (its batches regrouped) and
+`--fp32-reference` how often each side's first 32 tokens equal fp32 HF generate's.
 Prints a table, then one JSON line with hf_tok_per_s, engine_tok_per_s, speedup, greedy_match.
 """
 
@@ -43,14 +48,19 @@ def add_request_args(ap: argparse.ArgumentParser, *, device: str, requests: int 
                      slots: int | None = None) -> None:
     """The engine and request options that this benchmark and benchmarks.profile_decode share."""
     ap.add_argument("--device", default=device)
-    ap.add_argument("--prompts", type=Path, help="cpu: one user message per line")
+    ap.add_argument("--prompts", type=Path, help="real weights: one user message per line")
     ap.add_argument("--requests", type=int, default=requests,
                     help="requests (default cpu 64 / 24 quick, cuda 512 / 256 quick)")
     ap.add_argument("--slots", type=int, default=slots, help="concurrent requests (default cpu 16, cuda 256)")
     ap.add_argument("--min-new", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=256)
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="cuda: prompt length")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="random weights: prompt length")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default=None,
+                    help="'random', 'default' (the registry's SmolLM2 package) or a GGUF file / HF directory "
+                         "(default: cpu 'default', cuda 'random'); real weights get chat prompts, random ones random ids")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="engine and HF precision (default: cpu fp32, cuda bf16)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="compile the decode step's per-layer work (cuda; default: the engine's default)")
 
@@ -61,13 +71,22 @@ def load_engine(args):
     from kernels.generate import GenerationEngine
     kw = {} if args.compile is None else {"compile_decode": args.compile}
     cache = Path(os.environ.get("GRISTMILL_HOME", Path(tempfile.gettempdir()) / "gristmill-bench")) / "models"
-    if args.device.startswith("cuda"):
+    gpu = args.device.startswith("cuda")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or ("bf16" if gpu else "fp32")]
+    if real_weights(args) and args.weights in (None, "default"):
+        from producers.registry import DEFAULT_GENERATOR
+        path = DEFAULT_GENERATOR.resolve_path()
+    elif real_weights(args):
+        path = Path(args.weights)
+        if not path.exists():
+            raise SystemExit(f"--weights: {path} does not exist")
+    else:
         path = random_smollm2(Path(tempfile.mkdtemp(prefix="gristmill-gen-")) / "smollm2-random")
-        return GenerationEngine(path, cache_dir=cache, device=args.device, dtype=torch.bfloat16, max_slots=args.slots,
-                                **kw)
-    from producers.registry import DEFAULT_GENERATOR
-    return GenerationEngine(DEFAULT_GENERATOR.resolve_path(), cache_dir=cache, device="cpu",
-                            dtype=torch.float32, max_slots=args.slots, **kw)
+    return GenerationEngine(path, cache_dir=cache, device=args.device, dtype=dtype, max_slots=args.slots, **kw)
+
+
+def real_weights(args) -> bool:
+    return args.weights != "random" and not (args.weights is None and args.device.startswith("cuda"))
 
 
 def random_smollm2(out: Path) -> Path:
@@ -95,7 +114,7 @@ def random_smollm2(out: Path) -> Path:
 
 def make_requests(eng, args) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(args.seed)
-    if args.device.startswith("cuda"):
+    if not real_weights(args):
         vocab = eng.model.config.vocab_size
         prompts = [[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
     else:
@@ -137,6 +156,24 @@ def run_hf(eng, prompts, limits, slots) -> tuple[list[list[int]], float]:
     return outs, time.perf_counter() - t
 
 
+def run_hf_grouped(eng, prompts, limits, slots, grouping: str) -> tuple[list[list[int]], float]:
+    """run_hf with its static batches in input order or grouped longest max_tokens first; outputs in
+    input order."""
+    order = list(range(len(prompts)))
+    if grouping == "longest":
+        order.sort(key=lambda i: -limits[i])
+    outs, seconds = run_hf(eng, [prompts[i] for i in order], [limits[i] for i in order], slots)
+    back: list[list[int]] = [[] for _ in prompts]
+    for i, out in zip(order, outs):
+        back[i] = out
+    return back, seconds
+
+
+def agreement(a: list[list[int]], b: list[list[int]], first: int | None = None) -> float:
+    """The fraction of requests whose tokens (the first `first` of them) are identical."""
+    return round(sum(x[:first] == y[:first] for x, y in zip(a, b)) / len(a), 4)
+
+
 def run_engine(eng, prompts, limits) -> tuple[list[list[int]], float]:
     from kernels.generate import GenRequest
     _sync(eng)
@@ -153,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-order", choices=("input", "longest"), default="input",
                     help="HF generate's static batches: in input order (default), or grouped longest max_tokens "
                          "first, the same order our engine admits requests in")
+    ap.add_argument("--consistency", action="store_true",
+                    help="also run HF generate with its batches grouped the other way: how far HF agrees with itself "
+                         "(below fp32, batch shapes change rounding)")
+    ap.add_argument("--fp32-reference", action="store_true",
+                    help="also run HF generate in fp32 and report how often each side's first 32 tokens equal it")
     add_request_args(ap, device="cpu")
     args = ap.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -167,26 +209,30 @@ def main(argv: list[str] | None = None) -> int:
     warm_s = None
     if gpu:  # capture every (batch, length) bucket's CUDA graph, and compile: once per worker process
         warm_s = run_engine(eng, prompts, limits)[1]
-    order = list(range(len(prompts)))
-    if args.hf_order == "longest":
-        order.sort(key=lambda i: -limits[i])
-    hf_sorted, hf_s = run_hf(eng, [prompts[i] for i in order], [limits[i] for i in order], args.slots)
-    hf_out: list[list[int]] = [[] for _ in prompts]
-    for i, out in zip(order, hf_sorted):
-        hf_out[i] = out
+    hf_out, hf_s = run_hf_grouped(eng, prompts, limits, args.slots, args.hf_order)
     our_out, our_s = run_engine(eng, prompts, limits)
     hf_tok, our_tok = sum(map(len, hf_out)), sum(map(len, our_out))
-    match = sum(a == b for a, b in zip(hf_out, our_out)) / len(prompts)
-    first32 = sum(a[:32] == b[:32] for a, b in zip(hf_out, our_out)) / len(prompts)
+    match, first32 = agreement(hf_out, our_out), agreement(hf_out, our_out, 32)
+    extra: dict = {}
+    if args.consistency:  # HF against itself, its static batches grouped the other way
+        other, _ = run_hf_grouped(eng, prompts, limits, args.slots, "input" if args.hf_order == "longest" else "longest")
+        extra.update(hf_self_match=agreement(hf_out, other), hf_self_first32=agreement(hf_out, other, 32))
+    if args.fp32_reference:  # both against fp32 HF generate, the closest thing to the exact answer
+        args.dtype = "fp32"
+        ref_eng = load_engine(args)
+        ref, _ = run_hf_grouped(ref_eng, prompts, limits, args.slots, args.hf_order)
+        extra.update(engine_vs_fp32_first32=agreement(ref, our_out, 32), hf_vs_fp32_first32=agreement(ref, hf_out, 32))
+        del ref_eng
     st = eng.loop.stats if eng.loop else None
     figures = {
-        "device": args.device, "model": eng.variant, "hf_order": args.hf_order, "requests": len(prompts),
+        "device": args.device, "model": eng.variant, "weights": "real" if real_weights(args) else "random",
+        "hf_order": args.hf_order, "requests": len(prompts),
         "slots": args.slots,
         "new_tokens_asked": sum(limits), "hf_tokens": hf_tok, "engine_tokens": our_tok,
         "hf_s": round(hf_s, 2), "engine_s": round(our_s, 2),
         "hf_tok_per_s": round(hf_tok / hf_s, 1), "engine_tok_per_s": round(our_tok / our_s, 1),
         "speedup": round((our_tok / our_s) / (hf_tok / hf_s), 2),
-        "greedy_match": round(match, 4), "first32_match": round(first32, 4),
+        "greedy_match": match, "first32_match": first32, **extra,
         "engine_mean_decode_batch": round(st.mean_decode_batch, 1) if st else None,
         "engine_decode_steps": st.decode_steps if st else None,
         "engine_first_run_s": round(warm_s, 2) if warm_s is not None else None,
@@ -197,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{figures['speedup']:.2f}x")],
                 ("engine", "new tokens", "seconds", "tokens/s", "speedup")))
     print(f"greedy match {match:.1%} (first 32 tokens {first32:.1%}) over {len(prompts)} requests")
+    if "hf_self_first32" in extra:
+        print(f"HF against itself, batches regrouped: {extra['hf_self_match']:.1%} "
+              f"(first 32 tokens {extra['hf_self_first32']:.1%})")
+    if "engine_vs_fp32_first32" in extra:
+        print(f"first 32 tokens equal to fp32 HF generate: ours {extra['engine_vs_fp32_first32']:.1%}, "
+              f"HF {extra['hf_vs_fp32_first32']:.1%}")
     print(json.dumps(figures))
     return 0
 
