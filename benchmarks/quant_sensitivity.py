@@ -35,7 +35,6 @@ from torch import nn
 from .common import table
 
 GROUPS = ("qkv", "attn_out", "ffn_in", "ffn_out")
-NEAR_TIE = 0.05
 
 
 def fake_weight(w: torch.Tensor) -> torch.Tensor:
@@ -142,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 smooth = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
             setattr(parent, attr, FakeQuantLinear(lin, acts[g], smooth))
         _, new = throughput(engine, heldout, repeats=1)
-        agr = agreement(ref, new, thresholds)
-        flips = [sorted(a.values(), reverse=True) for a, b in zip(ref, new) if max(a, key=a.get) != max(b, key=b.get)]
-        agr["top_label_changes"] = len(flips)
-        agr["near_ties"] = sum(s[0] - s[1] < NEAR_TIE for s in flips)
-        results[name] = agr
+        results[name] = agreement(ref, new, thresholds)
     rows = [(k, f"{v['top_label']:.1%}", f"{v['flags']:.2%}", f"{v['max_score_delta']:.3f}",
              f"{v['top_label_changes']} ({v['near_ties']} near-ties)") for k, v in results.items()]
     print(table(rows, ("scheme", "top label", "flags", "max delta", "top-label changes")))

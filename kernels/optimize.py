@@ -95,15 +95,22 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
     return manifest
 
 
+NEAR_TIE = 0.05  # a top-label change where the reference's two highest scores are this close
+
+
 def agreement(ref: list[dict[str, float]], new: list[dict[str, float]], thresholds: dict[str, float]) -> dict:
     """How far `new` scores stray from the reference: top-label agreement, per-label flag agreement
-    (score >= threshold, every label of every text), and the largest absolute score change."""
+    (score >= threshold, every label of every text), the largest absolute score change, and how many
+    top-label changes were near-ties (the reference's two highest scores within NEAR_TIE: parent and
+    child labels such as violence and violence/graphic, or a benign text's low scores)."""
     if len(ref) != len(new) or not ref:
         raise ValueError(f"agreement: {len(ref)} reference rows, {len(new)} new rows")
-    top = sum(max(a, key=a.get) == max(b, key=b.get) for a, b in zip(ref, new)) / len(ref)
+    changed = [sorted(a.values(), reverse=True) for a, b in zip(ref, new) if max(a, key=a.get) != max(b, key=b.get)]
     flags = [(a[k] >= thresholds[k]) == (b[k] >= thresholds[k]) for a, b in zip(ref, new) for k in a]
     delta = max(abs(a[k] - b[k]) for a, b in zip(ref, new) for k in a)
-    return {"top_label": round(top, 4), "flags": round(sum(flags) / len(flags), 4), "max_score_delta": round(delta, 4)}
+    return {"top_label": round(1 - len(changed) / len(ref), 4), "flags": round(sum(flags) / len(flags), 4),
+            "max_score_delta": round(delta, 4), "top_label_changes": len(changed),
+            "near_ties": sum(len(s) > 1 and s[0] - s[1] < NEAR_TIE for s in changed)}
 
 
 def throughput(engine, texts: list[str], batch: int = 64, repeats: int = 2) -> tuple[float, list[dict[str, float]]]:

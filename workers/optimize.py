@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     from kernels import texts as builtin
-    from kernels.optimize import artifact_digest, build_artifact
+    from kernels.optimize import NEAR_TIE, artifact_digest, build_artifact
     from kernels.onnx_engine import read_manifest
     from producers.errors import GristmillError
     from producers.registry import POOLED_KINDS
@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
     print(f"{manifest['variant']}: {report['speedup']}x fp32 eager ({report['items_per_s']:.0f} vs "
           f"{report['fp32_items_per_s']:.0f} items/s), {report['size_bytes'] / 1e6:.1f} MB; agreement on "
           f"{report['heldout_texts']} held-out texts: top label {a['top_label']:.1%}, flags {a['flags']:.1%}, "
-          f"max score delta {a['max_score_delta']:.3f}")
+          f"max score delta {a['max_score_delta']:.3f}; {a['top_label_changes']} top-label changes, "
+          f"{a['near_ties']} of them near-ties (fp32's two highest scores within {NEAR_TIE})")
     if a["top_label"] < args.min_agreement and not args.force:
         shutil.rmtree(staging, ignore_errors=True)
         print(f"refused: top-label agreement {a['top_label']:.1%} is under the floor {args.min_agreement:.1%}; "

@@ -106,7 +106,10 @@ def test_agreement_report():
     th = {"a": 0.5, "b": 0.5}
     ref = [{"a": 0.9, "b": 0.1}, {"a": 0.2, "b": 0.3}]
     new = [{"a": 0.8, "b": 0.1}, {"a": 0.4, "b": 0.3}]
-    assert agreement(ref, new, th) == {"top_label": 0.5, "flags": 1.0, "max_score_delta": 0.2}
+    assert agreement(ref, new, th) == {"top_label": 0.5, "flags": 1.0, "max_score_delta": 0.2,
+                                       "top_label_changes": 1, "near_ties": 0}
+    ref.append({"a": 0.31, "b": 0.3})  # a change between scores 0.01 apart is a near-tie
+    assert agreement(ref, [*new, {"a": 0.30, "b": 0.31}], th)["near_ties"] == 1
     with pytest.raises(ValueError):
         agreement(ref, new[:1], th)
 
@@ -152,9 +155,37 @@ def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_m
     manifest = json.loads((out / "gristmill-artifact.json").read_text())
     assert manifest["variant"] == "ort-int8-pruned50" and manifest["pruned"]["ffn_after"] == manifest["pruned"]["ffn_before"] // 2
     report = json.loads(forced.stdout.strip().splitlines()[-1])
-    assert report == manifest["report"] and set(report["agreement"]) == {"top_label", "flags", "max_score_delta"}
+    assert report == manifest["report"] and set(report["agreement"]) == {"top_label", "flags", "max_score_delta",
+                                                                              "top_label_changes", "near_ties"}
     again = optimize("--min-agreement", "1.01")
     assert again.returncode == 0 and "up to date" in again.stdout
     unknown = subprocess.run([sys.executable, "-m", "workers", "optimize", "nope", "--out", str(out)], env=env,
                              cwd=root, capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "no model 'nope'" in unknown.stderr
+
+
+def test_the_sensitivity_study_simulates_onnx_runtimes_dynamic_int8_exactly():
+    """benchmarks/quant_sensitivity's per-tensor activations must be ONNX Runtime's own numerics
+    (DynamicQuantizeLinear then DequantizeLinear), or its table would not explain the int8 engine."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from benchmarks.quant_sensitivity import fake_act
+    g = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "dq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    torch.manual_seed(0)
+    for x in (torch.randn(64, 384) * 3, torch.randn(8, 1536).abs() + 0.5, torch.randn(5, 7) - 4):
+        x[0, 0] = 40.0 if x.min() > 0 else x[0, 0]  # an outlier channel widens the range
+        ours = fake_act(x, per_row=False)
+        theirs = torch.from_numpy(sess.run(None, {"x": x.numpy().astype(np.float32)})[0])
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours - theirs).abs().max()
+    x = torch.tensor([[0.5, 1.0, 2.0], [-3.0, 100.0, 200.0]])  # per row: each row on its own grid
+    assert torch.equal(fake_act(x, per_row=True), torch.cat([fake_act(r[None], per_row=False) for r in x]))
+    assert (fake_act(x, per_row=True)[0] - x[0]).abs().max() < (fake_act(x, per_row=False)[0] - x[0]).abs().max()
