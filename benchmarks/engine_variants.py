@@ -159,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, v in variants.items():
         if "error" in v:
-            rows.append((name, v["error"][:60], "-", "-", "-", "-", "-", "-"))
+            rows.append((name, v["error"][:60], "-", "-", "-", "-", "-", "-", "-"))
             continue
         a = v.get("agreement") or {}
         rows.append((name, v["variant"], f"{v['items_per_s']:,.0f}", f"{v['speedup']:.2f}x",
                      f"{v['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in v else "-",
                      f"{a['top_label']:.1%}" if a else f"rel err {v.get('logits_rel_err_vs_fp32', 0):.1e}",
-                     f"{a['flags']:.1%}" if a else "-", f"{a['max_score_delta']:.3f}" if a else "-"))
-    print(table(rows, ("variant", "engine", "items/s", "vs fp32", "vs bf16", "top label", "flags", "max delta")))
+                     f"{a['flags']:.1%}" if a else "-", f"{a['max_score_delta']:.3f}" if a else "-",
+                     f"{a['top_label_changes']} ({a['near_ties']})" if a else "-"))
+    print(table(rows, ("variant", "engine", "items/s", "vs fp32", "vs bf16", "top label", "flags", "max delta",
+                       "top-label changes (near-ties)")))
     summary: dict = {"device": args.device, "variants": variants, "wall_s": round(time.perf_counter() - t0, 1)}
     timed = {k: v for k, v in variants.items() if "speedup_vs_bf16" in v and k != "fp32"}
     if timed:

@@ -88,6 +88,32 @@ def test_onnx_fp32_artifact_matches_torch_and_int8_stays_close(weights, tmp_path
         assert max(abs(a[k] - b[k]) for a, b in zip(ref, got) for k in a) < tol
 
 
+@pytest.mark.parametrize("mode", ["head", "prototypes", "logits"])
+def test_onnx_engine_numpy_scoring_equals_the_torch_scoring_around_the_same_session(weights, tmp_path, mode):
+    """The ONNX engine pools and scores in numpy (torch's spinning threads slow ONNX Runtime down);
+    the scores must be the ones the torch code computes from the same session outputs."""
+    from kernels.heads import save_head
+    name = "classifier" if mode == "logits" else "encoder"
+    kw: dict = {"max_length": 32}
+    if mode == "prototypes":
+        kw.update(prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
+    if mode == "head":
+        torch.manual_seed(0)
+        save_head(tmp_path / "h.safetensors", torch.randn(3, 32) * 4, torch.randn(3), ["a", "b/c", "d"], {})
+        kw.update(head=tmp_path / "h.safetensors")
+    build_artifact(weights / name, tmp_path / "art", zero_shot=mode != "logits", quantize=None, max_length=32)
+    eng = OnnxClassifierEngine(tmp_path / "art", **kw)
+    ids = eng.encode(TEXTS)
+    ours = eng.run(ids)
+    theirs = ClassifierEngine.run(eng, ids)  # the base class's torch scoring over eng's _forward / embed
+    assert [list(r) for r in ours] == [list(r) for r in theirs] == [eng.labels] * len(TEXTS)
+    assert max(abs(a[k] - b[k]) for a, b in zip(ours, theirs) for k in a) < 1e-6
+    if mode != "logits":  # and the numpy pooling is the torch pooling
+        assert torch.allclose(eng.embed(ids), ClassifierEngine.embed(eng, ids), atol=1e-6)
+    assert len({round(r[eng.labels[0]], 4) for r in ours}) > 1  # the texts score differently
+    assert eng.run([]) == []
+
+
 def test_artifact_kind_must_match_the_registration(weights, tmp_path):
     build_artifact(weights / "classifier", tmp_path / "a", zero_shot=False, quantize=None, max_length=32)
     with pytest.raises(ValueError, match="sequence"):
