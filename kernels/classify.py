@@ -167,11 +167,13 @@ class ClassifierEngine:
             ids, mask = self._pad(batch)
             logits = self._forward(ids, mask)
             scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
-        rows = scores.cpu().tolist()
-        out = [dict(zip(self.labels, r)) for r in rows]
-        if len(out) != len(batch):
-            raise RuntimeError(f"classifier returned {len(out)} rows for {len(batch)} inputs")
-        return out
+        return self._rows(scores.cpu().tolist(), len(batch))
+
+    def _rows(self, rows: list[list[float]], n: int) -> list[dict[str, float]]:
+        """One {label: score} per input, checked against the batch size."""
+        if len(rows) != n:
+            raise RuntimeError(f"classifier returned {len(rows)} rows for {n} inputs")
+        return [dict(zip(self.labels, r)) for r in rows]
 
     def check_health(self) -> bool:
         return len(self.run(self.encode(["health check"]))) == 1

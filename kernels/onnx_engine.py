@@ -161,10 +161,7 @@ class OnnxClassifierEngine(ClassifierEngine):
             else:
                 e = np.exp(logits - logits.max(1, keepdims=True))
                 scores = e / e.sum(1, keepdims=True)
-        out = [dict(zip(self.labels, r)) for r in scores.tolist()]
-        if len(out) != len(batch):
-            raise RuntimeError(f"classifier returned {len(out)} rows for {len(batch)} inputs")
-        return out
+        return self._rows(scores.tolist(), len(batch))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
