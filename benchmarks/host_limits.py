@@ -2,8 +2,10 @@
 
     python -m benchmarks.host_limits [--items N] [--lines N]
 
-(a) MiniLM's tokenizer (ids only, truncated to 128) on 1 core and on every core (one process
-    per core, one thread each), and in one process with the tokenizer's own threads;
+(a) MiniLM's tokenizer (ids only, truncated to 128), the Rust one and the chunk cache over it
+    (kernels/tokenize.py), on 1 core and on every core (one process per core, one thread each),
+    and the Rust one in one process with its own threads; then both, one process, on paragraphs
+    of the installed packages' descriptions (open vocabulary: the cache's first and second pass);
 (b) `Client.submit_file` of a file of 128-token classification lines into an embedded Redis, with
     pass 2 in one process and in two (the baseline is the one-process run).
 On the H100 host these bound the end-to-end rate of `benchmarks.queue_overhead --device cuda`.
@@ -26,45 +28,85 @@ from .common import random_minilm_classifier, table, texts, write_requests
 _TOK = None
 
 
-def _tokenizer():
+def _tokenizer(kind: str = "rust"):
+    """MiniLM's tokenizer truncating to 128: the Rust one (ids only) or the chunk cache over it."""
     from tokenizers import Tokenizer
 
+    from kernels.tokenize import ChunkCacheTokenizer
     from producers.registry import DEFAULT_CLASSIFIER
     arch = os.environ.get("GRISTMILL_BENCH_ARCH_DIR")
     src = Path(arch) if arch else DEFAULT_CLASSIFIER.resolve_path()
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     tok.enable_truncation(128)
     tok.no_padding()
-    return tok
+    if kind == "rust":
+        return tok
+    cached = ChunkCacheTokenizer.build(tok, 128)
+    assert cached is not None, "MiniLM's tokenizer is eligible for the chunk cache"
+    return cached
 
 
-def _init() -> None:
+def _encode_with(tok, chunk: list[str]) -> int:
+    return len(tok.encode(chunk) if hasattr(tok, "cache") else tok.encode_batch_fast(chunk))
+
+
+def _init(kind: str) -> None:
     global _TOK
-    _TOK = _tokenizer()
+    _TOK = _tokenizer(kind)
 
 
 def _encode(chunk: list[str]) -> int:
-    return len(_TOK.encode_batch_fast(chunk))
+    return _encode_with(_TOK, chunk)
 
 
-def tokenize_rates(xs: list[str]) -> dict[str, float]:
+def _timed(chunk: list[str]) -> float:
+    t = time.perf_counter()
+    _encode(chunk)
+    return time.perf_counter() - t
+
+
+def natural_texts(n: int) -> list[str]:
+    """Paragraphs of the installed packages' descriptions: open-vocabulary English with code and
+    URLs, mostly ASCII, to show the cache's behaviour off the synthetic texts' 150 words."""
+    from importlib.metadata import distributions
+    out: list[str] = []
+    for d in sorted(distributions(), key=lambda d: d.metadata["Name"] or ""):
+        body = d.metadata.get_payload() or d.metadata.get("Description") or ""
+        out += [p.strip() for p in body.split("\n\n") if len(p.strip()) > 40]
+    return out[:n]
+
+
+def _pool(kind: str, procs: int):
+    # spawned workers with one tokenizer thread each (RAYON_NUM_THREADS is read at their start)
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    try:
+        return mp.get_context("spawn").Pool(procs, initializer=_init, initargs=(kind,))
+    finally:
+        del os.environ["RAYON_NUM_THREADS"]
+
+
+def tokenize_rates(xs: list[str], natural: list[str]) -> dict[str, float]:
     cores = os.cpu_count() or 1
     parts = [xs[i: i + 256] for i in range(0, len(xs), 256)]
     out = {}
-    for procs in sorted({1, cores}):
-        # spawned workers with one tokenizer thread each (RAYON_NUM_THREADS is read at their start)
-        os.environ["RAYON_NUM_THREADS"] = "1"
-        with mp.get_context("spawn").Pool(procs, initializer=_init) as pool:
-            pool.map(_encode, parts[:procs])
-            t = time.perf_counter()
-            n = sum(pool.map(_encode, parts))
-            out[f"tokenize_{procs}_processes_per_s"] = n / (time.perf_counter() - t)
-        del os.environ["RAYON_NUM_THREADS"]
-    tok = _tokenizer()
+    for kind in ("rust", "chunk_cache"):
+        for procs in sorted({1, cores}):
+            with _pool(kind, procs) as pool:
+                pool.map(_encode, parts[:procs] * 4)  # warm-up: a few chunks per process
+                t = time.perf_counter()
+                n = sum(pool.map(_encode, parts))
+                out[f"tokenize_{kind}_{procs}_processes_per_s"] = n / (time.perf_counter() - t)
+        # open vocabulary, one process: its first pass (a cold cache) and its second
+        with _pool(kind, 1) as pool:
+            first, second = pool.map(_timed, [natural, natural], chunksize=1)
+        out[f"natural_{kind}_cold_per_s"] = len(natural) / first
+        out[f"natural_{kind}_warm_per_s"] = len(natural) / second
+    tok = _tokenizer("rust")
     tok.encode_batch_fast(xs[:256])
     t = time.perf_counter()
     tok.encode_batch_fast(xs)
-    out["tokenize_1_process_threads_per_s"] = len(xs) / (time.perf_counter() - t)
+    out["tokenize_rust_1_process_threads_per_s"] = len(xs) / (time.perf_counter() - t)
+    out["natural_texts"] = len(natural)
     return out
 
 
@@ -98,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=16384, help="texts to tokenize")
     ap.add_argument("--lines", type=int, default=50000, help="lines to submit")
     args = ap.parse_args(argv)
-    figures = {"cores": os.cpu_count(), **tokenize_rates(texts(args.items, 126, 126)),
+    figures = {"cores": os.cpu_count(), **tokenize_rates(texts(args.items, 126, 126), natural_texts(args.items)),
                **submit_rates(args.lines, Path(tempfile.mkdtemp(prefix="gristmill-host-")))}
     rows = [(k.removesuffix("_per_s").replace("_", " "), f"{v:,.0f}") for k, v in figures.items() if k != "cores"]
     print(table(rows, ("128-token texts", "per s")))

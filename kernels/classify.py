@@ -48,7 +48,7 @@ class ClassifierEngine:
                  prototypes: dict[str, list[str]] | None = None, neutral: list[str] | None = None,
                  head: Path | None = None, pooled: bool = False, dtype: torch.dtype | None = None,
                  cpu_precision: str = "auto", quantize: str = "none",
-                 sparsity: str = "none", compile: bool | str = False):
+                 sparsity: str = "none", compile: bool | str = False, chunk_cache: bool = True):
         self.device = resolve_device(device)
         self.quantize, self.sparsity, self.compiled = quantize, sparsity, compile
         self.dtype = dtype or default_dtype(self.device)
@@ -62,6 +62,11 @@ class ClassifierEngine:
         self.max_length = min(max_length, getattr(self.config, "max_position_embeddings", max_length))
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._fast = _ids_only_tokenizer(self.tokenizer, self.max_length)
+        # BERT-style tokenizers: ids from a cache of whitespace chunks (kernels/tokenize.py)
+        self._chunks = None
+        if chunk_cache and self._fast is not None:
+            from .tokenize import ChunkCacheTokenizer
+            self._chunks = ChunkCacheTokenizer.build(self._fast, self.max_length)
         if self.quantize == "fp8-static":
             from .quant import calibrate_fp8
             from .texts import sentences
@@ -118,6 +123,8 @@ class ClassifierEngine:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length (over-long inputs are truncated, not refused)."""
+        if self._chunks is not None:
+            return self._chunks.encode(texts)
         if self._fast is not None:
             return [e.ids for e in self._fast.encode_batch_fast(texts)]
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]

@@ -70,13 +70,13 @@ class EngineHost:
                                     max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
         from kernels.classify import ClassifierEngine
         from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
-        # a directory built by `gristmill optimize` runs on ONNX Runtime
-        if read_manifest(path) is not None:
-            return OnnxClassifierEngine(path, device=self.device, **classifier_kwargs(spec, self.settings.model_cache_dir))
         st = self.settings
-        return ClassifierEngine(path, device=self.device, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
-                                sparsity=st.engine_sparsity, compile=st.engine_compile,
-                                **classifier_kwargs(spec, st.model_cache_dir))
+        # a directory built by `gristmill optimize` runs on ONNX Runtime
+        kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache)
+        if read_manifest(path) is not None:
+            return OnnxClassifierEngine(path, **kw)
+        return ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
+                                sparsity=st.engine_sparsity, compile=st.engine_compile, **kw)
 
     def loaded(self) -> dict[str, Any]:
         """The engines loaded so far, by model name."""

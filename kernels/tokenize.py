@@ -1,0 +1,152 @@
+"""Token ids for BERT-style tokenizers through a cache of whitespace-delimited chunks.
+
+A BERT tokenizer (BertNormalizer, then BertPreTokenizer, then any per-word model such as
+WordPiece) treats the whitespace-separated chunks of a text independently: the normalizer works
+character by character, the pre-tokenizer splits on whitespace and then isolates punctuation
+inside each chunk, and the model sees one pre-token at a time. So the ids of a text are the ids of
+its chunks, concatenated, and the ids of a chunk can be cached. Ordinary text repeats its chunks
+(Zipf), so after a warm-up almost every chunk is a dictionary hit, and a text costs one
+`str.split`, one `map` over the cache and one concatenation, all in C. Only the first `body`
+chunks of a text are looked at: each chunk yields at least one token, so the rest would be
+truncated away (the Rust tokenizer tokenizes the whole text and then truncates).
+
+The only places where Python's `str.split` and BERT disagree are characters Python splits on but
+BERT's text cleaning deletes (VT, FF, the C0 separators 0x1c-0x1f, NEL); a text containing one goes
+to the Rust tokenizer whole. Added tokens ([CLS], [MASK], ...) are matched inside chunks exactly as
+the Rust tokenizer matches them, as long as none contains whitespace or strips its neighbours:
+`ChunkCacheTokenizer.build` refuses tokenizers where that does not hold, and any tokenizer whose
+normalizer or pre-tokenizer is not BERT's, and it checks a probe set against the Rust tokenizer
+before it is used. tests/unit/test_tokenize.py checks equality on generated text (hypothesis).
+
+Measured with `python -m benchmarks.host_limits` (README, "Queue overhead"), one core: 8.4-9.1x
+the Rust tokenizer's `encode_batch_fast` on 128-token synthetic texts; on open-vocabulary
+paragraphs 1.2x with a cold cache and 5.3-6.4x on a second pass. It runs in Python and holds the
+GIL for its ~20 us per text, where the Rust call releases it while it tokenizes; the CPU queue
+benchmark showed no difference, the GPU host's is not measured yet, and the worker setting
+TOKENIZER_CACHE=false restores the Rust path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import chain
+
+# Python's str.split() splits on these; BERT's clean_text deletes them (they are control characters).
+_SPLIT_DISAGREES = re.compile("[\x0b\x0c\x1c-\x1f\x85]").search
+
+# Probe strings checked against the Rust tokenizer before the cache is used.
+_PROBES = [
+    "", "   ", "Hello, World! It's 3:45pm.", "naïve café \u00e9t\u00e9 ÀÉÎ", "\u4e2d\u6587 mixed\u3000space",
+    "[CLS] a [MASK]b [SEP][UNK]", "tab\there\nnew\rline", "zero\u200bwidth\u00a0nbsp", "a\x00b\x7fc",
+    "x" * 150, "under_score-dash/slash (paren) {brace} 'quote' \"dq\" #hash $5 100%",
+]
+
+CACHE_LIMIT = 1 << 18  # chunks; cleared (not evicted one by one) when full
+LONG_CHUNK = 64  # characters; longer chunks (URLs, base64) are tokenized but not cached
+
+
+class ChunkCacheTokenizer:
+    """`encode(texts)` -> ids per text, equal to the Rust tokenizer's with truncation to `max_length`."""
+
+    def __init__(self, rust, max_length: int, prefix: tuple[int, ...], suffix: tuple[int, ...]):
+        from tokenizers import Tokenizer
+        self.rust = rust  # the full tokenizer, truncating: the fallback for whole texts
+        self.words = Tokenizer.from_str(rust.to_str())  # chunks: no special tokens, no truncation
+        self.words.no_truncation()
+        self.words.no_padding()
+        self.prefix, self.suffix = list(prefix), list(suffix)
+        self.body = max_length - len(prefix) - len(suffix)
+        self.cache: dict[str, tuple[int, ...]] = {}
+        self.hits = self.misses = 0
+
+    @classmethod
+    def build(cls, rust, max_length: int) -> ChunkCacheTokenizer | None:
+        """The cache over `rust` (a `tokenizers.Tokenizer` truncating to max_length), or None where
+        chunk-wise tokenizing would not be exact."""
+        cfg = json.loads(rust.to_str())
+        norm, pre = cfg.get("normalizer"), cfg.get("pre_tokenizer")
+        if norm is not None and norm.get("type") != "BertNormalizer":
+            return None
+        if pre is None or pre.get("type") != "BertPreTokenizer":
+            return None
+        for tok in cfg.get("added_tokens") or []:
+            if any(ch.isspace() for ch in tok["content"]) or tok.get("lstrip") or tok.get("rstrip") \
+                    or tok.get("single_word"):
+                return None
+        trunc = cfg.get("truncation") or {}
+        if trunc.get("direction", "Right") != "Right":
+            return None
+        from tokenizers import Tokenizer
+        whole = Tokenizer.from_str(rust.to_str())
+        whole.no_truncation()
+        probe = "hello world"  # where the special tokens go around a text
+        full = whole.encode(probe).ids
+        bare = whole.encode(probe, add_special_tokens=False).ids
+        starts = [i for i in range(len(full) - len(bare) + 1) if full[i: i + len(bare)] == bare]
+        if not bare or not starts:
+            return None
+        at = starts[0]
+        me = cls(rust, max_length, tuple(full[:at]), tuple(full[at + len(bare):]))
+        if me.body < 1 or me.encode(_PROBES) != [e.ids for e in rust.encode_batch_fast(_PROBES)]:
+            return None
+        me.cache.clear()
+        me.hits = me.misses = 0
+        return me
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        get, body, prefix = self.cache.get, self.body, self.prefix
+        out: list[list[int] | None] = [None] * len(texts)
+        missed: list[tuple[int, list[str], bool]] = []  # texts with a chunk not in the cache yet
+        for i, t in enumerate(texts):
+            chunks = t.split(None, body)
+            cut = len(chunks) > body
+            if cut:  # the last element is the unsplit rest, which truncation drops
+                rest = chunks.pop()
+                seen = t[: len(t) - len(rest)]
+            else:
+                seen = t
+            if _SPLIT_DISAGREES(seen):
+                continue  # left None: the Rust tokenizer takes it whole
+            try:
+                ids = [*prefix, *chain.from_iterable(map(get, chunks))]
+            except TypeError:  # get returned None: looked up below, for all such texts at once
+                missed.append((i, chunks, cut))
+                continue
+            self.hits += len(chunks)
+            out[i] = self._finish(ids, cut)
+        if missed:
+            found = self._fill([c for _, chunks, _ in missed for c in chunks])
+            for i, chunks, cut in missed:
+                out[i] = self._finish([*prefix, *chain.from_iterable(found[c] for c in chunks)], cut)
+        whole = [i for i, ids in enumerate(out) if ids is None]  # split disagreements and _finish's refusals
+        if whole:
+            for i, e in zip(whole, self.rust.encode_batch_fast([texts[i] for i in whole])):
+                out[i] = e.ids
+        return out  # type: ignore[return-value]
+
+    def _finish(self, ids: list[int], cut: bool) -> list[int] | None:
+        """Truncated ids with the special tokens, or None when only the whole text can tell."""
+        end = len(self.prefix) + self.body
+        if cut and len(ids) < end:
+            # some chunk gave no token (only characters that cleaning deletes), so the rest that
+            # was not looked at may hold tokens that truncation would keep
+            return None
+        del ids[end:]
+        ids += self.suffix
+        return ids
+
+    def _fill(self, chunks: list[str]) -> dict[str, tuple[int, ...]]:
+        """Ids of `chunks` (the missing ones tokenized in one call, and cached)."""
+        cache = self.cache
+        new = list(dict.fromkeys(c for c in chunks if c not in cache))
+        found = dict(zip(new, (tuple(e.ids) for e in self.words.encode_batch_fast(new, add_special_tokens=False))))
+        out = {c: found[c] if c in found else cache[c] for c in dict.fromkeys(chunks)}
+        if len(cache) + len(new) > CACHE_LIMIT:
+            cache.clear()
+        for c, ids in found.items():
+            if len(c) <= LONG_CHUNK and len(cache) < CACHE_LIMIT:
+                cache[c] = ids
+        self.misses += len(new)
+        self.hits += len(chunks) - len(new)
+        return out

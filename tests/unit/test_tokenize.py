@@ -1,0 +1,92 @@
+"""The chunk-cache tokenizer gives exactly the Rust tokenizer's ids (real MiniLM WordPiece vocabulary)."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from kernels import tokenize
+from kernels.tokenize import ChunkCacheTokenizer
+from producers.registry import DEFAULT_CLASSIFIER
+
+
+def rust(max_length: int) -> Tokenizer:
+    tok = Tokenizer.from_file(str(DEFAULT_CLASSIFIER.resolve_path() / "tokenizer.json"))
+    tok.enable_truncation(max_length)
+    tok.no_padding()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def pair():
+    r = rust(16)
+    cached = ChunkCacheTokenizer.build(r, 16)
+    assert cached is not None, "MiniLM's BERT tokenizer is eligible"
+    return r, cached
+
+
+def expect(r: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in r.encode_batch_fast(texts)]
+
+
+# Words, punctuation, whitespace of every kind Python or BERT treats specially, accents, CJK,
+# control and zero-width characters, special-token text, and over-long words.
+PIECES = st.sampled_from([
+    "the", "The", "QUICK", "fox", "naïve", "café", "Ünïcödé", "\u4e2d\u6587", "unbelievable", "x" * 120,
+    "don't", "e-mail", "3.14", "100%", "(a)", "[CLS]", "[MASK]", "[SEP][UNK]", "[mask]", "[", "]", "##ing",
+    " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u3000", "\u2028",
+    "\x00", "\x7f", "\u200b", "\ufffd", "\u0301", "e\u0301", "\U0001F600", ".", ",", "!?", "@user", "#tag",
+])
+TEXTS = st.lists(PIECES, max_size=40).map("".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(TEXTS, min_size=1, max_size=8))
+def test_ids_equal_the_rust_tokenizer(pair, texts):
+    r, cached = pair
+    assert cached.encode(texts) == expect(r, texts)
+    assert cached.encode(texts) == expect(r, texts), "the same again, now from the cache"
+
+
+def test_truncation_keeps_what_rust_keeps(pair):
+    r, cached = pair
+    texts = ["word " * 40, "a " * 14, "a " * 15, "a\x00 " * 30 + "b c d e f", "\u200b " * 20 + "real words here",
+             "one " * 13 + "\x0b two three", "antidisestablishmentarianism " * 10]
+    assert cached.encode(texts) == expect(r, texts)
+    assert all(len(ids) <= 16 for ids in cached.encode(texts))
+
+
+@pytest.mark.parametrize("max_length", [3, 8, 128, 512])
+def test_every_length_and_the_shipped_sentences(max_length):
+    from kernels.texts import sentences
+    r = rust(max_length)
+    cached = ChunkCacheTokenizer.build(r, max_length)
+    texts = sentences(256, heldout=True) + [" ".join(sentences(64))]
+    assert cached.encode(texts) == expect(r, texts)
+
+
+def test_cache_is_bounded(pair, monkeypatch):
+    r, _ = pair
+    cached = ChunkCacheTokenizer.build(r, 16)
+    monkeypatch.setattr(tokenize, "CACHE_LIMIT", 50)
+    texts = [" ".join(f"w{i}x{j}" for j in range(10)) for i in range(30)]
+    assert cached.encode(texts) == expect(r, texts)
+    assert 0 < len(cached.cache) <= 50
+    assert cached.misses >= 300 and cached.hits >= 0
+
+
+def test_refuses_tokenizers_where_chunks_are_not_independent(tiny_models_file):
+    # the tests' tiny models share a byte-level BPE tokenizer: spaces belong to its tokens
+    tok = Tokenizer.from_file(str(tiny_models_file.parent / "weights" / "classifier" / "tokenizer.json"))
+    tok.enable_truncation(16)
+    assert ChunkCacheTokenizer.build(tok, 16) is None
+
+
+def test_the_engine_uses_it_and_can_be_told_not_to():
+    from kernels.classify import ClassifierEngine
+    path = DEFAULT_CLASSIFIER.resolve_path()
+    on = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32")
+    off = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32", chunk_cache=False)
+    assert isinstance(on._chunks, ChunkCacheTokenizer) and off._chunks is None and off._fast is not None
+    texts = ["Is this text harmful?", "a " * 100, ""]
+    assert on.encode(texts) == off.encode(texts) == on.tokenizer(texts, truncation=True, max_length=32)["input_ids"]
