@@ -18,9 +18,9 @@ the Rust tokenizer matches them, as long as none contains whitespace or strips i
 normalizer or pre-tokenizer is not BERT's, and it checks a probe set against the Rust tokenizer
 before it is used. tests/unit/test_tokenize.py checks equality on generated text (hypothesis).
 
-Measured with `python -m benchmarks.host_limits` (README, "Queue overhead"), one core: 8.4-9.1x
+Measured with `python -m benchmarks.host_limits` (README, "Queue overhead"), one core: 8.4-10x
 the Rust tokenizer's `encode_batch_fast` on 128-token synthetic texts; on open-vocabulary
-paragraphs 1.2x with a cold cache and 5.3-6.4x on a second pass. It runs in Python and holds the
+paragraphs 1.2x with a cold cache and 4.9-6.4x on a second pass. It runs in Python and holds the
 GIL for its ~20 us per text, where the Rust call releases it while it tokenizes; the CPU queue
 benchmark showed no difference, the GPU host's is not measured yet, and the worker setting
 TOKENIZER_CACHE=false restores the Rust path.
@@ -137,11 +137,19 @@ class ChunkCacheTokenizer:
         return ids
 
     def _fill(self, chunks: list[str]) -> dict[str, tuple[int, ...]]:
-        """Ids of `chunks` (the missing ones tokenized in one call, and cached)."""
+        """Ids of `chunks`, the missing ones tokenized in one call and cached. Safe against other
+        threads (a worker's task threads share the engine): every cached value is read once, so a
+        clear by another thread between two reads cannot lose it."""
         cache = self.cache
-        new = list(dict.fromkeys(c for c in chunks if c not in cache))
+        known: dict[str, tuple[int, ...]] = {}
+        new: list[str] = []
+        for c in dict.fromkeys(chunks):
+            ids = cache.get(c)
+            if ids is None:
+                new.append(c)
+            else:
+                known[c] = ids
         found = dict(zip(new, (tuple(e.ids) for e in self.words.encode_batch_fast(new, add_special_tokens=False))))
-        out = {c: found[c] if c in found else cache[c] for c in dict.fromkeys(chunks)}
         if len(cache) + len(new) > CACHE_LIMIT:
             cache.clear()
         for c, ids in found.items():
@@ -149,4 +157,5 @@ class ChunkCacheTokenizer:
                 cache[c] = ids
         self.misses += len(new)
         self.hits += len(chunks) - len(new)
-        return out
+        known.update(found)
+        return known

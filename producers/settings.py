@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     engine_sparsity: Literal["none", "2:4"] = "none"
     engine_compile: bool = False
     # Classifier tokenizing through a cache of whitespace chunks (kernels/tokenize.py), for BERT-style
-    # tokenizers: the same ids as the Rust tokenizer, 5-9x its rate per core on warm text.
+    # tokenizers: the same ids as the Rust tokenizer, 5-10x its rate per core on warm text.
     tokenizer_cache: bool = True
     # Generation on CUDA: compile the decode step's per-layer work inside its CUDA graphs (README,
     # "Generation engine"): 1.8-2.0x the tokens/s of the graphed eager step on the H100, for ~10 s of

@@ -90,3 +90,15 @@ def test_the_engine_uses_it_and_can_be_told_not_to():
     assert isinstance(on._chunks, ChunkCacheTokenizer) and off._chunks is None and off._fast is not None
     texts = ["Is this text harmful?", "a " * 100, ""]
     assert on.encode(texts) == off.encode(texts) == on.tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+
+
+def test_threads_sharing_one_cache_get_their_own_ids(pair, monkeypatch):
+    # a worker's task threads tokenize through one engine; clears (a tiny limit) race with lookups
+    from concurrent.futures import ThreadPoolExecutor
+    r, _ = pair
+    cached = ChunkCacheTokenizer.build(r, 16)
+    monkeypatch.setattr(tokenize, "CACHE_LIMIT", 40)
+    jobs = [[" ".join(f"t{k}w{(i * 7 + j) % 53}" for j in range(12)) for i in range(20)] for k in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(cached.encode, jobs)) == [expect(r, texts) for texts in jobs]
