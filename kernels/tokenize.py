@@ -49,14 +49,20 @@ LONG_CHUNK = 64  # characters; longer chunks (URLs, base64) are tokenized but no
 class ChunkCacheTokenizer:
     """`encode(texts)` -> ids per text, equal to the Rust tokenizer's with truncation to `max_length`."""
 
-    def __init__(self, rust, max_length: int, prefix: tuple[int, ...], suffix: tuple[int, ...]):
+    def __init__(self, rust, max_length: int):
         from tokenizers import Tokenizer
         self.rust = rust  # the full tokenizer, truncating: the fallback for whole texts
-        self.words = Tokenizer.from_str(rust.to_str())  # chunks: no special tokens, no truncation
+        self.words = Tokenizer.from_str(rust.to_str())  # chunks: no truncation (nor special tokens, per call)
         self.words.no_truncation()
         self.words.no_padding()
-        self.prefix, self.suffix = list(prefix), list(suffix)
-        self.body = max_length - len(prefix) - len(suffix)
+        probe = "hello world"  # where the special tokens go around a text
+        full = self.words.encode(probe).ids
+        bare = self.words.encode(probe, add_special_tokens=False).ids
+        at = next((i for i in range(len(full) - len(bare) + 1) if full[i: i + len(bare)] == bare), None)
+        if not bare or at is None:
+            raise ValueError("the special tokens do not wrap the text's own ids")
+        self.prefix, self.suffix = full[:at], full[at + len(bare):]
+        self.body = max_length - len(self.prefix) - len(self.suffix)
         self.cache: dict[str, tuple[int, ...]] = {}
         self.hits = self.misses = 0
 
@@ -77,17 +83,10 @@ class ChunkCacheTokenizer:
         trunc = cfg.get("truncation") or {}
         if trunc.get("direction", "Right") != "Right":
             return None
-        from tokenizers import Tokenizer
-        whole = Tokenizer.from_str(rust.to_str())
-        whole.no_truncation()
-        probe = "hello world"  # where the special tokens go around a text
-        full = whole.encode(probe).ids
-        bare = whole.encode(probe, add_special_tokens=False).ids
-        starts = [i for i in range(len(full) - len(bare) + 1) if full[i: i + len(bare)] == bare]
-        if not bare or not starts:
+        try:
+            me = cls(rust, max_length)
+        except ValueError:
             return None
-        at = starts[0]
-        me = cls(rust, max_length, tuple(full[:at]), tuple(full[at + len(bare):]))
         if me.body < 1 or me.encode(_PROBES) != [e.ids for e in rust.encode_batch_fast(_PROBES)]:
             return None
         me.cache.clear()
