@@ -121,6 +121,11 @@ class ClassifierEngine:
             out = self.model(input_ids=ids, attention_mask=mask)
         return (out.last_hidden_state if self.pooled else out.logits).float()
 
+    @property
+    def chunk_cache(self):
+        """The chunk-cache tokenizer in use (its hits, misses and cache), or None."""
+        return self._chunks
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length (over-long inputs are truncated, not refused)."""
         if self._chunks is not None:

@@ -2,13 +2,14 @@
 `gristmill worker --metrics-port P`.
 
 Flower shows tasks and workers; these show what the engine does: items by outcome, device batch
-sizes, padding, engine time per batch, how long messages wait in the queue and take to run, and
-the GPU memory in use.
+sizes, padding, engine time per batch, how long messages wait in the queue and take to run, the
+GPU memory in use, and how often the classifier tokenizer's chunk cache hits.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batcher import model_of
 
@@ -49,6 +50,34 @@ def watch_gpu_memory() -> None:
     if torch.cuda.is_available():
         GPU_MEMORY.labels("allocated").set_function(torch.cuda.memory_allocated)
         GPU_MEMORY.labels("reserved").set_function(torch.cuda.memory_reserved)
+
+
+class _TokenizerCaches:
+    """The classifier engines' chunk-cache counters (kernels/tokenize.py), read at each scrape."""
+
+    host = None  # the worker's EngineHost
+
+    def collect(self):
+        chunks = CounterMetricFamily("gristmill_tokenizer_chunks", "Whitespace chunks of classifier inputs that the "
+                                     "tokenizer's cache answered (hit) or had to tokenize (miss)", labels=["model", "outcome"])
+        held = GaugeMetricFamily("gristmill_tokenizer_cache_chunks", "Chunks held in the tokenizer's cache", labels=["model"])
+        for name, eng in (self.host.loaded() if self.host is not None else {}).items():
+            cache = getattr(eng, "chunk_cache", None)
+            if cache is not None:
+                chunks.add_metric([name, "hit"], cache.hits)
+                chunks.add_metric([name, "miss"], cache.misses)
+                held.add_metric([name], len(cache.cache))
+        yield chunks
+        yield held
+
+
+_TOKENIZER_CACHES = _TokenizerCaches()
+REGISTRY.register(_TOKENIZER_CACHES)
+
+
+def watch_tokenizers(host) -> None:
+    """Report the tokenizer caches of `host`'s engines (the latest host, if called again)."""
+    _TOKENIZER_CACHES.host = host
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:

@@ -41,6 +41,7 @@ class WorkerState:
         self.lease = Lease(app, self.redis, settings.lease_ttl_s).start() if app is not None else None
         self.store = BatchStore(self.redis, settings.result_ttl_s)
         self.host = EngineHost(settings, device, ScoreCache(self.redis, settings.dedup_ttl_s))
+        metrics.watch_tokenizers(self.host)
         self.recent = Recent() if settings.dedup_ttl_s > 0 else None
         policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000.0)
         self.batcher = MicroBatcher(self.host.run, policy, on_batch=metrics.on_batch, on_split=metrics.on_split,

@@ -102,3 +102,25 @@ def test_threads_sharing_one_cache_get_their_own_ids(pair, monkeypatch):
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):
             assert list(pool.map(cached.encode, jobs)) == [expect(r, texts) for texts in jobs]
+
+
+def test_worker_metrics_report_the_cache():
+    from prometheus_client import generate_latest
+
+    from kernels.classify import ClassifierEngine
+    from workers import metrics
+
+    eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), max_length=32, pooled=True, cpu_precision="fp32")
+
+    class Host:
+        def loaded(self):
+            return {"minilm": eng}
+    metrics.watch_tokenizers(Host())
+    try:
+        eng.encode(["one two three", "two three four"])
+        text = generate_latest().decode()
+        assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="miss"} 4.0' in text
+        assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="hit"} 2.0' in text
+        assert 'gristmill_tokenizer_cache_chunks{model="minilm"} 4.0' in text
+    finally:
+        metrics.watch_tokenizers(None)
