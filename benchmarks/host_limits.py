@@ -6,6 +6,8 @@
     (kernels/tokenize.py), on 1 core and on every core (one process per core, one thread each),
     and the Rust one in one process with its own threads; then both, one process, on paragraphs
     of the installed packages' descriptions (open vocabulary: the cache's first and second pass);
+    and the rate of tiny torch ops in a thread beside a thread that tokenizes without pause, with
+    no tokenizer, the Rust one (which releases the GIL) and the chunk cache (which holds it);
 (b) `Client.submit_file` of a file of 128-token classification lines into an embedded Redis, with
     pass 2 in one process and in two (the baseline is the one-process run).
 On the H100 host these bound the end-to-end rate of `benchmarks.queue_overhead --device cuda`.
@@ -20,6 +22,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +113,50 @@ def tokenize_rates(xs: list[str], natural: list[str]) -> dict[str, float]:
     return out
 
 
+def _small_ops(stop: threading.Event, out: list[float]) -> None:
+    import torch
+    x, n, t = torch.zeros(16), 0, time.perf_counter()
+    while not stop.is_set():
+        for _ in range(100):
+            x = x + 1
+        n += 100
+    out.append(n / (time.perf_counter() - t))
+
+
+def _tokenize_until(tok, xs: list[str], stop: threading.Event, out: list[float]) -> None:
+    n, t = 0, time.perf_counter()
+    while not stop.is_set():
+        if tok is None:
+            time.sleep(0.01)
+            continue
+        _encode_with(tok, xs)
+        n += len(xs)
+    out.append(n / (time.perf_counter() - t))
+
+
+def gil_convoy(xs: list[str], seconds: float = 2.0) -> dict[str, float]:
+    """A thread issuing tiny torch ops, as a GPU engine thread issues kernel launches (each op
+    gives up the GIL and must take it back), beside a thread tokenizing without pause: the op
+    rate shows what a tokenizer that holds the GIL costs the engine thread."""
+    import torch
+    torch.set_num_threads(1)
+    toks = {"none": None, "rust": _tokenizer("rust"), "chunk_cache": _tokenizer("chunk_cache")}
+    toks["chunk_cache"].encode(xs)
+    out: dict[str, float] = {}
+    for name, tok in [*toks.items(), *toks.items()]:  # twice, alternated; best of two
+        stop, ops, rate = threading.Event(), [], []
+        threads = [threading.Thread(target=_small_ops, args=(stop, ops)),
+                   threading.Thread(target=_tokenize_until, args=(tok, xs, stop, rate))]
+        for th in threads:
+            th.start()
+        time.sleep(seconds)
+        stop.set()
+        for th in threads:
+            th.join()
+        out[f"engine_ops_beside_{name}_per_s"] = max(out.get(f"engine_ops_beside_{name}_per_s", 0.0), ops[0])
+    return out
+
+
 def submit_rates(n: int, work: Path) -> dict[str, float]:
     path = random_minilm_classifier(work / "minilm-random")
     mf = work / "models.json"
@@ -140,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=16384, help="texts to tokenize")
     ap.add_argument("--lines", type=int, default=50000, help="lines to submit")
     args = ap.parse_args(argv)
-    figures = {"cores": os.cpu_count(), **tokenize_rates(texts(args.items, 126, 126), natural_texts(args.items)),
+    xs = texts(args.items, 126, 126)
+    figures = {"cores": os.cpu_count(), **tokenize_rates(xs, natural_texts(args.items)), **gil_convoy(xs[:256]),
                **submit_rates(args.lines, Path(tempfile.mkdtemp(prefix="gristmill-host-")))}
     rows = [(k.removesuffix("_per_s").replace("_", " "), f"{v:,.0f}") for k, v in figures.items() if k != "cores"]
     print(table(rows, ("128-token texts", "per s")))

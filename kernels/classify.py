@@ -48,7 +48,7 @@ class ClassifierEngine:
                  prototypes: dict[str, list[str]] | None = None, neutral: list[str] | None = None,
                  head: Path | None = None, pooled: bool = False, dtype: torch.dtype | None = None,
                  cpu_precision: str = "auto", quantize: str = "none",
-                 sparsity: str = "none", compile: bool | str = False, chunk_cache: bool = True):
+                 sparsity: str = "none", compile: bool | str = False, chunk_cache: bool = False):
         self.device = resolve_device(device)
         self.quantize, self.sparsity, self.compiled = quantize, sparsity, compile
         self.dtype = dtype or default_dtype(self.device)

@@ -20,10 +20,12 @@ before it is used. tests/unit/test_tokenize.py checks equality on generated text
 
 Measured with `python -m benchmarks.host_limits` (README, "Queue overhead"), one core: 8.4-10x
 the Rust tokenizer's `encode_batch_fast` on 128-token synthetic texts; on open-vocabulary
-paragraphs 1.2x with a cold cache and 4.9-6.4x on a second pass. It runs in Python and holds the
-GIL for its ~20 us per text, where the Rust call releases it while it tokenizes; the CPU queue
-benchmark showed no difference, the GPU host's is not measured yet, and the worker setting
-TOKENIZER_CACHE=false restores the Rust path.
+paragraphs 1.2-1.3x with a cold cache and 4.8-6.4x on a second pass. But it runs in Python and holds
+the GIL for its ~20 us per text, where the Rust call releases it while it tokenizes: beside a thread
+tokenizing without pause, a thread issuing tiny torch ops (as a GPU engine thread issues kernel
+launches, each giving up the GIL) ran 1.2k ops/s against 189k/s beside the Rust tokenizer. So it is
+off by default (the worker setting TOKENIZER_CACHE) until the GPU queue benchmark says whether a
+GPU worker gains more than it loses; on the CPU the queue benchmark showed no difference either way.
 """
 
 from __future__ import annotations

@@ -62,8 +62,11 @@ class Settings(BaseSettings):
     engine_sparsity: Literal["none", "2:4"] = "none"
     engine_compile: bool = False
     # Classifier tokenizing through a cache of whitespace chunks (kernels/tokenize.py), for BERT-style
-    # tokenizers: the same ids as the Rust tokenizer, 5-10x its rate per core on warm text.
-    tokenizer_cache: bool = True
+    # tokenizers: the same ids as the Rust tokenizer, 5-10x its rate per core on warm text. Off by
+    # default: it holds the GIL, and a thread tokenizing without pause cut the op rate of a thread
+    # issuing tiny torch ops (as a GPU engine thread issues launches) from 189k/s to 1.2k/s, where
+    # the Rust tokenizer, which releases the GIL, left 189k/s (README, "Queue overhead").
+    tokenizer_cache: bool = False
     # Generation on CUDA: compile the decode step's per-layer work inside its CUDA graphs (README,
     # "Generation engine"): 1.8-2.0x the tokens/s of the graphed eager step on the H100, for ~10 s of
     # compiling when a worker first decodes. CPUs never compile.

@@ -82,11 +82,11 @@ def test_refuses_tokenizers_where_chunks_are_not_independent(tiny_models_file):
     assert ChunkCacheTokenizer.build(tok, 16) is None
 
 
-def test_the_engine_uses_it_and_can_be_told_not_to():
+def test_the_engine_uses_it_when_asked():
     from kernels.classify import ClassifierEngine
     path = DEFAULT_CLASSIFIER.resolve_path()
-    on = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32")
-    off = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32", chunk_cache=False)
+    on = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32", chunk_cache=True)
+    off = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32")
     assert isinstance(on._chunks, ChunkCacheTokenizer) and off._chunks is None and off._fast is not None
     texts = ["Is this text harmful?", "a " * 100, ""]
     assert on.encode(texts) == off.encode(texts) == on.tokenizer(texts, truncation=True, max_length=32)["input_ids"]
@@ -110,7 +110,8 @@ def test_worker_metrics_report_the_cache():
     from kernels.classify import ClassifierEngine
     from workers import metrics
 
-    eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), max_length=32, pooled=True, cpu_precision="fp32")
+    eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), max_length=32, pooled=True, cpu_precision="fp32",
+                           chunk_cache=True)
 
     class Host:
         def loaded(self):
