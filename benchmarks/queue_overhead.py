@@ -7,9 +7,10 @@
                through the Celery result backend.
   (c) gristmill  end to end: submit the JSONL file, worker micro-batches, download the results.
 
-    python -m benchmarks.queue_overhead [--device cpu|cuda] [--quick] [--items N]
+    python -m benchmarks.queue_overhead [--device cpu|cuda] [--quick] [--items N] [--model NAME]
 
-CPU: the default classifier (real all-MiniLM-L6-v2 weights), inputs of 8-64 words.
+CPU: the default classifier (real all-MiniLM-L6-v2 weights), or `--model` (any registered
+classifier; a tiny one makes the queue's own Python the bottleneck), inputs of 8-64 words.
 CUDA: all-MiniLM-L6-v2's architecture with random weights, bf16, inputs of 128 tokens.
 Engine and end-to-end passes alternate `--repeats` times and the best of each is compared (this
 machine's run-to-run noise is +-5-10%); every pass is listed in the JSON line. Each round draws
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-items", type=int, default=None, help="items for the (slow) naive baseline")
     ap.add_argument("--instances", type=int, default=None,
                     help="gristmill worker processes on the device (default: GRISTMILL_INSTANCES_PER_GPU; 8 on cuda)")
+    ap.add_argument("--model", default=None,
+                    help="CPU: a registered classifier to run (default: the default moderation model, via /v1/moderations)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved engine / end-to-end passes; the best of each is reported (default 2, 3 without --quick)")
     args = ap.parse_args(argv)
@@ -171,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         def items_for(k: int) -> list[str]:
             return texts(n, 8, 64, seed=k)
         from producers.registry import DEFAULT_CLASSIFIER
-        model, url_path, body_model = DEFAULT_CLASSIFIER.name, "/v1/moderations", None
+        if args.model:
+            model, url_path, body_model = args.model, "/v1/classifications", args.model
+        else:
+            model, url_path, body_model = DEFAULT_CLASSIFIER.name, "/v1/moderations", None
 
     from producers.app import make_app
     from producers.redis_server import EmbeddedRedis
