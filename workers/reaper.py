@@ -270,3 +270,28 @@ def tolerate_kombu_close_race() -> None:
 
     restore_unacked._gristmill = True  # type: ignore[attr-defined]
     kredis.QoS.restore_unacked = restore_unacked
+
+    # The same race on the ack (and reject) of a message whose task finished during the outage:
+    # the channel it came on has lost its connection, so removing it from `unacked` raises the
+    # same AttributeError from the event loop, and the worker exits. Its lines are written by then
+    # (acks come after writes), so forget the delivery here as kombu's own ack would; its entry
+    # stays in `unacked` under this worker's claim, the lease hands it back, and the redelivery
+    # writes no line twice (writes are idempotent by batch and custom_id).
+    from kombu.transport import virtual
+
+    def detached(name: str):
+        original_op = getattr(kredis.QoS, name)
+
+        def op(self, delivery_tag, *args, **kwargs):
+            try:
+                return original_op(self, delivery_tag, *args, **kwargs)
+            except AttributeError:
+                if getattr(getattr(self.channel, "connection", None), "client", None) is not None:
+                    raise  # the channel still has its connection: not this race
+                log.warning("kombu could not %s delivery %s: its channel lost its connection; the lease "
+                            "hands it back", name, delivery_tag)
+                virtual.QoS.ack(self, delivery_tag)
+        return op
+
+    kredis.QoS.ack = detached("ack")
+    kredis.QoS.reject = detached("reject")
