@@ -50,7 +50,8 @@ def _tokenizer(kind: str = "rust"):
 
 
 def _encode_with(tok, chunk: list[str]) -> int:
-    return len(tok.encode(chunk) if hasattr(tok, "cache") else tok.encode_batch_fast(chunk))
+    from kernels.tokenize import ChunkCacheTokenizer
+    return len(tok.encode(chunk) if isinstance(tok, ChunkCacheTokenizer) else tok.encode_batch_fast(chunk))
 
 
 def _init(kind: str) -> None:
@@ -123,15 +124,12 @@ def _small_ops(stop: threading.Event, out: list[float]) -> None:
     out.append(n / (time.perf_counter() - t))
 
 
-def _tokenize_until(tok, xs: list[str], stop: threading.Event, out: list[float]) -> None:
-    n, t = 0, time.perf_counter()
+def _tokenize_until(tok, xs: list[str], stop: threading.Event) -> None:
     while not stop.is_set():
         if tok is None:
             time.sleep(0.01)
-            continue
-        _encode_with(tok, xs)
-        n += len(xs)
-    out.append(n / (time.perf_counter() - t))
+        else:
+            _encode_with(tok, xs)
 
 
 def gil_convoy(xs: list[str], seconds: float = 2.0) -> dict[str, float]:
@@ -144,9 +142,9 @@ def gil_convoy(xs: list[str], seconds: float = 2.0) -> dict[str, float]:
     toks["chunk_cache"].encode(xs)
     out: dict[str, float] = {}
     for name, tok in [*toks.items(), *toks.items()]:  # twice, alternated; best of two
-        stop, ops, rate = threading.Event(), [], []
+        stop, ops = threading.Event(), []
         threads = [threading.Thread(target=_small_ops, args=(stop, ops)),
-                   threading.Thread(target=_tokenize_until, args=(tok, xs, stop, rate))]
+                   threading.Thread(target=_tokenize_until, args=(tok, xs, stop))]
         for th in threads:
             th.start()
         time.sleep(seconds)
