@@ -118,6 +118,8 @@ def gristmill_pass(app, client, url_path: str, model: str | None, items: list[st
     if stats["items"] < len(items):
         raise RuntimeError(f"the workers' engines ran {stats['items']} of {len(items)} items: the rest were answered "
                            "without the model (score cache?), so this pass would not measure the queue")
+    # the share of the pass the worker engines spent running batches (summed over processes)
+    stats["busy_share"] = stats["busy_s"] / elapsed
     return len(items) / elapsed, stats
 
 
@@ -127,7 +129,7 @@ def merge_stats(parts: list[dict]) -> dict:
     return {"items": tot["items"], "mean_batch_size": tot["items"] / max(1, tot["batches"]),
             "padding_waste": 1 - tot["real_tokens"] / tot["padded_tokens"] if tot["padded_tokens"] else 0.0,
             # per process: the engine's rate while it ran (processes time-share one GPU)
-            "items_per_busy_s": tot["items"] / tot["busy_s"] if tot["busy_s"] else 0.0}
+            "items_per_busy_s": tot["items"] / tot["busy_s"] if tot["busy_s"] else 0.0, "busy_s": tot["busy_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "worker_engine_items_per_busy_s": round(stats["items_per_busy_s"], 1),
         "engine_padding_waste": round(einfo["padding_waste"], 3), "repeats": repeats,
         "engine_runs": [round(r[0], 1) for r in engine_runs], "gristmill_runs": [round(r[0], 1) for r in grist_runs],
+        "gristmill_busy_shares": [round(r[1]["busy_share"], 3) for r in grist_runs],
+        "gristmill_busy_rates": [round(r[1]["items_per_busy_s"], 1) for r in grist_runs],
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
     print(table([("engine, in-process (ceiling)", n, f"{engine_ips:,.0f}", "1.00"),
