@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,26 @@ class Policy(BaseModel):
     def threshold(self, label: str) -> float:
         return self.thresholds.get(label, self.default_threshold)
 
-    def resolved_thresholds(self) -> dict[str, float]:
+    # Both are read for every result line: computed once per instance (the model is frozen), and
+    # dropped by model_copy, whose update may change what they derive from.
+    @cached_property
+    def _resolved(self) -> dict[str, float]:
         return {label: self.threshold(label) for label in self.labels}
 
-    @property
+    def resolved_thresholds(self) -> dict[str, float]:
+        return dict(self._resolved)
+
+    @cached_property
     def thresholds_digest(self) -> str:
         """SHA-256 (first 16 hex digits) of the label -> threshold map that decides `flagged`."""
-        blob = json.dumps(self.resolved_thresholds(), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self._resolved, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> "Policy":
+        copy = super().model_copy(update=update, deep=deep)
+        for name in ("_resolved", "thresholds_digest"):
+            copy.__dict__.pop(name, None)
+        return copy
 
     def sources(self, model_labels: list[str]) -> dict[str, list[str]]:
         """Policy label -> the model labels whose scores it takes (the highest wins). Raises
@@ -80,7 +93,9 @@ class Policy(BaseModel):
 
     def apply(self, scores: dict[str, float], sources: dict[str, list[str]]) -> dict[str, float]:
         """A model's {label: score} as the policy's {label: score}."""
-        return {label: max(scores[m] for m in src) for label, src in sources.items()}
+        # most policy labels have one source: index it rather than run max() over a generator
+        return {label: scores[src[0]] if len(src) == 1 else max(scores[m] for m in src)
+                for label, src in sources.items()}
 
     def wire(self) -> dict[str, Any]:
         """The JSON form carried in messages and batch records."""

@@ -34,6 +34,24 @@ def test_thresholds_digest_follows_thresholds_only():
         Policy(policy_version="v", model="m", thresholds=dict.fromkeys(MODERATION_CATEGORIES, 0.4)).thresholds_digest
 
 
+def test_cached_thresholds_follow_copies_and_resist_callers():
+    a = Policy(policy_version="v1", model="m", thresholds={"hate": 0.4})
+    digest, resolved = a.thresholds_digest, a.resolved_thresholds()  # both cached now
+    resolved["hate"] = 0.9  # a caller editing its copy changes nothing
+    assert a.resolved_thresholds()["hate"] == 0.4 and a.thresholds_digest == digest
+    b = a.model_copy(update={"thresholds": {"hate": 0.3}})
+    assert b.resolved_thresholds()["hate"] == 0.3 and b.thresholds_digest != digest
+    assert b.thresholds_digest == Policy(policy_version="v1", model="m", thresholds={"hate": 0.3}).thresholds_digest
+    assert a.model_copy(update={"model": "n"}).thresholds_digest == digest
+    assert "thresholds_digest" not in a.model_dump() and Policy.model_validate(a.wire()) == a
+
+
+def test_apply_takes_the_highest_source_score():
+    p = Policy(policy_version="v", model="m", labels=("hate", "violence"), label_map={"toxic": "hate", "insult": "hate"})
+    sources = p.sources(["toxic", "insult", "violence"])
+    assert p.apply({"toxic": 0.2, "insult": 0.7, "violence": 0.1}, sources) == {"hate": 0.7, "violence": 0.1}
+
+
 @pytest.mark.parametrize("body,needle", [
     ({"model": "m"}, "policy_version"),
     ({"policy_version": "v", "model": "m", "thresholds": {"hatred": 0.5}}, "hatred"),
