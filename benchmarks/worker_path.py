@@ -1,0 +1,123 @@
+"""What a worker spends per item around the model: its task path measured in-process, no Celery.
+
+    python -m benchmarks.worker_path [--url moderations|classifications] [--model NAME] [--chunks N]
+
+Runs `workers.tasks.process_chunk` (the body of the Celery task: begin the chunk, prepare and
+tokenize, score-cache lookup, micro-batcher, settle, format, write the part to Redis) on chunks of
+validated lines, one chunk at a time on one thread, against an embedded Redis, plus the Celery
+message's JSON decode. The engine's own time (the micro-batcher's busy seconds) is subtracted:
+what is left is the queue's per-item cost, the budget a worker process's GIL spends per item.
+On a GPU host, where the model costs microseconds per item, this bounds one worker process's
+rate (1e6 / path us per item).
+
+Lines: `/v1/moderations` (default; under the configured or shipped policy, or the model's own
+thresholds where that policy's model is not registered) or `/v1/classifications`, for the url's
+default model or `--model NAME` (a tiny registered model keeps the engine's share small, e.g.
+GRISTMILL_MODELS_FILE from tests/tinymodels.py with GRISTMILL_BUILTIN_MODELS=false). Every chunk
+has fresh texts, so the score cache answers none of them.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import table, texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.worker_path", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", choices=("moderations", "classifications"), default="moderations")
+    ap.add_argument("--model", default=None, help="a registered classifier (default: the url's default model)")
+    ap.add_argument("--chunks", type=int, default=40, help="timed chunks (default 40)")
+    ap.add_argument("--chunk-size", type=int, default=256)
+    args = ap.parse_args(argv)
+
+    from workers.pinning import pin
+    device = pin("cpu")
+    work = Path(tempfile.mkdtemp(prefix="gristmill-path-"))
+    os.environ.pop("GRISTMILL_REDIS_URL", None)
+    os.environ["GRISTMILL_HOME"] = str(work / "home")
+    os.environ.setdefault("GRISTMILL_MAX_WAIT_MS", "1")  # one thread submits: nothing else would fill a batch
+
+    from kombu.utils.json import dumps as kdumps
+    from kombu.utils.json import loads as kloads
+
+    import producers.constants as C
+    from producers.redis_server import EmbeddedRedis
+    from producers.schemas import WorkItem, validate_line
+    from producers.settings import Settings
+    from workers import tasks
+
+    with EmbeddedRedis(work / "redis") as server:
+        settings = Settings(redis_url=server.url)
+        registry = settings.registry
+        if args.url == "classifications":
+            url, policy = C.CLASSIFICATIONS_URL, None
+        else:
+            url, policy = C.MODERATIONS_URL, settings.policy()
+        wire = policy.wire() if policy is not None else None
+        st = tasks.WorkerState(settings, server.url, device)
+        try:
+            def chunk_message(k: int) -> str:
+                items = []
+                for i, t in enumerate(texts(args.chunk_size, 8, 64, seed=1000 + k)):
+                    body = {"input": t} if args.model is None else {"model": args.model, "input": t}
+                    raw = json.dumps({"custom_id": f"r{k}-{i}", "method": "POST", "url": url, "body": body})
+                    it = validate_line(raw, i + 1, registry, policy)
+                    assert isinstance(it, WorkItem), it
+                    items.append(it.to_message())
+                # the task's arguments as kombu carries them
+                return kdumps([["b", k, items, "gristmill.classify", wire, time.time()], {}, {}])
+
+            batch_id = "batch_path"
+            st.store.create(batch_id, input_file=None, completion_window="24h", window_s=86400, policy=policy)
+            messages = [chunk_message(k) for k in range(args.chunks + 2)]
+            decode_s, path_s, engine_s = [], [], []
+            for k, msg in enumerate(messages):
+                busy0 = st.batcher.stats.busy_s
+                t0 = time.perf_counter()
+                (b, chunk, raw_items, queue, pol, sent_at), _, _ = kloads(msg)
+                t1 = time.perf_counter()
+                out = tasks.process_chunk(st, batch_id, chunk, raw_items, queue, pol)
+                t2 = time.perf_counter()
+                assert out.get("completed") == args.chunk_size, out
+                if k < 2:
+                    continue  # warm-up
+                busy = st.batcher.stats.busy_s - busy0
+                decode_s.append(t1 - t0)
+                engine_s.append(busy)
+                path_s.append(t2 - t1 - busy)
+        finally:
+            st.shutdown()
+
+    n = args.chunk_size
+    us = {name: statistics.median(v) / n * 1e6 for name, v in
+          (("decode", decode_s), ("task", path_s), ("engine", engine_s))}
+    queue_us = us["decode"] + us["task"]
+    model = registry.resolve(url, args.model).name if policy is None else policy.model
+    figures = {"url": url, "model": model, "policy": policy.policy_version if policy else None, "chunk_size": n, "chunks": args.chunks,
+               "decode_us_per_item": round(us["decode"], 1), "task_us_per_item": round(us["task"], 1),
+               "queue_us_per_item": round(queue_us, 1), "engine_us_per_item": round(us["engine"], 1),
+               "queue_bound_items_per_s": round(1e6 / queue_us),
+               "queue_share": round(queue_us / (queue_us + us["engine"]), 3)}
+    print(table([("message decode (kombu JSON)", f"{us['decode']:.1f}"),
+                 ("task path (prepare .. write), engine excluded", f"{us['task']:.1f}"),
+                 ("queue total", f"{queue_us:.1f}"),
+                 ("engine (micro-batcher busy)", f"{us['engine']:.1f}")],
+                ("per item, median over chunks", "us")))
+    print(f"one worker process's queue path alone: {1e6 / queue_us:,.0f} items/s")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
