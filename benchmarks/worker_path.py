@@ -5,8 +5,9 @@
 Runs `workers.tasks.process_chunk` (the body of the Celery task: begin the chunk, prepare and
 tokenize, score-cache lookup, micro-batcher, settle, format, write the part to Redis) on chunks of
 validated lines, one chunk at a time on one thread, against an embedded Redis, plus the Celery
-message's JSON decode. The engine's own time (the micro-batcher's busy seconds) is subtracted:
-what is left is the queue's per-item cost, the budget a worker process's GIL spends per item.
+message's JSON decode, and times each step where the task calls it. The engine's own time (the
+micro-batcher's busy seconds) is subtracted: what is left is the queue's per-item cost, the budget
+a worker process's GIL spends per item.
 On a GPU host, where the model costs microseconds per item, this bounds one worker process's
 rate (1e6 / path us per item).
 
@@ -30,6 +31,16 @@ import time
 from pathlib import Path
 
 from .common import table, texts
+
+STEPS = ("prepare", "submit", "settle", "format", "write")
+LABELS = (("decode", "message decode (kombu JSON)"),
+          ("prepare", "  prepare: SHA-256, score-cache lookup, tokenize"),
+          ("submit", "  submit to the micro-batcher"),
+          ("settle", "  settle: score-cache publish"),
+          ("format", "  format result lines"),
+          ("write", "  write the part (JSON, Redis)"),
+          ("other", "  other: begin chunk, waiting beyond the engine"),
+          ("task", "task path, engine excluded"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +89,32 @@ def main(argv: list[str] | None = None) -> int:
                 # the task's arguments as kombu carries them
                 return kdumps([["b", k, items, "gristmill.classify", wire, time.time()], {}, {}])
 
+            # Each step of the task timed where run_items calls it (benchmark-only wrappers).
+            spent: dict[str, float] = dict.fromkeys(STEPS, 0.0)
+
+            def timed(name: str, fn):
+                def wrapper(*a, **kw):
+                    t = time.perf_counter()
+                    try:
+                        return fn(*a, **kw)
+                    finally:
+                        spent[name] += time.perf_counter() - t
+                return wrapper
+
+            st.host.prepare = timed("prepare", st.host.prepare)
+            tasks.submit_chunk = timed("submit", tasks.submit_chunk)
+            st.host.settle = timed("settle", st.host.settle)
+            st.host.format_many = timed("format", st.host.format_many)
+            st.store.record = timed("write", st.store.record)
+
             batch_id = "batch_path"
             st.store.create(batch_id, input_file=None, completion_window="24h", window_s=86400, policy=policy)
             messages = [chunk_message(k) for k in range(args.chunks + 2)]
-            decode_s, path_s, engine_s = [], [], []
+            rows: list[dict[str, float]] = []
             for k, msg in enumerate(messages):
                 busy0 = st.batcher.stats.busy_s
+                for name in spent:
+                    spent[name] = 0.0
                 t0 = time.perf_counter()
                 (b, chunk, raw_items, queue, pol, sent_at), _, _ = kloads(msg)
                 t1 = time.perf_counter()
@@ -93,26 +124,24 @@ def main(argv: list[str] | None = None) -> int:
                 if k < 2:
                     continue  # warm-up
                 busy = st.batcher.stats.busy_s - busy0
-                decode_s.append(t1 - t0)
-                engine_s.append(busy)
-                path_s.append(t2 - t1 - busy)
+                row = {"decode": t1 - t0, **spent, "engine": busy}
+                row["task"] = t2 - t1 - busy
+                row["other"] = row["task"] - sum(spent.values())
+                rows.append(row)
         finally:
             st.shutdown()
 
     n = args.chunk_size
-    us = {name: statistics.median(v) / n * 1e6 for name, v in
-          (("decode", decode_s), ("task", path_s), ("engine", engine_s))}
+    us = {name: statistics.median(r[name] for r in rows) / n * 1e6 for name in rows[0]}
     queue_us = us["decode"] + us["task"]
     model = registry.resolve(url, args.model).name if policy is None else policy.model
-    figures = {"url": url, "model": model, "policy": policy.policy_version if policy else None, "chunk_size": n, "chunks": args.chunks,
-               "decode_us_per_item": round(us["decode"], 1), "task_us_per_item": round(us["task"], 1),
-               "queue_us_per_item": round(queue_us, 1), "engine_us_per_item": round(us["engine"], 1),
-               "queue_bound_items_per_s": round(1e6 / queue_us),
+    figures = {"url": url, "model": model, "policy": policy.policy_version if policy else None, "chunk_size": n,
+               "chunks": args.chunks, "tokenizer_cache": settings.tokenizer_cache,
+               **{f"{k}_us_per_item": round(v, 1) for k, v in us.items()},
+               "queue_us_per_item": round(queue_us, 1), "queue_bound_items_per_s": round(1e6 / queue_us),
                "queue_share": round(queue_us / (queue_us + us["engine"]), 3)}
-    print(table([("message decode (kombu JSON)", f"{us['decode']:.1f}"),
-                 ("task path (prepare .. write), engine excluded", f"{us['task']:.1f}"),
-                 ("queue total", f"{queue_us:.1f}"),
-                 ("engine (micro-batcher busy)", f"{us['engine']:.1f}")],
+    print(table([(label, f"{us[name]:.1f}") for name, label in LABELS] +
+                [("queue total (decode + task)", f"{queue_us:.1f}"), ("engine (micro-batcher busy)", f"{us['engine']:.1f}")],
                 ("per item, median over chunks", "us")))
     print(f"one worker process's queue path alone: {1e6 / queue_us:,.0f} items/s")
     print(json.dumps(figures))
