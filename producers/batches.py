@@ -15,6 +15,7 @@ import uuid
 import zlib
 from typing import Any, Iterable, Iterator
 
+import orjson
 from pydantic import BaseModel
 
 from . import constants as C
@@ -142,7 +143,15 @@ def new_batch_id() -> str:
 
 
 def dumps_line(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """One result or error line as compact UTF-8 JSON. orjson writes a moderation line in ~2 us
+    against the standard library's ~24 (its 13 float scores dominate: shortest round-trip digits
+    either way, so both parse to the same numbers). What orjson refuses (integers beyond 64 bits,
+    lone surrogates, non-string keys) goes to the standard library, so whatever encoded before
+    still encodes."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def encode_part(lines: list[tuple[dict[str, Any], bool]]) -> tuple[str, int, int]:

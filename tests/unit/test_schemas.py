@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from producers import constants as C
 from producers.schemas import (LineError, WorkItem, classification_body, error_line, moderation_body,
@@ -89,3 +91,29 @@ def test_output_and_error_lines_follow_openai_shape():
     assert set(out["provenance"]) == {"model", "model_revision", "engine_variant", "input_sha256"}
     err = error_line(None, "invalid_json", "bad", 4)
     assert err["response"] is None and err["error"] == {"code": "invalid_json", "message": "bad", "line": 4}
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _json_values, max_size=6))
+def test_result_lines_encode_to_one_line_that_parses_back_exactly(value):
+    from producers.batches import dumps_line
+    text = dumps_line(value)
+    assert "\n" not in text and "\r" not in text
+    assert json.loads(text) == value  # floats to the same double, big integers and surrogates included
+
+
+def test_result_lines_match_the_standard_library_where_both_encode():
+    from producers.batches import dumps_line
+    body = moderation_body("m", [{"hate": 0.30000001192092896, "violence": 2.5e-05}], {"hate": 0.3}, "v1")
+    value = output_line("c-\u00e9\u4e2d", body, provenance("m", "r", "fp32", "0" * 64))
+    text = dumps_line(value)
+    assert json.loads(text) == json.loads(json.dumps(value)) == value
+    assert "\u00e9\u4e2d" in text  # UTF-8 as is, not \\u escapes
+    # what orjson refuses falls back to the standard library rather than failing the chunk
+    assert json.loads(dumps_line({"n": 2**70, "s": "\ud800"})) == {"n": 2**70, "s": "\ud800"}
