@@ -179,10 +179,12 @@ class ClassifierEngine:
             ids, mask = self._pad(batch)
             logits = self._forward(ids, mask)
             scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
-        return self._rows(scores.cpu().tolist(), len(batch))
+        return self._rows(scores.float().cpu().tolist(), len(batch))
 
     def _rows(self, rows: list[list[float]], n: int) -> list[dict[str, float]]:
-        """One {label: score} per input, checked against the batch size."""
+        """One {label: score} per input, checked against the batch size. Scores are float32 values
+        (the score cache stores float32: a line computed here and one answered from the cache
+        print the same digits)."""
         if len(rows) != n:
             raise RuntimeError(f"classifier returned {len(rows)} rows for {n} inputs")
         return [dict(zip(self.labels, r)) for r in rows]

@@ -161,7 +161,7 @@ class OnnxClassifierEngine(ClassifierEngine):
             else:
                 e = np.exp(logits - logits.max(1, keepdims=True))
                 scores = e / e.sum(1, keepdims=True)
-        return self._rows(scores.tolist(), len(batch))
+        return self._rows(scores.astype(np.float32, copy=False).tolist(), len(batch))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

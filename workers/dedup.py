@@ -24,21 +24,20 @@ import numpy as np
 
 from producers import constants as C
 
-# KEYS: entry keys. ARGV: ttl seconds, then one packed value per key. Sets each key that is absent
-# and returns the value that stands for every key (the earlier writer's, where there was one).
+# KEYS: entry keys. ARGV: ttl seconds, then one packed value per key. Sets each key that is absent;
+# returns, per key, the earlier writer's value where one stood, else false (nil to the client), so
+# the usual reply, where every value is new, is a list of nils rather than the values sent.
 _PUBLISH = """
 local out = {}
 for i = 1, #KEYS do
-  local v = ARGV[i + 1]
-  if redis.call('SET', KEYS[i], v, 'NX', 'EX', ARGV[1]) then
-    out[i] = v
+  if redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'EX', ARGV[1]) then
+    out[i] = false
   else
-    out[i] = redis.call('GET', KEYS[i]) or v
+    out[i] = redis.call('GET', KEYS[i]) or false
   end
 end
 return out
 """
-
 
 def model_key(model: str, revision: str, variant: str, labels: Sequence[str]) -> str:
     blob = "\x1f".join([model, revision, variant, *labels])
@@ -77,10 +76,11 @@ class ScoreCache:
             return [None] * len(shas)
         return self.r.mget([C.dedup_key(mkey, s) for s in shas])
 
-    def publish(self, mkey: str, shas: Sequence[str], values: Sequence[str]) -> list[str]:
-        """Store computed values where absent; returns the value that stands for each sha."""
+    def publish(self, mkey: str, shas: Sequence[str], values: Sequence[str]) -> list[str | None]:
+        """Store computed values where absent. Returns, per sha, the value another writer stored
+        first (which stands), or None where this one's now stands."""
         if not self.enabled or not shas:
-            return list(values)
+            return [None] * len(shas)
         keys = [C.dedup_key(mkey, s) for s in shas]
         return list(self._publish(keys=keys, args=[self.ttl_s, *values]))
 

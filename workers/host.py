@@ -159,16 +159,20 @@ class EngineHost:
                     reused += 1
                 else:
                     computed.setdefault(p.item.model, {})[sha] = r
+        # Engines return float32 scores, the cache's own precision, so a line keeps its computed
+        # scores unless another writer's stand.
         final: dict[str, dict[str, dict[str, float]]] = {}
         for model, by_sha in computed.items():
+            if self.cache is None or not self.cache.enabled:
+                continue
             labels = self.engine(model).labels
             packed = [dedup.pack(v, labels) for v in by_sha.values()]
-            if self.cache is not None:
-                try:
-                    packed = self.cache.publish(self.model_key(model), list(by_sha), packed)
-                except Exception:  # noqa: BLE001 - the cache is an optimisation; a Redis hiccup must not fail lines
-                    log.warning("score cache publish failed; lines keep their own scores", exc_info=True)
-            final[model] = {sha: dedup.unpack(v, labels) for sha, v in zip(by_sha, packed)}
+            try:
+                earlier = self.cache.publish(self.model_key(model), list(by_sha), packed)
+            except Exception:  # noqa: BLE001 - the cache is an optimisation; a Redis hiccup must not fail lines
+                log.warning("score cache publish failed; lines keep their own scores", exc_info=True)
+                continue
+            final[model] = {sha: dedup.unpack(v, labels) for sha, v in zip(by_sha, earlier) if v is not None}
         out = []
         for p, results in done:
             if p.shas is not None and p.item.model in final:

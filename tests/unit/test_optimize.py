@@ -3,6 +3,7 @@ tiny random BERTs (the real weights are checked by benchmarks/engine_variants.py
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,8 @@ def test_onnx_engine_numpy_scoring_equals_the_torch_scoring_around_the_same_sess
     theirs = ClassifierEngine.run(eng, ids)  # the base class's torch scoring over eng's _forward / embed
     assert [list(r) for r in ours] == [list(r) for r in theirs] == [eng.labels] * len(TEXTS)
     assert max(abs(a[k] - b[k]) for a, b in zip(ours, theirs) for k in a) < 1e-6
+    # float32 values, the score cache's precision: a computed line and a cached one print the same
+    assert all(float(np.float32(v)) == v for rows in (ours, theirs) for r in rows for v in r.values())
     if mode != "logits":  # and the numpy pooling is the torch pooling
         assert torch.allclose(eng.embed(ids), ClassifierEngine.embed(eng, ids), atol=1e-6)
     assert len({round(r[eng.labels[0]], 4) for r in ours}) > 1  # the texts score differently
