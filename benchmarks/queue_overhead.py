@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "worker_engine_items_per_busy_s": round(stats["items_per_busy_s"], 1),
         "engine_padding_waste": round(einfo["padding_waste"], 3), "repeats": repeats,
         "engine_runs": [round(r[0], 1) for r in engine_runs], "gristmill_runs": [round(r[0], 1) for r in grist_runs],
+        # each round's gristmill pass over its own engine pass: the spread this machine's noise gives
+        "e2e_vs_engine_rounds": [round(g[0] / e[0], 3) for e, g in zip(engine_runs, grist_runs)],
         "gristmill_busy_shares": [round(r[1]["busy_share"], 3) for r in grist_runs],
         "gristmill_busy_rates": [round(r[1]["items_per_busy_s"], 1) for r in grist_runs],
         "wall_s": round(time.perf_counter() - t_all, 1),
