@@ -47,7 +47,8 @@ def test_cached_thresholds_follow_copies_and_resist_callers():
 
 
 def test_apply_takes_the_highest_source_score():
-    p = Policy(policy_version="v", model="m", labels=("hate", "violence"), label_map={"toxic": "hate", "insult": "hate"})
+    p = Policy(policy_version="v", model="m", labels=("hate", "violence"),
+               label_map={"toxic": "hate", "insult": "hate"})
     sources = p.sources(["toxic", "insult", "violence"])
     assert p.apply({"toxic": 0.2, "insult": 0.7, "violence": 0.1}, sources) == {"hate": 0.7, "violence": 0.1}
 
