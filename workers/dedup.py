@@ -39,6 +39,7 @@ end
 return out
 """
 
+
 def model_key(model: str, revision: str, variant: str, labels: Sequence[str]) -> str:
     blob = "\x1f".join([model, revision, variant, *labels])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
