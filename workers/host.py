@@ -5,6 +5,8 @@ Engines load lazily on first use (or at worker start with `preload`), never at i
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gc
 import logging
 import threading
@@ -46,9 +48,16 @@ def freeze_heap() -> None:
     """Move every object alive now (the loaded models, torch, transformers: ~400k objects) out of
     the cyclic collector's reach. They live as long as the process, yet each full collection
     walked them all (~0.3 s on a 2-core machine, every few thousand items), charged to whichever per-item
-    allocation set it off (a worker's result dicts and lists)."""
+    allocation set it off (a worker's result dicts and lists). At exit they are handed back, so that
+    extensions' leak checks (nanobind's) see them go even where no host was shut down."""
     gc.collect()
     gc.freeze()
+    _unfreeze_at_exit()
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)
 
 
 class EngineHost:

@@ -144,6 +144,7 @@ def test_agreement_report():
 
 
 def test_a_registered_artifact_runs_in_the_host_and_names_its_variant(weights, tmp_path):
+    import gc
     import json
 
     from producers import schemas as S
@@ -154,11 +155,15 @@ def test_a_registered_artifact_runs_in_the_host_and_names_its_variant(weights, t
     mf.write_text(json.dumps([{"name": "tiny-int8", "kind": "sequence_classifier", "path": str(tmp_path / "art"),
                                "max_input_tokens": 32}]))
     host = EngineHost(Settings(models_file=mf, builtin_models=False, home=tmp_path / "home"))
+    gc.unfreeze()
     item = S.WorkItem(1, "c1", "/v1/classifications", "tiny-int8", {"input": "hello"}, "0" * 64)
     (prep,) = host.prepare([item])
+    assert gc.get_freeze_count() > 0, "loading an engine moves the heap out of the collector's reach"
     line = host.format(item, host.run("tiny-int8", prep.payloads))
     assert line["provenance"]["engine_variant"] == "ort-int8-cpu"
     assert set(line["response"]["body"]["results"][0]["scores"]) == {"positive", "negative", "neutral"}
+    host.shutdown()
+    assert gc.get_freeze_count() == 0
 
 
 def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_models_file, tmp_path):
