@@ -20,11 +20,16 @@ def texts(n: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
 
 
+def request_line(custom_id: str, text: str, url: str, model: str | None = None) -> str:
+    """One classification or moderation input line (the url's default model when `model` is None)."""
+    body = {"input": text} if model is None else {"model": model, "input": text}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
 def write_requests(path: Path, items: list[str], url: str, model: str | None = None) -> Path:
     with open(path, "w") as f:
         for i, t in enumerate(items):
-            body = {"input": t} if model is None else {"model": model, "input": t}
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": body}) + "\n")
+            f.write(request_line(f"r{i}", t, url, model) + "\n")
     return path
 
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import table, texts
+from .common import request_line, table, texts
 
 STEPS = ("prepare", "submit", "settle", "format", "write")
 LABELS = (("decode", "message decode (kombu JSON)"),
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             def chunk_message(k: int) -> str:
                 items = []
                 for i, t in enumerate(texts(args.chunk_size, 8, 64, seed=1000 + k)):
-                    body = {"input": t} if args.model is None else {"model": args.model, "input": t}
-                    raw = json.dumps({"custom_id": f"r{k}-{i}", "method": "POST", "url": url, "body": body})
-                    it = validate_line(raw, i + 1, registry, policy)
+                    it = validate_line(request_line(f"r{k}-{i}", t, url, args.model), i + 1, registry, policy)
                     assert isinstance(it, WorkItem), it
                     items.append(it.to_message())
                 # the task's arguments as kombu carries them
