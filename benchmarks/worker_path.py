@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     assert isinstance(it, WorkItem), it
                     items.append(it.to_message())
                 # the task's arguments as kombu carries them
-                return kdumps([["b", k, items, "gristmill.classify", wire, time.time()], {}, {}])
+                return kdumps([["b", k, items, C.CLASSIFY_QUEUE, wire, time.time()], {}, {}])
 
             # Each step of the task timed where run_items calls it (benchmark-only wrappers).
             spent: dict[str, float] = dict.fromkeys(STEPS, 0.0)

@@ -114,7 +114,7 @@ class EngineHost:
         for e in self._engines.values():
             e.shutdown()
         self._engines.clear()
-        gc.unfreeze()  # collectable again, so extensions' leak checks at exit see them go
+        gc.unfreeze()  # the engines just dropped (and whatever was frozen with them) collectable again
 
     def revision(self, spec: ModelSpec, engine) -> str:
         return spec.revision or engine.revision
@@ -182,18 +182,19 @@ class EngineHost:
                     computed.setdefault(p.item.model, {})[sha] = r
         # Engines return float32 scores, the cache's own precision, so a line keeps its computed
         # scores unless another writer's stand.
-        final: dict[str, dict[str, dict[str, float]]] = {}
-        for model, by_sha in computed.items():
-            if self.cache is None or not self.cache.enabled:
-                continue
+        final: dict[str, dict[str, dict[str, float]]] = {}  # model -> sha -> another writer's scores
+        caching = self.cache is not None and self.cache.enabled
+        for model, by_sha in computed.items() if caching else ():
             labels = self.engine(model).labels
             packed = [dedup.pack(v, labels) for v in by_sha.values()]
             try:
-                earlier = self.cache.publish(self.model_key(model), list(by_sha), packed)
+                earlier = self.cache.publish(self.model_key(model), list(by_sha), packed)  # type: ignore[union-attr]
             except Exception:  # noqa: BLE001 - the cache is an optimisation; a Redis hiccup must not fail lines
                 log.warning("score cache publish failed; lines keep their own scores", exc_info=True)
                 continue
-            final[model] = {sha: dedup.unpack(v, labels) for sha, v in zip(by_sha, earlier) if v is not None}
+            theirs = {sha: dedup.unpack(v, labels) for sha, v in zip(by_sha, earlier) if v is not None}
+            if theirs:  # usually none: then no line is looked up below
+                final[model] = theirs
         out = []
         for p, results in done:
             if p.shas is not None and p.item.model in final:
