@@ -33,9 +33,10 @@ def write_requests(path: Path, items: list[str], url: str, model: str | None = N
     return path
 
 
-def random_minilm_classifier(out: Path, num_labels: int = 2) -> Path:
+def random_minilm_classifier(out: Path, num_labels: int = 2, tiny: bool = False) -> Path:
     """all-MiniLM-L6-v2's architecture and tokenizer with random weights and a classification head
-    (the GPU host cannot take the weights package; throughput does not depend on the weights)."""
+    (the GPU host cannot take the weights package; throughput does not depend on the weights).
+    `tiny`: its tokenizer over 2 layers 32 wide, so that a worker's own path is what is measured."""
     import shutil
 
     import torch
@@ -49,6 +50,8 @@ def random_minilm_classifier(out: Path, num_labels: int = 2) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     cfg = AutoConfig.from_pretrained(str(src), num_labels=num_labels)
+    if tiny:
+        cfg.update(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
     torch.manual_seed(0)
     BertForSequenceClassification(cfg).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):

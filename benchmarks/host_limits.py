@@ -2,12 +2,13 @@
 
     python -m benchmarks.host_limits [--items N] [--lines N]
 
-(a) MiniLM's tokenizer (ids only, truncated to 128), the Rust one and the chunk cache over it
-    (kernels/tokenize.py), on 1 core and on every core (one process per core, one thread each),
-    and the Rust one in one process with its own threads; then both, one process, on paragraphs
-    of the installed packages' descriptions (open vocabulary: the cache's first and second pass);
-    and the rate of tiny torch ops in a thread beside a thread that tokenizes without pause, with
-    no tokenizer, the Rust one (which releases the GIL) and the chunk cache (which holds it);
+(a) MiniLM's tokenizer (ids only, truncated to 128): the Rust one, the chunk cache over it, and
+    the C++ path for ASCII texts beside it (kernels/tokenize.py), on 1 core and on every core (one
+    process per core, one thread each), and the Rust one in one process with its own threads; then
+    each, one process, on paragraphs of the installed packages' descriptions (open vocabulary: a
+    first and a second pass; the share of them the ASCII path takes); and the rate of tiny torch
+    ops in a thread beside a thread that tokenizes without pause, with no tokenizer, the Rust one
+    (which releases the GIL), the chunk cache and the ASCII path (which hold it);
 (b) `Client.submit_file` of a file of 128-token classification lines into an embedded Redis, with
     pass 2 in one process and in two (the baseline is the one-process run).
 On the H100 host these bound the end-to-end rate of `benchmarks.queue_overhead --device cuda`.
@@ -31,8 +32,21 @@ from .common import random_minilm_classifier, table, texts, write_requests
 _TOK = None
 
 
+class _AsciiPath:
+    """The C++ path for ASCII texts, the Rust tokenizer taking the rest (as in ClassifierEngine)."""
+
+    def __init__(self, rust):
+        from kernels.tokenize import AsciiWordPiece
+        self.rust, self.fast = rust, AsciiWordPiece.build(rust, 128)
+        assert self.fast is not None, "flash-tokenizer is installed and agrees on MiniLM's tokenizer"
+
+    def encode(self, chunk: list[str]) -> list[list[int]]:
+        return self.fast.encode(chunk, lambda xs: [e.ids for e in self.rust.encode_batch_fast(xs)])
+
+
 def _tokenizer(kind: str = "rust"):
-    """MiniLM's tokenizer truncating to 128: the Rust one (ids only) or the chunk cache over it."""
+    """MiniLM's tokenizer truncating to 128: the Rust one (ids only), the chunk cache over it, or
+    the C++ path for ASCII texts beside it."""
     from tokenizers import Tokenizer
 
     from kernels.tokenize import ChunkCacheTokenizer
@@ -44,14 +58,16 @@ def _tokenizer(kind: str = "rust"):
     tok.no_padding()
     if kind == "rust":
         return tok
+    if kind == "ascii_cpp":
+        return _AsciiPath(tok)
     cached = ChunkCacheTokenizer.build(tok, 128)
     assert cached is not None, "MiniLM's tokenizer is eligible for the chunk cache"
     return cached
 
 
 def _encode_with(tok, chunk: list[str]) -> int:
-    from kernels.tokenize import ChunkCacheTokenizer
-    return len(tok.encode(chunk) if isinstance(tok, ChunkCacheTokenizer) else tok.encode_batch_fast(chunk))
+    from tokenizers import Tokenizer
+    return len(tok.encode_batch_fast(chunk) if isinstance(tok, Tokenizer) else tok.encode(chunk))
 
 
 def _init(kind: str) -> None:
@@ -93,7 +109,7 @@ def tokenize_rates(xs: list[str], natural: list[str]) -> dict[str, float]:
     cores = os.cpu_count() or 1
     parts = [xs[i: i + 256] for i in range(0, len(xs), 256)]
     out = {}
-    for kind in ("rust", "chunk_cache"):
+    for kind in ("rust", "chunk_cache", "ascii_cpp"):
         for procs in sorted({1, cores}):
             with _pool(kind, procs) as pool:
                 pool.map(_encode, parts[:procs] * 4)  # warm-up: a few chunks per process
@@ -111,6 +127,7 @@ def tokenize_rates(xs: list[str], natural: list[str]) -> dict[str, float]:
     tok.encode_batch_fast(xs)
     out["tokenize_rust_1_process_threads_per_s"] = len(xs) / (time.perf_counter() - t)
     out["natural_texts"] = len(natural)
+    out["natural_ascii_cpp_share"] = sum(map(_tokenizer("ascii_cpp").fast.takes, natural)) / len(natural)
     return out
 
 
@@ -138,7 +155,8 @@ def gil_convoy(xs: list[str], seconds: float = 2.0) -> dict[str, float]:
     rate shows what a tokenizer that holds the GIL costs the engine thread."""
     import torch
     torch.set_num_threads(1)
-    toks = {"none": None, "rust": _tokenizer("rust"), "chunk_cache": _tokenizer("chunk_cache")}
+    toks = {"none": None, "rust": _tokenizer("rust"), "chunk_cache": _tokenizer("chunk_cache"),
+            "ascii_cpp": _tokenizer("ascii_cpp")}
     toks["chunk_cache"].encode(xs)
     out: dict[str, float] = {}
     for name, tok in [*toks.items(), *toks.items()]:  # twice, alternated; best of two
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     xs = texts(args.items, 126, 126)
     figures = {"cores": os.cpu_count(), **tokenize_rates(xs, natural_texts(args.items)), **gil_convoy(xs[:256]),
                **submit_rates(args.lines, Path(tempfile.mkdtemp(prefix="gristmill-host-")))}
-    rows = [(k.removesuffix("_per_s").replace("_", " "), f"{v:,.0f}") for k, v in figures.items() if k != "cores"]
+    rows = [(k.removesuffix("_per_s").replace("_", " "), f"{v:,.2f}" if k.endswith("share") else f"{v:,.0f}")
+            for k, v in figures.items() if k != "cores"]
     print(table(rows, ("128-token texts", "per s")))
     print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}))
     return 0

@@ -7,10 +7,11 @@
                through the Celery result backend.
   (c) gristmill  end to end: submit the JSONL file, worker micro-batches, download the results.
 
-    python -m benchmarks.queue_overhead [--device cpu|cuda] [--quick] [--items N] [--model NAME]
+    python -m benchmarks.queue_overhead [--device cpu|cuda] [--quick] [--items N] [--model NAME | --tiny-minilm]
 
 CPU: the default classifier (real all-MiniLM-L6-v2 weights), or `--model` (any registered
-classifier; a tiny one makes the queue's own Python the bottleneck), inputs of 8-64 words.
+classifier; a tiny one makes the queue's own Python the bottleneck), or `--tiny-minilm` (MiniLM's
+tokenizer over a tiny random BERT: the same, with the real tokenizer), inputs of 8-64 words.
 CUDA: all-MiniLM-L6-v2's architecture with random weights, bf16, inputs of 128 tokens.
 Engine and end-to-end passes alternate `--repeats` times and the best of each is compared (this
 machine's run-to-run noise is +-5-10%); every pass is listed in the JSON line. Each round draws
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="gristmill worker processes on the device (default: GRISTMILL_INSTANCES_PER_GPU; 8 on cuda)")
     ap.add_argument("--model", default=None,
                     help="CPU: a registered classifier to run (default: the default moderation model, via /v1/moderations)")
+    ap.add_argument("--tiny-minilm", action="store_true",
+                    help="CPU: MiniLM's tokenizer over a 2-layer, 32-wide random BERT (registered as "
+                         "minilm-tiny), so that the queue's own path, real tokenizer included, is the bottleneck")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved engine / end-to-end passes; the best of each is reported (default 2, 3 without --quick)")
     args = ap.parse_args(argv)
@@ -176,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         def items_for(k: int) -> list[str]:
             return texts(n, 8, 64, seed=k)
         from producers.registry import DEFAULT_CLASSIFIER
+        if args.tiny_minilm:
+            mf = work / "models.json"
+            mf.write_text(json.dumps([{"name": "minilm-tiny", "kind": "sequence_classifier", "max_input_tokens": 128,
+                                       "path": str(random_minilm_classifier(work / "minilm-tiny", tiny=True))}]))
+            os.environ.update(GRISTMILL_MODELS_FILE=str(mf), GRISTMILL_BUILTIN_MODELS="false")
+            args.model = "minilm-tiny"
         if args.model:
             model, url_path, body_model = args.model, "/v1/classifications", args.model
         else:

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     model = registry.resolve(url, args.model).name if policy is None else policy.model
     figures = {"url": url, "model": model, "policy": policy.policy_version if policy else None, "chunk_size": n,
                "chunks": args.chunks, "tokenizer_cache": settings.tokenizer_cache,
+               "fast_tokenizer": settings.fast_tokenizer,
                **{f"{k}_us_per_item": round(v, 1) for k, v in us.items()},
                "task_mean_us_per_item": round(mean_us["task"], 1),
                "queue_mean_us_per_item": round(queue_us, 1), "queue_bound_items_per_s": round(1e6 / queue_us),

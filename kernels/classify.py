@@ -48,7 +48,8 @@ class ClassifierEngine:
                  prototypes: dict[str, list[str]] | None = None, neutral: list[str] | None = None,
                  head: Path | None = None, pooled: bool = False, dtype: torch.dtype | None = None,
                  cpu_precision: str = "auto", quantize: str = "none",
-                 sparsity: str = "none", compile: bool | str = False, chunk_cache: bool = False):
+                 sparsity: str = "none", compile: bool | str = False, chunk_cache: bool = False,
+                 fast_tokenizer: bool = False):
         self.device = resolve_device(device)
         self.quantize, self.sparsity, self.compiled = quantize, sparsity, compile
         self.dtype = dtype or default_dtype(self.device)
@@ -67,6 +68,11 @@ class ClassifierEngine:
         if chunk_cache and self._fast is not None:
             from .tokenize import ChunkCacheTokenizer
             self._chunks = ChunkCacheTokenizer.build(self._fast, self.max_length)
+        # pure-ASCII texts through a C++ WordPiece tokenizer, ~15x the Rust one (kernels/tokenize.py)
+        self._ascii = None
+        if fast_tokenizer and self._fast is not None:
+            from .tokenize import AsciiWordPiece
+            self._ascii = AsciiWordPiece.build(self._fast, self.max_length)
         if self.quantize == "fp8-static":
             from .quant import calibrate_fp8
             from .texts import sentences
@@ -126,8 +132,18 @@ class ClassifierEngine:
         """The chunk-cache tokenizer in use (its hits, misses and cache), or None."""
         return self._chunks
 
+    @property
+    def ascii_tokenizer(self):
+        """The C++ tokenizer path for ASCII texts in use (its routed and passed counts), or None."""
+        return self._ascii
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length (over-long inputs are truncated, not refused)."""
+        if self._ascii is not None:
+            return self._ascii.encode(texts, self._encode)
+        return self._encode(texts)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
         if self._chunks is not None:
             return self._chunks.encode(texts)
         if self._fast is not None:

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     # issuing tiny torch ops (as a GPU engine thread issues launches) from 189k/s to 1.2k/s, where
     # the Rust tokenizer, which releases the GIL, left 189k/s (README, "Queue overhead").
     tokenizer_cache: bool = False
+    # Pure-ASCII classifier inputs tokenized by flash-tokenizer's C++ BERT tokenizer where it gives
+    # the Rust tokenizer's ids (kernels/tokenize.py, AsciiWordPiece): ~6 us a text against ~100 us on
+    # one core of the 2-core test machine. It holds the GIL for those ~6 us per text, beside the
+    # ~110 us of Python a worker's task path holds it for per item anyway (README, "A worker's cost
+    # per item around the model"). Other texts take the chunk cache or the Rust tokenizer.
+    fast_tokenizer: bool = True
     # Generation on CUDA: compile the decode step's per-layer work inside its CUDA graphs (README,
     # "Generation engine"): 1.8-2.0x the tokens/s of the graphed eager step on the H100, for ~10 s of
     # compiling when a worker first decodes. CPUs never compile.

@@ -92,7 +92,8 @@ class EngineHost:
         from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
         st = self.settings
         # a directory built by `gristmill optimize` runs on ONNX Runtime
-        kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache)
+        kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache,
+                  fast_tokenizer=st.fast_tokenizer)
         if read_manifest(path) is not None:
             return OnnxClassifierEngine(path, **kw)
         return ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,

@@ -53,7 +53,7 @@ def watch_gpu_memory() -> None:
 
 
 class _TokenizerCaches:
-    """The classifier engines' chunk-cache counters (kernels/tokenize.py), read at each scrape."""
+    """The classifier engines' tokenizer counters (kernels/tokenize.py), read at each scrape."""
 
     host = None  # the worker's EngineHost
 
@@ -61,14 +61,21 @@ class _TokenizerCaches:
         chunks = CounterMetricFamily("gristmill_tokenizer_chunks", "Whitespace chunks of classifier inputs that the "
                                      "tokenizer's cache answered (hit) or had to tokenize (miss)", labels=["model", "outcome"])
         held = GaugeMetricFamily("gristmill_tokenizer_cache_chunks", "Chunks held in the tokenizer's cache", labels=["model"])
+        texts = CounterMetricFamily("gristmill_tokenizer_texts", "Classifier inputs tokenized by the C++ ASCII path "
+                                    "(ascii) or passed to the other tokenizers (other)", labels=["model", "path"])
         for name, eng in (self.host.loaded() if self.host is not None else {}).items():
             cache = getattr(eng, "chunk_cache", None)
             if cache is not None:
                 chunks.add_metric([name, "hit"], cache.hits)
                 chunks.add_metric([name, "miss"], cache.misses)
                 held.add_metric([name], len(cache.cache))
+            fast = getattr(eng, "ascii_tokenizer", None)
+            if fast is not None:
+                texts.add_metric([name, "ascii"], fast.routed)
+                texts.add_metric([name, "other"], fast.passed)
         yield chunks
         yield held
+        yield texts
 
 
 _TOKENIZER_CACHES = _TokenizerCaches()

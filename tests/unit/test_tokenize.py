@@ -1,4 +1,9 @@
-"""The chunk-cache tokenizer gives exactly the Rust tokenizer's ids (real MiniLM WordPiece vocabulary)."""
+"""The chunk-cache tokenizer and the C++ ASCII path give exactly the Rust tokenizer's ids (real MiniLM
+WordPiece vocabulary)."""
+
+import functools
+import platform
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -6,7 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from kernels import tokenize
-from kernels.tokenize import ChunkCacheTokenizer
+from kernels.tokenize import AsciiWordPiece, ChunkCacheTokenizer
 from producers.registry import DEFAULT_CLASSIFIER
 
 
@@ -123,5 +128,116 @@ def test_worker_metrics_report_the_cache():
         assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="miss"} 4.0' in text
         assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="hit"} 2.0' in text
         assert 'gristmill_tokenizer_cache_chunks{model="minilm"} 4.0' in text
+    finally:
+        metrics.watch_tokenizers(None)
+
+
+# -- the C++ path for ASCII texts (flash-tokenizer)
+
+# a dependency on x86-64 Linux only (pyproject.toml): there it must be installed, and these run
+needs_flash = pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                                 reason="flash-tokenizer is a dependency on x86-64 Linux only")
+
+# ASCII words, punctuation, control characters, added-token text and words around WordPiece's
+# 100-character limit, with and without control characters inside (which BERT deletes)
+ASCII_PIECES = st.sampled_from([
+    "the", "QUICK", "fox", "unbelievable", "antidisestablishmentarianism", "don't", "e-mail", "3.14", "100%",
+    "U.S.A.", "http://x.co/a?b=c&d", "[CLS]", "[MASK]", "[SEP][UNK]", "[PAD]", "[cls]", "[", "]", "##ing", "##",
+    " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x00", "\x7f", "\x1b", ".", ",", "!?",
+    "a" * 99, "b" * 100, "c" * 101, "d" * 150, "e" * 60 + "\x00" * 41, "f" * 50 + "\x00" + "f" * 50,
+])
+ASCII_TEXTS = st.lists(ASCII_PIECES, max_size=60).map("".join)
+
+
+@functools.cache
+def ascii_pair(max_length: int) -> tuple[Tokenizer, AsciiWordPiece]:
+    r = rust(max_length)
+    return r, AsciiWordPiece.build(r, max_length)
+
+
+@needs_flash
+def test_ascii_path_is_built_for_minilm():
+    # not None: the library is installed and agrees with the Rust tokenizer on every probe
+    assert AsciiWordPiece.build(rust(16), 16) is not None
+
+
+@needs_flash
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ASCII_TEXTS | TEXTS, min_size=1, max_size=8), st.sampled_from([3, 8, 16, 128]))
+def test_ascii_path_ids_equal_the_rust_tokenizer(texts, max_length):
+    r, fast = ascii_pair(max_length)
+    fast.routed = fast.passed = 0
+    seen: list[str] = []
+
+    def fallback(xs):
+        seen.extend(xs)
+        return expect(r, xs)
+    assert fast.encode(texts, fallback) == expect(r, texts)
+    assert all(not fast.takes(t) for t in seen)
+    assert fast.routed + fast.passed == len(texts) and fast.passed == len(seen)
+
+
+@needs_flash
+def test_ascii_path_takes_only_what_it_was_checked_on():
+    fast = AsciiWordPiece.build(rust(128), 128)
+    assert fast.takes("Plain text, with punctuation: 1,234.5% (ok)!") and fast.takes("") and fast.takes("a" * 100)
+    assert fast.takes("a" * 100 + "." + "b" * 100)  # two words of 100
+    assert not fast.takes("café")  # not ASCII
+    assert not fast.takes("say [MASK] here")  # added-token text, matched as special by the Rust tokenizer
+    assert not fast.takes("a" * 101)  # over WordPiece's limit: [UNK] in the Rust tokenizer
+    assert not fast.takes("a" * 60 + "\x00" * 41)  # deleted by BERT's cleaning, counted here: judged long
+
+
+@needs_flash
+def test_ascii_path_truncates_as_the_rust_tokenizer_does():
+    from kernels.texts import sentences
+    for max_length in (3, 8, 128, 512):
+        r = rust(max_length)
+        fast = AsciiWordPiece.build(r, max_length)
+        texts = sentences(256, heldout=True) + [" ".join(sentences(64)), "tokenization " * 200]
+        assert fast.encode(texts, lambda xs: expect(r, xs)) == expect(r, texts)
+
+
+def test_ascii_path_refuses_other_tokenizers_and_needs_its_library(tiny_models_file, monkeypatch):
+    tok = Tokenizer.from_file(str(tiny_models_file.parent / "weights" / "classifier" / "tokenizer.json"))
+    tok.enable_truncation(16)
+    assert AsciiWordPiece.build(tok, 16) is None  # byte-level BPE, not BERT WordPiece
+    monkeypatch.setitem(sys.modules, "flash_tokenizer._core", None)  # as if not installed
+    assert AsciiWordPiece.build(rust(16), 16) is None
+
+
+@needs_flash
+def test_the_engine_uses_the_ascii_path_by_setting(monkeypatch):
+    from producers.settings import Settings
+    from workers.host import EngineHost
+    on = EngineHost(Settings()).engine("all-MiniLM-L6-v2-moderation")
+    monkeypatch.setenv("GRISTMILL_FAST_TOKENIZER", "false")
+    off = EngineHost(Settings()).engine("all-MiniLM-L6-v2-moderation")
+    assert isinstance(on.ascii_tokenizer, AsciiWordPiece) and off.ascii_tokenizer is None
+    texts = ["Is this text harmful?", "naïve " * 100, "[MASK] me", "x" * 300, ""]
+    assert on.encode(texts) == off.encode(texts) == on.tokenizer(texts, truncation=True,
+                                                                  max_length=on.max_length)["input_ids"]
+    assert (on.ascii_tokenizer.routed, on.ascii_tokenizer.passed) == (2, 3)
+
+
+@needs_flash
+def test_worker_metrics_report_the_ascii_path():
+    from prometheus_client import generate_latest
+
+    from kernels.classify import ClassifierEngine
+    from workers import metrics
+
+    eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), max_length=32, pooled=True, cpu_precision="fp32",
+                           fast_tokenizer=True)
+
+    class Host:
+        def loaded(self):
+            return {"minilm": eng}
+    metrics.watch_tokenizers(Host())
+    try:
+        eng.encode(["plain text", "more plain text", "café"])
+        text = generate_latest().decode()
+        assert 'gristmill_tokenizer_texts_total{model="minilm",path="ascii"} 2.0' in text
+        assert 'gristmill_tokenizer_texts_total{model="minilm",path="other"} 1.0' in text
     finally:
         metrics.watch_tokenizers(None)
