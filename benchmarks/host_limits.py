@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(k.removesuffix("_per_s").replace("_", " "), f"{v:,.2f}" if k.endswith("share") else f"{v:,.0f}")
             for k, v in figures.items() if k != "cores"]
     print(table(rows, ("128-token texts", "per s")))
-    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}))
+    print(json.dumps({k: round(v, 3 if k.endswith("share") else 1) if isinstance(v, float) else v
+                      for k, v in figures.items()}))
     return 0
 
 
