@@ -306,13 +306,22 @@ def moderation_body(model: str, scores: list[dict[str, float]], thresholds: dict
     at 0, so that every body parses as openai's ModerationCreateResponse."""
     results = []
     for s in scores:
-        s = {**dict.fromkeys(MODERATION_CATEGORIES, 0.0), **s}
-        cats = {k: bool(k in thresholds and v >= thresholds[k]) for k, v in s.items()}
-        results.append({"flagged": any(cats.values()), "categories": cats,
-                        "category_scores": {k: float(v) for k, v in s.items()},
-                        "category_applied_input_types": {k: ["text"] for k in s},
+        s = {**_UNSCORED, **s}
+        cats = dict.fromkeys(s, False)
+        flagged = False
+        for k, t in thresholds.items():
+            v = s.get(k)
+            if v is not None and v >= t:
+                cats[k] = flagged = True
+        results.append({"flagged": flagged, "categories": cats,
+                        "category_scores": dict(zip(s, map(float, s.values()))),
+                        # one list for all of a result's keys: a line is read-only once built
+                        "category_applied_input_types": dict.fromkeys(s, ["text"]),
                         "policy_version": policy_version})
     return {"id": _rid("modr-"), "model": model, "results": results}
+
+
+_UNSCORED = dict.fromkeys(MODERATION_CATEGORIES, 0.0)
 
 
 def classification_body(model: str, scores: list[dict[str, float]], thresholds: dict[str, float],

@@ -265,12 +265,12 @@ class EngineHost:
             if f is None:
                 spec = self.registry.get(it.model)
                 eng = self.engine(it.model)
-                pol = sources = None
+                pol = apply = None
                 if not spec.is_generator:
                     pol = policy if policy is not None and policy.model == spec.name else model_policy(spec, eng.labels)
-                    sources = pol.sources(eng.labels)
-                f = facts[it.model] = (spec, eng, self.revision(spec, eng), pol, sources)
-            spec, eng, revision, pol, sources = f
+                    apply = pol.applier(pol.sources(eng.labels))
+                f = facts[it.model] = (spec, eng, self.revision(spec, eng), pol, apply)
+            spec, eng, revision, pol, apply = f
             if it.url in (C.CHAT_URL, C.COMPLETIONS_URL):
                 (r,) = results
                 build = S.chat_body if it.url == C.CHAT_URL else S.completion_body
@@ -278,7 +278,7 @@ class EngineHost:
                 prov = S.provenance(spec.name, revision, eng.variant, it.input_sha256)
             else:
                 build = S.moderation_body if it.url == C.MODERATIONS_URL else S.classification_body
-                body = build(spec.name, [pol.apply(r, sources) for r in results], pol.resolved_thresholds(),
+                body = build(spec.name, [apply(r) for r in results], pol.resolved_thresholds(),
                              pol.policy_version)
                 texts = it.body["input"]
                 shas = [S.text_sha256(t) for t in S.as_inputs(texts)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from openai.types import ModerationCreateResponse
 
@@ -196,3 +198,34 @@ def test_head_engine_scores_are_the_head_over_pooled_embeddings(weights, tmp_pat
     with pytest.raises(ValueError, match="expects"):
         heads.save_head(tmp_path / "bad.safetensors", torch.randn(3, 7), b, ["x", "y", "z"], {})
         ClassifierEngine(weights / "encoder", max_length=32, head=tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("labels,label_map,model_labels", [
+    (("hate", "violence"), {"toxic": "hate", "insult": "hate"}, ["toxic", "insult", "violence"]),  # max of two
+    (("hate", "violence"), {}, ["violence", "hate", "spam"]),  # one source each, in another order
+    (("hate",), {"toxic": "hate"}, ["toxic", "other"]),  # a single label
+])
+def test_applier_is_apply_with_its_sources_bound(labels, label_map, model_labels):
+    import random
+    p = Policy(policy_version="v", model="m", labels=labels, label_map=label_map)
+    sources = p.sources(model_labels)
+    apply = p.applier(sources)
+    rng = random.Random(0)
+    for _ in range(50):
+        scores = {m: rng.random() for m in model_labels}
+        got = apply(scores)
+        assert got == p.apply(scores, sources) and list(got) == list(labels)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(MODERATION_CATEGORIES + ("extra",)), st.floats(0, 1), min_size=1),
+       st.dictionaries(st.sampled_from(MODERATION_CATEGORIES + ("unscored",)), st.floats(0, 1)))
+def test_moderation_body_is_its_definition(scores, thresholds):
+    # every OpenAI category is reported (0 and unflagged where unscored); a category is flagged
+    # where its score reaches its threshold; the line is flagged where any category is
+    (r,) = moderation_body("m", [scores], thresholds, "v")["results"]
+    full = {**dict.fromkeys(MODERATION_CATEGORIES, 0.0), **scores}
+    want = {k: k in thresholds and v >= thresholds[k] for k, v in full.items()}
+    assert r["categories"] == want and r["flagged"] == any(want.values())
+    assert r["category_scores"] == full and list(r["category_scores"]) == list(full)
+    assert r["category_applied_input_types"] == {k: ["text"] for k in full} and r["policy_version"] == "v"
