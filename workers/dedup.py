@@ -14,7 +14,9 @@ and hands them to the second, so every line reports the same numbers.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -45,15 +47,28 @@ def model_key(model: str, revision: str, variant: str, labels: Sequence[str]) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=64)
+def _f32(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}f")
+
+
+# struct rather than numpy: for a dozen floats its call costs less than building an array
+# (pack 1.4 against 2.4 us, unpack 3.2 against 4.6 us), with the same bytes and values.
 def pack(scores: dict[str, float], labels: Sequence[str]) -> str:
-    return base64.b64encode(np.asarray([scores[k] for k in labels], dtype="<f4").tobytes()).decode()
+    values = [scores[k] for k in labels]
+    try:
+        raw = _f32(len(values)).pack(*values)
+    except OverflowError:  # finite beyond float32: numpy's cast gives inf, as before
+        with np.errstate(over="ignore"):
+            raw = np.asarray(values, dtype="<f4").tobytes()
+    return base64.b64encode(raw).decode()
 
 
 def unpack(value: str, labels: Sequence[str]) -> dict[str, float]:
-    arr = np.frombuffer(base64.b64decode(value), dtype="<f4")
-    if len(arr) != len(labels):
-        raise ValueError(f"cached scores hold {len(arr)} labels, the model has {len(labels)}")
-    return dict(zip(labels, arr.tolist()))
+    raw = base64.b64decode(value)
+    if len(raw) != 4 * len(labels):
+        raise ValueError(f"cached scores hold {len(raw) / 4:g} labels, the model has {len(labels)}")
+    return dict(zip(labels, _f32(len(labels)).unpack(raw)))
 
 
 def canonical(scores: dict[str, float], labels: Sequence[str]) -> dict[str, float]:

@@ -143,6 +143,23 @@ def test_score_packing_is_exact_for_float32():
     assert dedup.model_key("m", "r", "v", labels) != dedup.model_key("m", "r", "v2", labels)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=64) | st.floats(width=32) | st.integers(-2**40, 2**40), min_size=1, max_size=20))
+def test_score_packing_is_numpys_float32(values):
+    import base64
+
+    import numpy as np
+    labels = [f"l{i}" for i in range(len(values))]
+    with np.errstate(over="ignore"):
+        want = np.asarray(values, dtype="<f4")
+    packed = dedup.pack(dict(zip(labels, values)), labels)
+    # numpy's float32 values, overflow to inf included (NaN payloads aside)
+    assert np.array_equal(np.frombuffer(base64.b64decode(packed), dtype="<f4"), want, equal_nan=True)
+    got = dedup.unpack(packed, labels)
+    assert np.array_equal(np.asarray(list(got.values()), dtype=np.float64), want.astype(np.float64), equal_nan=True)
+    assert all(type(v) is float for v in got.values())
+
+
 @pytest.mark.parametrize("band", ["0.3", "a:b", "0.8:0.2", "-1:0.5", "0.5:1.5"])
 def test_bad_review_bands_are_refused(band):
     with pytest.raises(ReviewError):
