@@ -249,7 +249,7 @@ class BatchStore:
     # -- chunk messages kept until their lines are written (workers/reaper.py sends lost ones again)
     def keep_message(self, batch_id: str, chunk: int, message: dict[str, Any]) -> None:
         """message: {task, queue, args, kwargs}, stored compressed (JSON lines shrink ~5x)."""
-        packed = base64.b64encode(zlib.compress(json.dumps(message, separators=(",", ":")).encode(), 1)).decode()
+        packed = base64.b64encode(zlib.compress(dumps_line(message).encode(), 1)).decode()
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(C.pending_key(batch_id), chunk, packed)
         pipe.zadd(C.pending_at_key(batch_id), {str(chunk): message["kwargs"].get("sent_at", time.time())})

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import constants as C
@@ -164,10 +165,46 @@ def _pydantic_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def loads_line(raw: bytes | str) -> Any:
+    """One input line parsed as the standard library parses it, by orjson where that gives the same
+    value (a 700-byte line: ~0.8 us against ~5.9). The rest goes to the standard library, which
+    accepts it as before or raises its own error: what orjson refuses (NaN and Infinity, lone
+    surrogates, UTF-16 text, invalid JSON), and any line where orjson read a float of 2**63 or
+    more, since orjson reads integers beyond 64 bits as floats (a changed value, not an error).
+    Nesting too deep for the standard library is a ValueError too, not a RecursionError."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if not _has_huge_float(obj):
+            return obj
+    try:
+        return json.loads(raw)
+    except RecursionError:  # not a ValueError: it would have failed the whole file, not the line
+        raise ValueError("arrays or objects nested too deeply") from None
+
+
+def _has_huge_float(obj: Any) -> bool:
+    """Whether a parsed value holds a float of magnitude 2**63 or more (iterative: orjson parses
+    nesting deeper than Python's recursion limit)."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            stack.extend(v.values())
+        elif t is list:
+            stack.extend(v)
+        elif t is float and not -9.2e18 < v < 9.2e18:
+            return True
+    return False
+
+
 def peek_custom_id(raw: bytes | str) -> str | None:
     """The line's custom_id if it is JSON with a string custom_id, for duplicate detection."""
     try:
-        obj = json.loads(raw)
+        obj = loads_line(raw)
     except ValueError:
         return None
     cid = obj.get("custom_id") if isinstance(obj, dict) else None
@@ -183,7 +220,7 @@ def validate_line(raw: bytes | str, line_no: int, registry: Registry,
         return LineError(line_no, peek_custom_id(raw), C.E_INVALID_BODY, f"line is {len(raw):,} bytes; the limit is {max_bytes:,} "
                          f"(GRISTMILL_MAX_LINE_BYTES)")
     try:
-        obj = json.loads(raw)
+        obj = loads_line(raw)
     except ValueError as e:
         return LineError(line_no, None, C.E_INVALID_JSON, f"line is not valid JSON: {e}")
     if not isinstance(obj, dict):

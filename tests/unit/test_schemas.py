@@ -117,3 +117,46 @@ def test_result_lines_match_the_standard_library_where_both_encode():
     assert "\u00e9\u4e2d" in text  # UTF-8 as is, not \\u escapes
     # what orjson refuses falls back to the standard library rather than failing the chunk
     assert json.loads(dumps_line({"n": 2**70, "s": "\ud800"})) == {"n": 2**70, "s": "\ud800"}
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**80, 2**80) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.booleans(), st.booleans())
+def test_input_lines_parse_as_the_standard_library_parses_them(value, ascii_only, as_bytes):
+    from producers.schemas import loads_line
+    text = json.dumps(value, ensure_ascii=ascii_only)  # NaN, big integers and lone surrogates included
+    raw = text.encode("utf-8", "surrogatepass") if as_bytes else text
+    try:
+        want = json.loads(raw)
+    except ValueError:
+        with pytest.raises(ValueError):
+            loads_line(raw)
+        return
+    got = loads_line(raw)
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40) | st.text(max_size=40)
+       | st.text(alphabet='[]{}":,0123456789.eE-+ntrufalsN\\u ', max_size=30))
+def test_anything_else_fails_as_the_standard_library_fails(raw):
+    from producers.schemas import loads_line
+    try:
+        want = json.loads(raw)
+    except ValueError:
+        with pytest.raises(ValueError):
+            loads_line(raw)
+    else:
+        assert json.dumps(loads_line(raw), sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
+def test_deeply_nested_lines_fail_alone(registry):
+    deep = b"[" * 5000 + b"]" * 5000
+    err = validate_line(deep, 7, registry)
+    assert isinstance(err, LineError) and err.code == C.E_INVALID_JSON and "nested too deeply" in err.message
+    from producers.schemas import peek_custom_id
+    assert peek_custom_id(b'{"custom_id": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}") is None
