@@ -109,27 +109,32 @@ def test_threads_sharing_one_cache_get_their_own_ids(pair, monkeypatch):
             assert list(pool.map(cached.encode, jobs)) == [expect(r, texts) for texts in jobs]
 
 
-def test_worker_metrics_report_the_cache():
+def scraped_after_encoding(texts: list[str], **engine_kw) -> str:
+    """The worker's metrics page after a MiniLM engine (as model "minilm") encoded `texts`."""
     from prometheus_client import generate_latest
 
     from kernels.classify import ClassifierEngine
     from workers import metrics
 
     eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), max_length=32, pooled=True, cpu_precision="fp32",
-                           chunk_cache=True)
+                           **engine_kw)
 
     class Host:
         def loaded(self):
             return {"minilm": eng}
     metrics.watch_tokenizers(Host())
     try:
-        eng.encode(["one two three", "two three four"])
-        text = generate_latest().decode()
-        assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="miss"} 4.0' in text
-        assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="hit"} 2.0' in text
-        assert 'gristmill_tokenizer_cache_chunks{model="minilm"} 4.0' in text
+        eng.encode(texts)
+        return generate_latest().decode()
     finally:
         metrics.watch_tokenizers(None)
+
+
+def test_worker_metrics_report_the_cache():
+    text = scraped_after_encoding(["one two three", "two three four"], chunk_cache=True)
+    assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="miss"} 4.0' in text
+    assert 'gristmill_tokenizer_chunks_total{model="minilm",outcome="hit"} 2.0' in text
+    assert 'gristmill_tokenizer_cache_chunks{model="minilm"} 4.0' in text
 
 
 # -- the C++ path for ASCII texts (flash-tokenizer)
@@ -222,22 +227,6 @@ def test_the_engine_uses_the_ascii_path_by_setting(monkeypatch):
 
 @needs_flash
 def test_worker_metrics_report_the_ascii_path():
-    from prometheus_client import generate_latest
-
-    from kernels.classify import ClassifierEngine
-    from workers import metrics
-
-    eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), max_length=32, pooled=True, cpu_precision="fp32",
-                           fast_tokenizer=True)
-
-    class Host:
-        def loaded(self):
-            return {"minilm": eng}
-    metrics.watch_tokenizers(Host())
-    try:
-        eng.encode(["plain text", "more plain text", "café"])
-        text = generate_latest().decode()
-        assert 'gristmill_tokenizer_texts_total{model="minilm",path="ascii"} 2.0' in text
-        assert 'gristmill_tokenizer_texts_total{model="minilm",path="other"} 1.0' in text
-    finally:
-        metrics.watch_tokenizers(None)
+    text = scraped_after_encoding(["plain text", "more plain text", "café"], fast_tokenizer=True)
+    assert 'gristmill_tokenizer_texts_total{model="minilm",path="ascii"} 2.0' in text
+    assert 'gristmill_tokenizer_texts_total{model="minilm",path="other"} 1.0' in text
