@@ -177,6 +177,11 @@ class AsciiWordPiece:
         self.flash = flash
         self.max_length, self.prefix, self.suffix = max_length, prefix, suffix
         self.specials = specials
+        by_first: dict[str, list[str]] = {}
+        for sp in specials:
+            by_first.setdefault(sp[:1], []).append(sp)
+        self._specials_by_first = list(by_first.items())
+        self.max_word = max_word
         # a run of characters that are neither BERT whitespace nor ASCII punctuation: an upper
         # bound on a word's length (control characters inside it are deleted by BERT's cleaning)
         self._long_word = re.compile(r"[^ \t\n\r!-/:-@\[-`{-~]{%d,}" % (max_word + 1)).search
@@ -225,7 +230,10 @@ class AsciiWordPiece:
         return me
 
     def takes(self, text: str) -> bool:
-        return text.isascii() and not self._long_word(text) and not any(s in text for s in self.specials)
+        # cheapest tests first: a text no longer than a word cannot hold an over-long one, and
+        # added-token text needs its first character (BERT's all start with "[")
+        return text.isascii() and not (len(text) > self.max_word and self._long_word(text)) \
+            and not any(c in text and any(s in text for s in group) for c, group in self._specials_by_first)
 
     def encode(self, texts: list[str], fallback) -> list[list[int]]:
         """Ids per text; `fallback(texts)` gives those of the texts this path does not take."""
