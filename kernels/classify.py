@@ -68,7 +68,7 @@ class ClassifierEngine:
         if chunk_cache and self._fast is not None:
             from .tokenize import ChunkCacheTokenizer
             self._chunks = ChunkCacheTokenizer.build(self._fast, self.max_length)
-        # pure-ASCII texts through a C++ WordPiece tokenizer, ~15x the Rust one (kernels/tokenize.py)
+        # pure-ASCII texts through a C++ WordPiece tokenizer, 4-6x the Rust one per core (kernels/tokenize.py)
         self._ascii = None
         if fast_tokenizer and self._fast is not None:
             from .tokenize import AsciiWordPiece
