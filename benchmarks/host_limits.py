@@ -36,12 +36,12 @@ class _AsciiPath:
     """The C++ path for ASCII texts, the Rust tokenizer taking the rest (as in ClassifierEngine)."""
 
     def __init__(self, rust):
-        from kernels.tokenize import AsciiWordPiece
-        self.rust, self.fast = rust, AsciiWordPiece.build(rust, 128)
+        from kernels.tokenize import AsciiWordPiece, rust_ids
+        self.fast, self.rest = AsciiWordPiece.build(rust, 128), rust_ids(rust)
         assert self.fast is not None, "flash-tokenizer is installed and agrees on MiniLM's tokenizer"
 
     def encode(self, chunk: list[str]) -> list[list[int]]:
-        return self.fast.encode(chunk, lambda xs: [e.ids for e in self.rust.encode_batch_fast(xs)])
+        return self.fast.encode(chunk, self.rest)
 
 
 def _tokenizer(kind: str = "rust"):

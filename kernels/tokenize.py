@@ -177,7 +177,6 @@ class AsciiWordPiece:
     def __init__(self, flash, max_length: int, suffix: list[int], specials: list[str], max_word: int):
         self.flash = flash
         self.max_length, self.suffix = max_length, suffix  # the ids the post-processor appends
-        self.specials = specials
         by_first: dict[str, list[str]] = {}
         for sp in specials:
             by_first.setdefault(sp[:1], []).append(sp)
@@ -225,7 +224,7 @@ class AsciiWordPiece:
             os.unlink(path)
         me = cls(flash, max_length, suffix, [t["content"] for t in added],
                  int(model.get("max_input_chars_per_word", 100)))
-        if me.encode(_PROBES + _ASCII_PROBES, _rust_ids(rust)) != _rust_ids(rust)(_PROBES + _ASCII_PROBES):
+        if me.encode(_PROBES + _ASCII_PROBES, rust_ids(rust)) != rust_ids(rust)(_PROBES + _ASCII_PROBES):
             return None
         me.routed = me.passed = 0
         return me
@@ -265,7 +264,7 @@ _ASCII_PROBES = [
 ]
 
 
-def _rust_ids(rust):
+def rust_ids(rust):
     return lambda texts: [e.ids for e in rust.encode_batch_fast(texts)]
 
 

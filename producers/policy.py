@@ -10,12 +10,11 @@ its thresholds.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import operator
 from collections.abc import Callable
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,7 @@ class Policy(BaseModel):
         one C-level itemgetter call per line instead of a comprehension."""
         labels, srcs = list(sources), list(sources.values())
         if not srcs or any(len(src) != 1 for src in srcs):
-            return functools.partial(self.apply, sources=sources)
+            return partial(self.apply, sources=sources)
         get = operator.itemgetter(*(src[0] for src in srcs))
         if len(labels) == 1:
             return lambda scores: {labels[0]: get(scores)}
