@@ -1,9 +1,9 @@
 """The micro-batcher: merges items from all in-flight messages into device batches.
 
 `plan` is the policy, a pure function (tested without a broker, with hypothesis). `MicroBatcher`
-is the runtime: task threads `submit` their items and wait on futures; one engine thread plans and
-runs batches, so one model sees items from many messages at once. Scheduling (plan) and execution
-(the runner) meet only through `Pending` records and lists of indexes.
+is the runtime: task threads `submit` their items and wait on their `Slot`s; one engine thread plans
+and runs batches, so one model sees items from many messages at once. Scheduling (plan) and
+execution (the runner) meet only through `Pending` records and lists of indexes.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from producers.errors import ConfigurationError
 
@@ -50,8 +49,7 @@ class BatchPolicy:
             raise ConfigurationError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
 
 
-@dataclass(frozen=True)
-class Pending:
+class Pending(NamedTuple):
     key: str  # items batch together only with the same key (the model)
     cost: int  # tokens this item occupies in a padded row
     arrived: float  # monotonic seconds
@@ -127,11 +125,80 @@ class BatchStats:
         return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
-@dataclass
+class _Group:
+    """What the slots of one `submit` share: one condition, notified once per batch that finishes
+    any of them. (A `concurrent.futures.Future` per item, each with its own condition, lock and
+    wake-up, cost a worker ~3 us per item, and its engine thread a lock round per item.)"""
+    __slots__ = ("cond",)
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+
+
+class Slot:
+    """The outcome of one submitted item: the part of a future the workers use (`result`,
+    `exception`, `done`). Its value is written by the engine thread, then its group notified."""
+    __slots__ = ("_group", "_value", "_exc", "_done")
+
+    def __init__(self, group: _Group | None = None) -> None:
+        self._group = group
+        self._value: Any = None
+        self._exc: BaseException | None = None
+        self._done = False
+
+    @classmethod
+    def resolved(cls, value: Any) -> Slot:
+        s = cls()
+        s._value, s._done = value, True
+        return s
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._done:
+            return
+        if self._group is None:
+            raise RuntimeError("a slot without a group is never finished")
+        with self._group.cond:
+            if not self._group.cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"no result within {timeout} s")
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        if self._exc is not None:
+            raise self._exc
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._exc
+
+
+def finish(outcomes: Iterable[tuple[Slot, Any, BaseException | None]]) -> None:
+    """Set slots' values (or exceptions), then wake each group's waiters once. A waiter checks its
+    slot under the group's lock before it sleeps and the notify takes that lock, so setting the
+    values before taking it loses no wake-up."""
+    groups: dict[int, _Group] = {}
+    for slot, value, exc in outcomes:
+        slot._value, slot._exc = value, exc
+        slot._done = True
+        g = slot._group
+        if g is not None:
+            groups[id(g)] = g
+    for g in groups.values():
+        with g.cond:
+            g.cond.notify_all()
+
+
+@dataclass(slots=True)
 class _Entry:
     pending: Pending
     payload: Any
-    future: Future
+    slot: Slot
 
 
 Runner = Callable[[str, list[Any]], list[Any]]
@@ -169,19 +236,21 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, payloads: Sequence[Any], costs: Sequence[int]) -> list[Future]:
+    def submit(self, key: str, payloads: Sequence[Any], costs: Sequence[int]) -> list[Slot]:
         if len(payloads) != len(costs):
             raise ValueError(f"submit: {len(payloads)} payloads but {len(costs)} costs")
         now = time.monotonic()
-        futures = [Future() for _ in payloads]
+        group = _Group()
+        slots = [Slot(group) for _ in payloads]
+        entries = [_Entry(Pending(key, max(1, int(cost)), now), payload, slot)
+                   for payload, cost, slot in zip(payloads, costs, slots)]
         with self._cv:
             if self._stopped:
                 raise RuntimeError("the micro-batcher is shut down")
-            for payload, cost, fut in zip(payloads, costs, futures):
-                self._entries.append(_Entry(Pending(key, max(1, int(cost)), now), payload, fut))
+            self._entries += entries
             self._dirty = True
             self._cv.notify()
-        return futures
+        return slots
 
     def shutdown(self, timeout: float = 30.0) -> None:
         with self._cv:
@@ -244,13 +313,13 @@ class MicroBatcher:
             entries.extend(got)
             return [e.payload for e in got]
 
-        def finish(k: int, result: Any) -> None:
+        def done(k: int, result: Any) -> None:
             finished.add(k)
-            entries[k].future.set_result(result)
+            finish([(entries[k].slot, result, None)])
 
         t0 = time.perf_counter()
         try:
-            stream(key, [e.payload for e in batch], pull, finish)
+            stream(key, [e.payload for e in batch], pull, done)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -259,10 +328,9 @@ class MicroBatcher:
             return [e for k, e in enumerate(entries) if k not in finished]
         cost = sum(e.pending.cost for e in entries)  # no padding between requests in continuous batching
         self._record(key, len(entries), cost, cost, time.perf_counter() - t0)
-        for k, e in enumerate(entries):
-            if k not in finished:
-                e.future.set_exception(RuntimeError(f"the continuous runner for {key!r} returned without "
-                                                    f"finishing item {k}; a streaming runner must finish every item"))
+        finish((e.slot, None, RuntimeError(f"the continuous runner for {key!r} returned without finishing "
+                                           f"item {k}; a streaming runner must finish every item"))
+               for k, e in enumerate(entries) if k not in finished)
         return []
 
     def _run_batch(self, batch: list[_Entry]) -> None:
@@ -277,7 +345,7 @@ class MicroBatcher:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+                finish([(batch[0].slot, None, exc)])
                 return
             self.stats.splits += 1
             if self.on_split:
@@ -289,8 +357,7 @@ class MicroBatcher:
             return
         padded = max(e.pending.cost for e in batch) * len(batch)
         self._record(key, len(batch), sum(e.pending.cost for e in batch), padded, time.perf_counter() - t0)
-        for e, r in zip(batch, results):
-            e.future.set_result(r)
+        finish((e.slot, r, None) for e, r in zip(batch, results))
 
     def _record(self, key: str, size: int, real: int, padded: int, seconds: float) -> None:
         self.stats.busy_s += seconds

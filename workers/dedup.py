@@ -20,11 +20,12 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
 
 import numpy as np
 
 from producers import constants as C
+
+from .batcher import Slot
 
 # KEYS: entry keys. ARGV: ttl seconds, then one packed value per key. Sets each key that is absent;
 # returns, per key, the earlier writer's value where one stood, else false (nil to the client), so
@@ -102,28 +103,28 @@ class ScoreCache:
 
 
 class Recent:
-    """The futures of recently submitted classifier inputs, by (model key, sha): a chunk whose input
+    """The slots of recently submitted classifier inputs, by (model key, sha): a chunk whose input
     is already running, or ran moments ago, takes that result instead of running it again. Bounded
-    (least recently used out); a future that fails is dropped, so a retry runs afresh."""
+    (least recently used out); a slot that fails is dropped, so a retry runs afresh."""
 
     def __init__(self, capacity: int = 16384):
         self.capacity = capacity
         self.lock = threading.Lock()  # held by the caller across get/put and the batcher submit
-        self._futures: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._slots: OrderedDict[tuple[str, str], Slot] = OrderedDict()
 
-    def get(self, key: tuple[str, str]) -> Future | None:
-        f = self._futures.get(key)
+    def get(self, key: tuple[str, str]) -> Slot | None:
+        f = self._slots.get(key)
         if f is None:
             return None
         if f.done() and (f.cancelled() or f.exception() is not None):
-            del self._futures[key]  # failed: the caller runs the input afresh
+            del self._slots[key]  # failed: the caller runs the input afresh
             return None
-        self._futures.move_to_end(key)
+        self._slots.move_to_end(key)
         return f
 
-    def put(self, key: tuple[str, str], future: Future) -> None:
-        # A failed future is dropped when next looked up, not by a done-callback: adding one per
+    def put(self, key: tuple[str, str], slot: Slot) -> None:
+        # A failed slot is dropped when next looked up, not by a done-callback: adding one per
         # input cost ~7% of a worker's task threads at thousands of items/s.
-        self._futures[key] = future
-        while len(self._futures) > self.capacity:
-            self._futures.popitem(last=False)
+        self._slots[key] = slot
+        while len(self._slots) > self.capacity:
+            self._slots.popitem(last=False)

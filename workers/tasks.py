@@ -11,7 +11,6 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any
 
 import redis
@@ -24,7 +23,7 @@ from producers.redis_server import with_retry
 from producers.settings import Settings
 
 from . import metrics
-from .batcher import BatchPolicy, MicroBatcher, tagged
+from .batcher import BatchPolicy, MicroBatcher, Slot, tagged
 from .dedup import Recent, ScoreCache
 from .reaper import Lease
 from .host import EngineHost, Prepared, item_error
@@ -102,10 +101,10 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
     """Hand a chunk's items to the batcher in one call per model, so the engine thread sees the
     chunk arrive whole and plans it once. (Submitting item by item woke it per item: it re-planned
     up to 2,048 times per chunk and, its wait expiring mid-chunk, ran half-size batches.)
-    Classifier inputs the score cache answered get resolved futures; an input repeating an earlier
-    one of the chunk, or one another chunk is running (`recent`), shares that future. A `tag`
+    Classifier inputs the score cache answered get resolved slots; an input repeating an earlier
+    one of the chunk, or one another chunk is running (`recent`), shares that slot. A `tag`
     keeps these items in device batches of their own.
-    Returns (prepared item, its futures) pairs."""
+    Returns (prepared item, its slots) pairs."""
     by_model: dict[str, list[Prepared]] = {}
     for p in prepared:
         if isinstance(p, Prepared):
@@ -113,33 +112,33 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
     out = []
     for model, group in by_model.items():
         payloads, costs, keys = [], [], []
-        slots: list[int | Future | tuple[str, str]] = []
+        where: list[int | Slot | tuple[str, str]] = []  # per input: its submit index, a slot, or a repeat's key
         with recent.lock if recent is not None else contextlib.nullcontext():
             for p in group:
                 for k, payload in enumerate(p.payloads):
                     key = (p.mkey, p.shas[k]) if p.shas is not None else None
                     shared = recent.get(key) if recent is not None and key is not None and payload is not None else None
                     if p.known is not None and p.known[k] is not None:
-                        slots.append(_resolved(p.known[k]))
+                        where.append(Slot.resolved(p.known[k]))
                     elif payload is None:
-                        slots.append(key)  # a repeat within the chunk: filled in below
+                        where.append(key)  # a repeat within the chunk: filled in below
                     elif shared is not None:
-                        slots.append(shared)
+                        where.append(shared)
                         p.reused[k] = True  # type: ignore[index]
                     else:
-                        slots.append(len(payloads))
+                        where.append(len(payloads))
                         payloads.append(payload)
                         costs.append(p.costs[k])
                         keys.append(key)
-            futures = batcher.submit(tagged(model, tag) if tag else model, payloads, costs) if payloads else []
+            submitted = batcher.submit(tagged(model, tag) if tag else model, payloads, costs) if payloads else []
             if recent is not None:
-                for key, f in zip(keys, futures):
+                for key, f in zip(keys, submitted):
                     if key is not None:
                         recent.put(key, f)
-        resolved: list[Future] = []
-        first: dict[tuple[str, str], Future] = {}  # each input's future, for repeats later in the chunk
-        for s, (p, k) in zip(slots, ((p, k) for p in group for k in range(len(p.payloads)))):
-            f = futures[s] if isinstance(s, int) else s if isinstance(s, Future) else first[s]
+        resolved: list[Slot] = []
+        first: dict[tuple[str, str], Slot] = {}  # each input's slot, for repeats later in the chunk
+        for s, (p, k) in zip(where, ((p, k) for p in group for k in range(len(p.payloads)))):
+            f = submitted[s] if isinstance(s, int) else s if isinstance(s, Slot) else first[s]
             if p.shas is not None:
                 first.setdefault((p.mkey, p.shas[k]), f)
             resolved.append(f)
@@ -148,12 +147,6 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
             out.append((p, resolved[k: k + len(p.payloads)]))
             k += len(p.payloads)
     return out
-
-
-def _resolved(value: Any) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]],
@@ -204,10 +197,10 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
             lines.append((S.error_line(p.custom_id, p.code, p.message, p.line), True))
             models.append(it.model)
     ran: list[tuple[Prepared, list[Any]]] = []
-    for p, futures in waiting:
+    for p, slots in waiting:
         it = p.item
         try:
-            ran.append((p, [f.result() for f in futures]))
+            ran.append((p, [s.result() for s in slots]))
         except Exception as exc:  # noqa: BLE001 - one bad item fails alone
             lines.append((item_error(it, exc), True))
             models.append(it.model)

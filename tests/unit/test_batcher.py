@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producers.errors import ConfigurationError
-from workers.batcher import BatchPolicy, MicroBatcher, Pending, pack, plan
+from workers.batcher import BatchPolicy, MicroBatcher, Pending, Slot, _Group, finish, pack, plan
 
 policies = st.builds(BatchPolicy, max_batch_size=st.integers(1, 64), token_budget=st.integers(1, 4096),
                      max_wait_s=st.floats(0, 1))
@@ -87,6 +87,50 @@ def test_results_return_to_their_own_items_across_submitters():
         assert [f.result(timeout=5) for f in fs] == [f"m:{p}" for p in payloads]
     assert max(len(b) for b in log) > 10, "items of several submitters should share a batch"
     mb.shutdown()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slots_wake_every_waiter_when_finished_in_batches(seed):
+    """Threads wait on slots of one group while another finishes them in random batches (as the
+    engine thread does); each waiter gets its own slot's value, none misses its wake-up."""
+    import random
+    rnd = random.Random(seed)
+    group = _Group()
+    slots = [Slot(group) for _ in range(300)]
+    got: dict[int, object] = {}
+
+    def wait(i: int) -> None:
+        got[i] = slots[i].result(timeout=60)
+    waiters = [threading.Thread(target=wait, args=(i,), daemon=True) for i in rnd.sample(range(300), 60)]
+    for t in waiters:
+        t.start()
+    order = rnd.sample(range(300), 300)
+    while order:
+        n = rnd.randint(1, 40)
+        finish((slots[i], i * 7, None) for i in order[:n])
+        order = order[n:]
+        time.sleep(rnd.random() / 1000)
+    deadline = time.monotonic() + 10  # woken, not timed out: a missed wake-up sleeps the full 60 s
+    for t in waiters:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in waiters), "a waiter missed its wake-up"
+    assert got == {i: i * 7 for i in got} and len(got) == 60
+    assert [s.result() for s in slots] == [i * 7 for i in range(300)]
+
+
+def test_slot_outcomes():
+    group = _Group()
+    ok, bad, never = Slot(group), Slot(group), Slot(group)
+    assert not ok.done()
+    boom = ValueError("boom")
+    finish([(ok, 3, None), (bad, None, boom)])
+    assert ok.done() and ok.result() == 3 and ok.exception() is None
+    assert bad.exception() is boom
+    with pytest.raises(ValueError, match="boom"):
+        bad.result()
+    with pytest.raises(TimeoutError):
+        never.result(timeout=0.05)
+    assert Slot.resolved({"a": 1.0}).result() == {"a": 1.0}
 
 
 def test_a_failing_item_fails_alone_after_splitting():
