@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -138,9 +138,9 @@ class LineError:
     message: str
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """A validated line, as it travels in a Celery message (see `to_message`)."""
+class WorkItem(NamedTuple):
+    """A validated line, as it travels in a Celery message (see `to_message`). A named tuple, not
+    a frozen dataclass: a worker builds one per item from each message, at 0.6 us against 1.6."""
     line: int
     custom_id: str
     url: str

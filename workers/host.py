@@ -168,8 +168,9 @@ class EngineHost:
 
     def settle(self, done: list[tuple[Prepared, list[Any]]]) -> tuple[list[tuple[S.WorkItem, list[Any]]], int, int]:
         """Classifier results made canonical: new scores go into the cache, and where another
-        writer stored the same text first, its scores stand. Returns (item, results) pairs, the
-        classifier inputs seen and those reused (cache hits and repeats within the chunk)."""
+        writer stored the same text first, its scores stand. Returns (item, results) pairs, one
+        per pair of `done` and in its order, the classifier inputs seen and those reused (cache
+        hits and repeats within the chunk)."""
         computed: dict[str, dict[str, Any]] = {}  # model -> sha -> scores
         inputs = reused = 0
         for p, results in done:
@@ -254,13 +255,15 @@ class EngineHost:
     def format(self, it: S.WorkItem, results: list[Any], policy: Policy | None = None) -> dict[str, Any]:
         return self.format_many([(it, results)], policy)[0]
 
-    def format_many(self, done: list[tuple[S.WorkItem, list[Any]]], policy: Policy | None = None) -> list[dict[str, Any]]:
+    def format_many(self, done: list[tuple[S.WorkItem, list[Any]]], policy: Policy | None = None,
+                    shas: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
         """Output lines for (item, engine results) pairs; per-model facts looked up once. A
         classifier's scores pass through the batch's `policy` when it is the policy's model, else
-        through the model's own registered thresholds."""
+        through the model's own registered thresholds. `shas[i]`, where given, holds the SHA-256
+        of each input of `done[i]` (prepare computed them), else they are computed here."""
         out = []
         facts: dict[str, tuple] = {}
-        for it, results in done:
+        for k, (it, results) in enumerate(done):
             f = facts.get(it.model)
             if f is None:
                 spec = self.registry.get(it.model)
@@ -281,8 +284,11 @@ class EngineHost:
                 body = build(spec.name, [apply(r) for r in results], pol.resolved_thresholds(),
                              pol.policy_version)
                 texts = it.body["input"]
-                shas = [S.text_sha256(t) for t in S.as_inputs(texts)]
-                prov = S.provenance(spec.name, revision, eng.variant, shas[0] if isinstance(texts, str) else shas, pol)
+                hashes = shas[k] if shas is not None else None
+                if hashes is None:
+                    hashes = [S.text_sha256(t) for t in S.as_inputs(texts)]
+                prov = S.provenance(spec.name, revision, eng.variant, hashes[0] if isinstance(texts, str) else hashes,
+                                    pol)
             out.append(S.output_line(it.custom_id, body, prov))
         return out
 

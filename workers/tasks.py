@@ -206,7 +206,7 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
             models.append(it.model)
     done, inputs, reused = st.host.settle(ran)
     try:
-        lines += [(line, False) for line in st.host.format_many(done, policy)]
+        lines += [(line, False) for line in st.host.format_many(done, policy, [p.shas for p, _ in ran])]
     except Exception:  # noqa: BLE001 - find the item that cannot be formatted; it fails alone
         for it, results in done:
             try:
