@@ -34,7 +34,7 @@ from pathlib import Path
 from .common import request_line, table, texts
 
 STEPS = ("prepare", "submit", "settle", "format", "write")
-LABELS = (("decode", "message decode (kombu JSON)"),
+LABELS = (("decode", "message decode (task JSON)"),
           ("prepare", "  prepare: SHA-256, score-cache lookup, tokenize"),
           ("submit", "  submit to the micro-batcher"),
           ("settle", "  settle: score-cache publish"),
@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRISTMILL_HOME"] = str(work / "home")
     os.environ.setdefault("GRISTMILL_MAX_WAIT_MS", "1")  # one thread submits: nothing else would fill a batch
 
-    from kombu.utils.json import dumps as kdumps
-    from kombu.utils.json import loads as kloads
+    from kombu import serialization
+
+    from producers.app import SERIALIZER
 
     import producers.constants as C
     from producers.redis_server import EmbeddedRedis
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                     assert isinstance(it, WorkItem), it
                     items.append(it.to_message())
                 # the task's arguments as kombu carries them
-                return kdumps([["b", k, items, C.CLASSIFY_QUEUE, wire, time.time()], {}, {}])
+                return serialization.dumps([["b", k, items, C.CLASSIFY_QUEUE, wire, time.time()], {}, {}],
+                                           serializer=SERIALIZER)
 
             # Each step of the task timed where run_items calls it (benchmark-only wrappers).
             spent: dict[str, float] = dict.fromkeys(STEPS, 0.0)
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name in spent:
                     spent[name] = 0.0
                 t0 = time.perf_counter()
-                (b, chunk, raw_items, queue, pol, sent_at), _, _ = kloads(msg)
+                ctype, encoding, payload = msg
+                (b, chunk, raw_items, queue, pol, sent_at), _, _ = serialization.loads(payload, ctype, encoding)
                 t1 = time.perf_counter()
                 out = tasks.process_chunk(st, batch_id, chunk, raw_items, queue, pol)
                 t2 = time.perf_counter()

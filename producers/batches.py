@@ -16,6 +16,7 @@ import zlib
 from typing import Any, Iterable, Iterator
 
 import orjson
+import zstandard
 from pydantic import BaseModel
 
 from . import constants as C
@@ -142,6 +143,17 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _decompress(data: bytes) -> bytes:
+    """A kept message: zstd, or zlib as kept by earlier versions (a batch that ingested before an
+    upgrade still has its lost chunks sent again)."""
+    if data[:4] == _ZSTD_MAGIC:
+        return zstandard.ZstdDecompressor().decompress(data)
+    return zlib.decompress(data)
+
+
 def dumps_line(value: dict[str, Any]) -> str:
     """One result or error line as compact UTF-8 JSON. orjson writes a moderation line in ~2 us
     against the standard library's ~24 (its 13 float scores dominate: shortest round-trip digits
@@ -248,8 +260,9 @@ class BatchStore:
 
     # -- chunk messages kept until their lines are written (workers/reaper.py sends lost ones again)
     def keep_message(self, batch_id: str, chunk: int, message: dict[str, Any]) -> None:
-        """message: {task, queue, args, kwargs}, stored compressed (JSON lines shrink ~5x)."""
-        packed = base64.b64encode(zlib.compress(dumps_line(message).encode(), 1)).decode()
+        """message: {task, queue, args, kwargs}, stored compressed (zstd level 1: JSON lines shrink
+        3-5x, at ~3 us per 700-byte line where zlib's fastest level took ~9)."""
+        packed = base64.b64encode(zstandard.ZstdCompressor(level=1).compress(dumps_line(message).encode())).decode()
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(C.pending_key(batch_id), chunk, packed)
         pipe.zadd(C.pending_at_key(batch_id), {str(chunk): message["kwargs"].get("sent_at", time.time())})
@@ -261,7 +274,7 @@ class BatchStore:
 
     def kept_message(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
         packed = self.r.hget(C.pending_key(batch_id), chunk)
-        return json.loads(zlib.decompress(base64.b64decode(packed))) if packed else None
+        return json.loads(_decompress(base64.b64decode(packed))) if packed else None
 
     def record(self, batch_id: str, chunk: int | None, lines: list[tuple[dict[str, Any], bool]],
                part: str | None = None, dedup: tuple[int, int] = (0, 0)) -> str:

@@ -202,11 +202,16 @@ def _has_huge_float(obj: Any) -> bool:
 
 
 def peek_custom_id(raw: bytes | str) -> str | None:
-    """The line's custom_id if it is JSON with a string custom_id, for duplicate detection."""
+    """The line's custom_id if it is JSON with a string custom_id, for duplicate detection.
+    orjson's value is taken without `loads_line`'s check for big integers read as floats: that
+    changes numbers only, never a string (a hypothesis test compares with the standard library)."""
     try:
-        obj = loads_line(raw)
-    except ValueError:
-        return None
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            obj = loads_line(raw)
+        except ValueError:
+            return None
     cid = obj.get("custom_id") if isinstance(obj, dict) else None
     return cid if isinstance(cid, str) and cid else None
 

@@ -160,3 +160,64 @@ def test_deeply_nested_lines_fail_alone(registry):
     assert isinstance(err, LineError) and err.code == C.E_INVALID_JSON and "nested too deeply" in err.message
     from producers.schemas import peek_custom_id
     assert peek_custom_id(b'{"custom_id": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_json_values, max_size=4), st.dictionaries(st.text(), _json_values, max_size=4))
+def test_task_messages_round_trip_exactly(args, kwargs):
+    """Task bodies go out through gristmill's serializer and come back as kombu's JSON would give
+    them: big integers stay integers, floats the same doubles."""
+    from kombu import serialization
+    from kombu.utils import json as kombu_json
+    from producers.app import SERIALIZER, make_app
+    body = (args, kwargs, {"callbacks": None})
+    ctype, encoding, payload = serialization.dumps(body, serializer=SERIALIZER)
+    accept = serialization.prepare_accept_content(make_app(redis_url="redis://127.0.0.1:9/0").conf.accept_content)
+    got = serialization.loads(payload, ctype, encoding, accept=accept)
+    assert got == kombu_json.loads(kombu_json.dumps(body)) == [args, kwargs, {"callbacks": None}]
+
+
+def test_task_messages_keep_what_orjson_refuses_and_workers_accept_plain_json():
+    from kombu import serialization
+    from producers.app import CONTENT_TYPE, SERIALIZER, make_app
+    # as a worker reads them (the app connects to nothing here)
+    accept = serialization.prepare_accept_content(make_app(redis_url="redis://127.0.0.1:9/0").conf.accept_content)
+    body = [["b", 3, [{"body": {"input": "\ud800 x", "metadata": {"n": 2**70, "m": -(2**64)}}}]], {}, {}]
+    ctype, encoding, payload = serialization.dumps(body, serializer=SERIALIZER)
+    assert ctype == CONTENT_TYPE
+    assert serialization.loads(payload, ctype, encoding, accept=accept) == body
+    # messages from plain-JSON clients (and queued before this serializer) are still accepted
+    ctype, encoding, payload = serialization.dumps(body, serializer="json")
+    assert serialization.loads(payload, ctype, encoding, accept=accept) == body
+    with pytest.raises(serialization.ContentDisallowed):
+        serialization.loads(b"\x80\x04N.", "application/x-python-serialize", "binary", accept=accept)
+
+
+def test_kept_messages_read_back_from_zstd_and_from_earlier_zlib():
+    import zlib
+
+    import zstandard
+
+    from producers.batches import _decompress, dumps_line
+    raw = dumps_line({"task": "t", "args": ["b", 0, [{"body": {"input": "x" * 300}}]]}).encode()
+    assert _decompress(zstandard.ZstdCompressor(level=1).compress(raw)) == raw
+    assert _decompress(zlib.compress(raw, 1)) == raw  # kept before the switch to zstd
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=3), JSON_VALUES, max_size=4), JSON_VALUES, st.booleans(), st.booleans())
+def test_custom_id_peek_matches_the_standard_library(rest, cid, ascii_only, dup):
+    """Pass 1's duplicate check reads custom_id through orjson alone; whatever else the line holds
+    (big integers, NaN, surrogates, a repeated key), it finds what json.loads finds."""
+    from producers.schemas import peek_custom_id
+    text = json.dumps({**rest, "custom_id": cid}, ensure_ascii=ascii_only)
+    if dup:  # a repeated key: the last one counts, in both parsers
+        text = text[:-1] + (", " if len(text) > 2 else "") + '"custom_id": "last"}'
+    raw = text.encode("utf-8", "surrogatepass")
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        assert peek_custom_id(raw) is None
+        return
+    want = obj.get("custom_id")
+    assert peek_custom_id(raw) == (want if isinstance(want, str) and want else None)
