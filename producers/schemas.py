@@ -201,6 +201,28 @@ def _has_huge_float(obj: Any) -> bool:
     return False
 
 
+def _lone_surrogate(raw: bytes | str, obj: Any) -> bool:
+    """Whether a parsed line holds a lone UTF-16 surrogate: JSON lets `\\ud800` through, but UTF-8
+    cannot encode it, so neither Redis, nor SHA-256, nor the output files could take the line. Only
+    lines that could hold one (a `\\u` escape, or a str with non-ASCII text) are checked in full."""
+    if isinstance(raw, bytes):
+        maybe = b"\\u" in raw  # parsed bytes are valid UTF-8, which holds no surrogate: only an escape makes one
+    else:
+        maybe = "\\u" in raw or not raw.isascii()
+    if not maybe:
+        return False
+    try:
+        orjson.dumps(obj)  # refuses lone surrogates, and integers beyond 64 bits
+        return False
+    except TypeError:
+        pass
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def peek_custom_id(raw: bytes | str) -> str | None:
     """The line's custom_id if it is JSON with a string custom_id, for duplicate detection.
     orjson's value is taken without `loads_line`'s check for big integers read as floats: that
@@ -213,7 +235,13 @@ def peek_custom_id(raw: bytes | str) -> str | None:
         except ValueError:
             return None
     cid = obj.get("custom_id") if isinstance(obj, dict) else None
-    return cid if isinstance(cid, str) and cid else None
+    if not isinstance(cid, str) or not cid:
+        return None
+    try:
+        cid.isascii() or cid.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: pass 2 reports the line
+        return None
+    return cid
 
 
 def validate_line(raw: bytes | str, line_no: int, registry: Registry,
@@ -228,6 +256,9 @@ def validate_line(raw: bytes | str, line_no: int, registry: Registry,
         obj = loads_line(raw)
     except ValueError as e:
         return LineError(line_no, None, C.E_INVALID_JSON, f"line is not valid JSON: {e}")
+    if _lone_surrogate(raw, obj):
+        return LineError(line_no, None, C.E_INVALID_JSON, "line holds a lone UTF-16 surrogate escape (such as "
+                         "\\ud800 without its pair), which is not a Unicode character")
     if not isinstance(obj, dict):
         return LineError(line_no, None, C.E_INVALID_JSON, "line must be a JSON object")
     cid = obj.get("custom_id")

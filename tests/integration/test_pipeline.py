@@ -30,7 +30,9 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
             {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {}},
             chat("bad-temp", temperature=9),
             chat("bad-model", model="gpt-9"),
-            chat("too-long", long_prompt)]
+            chat("too-long", long_prompt),
+            # a lone surrogate escape: refused alone (it once failed the whole file when its chunk was kept)
+            '{"custom_id": "lone", "method": "POST", "url": "/v1/moderations", "body": {"input": "x \\ud800"}}']
     f = write_jsonl(tmp_path / "in.jsonl", rows)
     batch = client.submit_file(f)
     assert batch.status == C.IN_PROGRESS and batch.request_counts.total == len(rows)
@@ -48,7 +50,7 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
     errors = {(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errs}
     assert errors == {(None, "invalid_json", 10), (None, "missing_custom_id", 11), ("bad-url", "invalid_url", 12),
                       ("bad-temp", "invalid_body", 13), ("bad-model", "model_not_found", 14),
-                      ("too-long", "context_length_exceeded", 15)}
+                      ("too-long", "context_length_exceeded", 15), (None, "invalid_json", 16)}
 
     for cid in ("c1", "c2", "c3"):
         cc = ChatCompletion.model_validate(by_id[cid]["response"]["body"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from producers import constants as C
 from producers.ingest import IngestReport, enqueue
-from producers.schemas import LineError, WorkItem, validate_line
+from producers.schemas import LineError, WorkItem, error_line, validate_line
 
 URLS = [C.CHAT_URL, C.COMPLETIONS_URL, C.MODERATIONS_URL, C.CLASSIFICATIONS_URL, "/v1/embeddings", None, 7]
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
@@ -39,6 +39,10 @@ raw_lines = st.one_of(objects.map(json.dumps), st.text(max_size=60), st.binary(m
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=raw_lines, line_no=st.integers(1, 10**7))
+@example(raw='{"custom_id": "a\\ud800", "url": "/v1/moderations", "body": {"input": "x"}}', line_no=1)
+@example(raw=b'{"custom_id": "a", "url": "/v1/moderations", "body": {"input": ["ok", "x\\udfff"]}}', line_no=2)
+@example(raw='{"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": '
+             '[{"role": "user", "content": "\ud800"}]}}', line_no=3)
 def test_any_line_validates_to_an_item_or_an_error_naming_it(tiny_settings, raw, line_no):
     out = validate_line(raw, line_no, tiny_settings.registry, max_bytes=tiny_settings.max_line_bytes)
     assert isinstance(out, (WorkItem, LineError))
@@ -46,8 +50,11 @@ def test_any_line_validates_to_an_item_or_an_error_naming_it(tiny_settings, raw,
     if isinstance(out, LineError):
         assert out.code in {C.E_INVALID_JSON, C.E_MISSING_CUSTOM_ID, C.E_INVALID_METHOD, C.E_INVALID_URL,
                             C.E_INVALID_BODY, C.E_MODEL_NOT_FOUND} and out.message
+        # its error line is stored in Redis and written to the error file: UTF-8 JSON
+        json.dumps(error_line(out.custom_id, out.code, out.message, out.line), ensure_ascii=False).encode("utf-8")
     else:
-        json.dumps(out.to_message())  # what travels in a message is plain JSON
+        # what travels in a message, is hashed and stored, is UTF-8 JSON (no lone surrogate)
+        json.dumps(out.to_message(), ensure_ascii=False).encode("utf-8")
 
 
 class _Store:

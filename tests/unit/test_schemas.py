@@ -221,3 +221,20 @@ def test_custom_id_peek_matches_the_standard_library(rest, cid, ascii_only, dup)
         return
     want = obj.get("custom_id")
     assert peek_custom_id(raw) == (want if isinstance(want, str) and want else None)
+
+
+def test_a_lone_surrogate_fails_its_line_alone(registry):
+    """JSON's \\ud800 escape without its pair parses, but UTF-8 cannot hold it: the line is refused
+    at ingest (pass 1 leaves it out of the duplicate check), instead of failing the file when its
+    message is kept or the chunk when a worker hashes its text."""
+    from producers.schemas import peek_custom_id
+    for raw in (b'{"custom_id": "a", "url": "/v1/moderations", "body": {"input": "x \\udc00"}}',
+                b'{"custom_id": "a\\ud800", "url": "/v1/moderations", "body": {"input": "x"}}',
+                '{"custom_id": "a", "url": "/v1/moderations", "body": {"input": "x \ud800"}}'):
+        err = validate_line(raw, 4, registry)
+        assert isinstance(err, LineError) and err.code == C.E_INVALID_JSON and "surrogate" in err.message
+        assert err.custom_id is None and err.line == 4
+    assert peek_custom_id(b'{"custom_id": "a\\ud800"}') is None
+    pair = validate_line(b'{"custom_id": "e", "url": "/v1/moderations", "body": {"input": "x \\ud83d\\ude00"}}', 5,
+                         registry)
+    assert isinstance(pair, WorkItem) and pair.body["input"] == "x \U0001F600"
