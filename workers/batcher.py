@@ -155,9 +155,6 @@ class Slot:
     def done(self) -> bool:
         return self._done
 
-    def cancelled(self) -> bool:
-        return False
-
     def _wait(self, timeout: float | None) -> None:
         if self._done:
             return

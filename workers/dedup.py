@@ -116,7 +116,7 @@ class Recent:
         f = self._slots.get(key)
         if f is None:
             return None
-        if f.done() and (f.cancelled() or f.exception() is not None):
+        if f.done() and f.exception() is not None:
             del self._slots[key]  # failed: the caller runs the input afresh
             return None
         self._slots.move_to_end(key)
