@@ -76,7 +76,7 @@ def write_review(client, batch_id: str, band: str, out: Path, input_file: Path |
     """Write the review CSV. Returns (rows written, whether texts were joined in)."""
     lo, hi = parse_band(band)
     batch = client.get(batch_id)
-    rows = band_rows((ln for out_part, _ in client.store.iter_parts(batch_id) for ln in out_part.splitlines()), lo, hi)
+    rows = band_rows((ln for out_part, _ in client.store.iter_parts(batch_id) for ln in out_part.split("\n")), lo, hi)
     source = Path(input_file) if input_file else (Path(batch.input_file) if batch.input_file else None)
     ordered: list[dict[str, Any]] = []
     joined = source is not None and source.is_file()

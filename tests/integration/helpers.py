@@ -31,5 +31,6 @@ def classification(cid: str, text="have a lovely day", **body) -> dict:
 def read_results(client, batch_id, tmp_path) -> tuple[list[dict], list[dict]]:
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     client.download(batch_id, out, err)
-    return ([json.loads(x) for x in out.read_text().splitlines()],
-            [json.loads(x) for x in err.read_text().splitlines()])
+    # split on "\n" only: JSON keeps U+2028 and NEL raw, which splitlines() would break at
+    return ([json.loads(x) for x in out.read_text().split("\n")[:-1]],
+            [json.loads(x) for x in err.read_text().split("\n")[:-1]])

@@ -78,14 +78,15 @@ def test_repeated_inputs_run_once_and_score_identically_across_batches(client, t
 
 
 def test_review_export_joins_texts_in_input_order(client, tmp_path, policy_file):
-    rows = [moderation("a", "first text"), moderation("b", ["second text", "third text"])]
+    # a custom_id holding a line separator that JSON writes raw (U+2028): lines split on "\n" only
+    rows = [moderation("a", "first text"), moderation("b\u2028c", ["second text", "third text"])]
     f = write_jsonl(tmp_path / "rev.jsonl", rows)
     b = client.wait(client.submit_file(f, policy=policy_file).id, timeout=120)
     out = tmp_path / "review.csv"
     n, joined = write_review(client, b.id, "0:1", out)
     got = list(csv.DictReader(open(out)))
     assert joined and n == len(got) == 3 * 13  # every label of every input lies in [0, 1]
-    assert [r["custom_id"] for r in got[::13]] == ["a", "b", "b"]
+    assert [r["custom_id"] for r in got[::13]] == ["a", "b\u2028c", "b\u2028c"]
     assert [r["text"] for r in got[::13]] == ["first text", "second text", "third text"]
     assert {r["policy_version"] for r in got} == {"team-2026-11-b"}
     assert all(r["flagged"] == str(r["label"] == "hate") for r in got)
