@@ -5,7 +5,8 @@
 A `gristmill submit --wait` process, one worker process (a 2-layer, 64-wide BERT classifier with
 random weights and MiniLM's tokenizer, so the queue, not the model, is what is measured) and an
 embedded Redis. Every second it samples the resident memory of the producer and the worker and
-Redis's used memory; then it downloads the results (streamed) and checks one line per input.
+Redis's used memory; then it downloads the results (streamed) and checks one line per input, and
+reports what the stored results hold in Redis (MEMORY USAGE of the batch's results hash).
 Prints a table, then one JSON line of the figures.
 """
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import redis as redis_lib
 
+    import producers.constants as C
     from producers.app import make_app
     from producers.client import Client
     from producers.redis_server import EmbeddedRedis
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             sampler.halt.set()
             download_s = time.perf_counter() - t1
             b = client.get(batch_id)
+            # what the results alone hold in Redis until RESULT_TTL_S (every field counted)
+            results_bytes = int(r.memory_usage(C.results_key(batch_id), samples=0) or 0)
             client.close()
         finally:
             stop(worker)
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "downloader_peak_rss_mb": round(dl.peak("downloader") * mb, 1),
         "redis_used_peak_mb": round(sampler.peak("redis") * mb, 1),
         "redis_rss_peak_mb": round(sampler.peak("redis_rss") * mb, 1),
+        "results_mb": round(results_bytes * mb, 1), "results_bytes_per_line": round(results_bytes / max(n_out + n_err, 1)),
     }
     print(table([("submit -> completed", f"{n:,}", f"{elapsed:.0f} s", f"{n / elapsed:,.0f}/s"),
                  ("producer RSS (10/50/90% of the run, peak)",
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                   "/".join(f"{v:.0f}" for v in figures["worker_rss_mb"].values()), f"{figures['worker_peak_rss_mb']:.0f} MB", ""),
                  ("Redis used memory, peak", "", f"{figures['redis_used_peak_mb']:.0f} MB",
                   f"file {figures['file_mb']:.0f} MB"),
+                 ("results held in Redis after the batch", f"{figures['results_bytes_per_line']} B a line",
+                  f"{figures['results_mb']:.0f} MB", ""),
                  ("download (streamed), peak RSS", f"{n_out:,} lines", f"{figures['downloader_peak_rss_mb']:.0f} MB",
                   f"{download_s:.0f} s")],
                 ("what", "detail", "value", "")))

@@ -10,7 +10,10 @@ micro-batcher's busy seconds) is subtracted: what is left is the queue's per-ite
 a worker process's GIL spends per item. Steps are medians over chunks; the totals also as means,
 which include the odd chunk a full garbage collection lands in.
 On a GPU host, where the model costs microseconds per item, this bounds one worker process's
-rate (1e6 / path us per item).
+rate (1e6 / path us per item). The Redis server's own CPU time over the timed chunks (user + system,
+AOF writes included, from INFO cpu; less its idle rate, measured for 2 s before, times the timed
+seconds: on a CPU a chunk takes seconds of model time) bounds what one Redis can serve: every
+worker process shares it. That figure is the workers' side only: ingest and the broker's message traffic come on top.
 
 Lines: `/v1/moderations` (default; under the configured or shipped policy, or the model's own
 thresholds where that policy's model is not registered) or `/v1/classifications`, for the url's
@@ -42,6 +45,12 @@ LABELS = (("decode", "message decode (task JSON)"),
           ("write", "  write the part (JSON, Redis)"),
           ("other", "  other: begin chunk, waiting beyond the engine"),
           ("task", "task path, engine excluded"))
+
+
+def redis_cpu_s(r) -> float:
+    """CPU seconds the Redis server has used (its main thread and I/O, not forked children)."""
+    cpu = r.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             st.store.create(batch_id, input_file=None, completion_window="24h", window_s=86400, policy=policy)
             messages = [chunk_message(k) for k in range(args.chunks + 2)]
             rows: list[dict[str, float]] = []
+            cpu0 = t_cpu0 = 0.0
+            idle0, idle_t0 = redis_cpu_s(st.redis), time.perf_counter()
+            time.sleep(2.0)
+            idle_per_s = (redis_cpu_s(st.redis) - idle0) / (time.perf_counter() - idle_t0)
             for k, msg in enumerate(messages):
                 busy0 = st.batcher.stats.busy_s
                 for name in spent:
@@ -124,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                 t2 = time.perf_counter()
                 assert out.get("completed") == args.chunk_size, out
                 if k < 2:
+                    cpu0, t_cpu0 = redis_cpu_s(st.redis), time.perf_counter()
                     continue  # warm-up
                 busy = st.batcher.stats.busy_s - busy0
                 row = {"decode": t1 - t0, **spent, "engine": busy}
                 row["task"] = t2 - t1 - busy
                 row["other"] = row["task"] - sum(spent.values())
                 rows.append(row)
+            busy_cpu = redis_cpu_s(st.redis) - cpu0 - idle_per_s * (time.perf_counter() - t_cpu0)
+            redis_us = max(busy_cpu, 1e-9) / (len(rows) * args.chunk_size) * 1e6
         finally:
             st.shutdown()
 
@@ -146,13 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                **{f"{k}_us_per_item": round(v, 1) for k, v in us.items()},
                "task_mean_us_per_item": round(mean_us["task"], 1),
                "queue_mean_us_per_item": round(queue_us, 1), "queue_bound_items_per_s": round(1e6 / queue_us),
-               "queue_share": round(queue_us / (queue_us + mean_us["engine"]), 3)}
+               "queue_share": round(queue_us / (queue_us + mean_us["engine"]), 3),
+               "redis_cpu_us_per_item": round(redis_us, 1), "redis_bound_items_per_s": round(1e6 / redis_us)}
     print(table([(label, f"{us[name]:.1f}", f"{mean_us[name]:.1f}" if name in mean_us else "")
                  for name, label in LABELS] +
                 [("queue total (decode + task)", f"{us['decode'] + us['task']:.1f}", f"{queue_us:.1f}"),
                  ("engine (micro-batcher busy)", f"{us['engine']:.1f}", f"{mean_us['engine']:.1f}")],
                 ("per item", "median over chunks, us", "mean, us")))
     print(f"one worker process's queue path alone: {1e6 / queue_us:,.0f} items/s")
+    print(f"Redis server CPU for the workers' side: {redis_us:.1f} us per item, so one Redis serves at most "
+          f"{1e6 / redis_us:,.0f} items/s across all worker processes")
     print(json.dumps(figures))
     return 0
 
