@@ -6,7 +6,9 @@ A `gristmill submit --wait` process, one worker process (a 2-layer, 64-wide BERT
 random weights and MiniLM's tokenizer, so the queue, not the model, is what is measured) and an
 embedded Redis. Every second it samples the resident memory of the producer and the worker and
 Redis's used memory; then it downloads the results (streamed) and checks one line per input, and
-reports what the stored results hold in Redis (MEMORY USAGE of the batch's results hash).
+reports what the stored results hold in Redis (MEMORY USAGE of the batch's results hash) and the
+Redis server's CPU per line over the run (INFO cpu, less its idle rate measured for 2 s first): one
+server answers the producer and every worker, so 1e6 / that is the most lines/s one Redis serves.
 Prints a table, then one JSON line of the figures.
 """
 
@@ -26,6 +28,11 @@ import psutil
 
 from .common import table, texts
 from .queue_overhead import ROOT, stop
+
+
+def redis_cpu_s(r) -> float:
+    cpu = r.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def tiny_classifier(out: Path) -> Path:
@@ -127,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_workers(make_app(Settings()), [("worker", worker, log)])
             r = redis_lib.Redis.from_url(server.url)
             redis_pid = int(r.info("server")["process_id"])
+            idle0, idle_t0 = redis_cpu_s(r), time.perf_counter()
+            time.sleep(2.0)
+            idle_per_s = (redis_cpu_s(r) - idle0) / (time.perf_counter() - idle_t0)
+            cpu0 = redis_cpu_s(r)
             t0 = time.perf_counter()
             producer = subprocess.Popen([sys.executable, "-m", "producers.cli", "submit", str(f), "--wait"], env=env,
                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -134,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.start()
             out, _ = producer.communicate()
             elapsed = time.perf_counter() - t0
+            redis_busy_s = redis_cpu_s(r) - cpu0 - idle_per_s * elapsed
             batch_id = out.strip().splitlines()[-1]
             client = Client(Settings())
             t1 = time.perf_counter()
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "downloader_peak_rss_mb": round(dl.peak("downloader") * mb, 1),
         "redis_used_peak_mb": round(sampler.peak("redis") * mb, 1),
         "redis_rss_peak_mb": round(sampler.peak("redis_rss") * mb, 1),
+        "redis_cpu_us_per_line": round(redis_busy_s / n * 1e6, 1),
         "results_mb": round(results_bytes * mb, 1), "results_bytes_per_line": round(results_bytes / max(n_out + n_err, 1)),
     }
     print(table([("submit -> completed", f"{n:,}", f"{elapsed:.0f} s", f"{n / elapsed:,.0f}/s"),
@@ -176,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                   "/".join(f"{v:.0f}" for v in figures["worker_rss_mb"].values()), f"{figures['worker_peak_rss_mb']:.0f} MB", ""),
                  ("Redis used memory, peak", "", f"{figures['redis_used_peak_mb']:.0f} MB",
                   f"file {figures['file_mb']:.0f} MB"),
+                 ("Redis CPU, submit -> completed", f"{figures['redis_cpu_us_per_line']} us a line", "",
+                  f"one Redis: <= {1 / max(redis_busy_s / n, 1e-9):,.0f} lines/s"),
                  ("results held in Redis after the batch", f"{figures['results_bytes_per_line']} B a line",
                   f"{figures['results_mb']:.0f} MB", ""),
                  ("download (streamed), peak RSS", f"{n_out:,} lines", f"{figures['downloader_peak_rss_mb']:.0f} MB",
