@@ -60,6 +60,12 @@ def random_minilm_classifier(out: Path, num_labels: int = 2, tiny: bool = False)
     return out
 
 
+def redis_cpu_s(r) -> float:
+    """CPU seconds a Redis server has used (user + system, AOF writes included; not forked children)."""
+    cpu = r.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def table(rows: list[tuple], headers: tuple) -> str:
     cells = [tuple(str(c) for c in r) for r in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -26,13 +26,8 @@ from pathlib import Path
 
 import psutil
 
-from .common import table, texts
+from .common import redis_cpu_s, table, texts
 from .queue_overhead import ROOT, stop
-
-
-def redis_cpu_s(r) -> float:
-    cpu = r.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def tiny_classifier(out: Path) -> Path:

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import request_line, table, texts
+from .common import redis_cpu_s, request_line, table, texts
 
 STEPS = ("prepare", "submit", "settle", "format", "write")
 LABELS = (("decode", "message decode (task JSON)"),
@@ -45,12 +45,6 @@ LABELS = (("decode", "message decode (task JSON)"),
           ("write", "  write the part (JSON, Redis)"),
           ("other", "  other: begin chunk, waiting beyond the engine"),
           ("task", "task path, engine excluded"))
-
-
-def redis_cpu_s(r) -> float:
-    """CPU seconds the Redis server has used (its main thread and I/O, not forked children)."""
-    cpu = r.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def main(argv: list[str] | None = None) -> int:
