@@ -143,6 +143,19 @@ class Stack:
         self.stop()
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (`kill`, `docker stop`, systemd, a supervisor) and SIGINT stop the stack as Ctrl-C
+    does. Python's default for SIGTERM ends the process at once, with no cleanup: the workers,
+    Flower and the embedded redis-server were left running without their launcher. And a process
+    started in the background by a shell without job control inherits SIGINT ignored, so an
+    explicit `kill -INT` did nothing."""
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the stop short
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def up_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="gristmill up")
     ap.add_argument("--gpus", default="all", help="all | none | 0,1,... (default: all visible; none -> one CPU worker)")
@@ -151,6 +164,7 @@ def up_main(argv: list[str]) -> int:
     ap.add_argument("--no-flower", action="store_true")
     args = ap.parse_args(argv)
     settings = Settings()
+    stop_on_signals()
     with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower,
                instances_per_gpu=args.instances_per_gpu) as stack:
         print(f"gristmill up: redis {redact(stack.url or '')}; Ctrl-C stops everything", file=sys.stderr)
@@ -177,6 +191,7 @@ def demo_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     console = Console(stderr=True)
     settings = Settings()
+    stop_on_signals()
     t_start = time.monotonic()
     with Stack(settings, parse_gpus(args.gpus), flower=False, log_dir=settings.home / "logs") as stack:
         console.print(f"[bold]gristmill demo[/]: starting a worker (logs in {settings.home / 'logs'})...")

@@ -223,3 +223,45 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
             except subprocess.TimeoutExpired:
                 proc.kill()
         log.close()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig,preexec", [(signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
+                         ids=["sigterm", "sigint-started-ignored"])
+def test_up_stops_its_children_on_sigterm_and_sigint(home, tiny_models_file, tmp_path, sig, preexec):
+    """`kill`, `docker stop` and supervisors send SIGTERM: `up` must not leave its worker and
+    redis-server behind (Python's default SIGTERM ends a process with no cleanup). A background
+    job of a shell without job control starts with SIGINT ignored; `kill -INT` must still stop it."""
+    up_home = tmp_path / "uphome"
+    env = worker_env("", up_home, tiny_models_file)
+    env.pop("GRISTMILL_REDIS_URL")
+    log = open(tmp_path / "up.log", "wb")
+    proc = subprocess.Popen([*GRISTMILL, "up", "--gpus", "none", "--no-flower"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=preexec)
+    try:
+        url_file = up_home / "redis" / "url"
+        deadline = time.monotonic() + 120
+        kids: list[int] = []
+        while not (url_file.exists() and len(kids) >= 2):  # redis-server and the worker
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "up.log").read_text()
+            time.sleep(0.2)
+            kids = _children(proc.pid)
+        url = url_file.read_text().strip()
+        assert ping(url)
+        proc.send_signal(sig)
+        assert proc.wait(90) == 0, (tmp_path / "up.log").read_text()
+        for k in kids:
+            assert not Path(f"/proc/{k}").exists() or "zombie" in Path(f"/proc/{k}/status").read_text(), \
+                f"process {k} outlived `gristmill up`"
+        assert not ping(url)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
