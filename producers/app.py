@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import zstandard
 from celery import Celery
-from kombu import Queue
+from kombu import Queue, compression
 from kombu.serialization import register
 from kombu.utils import json as kombu_json
 
@@ -42,6 +43,22 @@ def _decode(data: bytes | str) -> Any:
 
 register(SERIALIZER, _encode, _decode, content_type=CONTENT_TYPE, content_encoding="utf-8")
 
+# Task messages are zstd-compressed (level 1): a chunk of lines waits in Redis until a worker takes
+# it, so the backlog of a large file is what Redis holds most. kombu registers zstd itself only
+# where Python has compression.zstd (3.14) or backports.zstd; the frames are the same, so the
+# content type is kombu's and either side may be the other.
+ZSTD = "application/zstd"
+
+
+def _zstd_decompress(data: bytes) -> bytes:
+    # a stream decoder: frames written without their content size (other clients) decode too
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+if ZSTD not in compression.encoders():
+    compression.register(lambda body: zstandard.ZstdCompressor(level=1).compress(body), _zstd_decompress, ZSTD,
+                         aliases=["zstd", "zstandard"])
+
 
 def make_app(settings: Settings | None = None, redis_url: str | None = None) -> Celery:
     settings = settings or Settings()
@@ -55,7 +72,7 @@ def make_app(settings: Settings | None = None, redis_url: str | None = None) -> 
     app = Celery("gristmill", broker=url, backend=url, set_as_current=False)
     app.conf.update(
         # JSON only: a pickled message from anyone who can write to the broker would run code.
-        task_serializer=SERIALIZER, result_serializer="json", event_serializer="json",
+        task_serializer=SERIALIZER, result_serializer="json", event_serializer="json", task_compression="zstd",
         accept_content=[SERIALIZER, "json"], result_accept_content=["json"],
         # Ack after the task returns, i.e. after its results are written; a crash mid-chunk
         # redelivers the chunk and the idempotent writes drop what was already written.

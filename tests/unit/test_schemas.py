@@ -193,6 +193,23 @@ def test_task_messages_keep_what_orjson_refuses_and_workers_accept_plain_json():
         serialization.loads(b"\x80\x04N.", "application/x-python-serialize", "binary", accept=accept)
 
 
+def test_task_messages_go_out_zstd_compressed_and_any_zstd_frame_comes_back():
+    import zstandard
+    from kombu import compression
+
+    from producers.app import make_app
+    app = make_app(redis_url="redis://127.0.0.1:9/0")
+    assert app.conf.task_compression == "zstd"
+    raw = b'[["b", 0, [{"body": {"input": "' + b"same words again " * 200 + b'"}}]], {}, {}]'
+    packed, ctype = compression.compress(raw, "zstd")
+    assert ctype == "application/zstd" and packed[:4] == b"\x28\xb5\x2f\xfd" and len(packed) < len(raw) / 10
+    assert compression.decompress(packed, ctype) == raw
+    # a frame without its content size, as a streaming writer (another client) leaves it
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    frame = streamed.compress(raw) + streamed.flush()
+    assert compression.decompress(frame, ctype) == raw
+
+
 def test_kept_messages_read_back_from_zstd_and_from_earlier_zlib():
     import zlib
 
