@@ -36,6 +36,9 @@ import threading
 import time
 import uuid
 
+import zstandard
+from kombu import compression
+
 from producers import constants as C
 from producers.batches import BatchStore
 
@@ -204,8 +207,11 @@ class Lease:
             body = envelope["body"]
             if envelope.get("properties", {}).get("body_encoding") == "base64":
                 body = base64.b64decode(body)
+            packed = (envelope.get("headers") or {}).get("compression")
+            if packed:  # task messages are compressed (producers/app.py)
+                body = compression.decompress(body, packed)
             return float(json.loads(body)[1]["sent_at"])
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, zstandard.ZstdError):
             return None
 
     def _held_chunks(self) -> set[tuple[str, int]]:
