@@ -210,19 +210,28 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
         kids = _children(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0
-        for k in kids:
-            assert not Path(f"/proc/{k}").exists() or "zombie" in Path(f"/proc/{k}/status").read_text(), \
-                f"process {k} outlived `gristmill up`"
+        _assert_gone(kids)
         assert not ping(url)
         assert not url_file.exists()
     finally:
-        if proc.poll() is None:  # a failed assertion: Ctrl-C first, so `up` stops its children
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_up(proc)
         log.close()
+
+
+def _assert_gone(pids: list[int]) -> None:
+    for k in pids:
+        assert not Path(f"/proc/{k}").exists() or "zombie" in Path(f"/proc/{k}/status").read_text(), \
+            f"process {k} outlived `gristmill up`"
+
+
+def _stop_up(proc: subprocess.Popen) -> None:
+    """After a failed assertion: SIGTERM first, so `up` stops its children."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _ignore_sigint() -> None:
@@ -253,15 +262,8 @@ def test_up_stops_its_children_on_sigterm_and_sigint(home, tiny_models_file, tmp
         assert ping(url)
         proc.send_signal(sig)
         assert proc.wait(90) == 0, (tmp_path / "up.log").read_text()
-        for k in kids:
-            assert not Path(f"/proc/{k}").exists() or "zombie" in Path(f"/proc/{k}/status").read_text(), \
-                f"process {k} outlived `gristmill up`"
+        _assert_gone(kids)
         assert not ping(url)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_up(proc)
         log.close()
