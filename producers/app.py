@@ -44,7 +44,8 @@ def _decode(data: bytes | str) -> Any:
 register(SERIALIZER, _encode, _decode, content_type=CONTENT_TYPE, content_encoding="utf-8")
 
 # Task messages are zstd-compressed (level 1): a chunk of lines waits in Redis until a worker takes
-# it, so the backlog of a large file is what Redis holds most. kombu registers zstd itself only
+# it, so a large file's backlog sits in Redis's memory (397 -> 184 bytes a queued line, kept copy
+# and custom_id set included). kombu registers zstd itself only
 # where Python has compression.zstd (3.14) or backports.zstd; the frames are the same, so the
 # content type is kombu's and either side may be the other.
 ZSTD = "application/zstd"
