@@ -153,6 +153,10 @@ class ClassifierEngine:
     def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Vectorized: a per-row torch.tensor() loop took 39 ms for 2048 x 128 tokens, longer than the
         # H100's forward pass (24 ms) on the same batch.
+        if not all(batch):
+            # "" through a tokenizer that adds no special tokens has no ids; a row of none would be
+            # all padding (or a batch 0 wide). It reads one pad token instead, like any text.
+            batch = [row or [self.pad_id] for row in batch]
         lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
         flat = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
         width = int(lengths.max())

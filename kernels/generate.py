@@ -41,6 +41,10 @@ class PromptTooLong(ValueError):
     """Raised when a prompt leaves no room for even one new token in the model's context."""
 
 
+class EmptyPrompt(ValueError):
+    """Raised when a prompt has no tokens and the model has no BOS token to begin from."""
+
+
 def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[float],
                   generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row, left on logits' device: nothing is read back, so a decode loop can queue
@@ -90,6 +94,9 @@ class GenerationEngine:
             eos.update(src if isinstance(src, list) else [src] if src is not None else [])
         self.eos_ids = eos
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(eos), 0)
+        # what an empty prompt starts from, as in Hugging Face `generate` called without input ids
+        bos = self.tokenizer.bos_token_id
+        self.bos_id = bos if bos is not None else getattr(self.model.generation_config, "bos_token_id", None)
         # Slots of the continuous loop: requests decoding at once. A CPU's step time grows with the
         # batch, a GPU's barely does until hundreds of rows.
         slots = max_slots or (256 if self.device.type == "cuda" else 64)
@@ -111,7 +118,14 @@ class GenerationEngine:
         return list(out)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+        """The prompt's ids; a prompt with none (\"\" through a tokenizer that adds no BOS) starts
+        from the model's BOS token. EmptyPrompt when the model has none."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        if ids:
+            return ids
+        if self.bos_id is None:
+            raise EmptyPrompt("prompt: the prompt has no tokens and this model has no BOS token to start from")
+        return [self.bos_id]
 
     def budget(self, prompt_len: int, max_tokens: int) -> int:
         """max_tokens clipped to the context; PromptTooLong if no room is left."""

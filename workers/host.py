@@ -206,7 +206,7 @@ class EngineHost:
         return out, inputs, reused
 
     def _prepare_generation(self, it: S.WorkItem, spec: ModelSpec) -> Prepared | S.LineError:
-        from kernels.generate import GenRequest, PromptTooLong
+        from kernels.generate import EmptyPrompt, GenRequest, PromptTooLong
         eng = self.engine(it.model)
         if it.url == C.CHAT_URL:
             body = S.ChatBody.model_validate(it.body)
@@ -215,7 +215,10 @@ class EngineHost:
             max_tokens = body.max_completion_tokens or body.max_tokens or spec.default_max_tokens
         else:
             body = S.CompletionBody.model_validate(it.body)
-            ids = eng.encode_prompt(body.prompt)
+            try:
+                ids = eng.encode_prompt(body.prompt)
+            except EmptyPrompt as e:
+                return S.LineError(it.line, it.custom_id, C.E_INVALID_BODY, f"body.{e}")
             max_tokens = body.max_tokens or 16  # OpenAI's completions default
         try:
             budget = eng.budget(len(ids), max_tokens)

@@ -32,7 +32,9 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
             chat("bad-model", model="gpt-9"),
             chat("too-long", long_prompt),
             # a lone surrogate escape: refused alone (it once failed the whole file when its chunk was kept)
-            '{"custom_id": "lone", "method": "POST", "url": "/v1/moderations", "body": {"input": "x \\ud800"}}']
+            '{"custom_id": "lone", "method": "POST", "url": "/v1/moderations", "body": {"input": "x \\ud800"}}',
+            # empty text: the tiny tokenizers give it no ids (these lines used to fail as engine errors)
+            moderation("m3", ["have a lovely day", ""]), completion("p3", "", max_tokens=3)]
     f = write_jsonl(tmp_path / "in.jsonl", rows)
     batch = client.submit_file(f)
     assert batch.status == C.IN_PROGRESS and batch.request_counts.total == len(rows)
@@ -46,7 +48,7 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
     assert len(outs) + len(errs) == len(rows)
     assert done.request_counts.model_dump() == {"total": len(rows), "completed": len(outs), "failed": len(errs)}
     by_id = {o["custom_id"]: o for o in outs}
-    assert set(by_id) == {"c1", "c2", "c3", "p1", "p2", "m1", "m2", "k1", "k2"}
+    assert set(by_id) == {"c1", "c2", "c3", "p1", "p2", "p3", "m1", "m2", "m3", "k1", "k2"}
     errors = {(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errs}
     assert errors == {(None, "invalid_json", 10), (None, "missing_custom_id", 11), ("bad-url", "invalid_url", 12),
                       ("bad-temp", "invalid_body", 13), ("bad-model", "model_not_found", 14),
@@ -60,6 +62,8 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
     assert Completion.model_validate(by_id["p2"]["response"]["body"]).usage.completion_tokens <= 4
     mod = ModerationCreateResponse.model_validate(by_id["m2"]["response"]["body"])
     assert len(mod.results) == 2
+    assert len(ModerationCreateResponse.model_validate(by_id["m3"]["response"]["body"]).results) == 2
+    assert Completion.model_validate(by_id["p3"]["response"]["body"]).usage.prompt_tokens == 1  # BOS
     for r in mod.results:
         for v in r.category_scores.model_dump(by_alias=True).values():
             assert v is None or 0 <= v <= 1

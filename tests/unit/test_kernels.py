@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.classify import ClassifierEngine
-from kernels.generate import GenerationEngine, GenRequest, PromptTooLong
+from kernels.generate import EmptyPrompt, GenerationEngine, GenRequest, PromptTooLong
 from producers.registry import DEFAULT_PROTOTYPES
 
 
@@ -47,6 +47,20 @@ def test_max_tokens_and_context_limits(gen):
         gen.budget(64, 1)
 
 
+def test_an_empty_prompt_starts_from_bos_as_hugging_face_does(gen, monkeypatch):
+    # the tiny tokenizer adds no BOS, so "" has no ids; it used to fail inside the decode loop
+    assert gen.tokenizer("")["input_ids"] == [] and gen.bos_id is not None
+    ids = gen.encode_prompt("")
+    assert ids == [gen.bos_id]
+    ours = gen.run([GenRequest(ids, 6, temperature=0)])[0]
+    ref = gen.model.generate(max_new_tokens=6, do_sample=False, bos_token_id=gen.bos_id,
+                             eos_token_id=list(gen.eos_ids), pad_token_id=gen.pad_id)
+    assert ours.token_ids == [t for t in ref[0, 1:].tolist() if t not in gen.eos_ids]
+    monkeypatch.setattr(gen, "bos_id", None)
+    with pytest.raises(EmptyPrompt, match="no BOS"):
+        gen.encode_prompt("")
+
+
 def test_stop_sequence_truncates_and_reports_stop(gen):
     p = gen.encode_prompt("the")
     free = gen.run([GenRequest(p, 12, temperature=0)])[0]
@@ -79,6 +93,19 @@ def test_zero_shot_scores_every_label_in_range(weights):
     eng = ClassifierEngine(weights / "encoder", max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
     (s,) = eng.run(eng.encode(["i will hurt you"]))
     assert set(s) == set(DEFAULT_PROTOTYPES) and all(0 <= v <= 1 for v in s.values())
+
+
+@pytest.mark.parametrize("model", ["classifier", "encoder"])
+def test_an_empty_text_is_scored_alone_and_among_others(weights, model):
+    # the tiny models' tokenizers add no special tokens, so "" has no ids; it used to fail its line
+    # with a reshape error from the model (a batch 0 tokens wide)
+    kw = {"prototypes": DEFAULT_PROTOTYPES, "neutral": ["ok"]} if model == "encoder" else {}
+    eng = ClassifierEngine(weights / model, max_length=32, **kw)
+    assert eng.encode([""]) == [[]]
+    (alone,) = eng.run(eng.encode([""]))
+    mixed = eng.run(eng.encode(["hello world", "", "hi"]))
+    assert all(0 <= v <= 1 for v in alone.values())
+    assert all(abs(alone[k] - mixed[1][k]) < 1e-5 for k in alone)
 
 
 def test_batch_results_do_not_depend_on_batch_mates(weights):

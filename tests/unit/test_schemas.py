@@ -55,12 +55,23 @@ def test_same_body_same_digest_regardless_of_key_order(registry):
     (line(url=C.MODERATIONS_URL, body={"input": []}), C.E_INVALID_BODY, "a"),
     (line(url=C.MODERATIONS_URL, body={"model": "gpt-9", "input": "x"}), C.E_MODEL_NOT_FOUND, "a"),
     (line(url=C.COMPLETIONS_URL, body={"prompt": ["a", "b"]}), C.E_INVALID_BODY, "a"),
+    # beyond what a torch generator takes: this used to fail in the worker as an engine_error
+    (line(body={"messages": [{"role": "user", "content": "x"}], "seed": 2**64}), C.E_INVALID_BODY, "a"),
+    (line(body={"messages": [{"role": "user", "content": "x"}], "seed": -(2**63) - 1}), C.E_INVALID_BODY, "a"),
 ])
 def test_bad_lines_name_code_line_and_custom_id(registry, raw, code, cid):
     err = validate_line(raw, 7, registry)
     assert isinstance(err, LineError), err
     assert (err.code, err.line, err.custom_id) == (code, 7, cid)
     assert err.message
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63 - 1, 2**64 - 1])
+def test_every_seed_a_torch_generator_takes_is_accepted(registry, seed):
+    import torch
+    assert isinstance(validate_line(line(body={"messages": [{"role": "user", "content": "x"}], "seed": seed}),
+                                    1, registry), WorkItem)
+    torch.Generator().manual_seed(seed)
 
 
 def test_body_error_names_the_field(registry):
