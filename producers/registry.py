@@ -92,6 +92,20 @@ class ModelSpec(BaseModel):
     def threshold(self, label: str) -> float:
         return self.thresholds.get(label, self.default_threshold)
 
+    def known_labels(self) -> list[str] | None:
+        """The labels this classifier scores, where the registration or the model's config.json
+        tells them without loading weights (prototypes; a sequence classifier's id2label); None
+        where only a worker can tell (a trained head, a missing or unreadable config)."""
+        if self.kind == "zero_shot":
+            return list(self.prototypes)
+        if self.kind != "sequence_classifier" or self.path is None:
+            return None
+        try:
+            id2label = json.loads((Path(self.path).expanduser() / "config.json").read_text())["id2label"]
+            return [id2label[str(i)] for i in range(len(id2label))]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def resolve_path(self) -> Path:
         """Where the weights are on this machine. Locates package data without importing the package."""
         if self.path is not None:

@@ -181,6 +181,12 @@ class Settings(BaseSettings):
             if source == DEFAULT_POLICY_FILE:
                 return None
             raise ConfigurationError(f"policy file {source}: model: {e}") from e
+        labels = spec.known_labels()
+        if labels is not None:  # else the worker checks, and fails the batch's moderation lines
+            try:
+                pol.sources(labels)
+            except ValueError as e:
+                raise ConfigurationError(f"policy file {source}: labels: {e}") from e
         return pol.model_copy(update={"model": spec.name})
 
     @property

@@ -132,6 +132,30 @@ def test_settings_policy_checks_the_model(tiny_settings, tmp_path):
     assert tiny_settings.policy(f).model == "tiny-moderation"
 
 
+@pytest.mark.parametrize("model,labels,label_map,ok", [
+    ("tiny-moderation", ["harassment", "nosuch"], {}, False),    # zero-shot: labels from its prototypes
+    ("tiny-classifier", ["harassment"], {}, False),              # sequence classifier: from config.json
+    ("tiny-classifier", ["harassment"], {"negative": "harassment"}, True),
+])
+def test_settings_policy_checks_labels_the_model_can_feed_at_submit(tiny_settings, tmp_path, model, labels,
+                                                                    label_map, ok):
+    # these used to pass at submit and fail every moderation line in the worker
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"policy_version": "v", "model": model, "labels": labels, "label_map": label_map}))
+    if ok:
+        assert tiny_settings.policy(f).labels == tuple(labels)
+    else:
+        with pytest.raises(ConfigurationError, match=r"labels: .*feeds \['(nosuch|harassment)'\]"):
+            tiny_settings.policy(f)
+
+
+def test_labels_known_without_loading_the_model(tiny_settings):
+    specs = tiny_settings.registry.specs
+    assert specs["tiny-classifier"].known_labels() == ["positive", "negative", "neutral"]
+    assert specs["tiny-moderation"].known_labels() == list(specs["tiny-moderation"].prototypes)
+    assert specs["tiny-chat"].known_labels() is None
+
+
 def test_score_packing_is_exact_for_float32():
     labels = ["a", "b", "c"]
     s = {"a": 0.1, "b": 0.5, "c": 1e-7}
