@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producers import constants as C
-from producers.schemas import (LineError, WorkItem, classification_body, error_line, moderation_body,
+from producers.schemas import (LineError, WorkItem, classification_body, error_line, moderation_body, peek_custom_id,
                                output_line, provenance, validate_line)
 
 
@@ -266,3 +266,11 @@ def test_a_lone_surrogate_fails_its_line_alone(registry):
     pair = validate_line(b'{"custom_id": "e", "url": "/v1/moderations", "body": {"input": "x \\ud83d\\ude00"}}', 5,
                          registry)
     assert isinstance(pair, WorkItem) and pair.body["input"] == "x \U0001F600"
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_accepted(registry):
+    raw = line().encode()
+    for variant in (b"\xef\xbb\xbf" + raw + b"\n", raw + b"\r\n", b"\xef\xbb\xbf" + raw + b"\r\n"):
+        item = validate_line(variant, 1, registry)
+        assert isinstance(item, WorkItem) and item.custom_id == "a", variant
+        assert peek_custom_id(variant) == "a"
