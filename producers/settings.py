@@ -119,6 +119,14 @@ class Settings(BaseSettings):
     # text) for this long, so repeated inputs, in one batch or across batches, run once and score
     # identically. 0 turns the cache off. Each entry is ~150 bytes for the default model.
     dedup_ttl_s: int = Field(default=24 * 3600, ge=0)
+    # The score cache's own Redis server. Unset: `gristmill up`, when it runs the embedded Redis,
+    # starts a second one for the cache, without persistence and capped at dedup_max_memory (the
+    # least recently used entries go first), so the cache neither grows into the queues' memory
+    # nor takes the queues' server's CPU (README, "Dedup"); with GRISTMILL_REDIS_URL set and this
+    # unset, the cache shares that server. Point every worker at the same one.
+    dedup_redis_url: str | None = None
+    # Memory cap of the embedded cache server, as redis-server reads it (bytes, or 512mb, 2gb).
+    dedup_max_memory: str = Field(default="1gb", pattern=r"(?i)^[0-9]+(k|kb|m|mb|g|gb)?$")
 
     # Flower. It always asks for credentials: "user:password" here, else `gristmill up` and
     # `gristmill flower` make a random password and print it (`make demo` runs no Flower).
@@ -192,6 +200,10 @@ class Settings(BaseSettings):
     @property
     def redis_dir(self) -> Path:
         return self.home / "redis"
+
+    @property
+    def dedup_redis_dir(self) -> Path:
+        return self.home / "redis-cache"
 
     @property
     def model_cache_dir(self) -> Path:

@@ -79,18 +79,23 @@ class Stack:
         self.flower = flower
         self.redis: EmbeddedRedis | None = None
         self.url = settings.redis_url
+        self.cache_redis: EmbeddedRedis | None = None
+        self.cache_url = settings.dedup_redis_url
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.log_dir = log_dir
 
     def start(self) -> "Stack":
+        st = self.settings
         if not self.url:
-            emb = EmbeddedRedis(self.settings.redis_dir)
-            self.url = emb.running_url()
-            if self.url is None:
-                self.redis = emb
-                self.url = emb.start()
-                print(f"redis-server started at {redact(self.url)} (AOF in {self.settings.redis_dir})", file=sys.stderr)
+            self.url, self.redis = self._embedded(EmbeddedRedis(st.redis_dir), f"AOF in {st.redis_dir}")
+            if not self.cache_url and st.dedup_ttl_s > 0:
+                # the score cache on a server of its own: capped, evicting, not persisted
+                self.cache_url, self.cache_redis = self._embedded(
+                    EmbeddedRedis(st.dedup_redis_dir, cache_max_memory=st.dedup_max_memory),
+                    f"score cache, at most {st.dedup_max_memory}, least recently used evicted")
         env = {**os.environ, "GRISTMILL_REDIS_URL": self.url}
+        if self.cache_url:
+            env["GRISTMILL_DEDUP_REDIS_URL"] = self.cache_url
         slots = worker_slots(self.gpus, self.instances)
         for name, dev, offset in slots:
             self._spawn(name, [sys.executable, "-m", "workers", "worker", "--device", dev],
@@ -102,6 +107,17 @@ class Stack:
             print(f"flower at http://{self.settings.flower_address}:{self.settings.flower_port} "
                   f"(basic auth {shown})", file=sys.stderr)
         return self
+
+    @staticmethod
+    def _embedded(server: EmbeddedRedis, what: str) -> tuple[str, EmbeddedRedis | None]:
+        """(url, the server if this call started it): one already running on its directory is
+        reused and left running."""
+        url = server.running_url()
+        if url is not None:
+            return url, None
+        url = server.start()
+        print(f"redis-server started at {redact(url)} ({what})", file=sys.stderr)
+        return url, server
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         out = None
@@ -128,9 +144,10 @@ class Stack:
                 p.kill()
                 p.wait()
         self.procs.clear()
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
+        for server in (self.cache_redis, self.redis):
+            if server is not None:
+                server.stop()
+        self.redis = self.cache_redis = None
 
     def __enter__(self) -> "Stack":
         try:
@@ -167,7 +184,8 @@ def up_main(argv: list[str]) -> int:
     stop_on_signals()
     with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower,
                instances_per_gpu=args.instances_per_gpu) as stack:
-        print(f"gristmill up: redis {redact(stack.url or '')}; Ctrl-C stops everything", file=sys.stderr)
+        cache = f"; score cache {redact(stack.cache_url)}" if stack.cache_url else ""
+        print(f"gristmill up: redis {redact(stack.url or '')}{cache}; Ctrl-C stops everything", file=sys.stderr)
         try:
             while all(p.poll() is None for _, p in stack.procs):
                 time.sleep(0.5)

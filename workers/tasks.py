@@ -39,7 +39,12 @@ class WorkerState:
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self.lease = Lease(app, self.redis, settings.lease_ttl_s).start() if app is not None else None
         self.store = BatchStore(self.redis, settings.result_ttl_s)
-        self.host = EngineHost(settings, device, ScoreCache(self.redis, settings.dedup_ttl_s))
+        cache_redis = self.redis
+        if settings.dedup_redis_url:
+            # a cache server that stops answering costs a lookup its timeout, then the inputs run
+            cache_redis = redis.Redis.from_url(settings.dedup_redis_url, decode_responses=True,
+                                               socket_timeout=5, socket_connect_timeout=2)
+        self.host = EngineHost(settings, device, ScoreCache(cache_redis, settings.dedup_ttl_s))
         metrics.watch_tokenizers(self.host)
         self.recent = Recent() if settings.dedup_ttl_s > 0 else None
         policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000.0)

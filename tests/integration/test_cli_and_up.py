@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
 from producers.redis_server import free_port, ping
 
@@ -206,13 +207,21 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
         assert any(name.startswith("gristmill-cpu") for name in workers), workers
         with open(up_home / "redis" / "appendonly.aof", "rb") as aof:
             assert aof.read(1), "AOF persistence must be on"
+        # the score cache lives on a second server: capped, evicting, not persisted
+        cache_url_file = up_home / "redis-cache" / "url"
+        cache_url = cache_url_file.read_text().strip()
+        main, cache = redis.Redis.from_url(url), redis.Redis.from_url(cache_url)
+        assert cache.keys("gristmill:dedup:*") and not main.keys("gristmill:dedup:*")
+        assert cache.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+        assert int(cache.config_get("maxmemory")["maxmemory"]) == 1 << 30
+        assert cache.config_get("appendonly")["appendonly"] == "no"
 
         kids = _children(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0
         _assert_gone(kids)
-        assert not ping(url)
-        assert not url_file.exists()
+        assert not ping(url) and not ping(cache_url)
+        assert not url_file.exists() and not cache_url_file.exists()
     finally:
         _stop_up(proc)
         log.close()
@@ -254,7 +263,7 @@ def test_up_stops_its_children_on_sigterm_and_sigint(home, tiny_models_file, tmp
         url_file = up_home / "redis" / "url"
         deadline = time.monotonic() + 120
         kids: list[int] = []
-        while not (url_file.exists() and len(kids) >= 2):  # redis-server and the worker
+        while not (url_file.exists() and len(kids) >= 3):  # two redis-servers (queues, score cache), the worker
             assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "up.log").read_text()
             time.sleep(0.2)
             kids = _children(proc.pid)

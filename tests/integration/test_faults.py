@@ -7,6 +7,7 @@ import signal
 import time
 from collections import Counter
 
+import redis
 
 from producers import constants as C
 from producers.client import Client
@@ -225,3 +226,31 @@ def test_the_sweep_finds_a_lost_chunk_while_its_queue_is_still_busy(redis_url, h
     finally:
         c.close()
         r.close()
+
+
+def test_the_score_cache_on_its_own_server_and_a_dead_one_costs_no_line(redis_url, home, tiny_models_file, tmp_path):
+    from producers.redis_server import EmbeddedRedis
+    url = _own_db(redis_url, 11)
+    clean(url)
+    cache_server = EmbeddedRedis(tmp_path / "cache", cache_max_memory="64mb")
+    cache_url = cache_server.start()
+    w = WorkerProcess(worker_env(url, home, tiny_models_file, GRISTMILL_DEDUP_REDIS_URL=cache_url),
+                      tmp_path / "w.log").wait_ready(url)
+    c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=8))
+    try:
+        first = [moderation(f"a{i}", f"first text {i}") for i in range(20)]
+        b1 = c.wait(c.submit_file(write_jsonl(tmp_path / "a.jsonl", first)).id, timeout=120)
+        assert b1.request_counts.completed == 20
+        main, cache = redis.Redis.from_url(url), redis.Redis.from_url(cache_url)
+        assert len(cache.keys(f"{C.PREFIX}:dedup:*")) == 20 and not main.keys(f"{C.PREFIX}:dedup:*")
+
+        cache_server.stop()  # lookups and publishes now fail: the lines run and are written anyway
+        second = [moderation(f"b{i}", f"second text {i}") for i in range(20)]
+        b2 = c.wait(c.submit_file(write_jsonl(tmp_path / "b.jsonl", second)).id, timeout=120)
+        outs, errs = read_results(c, b2.id, tmp_path)
+        assert (b2.status, len(outs), errs) == (C.COMPLETED, 20, [])
+        assert "score cache lookup failed" in (tmp_path / "w.log").read_text()
+    finally:
+        w.stop()
+        cache_server.stop()
+        c.close()

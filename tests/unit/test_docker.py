@@ -65,13 +65,22 @@ def test_services_agree_on_redis_flower_and_gpus():
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert redis_cmd[redis_cmd.index("--requirepass") + 1] == ENV["REDIS_PASSWORD"]
     redis_port = 6379
-    gristmill = {name: s for name, s in services.items() if name != "redis"}
+    cache_cmd = services["redis-cache"]["command"]
+    assert cache_cmd[cache_cmd.index("--appendonly") + 1] == "no"
+    assert cache_cmd[cache_cmd.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert cache_cmd[cache_cmd.index("--requirepass") + 1] == ENV["REDIS_PASSWORD"]
+    assert not services["redis-cache"].get("ports"), "only this host's workers use the cache"
+    gristmill = {name: s for name, s in services.items() if not name.startswith("redis")}
     assert {"worker-gpu0", "worker-gpu1", "worker-cpu", "flower"} <= set(gristmill)
     for name, s in gristmill.items():
         env = s["environment"]
         url = urlparse(env["GRISTMILL_REDIS_URL"])
         assert (url.hostname, url.port or 6379, url.password) == ("redis", redis_port, ENV["REDIS_PASSWORD"]), name
         assert "redis" in s["depends_on"], name
+        if name.startswith("worker"):
+            cache = urlparse(env["GRISTMILL_DEDUP_REDIS_URL"])
+            assert (cache.hostname, cache.password) == ("redis-cache", ENV["REDIS_PASSWORD"]), name
+            assert "redis-cache" in s["depends_on"], name
         # each service's environment is a valid gristmill configuration
         Settings(**{k.removeprefix("GRISTMILL_").lower(): v for k, v in env.items()})
         dockerfile = ROOT / "docker" / Path(s["build"]["dockerfile"]).name

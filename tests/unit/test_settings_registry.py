@@ -64,6 +64,16 @@ def test_settings_validate_on_build(monkeypatch):
         Settings()
 
 
+@pytest.mark.parametrize("value,ok", [("1gb", True), ("512MB", True), ("100000000", True), ("2g", True),
+                                      ("lots", False), ("1.5gb", False), ("", False), ("-1mb", False)])
+def test_the_cache_servers_memory_cap_is_what_redis_server_reads(value, ok):
+    if ok:
+        assert Settings(dedup_max_memory=value).dedup_max_memory == value
+    else:
+        with pytest.raises(ValueError, match="dedup_max_memory"):
+            Settings(dedup_max_memory=value)
+
+
 def test_parse_window():
     assert parse_window("24h") == 86400 and parse_window("90s") == 90 and parse_window("2d") == 172800
 
