@@ -1,6 +1,7 @@
 """What a worker spends per item around the model: its task path measured in-process, no Celery.
 
     python -m benchmarks.worker_path [--url moderations|classifications] [--model NAME] [--chunks N]
+                                     [--cache-redis 1gb]
 
 Runs `workers.tasks.process_chunk` (the body of the Celery task: begin the chunk, prepare and
 tokenize, score-cache lookup, micro-batcher, settle, format, write the part to Redis) on chunks of
@@ -26,6 +27,7 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="a registered classifier (default: the url's default model)")
     ap.add_argument("--chunks", type=int, default=40, help="timed chunks (default 40)")
     ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
+                    help="the score cache on a second embedded Redis capped at MAXMEMORY, as `gristmill up` "
+                         "runs it; its CPU is reported apart (default: one Redis for both)")
     args = ap.parse_args(argv)
 
     from workers.pinning import pin
@@ -73,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from producers.settings import Settings
     from workers import tasks
 
-    with EmbeddedRedis(work / "redis") as server:
-        settings = Settings(redis_url=server.url)
+    cache_server = EmbeddedRedis(work / "redis-cache", cache_max_memory=args.cache_redis) if args.cache_redis else None
+    with EmbeddedRedis(work / "redis") as server, cache_server or contextlib.nullcontext():
+        settings = Settings(redis_url=server.url, dedup_redis_url=cache_server.url if cache_server else None)
         registry = settings.registry
         if args.url == "classifications":
             url, policy = C.CLASSIFICATIONS_URL, None
@@ -115,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             st.store.create(batch_id, input_file=None, completion_window="24h", window_s=86400, policy=policy)
             messages = [chunk_message(k) for k in range(args.chunks + 2)]
             rows: list[dict[str, float]] = []
-            cpu0 = t_cpu0 = 0.0
-            idle0, idle_t0 = redis_cpu_s(st.redis), time.perf_counter()
+            servers = [st.redis] + ([st.host.cache.r] if cache_server is not None else [])
+            cpu0, t_cpu0 = [0.0] * len(servers), 0.0
+            idle0, idle_t0 = [redis_cpu_s(x) for x in servers], time.perf_counter()
             time.sleep(2.0)
-            idle_per_s = (redis_cpu_s(st.redis) - idle0) / (time.perf_counter() - idle_t0)
+            idle_per_s = [(redis_cpu_s(x) - i0) / (time.perf_counter() - idle_t0) for x, i0 in zip(servers, idle0)]
             for k, msg in enumerate(messages):
                 busy0 = st.batcher.stats.busy_s
                 for name in spent:
@@ -131,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                 t2 = time.perf_counter()
                 assert out.get("completed") == args.chunk_size, out
                 if k < 2:
-                    cpu0, t_cpu0 = redis_cpu_s(st.redis), time.perf_counter()
+                    cpu0, t_cpu0 = [redis_cpu_s(x) for x in servers], time.perf_counter()
                     continue  # warm-up
                 busy = st.batcher.stats.busy_s - busy0
                 row = {"decode": t1 - t0, **spent, "engine": busy}
                 row["task"] = t2 - t1 - busy
                 row["other"] = row["task"] - sum(spent.values())
                 rows.append(row)
-            busy_cpu = redis_cpu_s(st.redis) - cpu0 - idle_per_s * (time.perf_counter() - t_cpu0)
-            redis_us = max(busy_cpu, 1e-9) / (len(rows) * args.chunk_size) * 1e6
+            timed_s = time.perf_counter() - t_cpu0
+            busy_cpu = [redis_cpu_s(x) - c0 - idle * timed_s for x, c0, idle in zip(servers, cpu0, idle_per_s)]
+            redis_us, *cache_us = [max(b, 1e-9) / (len(rows) * args.chunk_size) * 1e6 for b in busy_cpu]
         finally:
             st.shutdown()
 
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                "task_mean_us_per_item": round(mean_us["task"], 1),
                "queue_mean_us_per_item": round(queue_us, 1), "queue_bound_items_per_s": round(1e6 / queue_us),
                "queue_share": round(queue_us / (queue_us + mean_us["engine"]), 3),
-               "redis_cpu_us_per_item": round(redis_us, 1), "redis_bound_items_per_s": round(1e6 / redis_us)}
+               "redis_cpu_us_per_item": round(redis_us, 1), "redis_bound_items_per_s": round(1e6 / redis_us),
+               "cache_redis_cpu_us_per_item": round(cache_us[0], 1) if cache_us else None}
     print(table([(label, f"{us[name]:.1f}", f"{mean_us[name]:.1f}" if name in mean_us else "")
                  for name, label in LABELS] +
                 [("queue total (decode + task)", f"{us['decode'] + us['task']:.1f}", f"{queue_us:.1f}"),
@@ -166,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one worker process's queue path alone: {1e6 / queue_us:,.0f} items/s")
     print(f"Redis server CPU for the workers' side: {redis_us:.1f} us per item, so one Redis serves at most "
           f"{1e6 / redis_us:,.0f} items/s across all worker processes")
+    if cache_us:
+        print(f"the score cache's own Redis: {cache_us[0]:.1f} us per item")
     print(json.dumps(figures))
     return 0
 
