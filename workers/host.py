@@ -20,7 +20,7 @@ from producers.policy import Policy, model_policy
 from producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
 from producers.settings import Settings
 
-from . import dedup
+from . import dedup, metrics
 from .batcher import model_of
 from .dedup import ScoreCache
 
@@ -146,8 +146,13 @@ class EngineHost:
                 try:
                     cached = self.cache.lookup(mkey, shas)
                 except Exception:  # noqa: BLE001 - the cache is an optimisation: on a Redis error, run the inputs
+                    metrics.CACHE_ERRORS.labels("lookup").inc()
                     log.warning("score cache lookup failed; running the inputs", exc_info=True)
             known = [None if c is None else dedup.unpack(c, eng.labels) for c in cached]
+            if self.cache is not None and self.cache.enabled:
+                hits = len(known) - known.count(None)
+                metrics.CACHE_INPUTS.labels(model, "hit").inc(hits)
+                metrics.CACHE_INPUTS.labels(model, "miss").inc(len(known) - hits)
             first: dict[str, int] = {}
             todo = [j for j, sha in enumerate(shas) if known[j] is None and first.setdefault(sha, j) == j]
             ids = dict(zip(todo, eng.encode([flat[j] for j in todo])))  # tokenize only what will run
@@ -192,6 +197,7 @@ class EngineHost:
             try:
                 earlier = self.cache.publish(self.model_key(model), list(by_sha), packed)  # type: ignore[union-attr]
             except Exception:  # noqa: BLE001 - the cache is an optimisation; a Redis hiccup must not fail lines
+                metrics.CACHE_ERRORS.labels("publish").inc()
                 log.warning("score cache publish failed; lines keep their own scores", exc_info=True)
                 continue
             theirs = {sha: dedup.unpack(v, labels) for sha, v in zip(by_sha, earlier) if v is not None}

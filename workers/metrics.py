@@ -3,7 +3,8 @@
 
 Flower shows tasks and workers; these show what the engine does: items by outcome, device batch
 sizes, padding, engine time per batch, how long messages wait in the queue and take to run, the
-GPU memory in use, and how often the classifier tokenizer's chunk cache hits.
+GPU memory in use, how often the score cache and the classifier tokenizer's chunk cache hit, and
+how often the score cache's server failed a call.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ ENGINE_SECONDS = Histogram("gristmill_engine_seconds", "Engine time per device b
 GPU_MEMORY = Gauge("gristmill_gpu_memory_bytes", "GPU memory held by this worker's tensors (allocated) and by "
                    "torch's caching allocator (reserved)", ["kind"])
 SPLITS = Counter("gristmill_batch_splits_total", "Batches split after an error or out-of-memory", ["model"])
+CACHE_INPUTS = Counter("gristmill_score_cache_inputs_total", "Classifier inputs looked up in the score cache: hit "
+                       "(answered by it) or miss (run, or shared with a repeat)", ["model", "outcome"])
+CACHE_ERRORS = Counter("gristmill_score_cache_errors_total", "Score-cache calls that failed (a lookup's inputs ran; "
+                       "a publish's lines kept their own scores)", ["op"])
 
 
 def on_batch(model: str, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:

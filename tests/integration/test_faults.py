@@ -229,13 +229,18 @@ def test_the_sweep_finds_a_lost_chunk_while_its_queue_is_still_busy(redis_url, h
 
 
 def test_the_score_cache_on_its_own_server_and_a_dead_one_costs_no_line(redis_url, home, tiny_models_file, tmp_path):
-    from producers.redis_server import EmbeddedRedis
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from producers.redis_server import EmbeddedRedis, free_port
     url = _own_db(redis_url, 11)
     clean(url)
     cache_server = EmbeddedRedis(tmp_path / "cache", cache_max_memory="64mb")
     cache_url = cache_server.start()
-    w = WorkerProcess(worker_env(url, home, tiny_models_file, GRISTMILL_DEDUP_REDIS_URL=cache_url),
-                      tmp_path / "w.log").wait_ready(url)
+    port = free_port()
+    w = WorkerProcess(worker_env(url, home, tiny_models_file, GRISTMILL_DEDUP_REDIS_URL=cache_url,
+                                 GRISTMILL_METRICS_PORT=str(port)), tmp_path / "w.log").wait_ready(url)
     c = Client(Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=8))
     try:
         first = [moderation(f"a{i}", f"first text {i}") for i in range(20)]
@@ -250,6 +255,12 @@ def test_the_score_cache_on_its_own_server_and_a_dead_one_costs_no_line(redis_ur
         outs, errs = read_results(c, b2.id, tmp_path)
         assert (b2.status, len(outs), errs) == (C.COMPLETED, 20, [])
         assert "score cache lookup failed" in (tmp_path / "w.log").read_text()
+        # and the operator sees it: the failed calls are counted
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        failed = {s.labels["op"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                  if s.name == "gristmill_score_cache_errors_total"}
+        assert failed.get("lookup", 0) >= 1 and failed.get("publish", 0) >= 1, failed
     finally:
         w.stop()
         cache_server.stop()

@@ -248,6 +248,9 @@ def test_worker_exports_prometheus_metrics(client, metrics_port, tmp_path):
     assert samples[("gristmill_queue_wait_seconds_count", (("queue", C.CLASSIFY_QUEUE),))] >= 1
     assert samples[("gristmill_engine_seconds_count", (("model", "tiny-moderation"),))] >= 1
     assert not any(name == "gristmill_gpu_memory_bytes" for name, _ in samples)  # a CPU worker has none
+    looked_up = sum(samples.get(("gristmill_score_cache_inputs_total", (("model", "tiny-moderation"), ("outcome", o))), 0)
+                    for o in ("hit", "miss"))
+    assert looked_up >= 5
 
 
 def test_parallel_ingest_over_byte_ranges_matches_one_process(redis_url, tiny_worker, settings_for, tmp_path,
