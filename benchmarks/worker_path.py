@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
             timed_s = time.perf_counter() - t_cpu0
             busy_cpu = [redis_cpu_s(x) - c0 - idle * timed_s for x, c0, idle in zip(servers, cpu0, idle_per_s)]
-            redis_us, *cache_us = [max(b, 1e-9) / (len(rows) * args.chunk_size) * 1e6 for b in busy_cpu]
+            # None: below the idle rate's noise (a CPU model's seconds a chunk dwarf a few ms of Redis)
+            redis_us, *cache_us = [b / (len(rows) * args.chunk_size) * 1e6 if b > 0 else None for b in busy_cpu]
         finally:
             st.shutdown()
 
@@ -165,20 +166,27 @@ def main(argv: list[str] | None = None) -> int:
                "task_mean_us_per_item": round(mean_us["task"], 1),
                "queue_mean_us_per_item": round(queue_us, 1), "queue_bound_items_per_s": round(1e6 / queue_us),
                "queue_share": round(queue_us / (queue_us + mean_us["engine"]), 3),
-               "redis_cpu_us_per_item": round(redis_us, 1), "redis_bound_items_per_s": round(1e6 / redis_us),
-               "cache_redis_cpu_us_per_item": round(cache_us[0], 1) if cache_us else None}
+               "redis_cpu_us_per_item": _round(redis_us), "redis_bound_items_per_s": _round(redis_us and 1e6 / redis_us, 0),
+               "cache_redis_cpu_us_per_item": _round(cache_us[0]) if cache_us else None}
     print(table([(label, f"{us[name]:.1f}", f"{mean_us[name]:.1f}" if name in mean_us else "")
                  for name, label in LABELS] +
                 [("queue total (decode + task)", f"{us['decode'] + us['task']:.1f}", f"{queue_us:.1f}"),
                  ("engine (micro-batcher busy)", f"{us['engine']:.1f}", f"{mean_us['engine']:.1f}")],
                 ("per item", "median over chunks, us", "mean, us")))
     print(f"one worker process's queue path alone: {1e6 / queue_us:,.0f} items/s")
-    print(f"Redis server CPU for the workers' side: {redis_us:.1f} us per item, so one Redis serves at most "
-          f"{1e6 / redis_us:,.0f} items/s across all worker processes")
+    if redis_us is None:
+        print("Redis server CPU for the workers' side: below what its idle rate lets this run measure")
+    else:
+        print(f"Redis server CPU for the workers' side: {redis_us:.1f} us per item, so one Redis serves at most "
+              f"{1e6 / redis_us:,.0f} items/s across all worker processes")
     if cache_us:
-        print(f"the score cache's own Redis: {cache_us[0]:.1f} us per item")
+        print(f"the score cache's own Redis: {_round(cache_us[0])} us per item")
     print(json.dumps(figures))
     return 0
+
+
+def _round(v: float | None, digits: int = 1) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 if __name__ == "__main__":
