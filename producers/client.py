@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -16,6 +17,7 @@ from .policy import Policy
 from .ingest import AUTO_PARALLEL_LINES, IngestReport, check_unique, enqueue, enqueue_parallel, ranges
 from .redis_server import resolve_redis_url, with_retry
 from .registry import ModelSpec
+from .schemas import loads_line
 from .settings import Settings, parse_window
 
 
@@ -129,6 +131,16 @@ class Client:
             if err_f:
                 err_f.close()
         return n_out, n_err
+
+    def iter_results(self, batch_id: str, *, errors: bool = False) -> Iterator[dict[str, Any]]:
+        """The batch's output lines (or its error lines, with errors=True) written so far, parsed,
+        one part at a time: memory stays flat however large the batch. In no particular order, as
+        in the files; match lines by custom_id. Safe while the batch runs."""
+        for out_lines, err_lines in self.store.iter_parts(batch_id):
+            text = err_lines if errors else out_lines
+            # split on "\n" only: JSON keeps U+2028 and NEL raw, which splitlines() would break at
+            for line in text.split("\n")[:-1]:
+                yield loads_line(line)  # as the standard library parses it (integers of any size)
 
     def models(self) -> list[ModelSpec]:
         return list(self.settings.registry.specs.values())

@@ -46,6 +46,9 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
 
     # exactly one output-or-error line per input line
     assert len(outs) + len(errs) == len(rows)
+    # the same lines, parsed, without files
+    assert sorted(map(json.dumps, client.iter_results(batch.id))) == sorted(map(json.dumps, outs))
+    assert sorted(map(json.dumps, client.iter_results(batch.id, errors=True))) == sorted(map(json.dumps, errs))
     assert done.request_counts.model_dump() == {"total": len(rows), "completed": len(outs), "failed": len(errs)}
     by_id = {o["custom_id"]: o for o in outs}
     assert set(by_id) == {"c1", "c2", "c3", "p1", "p2", "p3", "m1", "m2", "m3", "k1", "k2"}
