@@ -155,6 +155,17 @@ def with_retry(fn, *args, deadline_s: float = 300.0, what: str = "redis call", *
             delay = min(5.0, delay * 2)
 
 
+def resolve_dedup_redis_url(settings) -> str | None:
+    """The score cache's server: GRISTMILL_DEDUP_REDIS_URL when set; else, for a process on a
+    running `gristmill up`'s embedded Redis, that `up`'s cache server, so a worker started by hand
+    shares the cache of those `up` started; else None (the cache shares the queues' server)."""
+    if settings.dedup_redis_url:
+        return settings.dedup_redis_url
+    if settings.redis_url:
+        return None
+    return EmbeddedRedis(settings.dedup_redis_dir).running_url()
+
+
 def resolve_redis_url(settings) -> str:
     """GRISTMILL_REDIS_URL when set; else the url of a running `gristmill up` for this home."""
     if settings.redis_url:

@@ -28,7 +28,7 @@ def worker(argv: list[str]) -> int:
 
     from producers import constants as C
     from producers.app import make_app
-    from producers.redis_server import resolve_redis_url
+    from producers.redis_server import resolve_dedup_redis_url, resolve_redis_url
     from producers.settings import Settings
 
     from . import control  # noqa: F401  (registers the gristmill_stats remote-control command)
@@ -38,6 +38,7 @@ def worker(argv: list[str]) -> int:
 
     tolerate_kombu_close_race()
     settings = Settings()
+    settings = settings.model_copy(update={"dedup_redis_url": resolve_dedup_redis_url(settings)})
     url = resolve_redis_url(settings)
     app = make_app(settings, url)
     register_tasks(app)

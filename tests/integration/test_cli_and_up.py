@@ -214,6 +214,11 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
         assert cache.keys("gristmill:dedup:*") and not main.keys("gristmill:dedup:*")
         assert cache.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
         assert int(cache.config_get("maxmemory")["maxmemory"]) == 1 << 30
+        # a worker started by hand on this `up`'s Redis finds the same cache server
+        from producers.redis_server import resolve_dedup_redis_url
+        from producers.settings import Settings
+        assert resolve_dedup_redis_url(Settings(home=up_home)) == cache_url
+        assert resolve_dedup_redis_url(Settings(home=up_home, redis_url=url)) is None
         assert cache.config_get("appendonly")["appendonly"] == "no"
 
         kids = _children(proc.pid)
