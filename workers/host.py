@@ -10,12 +10,13 @@ import functools
 import gc
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from producers import constants as C
 from producers import schemas as S
-from producers.errors import ItemError
+from producers.errors import EngineError, ItemError
 from producers.policy import Policy, model_policy
 from producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
 from producers.settings import Settings
@@ -60,6 +61,10 @@ def _unfreeze_at_exit() -> None:
     atexit.register(gc.unfreeze)
 
 
+# After a model fails to load, its lines fail at once for this long before a load is tried again.
+LOAD_RETRY_S = 30.0
+
+
 class EngineHost:
     def __init__(self, settings: Settings, device: str = "cpu", cache: ScoreCache | None = None):
         self.settings = settings
@@ -67,6 +72,7 @@ class EngineHost:
         self.device = device
         self.cache = cache
         self._engines: dict[str, Any] = {}
+        self._failed: dict[str, tuple[float, Exception]] = {}  # model -> (when its load failed, the error)
         self._lock = threading.Lock()
 
     # -- load / check_health / shutdown
@@ -76,9 +82,27 @@ class EngineHost:
             with self._lock:
                 eng = self._engines.get(name)
                 if eng is None:
-                    eng = self._load(self.registry.get(name))
+                    eng = self._load_or_explain(name)
                     self._engines[name] = eng
                     freeze_heap()
+        return eng
+
+    def _load_or_explain(self, name: str):
+        """Load a model; a failure names the model and is repeated without a new attempt for
+        LOAD_RETRY_S, so the chunks that follow fail their lines for it at once instead of each
+        paying a load (a corrupt or missing model directory, an out-of-memory device)."""
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() - failed[0] < LOAD_RETRY_S:
+            raise failed[1]
+        spec = self.registry.get(name)
+        try:
+            eng = self._load(spec)
+        except Exception as exc:
+            err = EngineError(f"model {name!r} failed to load from {spec.path or spec.package}: "
+                              f"{type(exc).__name__}: {exc}")
+            self._failed[name] = (time.monotonic(), err)
+            raise err from exc
+        self._failed.pop(name, None)
         return eng
 
     def _load(self, spec: ModelSpec):

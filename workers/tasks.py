@@ -185,6 +185,30 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
     return {"completed": len(lines) - failed, "failed": failed}
 
 
+def _prepare_apart(st: WorkerState, items: list[S.WorkItem]) -> list[Prepared | S.LineError]:
+    """After preparing a chunk failed: each model's items apart, and item by item within a model
+    that loads, so only the items that cannot be prepared fail (a model that cannot load fails
+    its own items, once, not the chunk's other models')."""
+    out: list[Prepared | S.LineError | None] = [None] * len(items)
+    by_model: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_model.setdefault(it.model, []).append(i)
+    for model, idx in by_model.items():
+        try:
+            if model in st.host.registry.specs:
+                st.host.engine(model)
+        except Exception as exc:  # noqa: BLE001 - its items fail below
+            for i in idx:
+                out[i] = S.LineError(items[i].line, items[i].custom_id, C.E_ENGINE, str(exc))
+            continue
+        for i in idx:
+            try:
+                out[i] = st.host.prepare([items[i]])[0]
+            except Exception as exc:  # noqa: BLE001 - this item fails alone
+                out[i] = S.LineError(items[i].line, items[i].custom_id, C.E_ENGINE, f"{type(exc).__name__}: {exc}")
+    return out  # type: ignore[return-value]
+
+
 def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, tag: str = ""
               ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], tuple[int, int]]:
     """(line, is_error) pairs for `items`, their models, and (classifier inputs, reused). A `tag`
@@ -193,9 +217,9 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
     models: list[str] = []
     try:
         prepared = st.host.prepare(items)
-    except Exception as exc:  # noqa: BLE001 - a chunk-wide preparation failure fails its items, not the worker
-        log.exception("preparing %d items failed", len(items))
-        prepared = [S.LineError(it.line, it.custom_id, C.E_ENGINE, f"{type(exc).__name__}: {exc}") for it in items]
+    except Exception:  # noqa: BLE001 - a chunk-wide preparation failure must not fail the other items
+        log.exception("preparing %d items failed; preparing them apart", len(items))
+        prepared = _prepare_apart(st, items)
     waiting = submit_chunk(st.batcher, prepared, st.recent, tag)
     for it, p in zip(items, prepared):
         if isinstance(p, S.LineError):

@@ -265,3 +265,34 @@ def test_the_score_cache_on_its_own_server_and_a_dead_one_costs_no_line(redis_ur
         w.stop()
         cache_server.stop()
         c.close()
+
+
+def test_a_model_that_cannot_load_fails_its_own_lines_only(redis_url, home, tiny_models_file, tmp_path):
+    import json
+
+    from .helpers import classification
+    url = _own_db(redis_url, 12)
+    clean(url)
+    (tmp_path / "empty-model").mkdir()
+    models = json.loads(tiny_models_file.read_text()) + [
+        {"name": "broken", "kind": "sequence_classifier", "path": str(tmp_path / "empty-model")}]
+    mf = tmp_path / "models.json"
+    mf.write_text(json.dumps(models))
+    w = WorkerProcess(worker_env(url, home, mf), tmp_path / "w.log").wait_ready(url)
+    c = Client(Settings(redis_url=url, home=home, models_file=mf, builtin_models=False, chunk_size=4))
+    try:
+        # two chunks, each with lines for the broken model beside lines for working ones
+        rows = [classification("b0", model="broken"), moderation("m0"), classification("k0", model="tiny-classifier"),
+                classification("b1", model="broken"), classification("b2", model="broken"), moderation("m1"),
+                completion("p0", max_tokens=2), classification("b3", model="broken")]
+        b = c.wait(c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows)).id, timeout=120)
+        outs, errs = read_results(c, b.id, tmp_path)
+        assert sorted(o["custom_id"] for o in outs) == ["k0", "m0", "m1", "p0"]
+        assert sorted(e["custom_id"] for e in errs) == ["b0", "b1", "b2", "b3"]
+        for e in errs:
+            assert e["error"]["code"] == C.E_ENGINE and "model 'broken' failed to load" in e["error"]["message"], e
+        # the failure is remembered for a while: the second chunk did not load it again
+        assert (tmp_path / "w.log").read_text().count("loading broken") == 1
+    finally:
+        w.stop()
+        c.close()
