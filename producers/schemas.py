@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Callable, Literal, NamedTuple, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,29 @@ class _Body(BaseModel):
     # except those whose meaning we cannot honour, which are rejected below.
     model_config = ConfigDict(extra="allow")
     model: str | None = None
+
+
+def _number(v: Any) -> float | None:
+    return v if type(v) in (int, float) else None  # not a bool: True is not 1 here
+
+
+def _off(v: Any) -> bool:
+    return v is None or v is False
+
+
+# Sampling-time and output features the decode loop does not implement, each with the test that a
+# value is its default (null, false, zero or empty), the only values accepted.
+_UNHONOURED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": _off, "echo": _off,
+    "top_logprobs": lambda v: v is None or _number(v) == 0,
+    "presence_penalty": lambda v: v is None or _number(v) == 0,
+    "frequency_penalty": lambda v: v is None or _number(v) == 0,
+    "best_of": lambda v: v is None or _number(v) == 1,
+    "logit_bias": lambda v: v is None or v == {},
+    "tools": lambda v: v is None or v == [],
+    "functions": lambda v: v is None or v == [],
+    "suffix": lambda v: v is None or v == "",
+}
 
 
 class _Sampling(_Body):
@@ -56,6 +79,16 @@ class _Sampling(_Body):
             raise ValueError("n: only n=1 is supported")
         if self.stream:
             raise ValueError("stream: batch requests cannot stream")
+        # OpenAI parameters whose non-default values would change the answer or its shape, which
+        # this engine cannot honour: a line asking for them fails rather than being answered as if
+        # it had not (their default values, which files written for OpenAI often carry, pass)
+        extra = self.model_extra or {}
+        for name, is_default in _UNHONOURED.items():
+            if name in extra and not is_default(extra[name]):
+                raise ValueError(f"{name}: not supported here (got {extra[name]!r}); drop it or give its default")
+        fmt = extra.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
+            raise ValueError(f"response_format: only {{'type': 'text'}} is supported (got {fmt!r})")
         return self
 
     def stop_list(self) -> list[str]:
@@ -158,11 +191,16 @@ class WorkItem(NamedTuple):
         return cls(m["line"], m["custom_id"], m["url"], m["model"], m["body"], m["sha"])
 
 
-def _pydantic_message(e: ValidationError) -> str:
+def _pydantic_message(e: ValidationError, root: str = "body") -> str:
+    """Up to three errors, each as `root.field: what is wrong`. Our own validators' messages
+    (pydantic's "Value error, ...") already start with the field they name, which is not repeated."""
     parts = []
     for err in e.errors()[:3]:
-        loc = ".".join(str(x) for x in err["loc"]) or "body"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = [str(x) for x in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if loc and msg.startswith(f"{loc[-1]}:"):
+            loc = loc[:-1]
+        parts.append(f"{'.'.join([root, *loc])}: {msg}" if loc else f"{root}.{msg}" if ":" in msg else f"{root}: {msg}")
     return "; ".join(parts)
 
 
@@ -278,7 +316,7 @@ def validate_line(raw: bytes | str, line_no: int, registry: Registry,
     try:
         parsed = BODY_SCHEMA[url].model_validate(body)
     except ValidationError as e:
-        return LineError(line_no, cid, C.E_INVALID_BODY, f"body.{_pydantic_message(e)}")
+        return LineError(line_no, cid, C.E_INVALID_BODY, _pydantic_message(e))
     try:
         if url == C.MODERATIONS_URL and policy is not None:
             spec = moderation_model(registry, policy, parsed.model)

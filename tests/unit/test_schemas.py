@@ -66,6 +66,39 @@ def test_bad_lines_name_code_line_and_custom_id(registry, raw, code, cid):
     assert err.message
 
 
+_HI = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2}, {"presence_penalty": 0.5},
+                                   {"frequency_penalty": -1}, {"logit_bias": {"50256": -100}},
+                                   {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                   {"response_format": {"type": "json_object"}}, {"best_of": 3}])
+def test_parameters_that_would_change_the_answer_are_refused_by_name(registry, extra):
+    # answered as if they were absent, such lines used to come back without what they asked for
+    err = validate_line(line(body={"messages": _HI, **extra}), 1, registry)
+    assert isinstance(err, LineError) and err.code == C.E_INVALID_BODY
+    assert err.message.startswith(f"body.{next(iter(extra))}: "), err.message
+
+
+def test_their_default_values_and_harmless_parameters_pass(registry):
+    # files written for OpenAI often carry the defaults
+    body = {"messages": _HI, "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "logit_bias": {}, "tools": [], "response_format": {"type": "text"}, "user": "u", "store": False,
+            "metadata": {"k": "v"}, "tool_choice": "none", "parallel_tool_calls": True, "service_tier": "auto"}
+    assert isinstance(validate_line(line(body=body), 1, registry), WorkItem)
+    assert isinstance(validate_line(line(url=C.COMPLETIONS_URL, body={"prompt": "x", "echo": False, "suffix": None,
+                                                                        "best_of": 1}), 1, registry), WorkItem)
+    err = validate_line(line(url=C.COMPLETIONS_URL, body={"prompt": "x", "echo": True}), 1, registry)
+    assert isinstance(err, LineError) and err.message.startswith("body.echo: ")
+
+
+def test_model_level_errors_name_the_field_once(registry):
+    err = validate_line(line(body={"messages": _HI, "n": 2}), 1, registry)
+    assert err.message == "body.n: only n=1 is supported"
+    err = validate_line(line(body={"messages": _HI, "temperature": 9, "top_p": 0}), 1, registry)
+    assert err.message.startswith("body.temperature: ") and "; body.top_p: " in err.message
+
+
 @pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63 - 1, 2**64 - 1])
 def test_every_seed_a_torch_generator_takes_is_accepted(registry, seed):
     import torch
