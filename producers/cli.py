@@ -33,6 +33,8 @@ def _details(b) -> str:
     if b.policy:
         out.append(f"  policy {b.policy['policy_version']} (model {b.policy['model']}, "
                    f"thresholds {b.policy['thresholds_digest']})")
+    if b.metadata:
+        out.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in b.metadata.items()))
     if b.resent:
         out.append(f"  {b.resent} chunk message(s) sent again after a worker or Redis lost them in transit")
     if b.dedup.inputs:
@@ -46,10 +48,18 @@ def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format")
            wait: bool = typer.Option(False, "--wait", help="block until the batch ends, showing progress"),
            completion_window: Optional[str] = typer.Option(None, help="e.g. 24h (default: settings)"),
            policy: Optional[Path] = typer.Option(None, "--policy", help="moderation policy (YAML or JSON) for "
-                                                 "this batch (default: GRISTMILL_MODERATION_POLICY or the shipped one)")):
+                                                 "this batch (default: GRISTMILL_MODERATION_POLICY or the shipped one)"),
+           metadata: list[str] = typer.Option([], "--metadata", "-m", help="KEY=VALUE kept with the batch "
+                                              "(repeatable; at most 16)")):
     """Validate and enqueue FILE; prints the batch id as the last line."""
+    pairs = {}
+    for kv in metadata:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{kv!r}: write KEY=VALUE", param_hint="--metadata")
+        pairs[key] = value
     c = _client()
-    b = c.submit_file(file, completion_window=completion_window, policy=policy)
+    b = c.submit_file(file, completion_window=completion_window, policy=policy, metadata=pairs or None)
     typer.echo(_progress_line(b), err=True)
     if wait:
         from .progress import watch

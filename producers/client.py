@@ -21,6 +21,25 @@ from .schemas import loads_line
 from .settings import Settings, parse_window
 
 
+# OpenAI's limits on a batch's metadata
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """Raises SubmissionRejected unless metadata is at most 16 string pairs, keys of at most 64
+    characters and values of at most 512 (OpenAI's limits)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_PAIRS:
+        raise SubmissionRejected(f"metadata: give at most {MAX_METADATA_PAIRS} key-value pairs")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise SubmissionRejected(f"metadata: keys and values must be strings; fix {k!r}")
+        if not 0 < len(k) <= MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE:
+            raise SubmissionRejected(f"metadata: key {k[:80]!r} must have 1-{MAX_METADATA_KEY} characters and its "
+                                     f"value at most {MAX_METADATA_VALUE}")
+
+
 class Client:
     """Talks to Redis and the Celery broker; never imports torch.
 
@@ -52,6 +71,7 @@ class Client:
         path = Path(path)
         if not path.is_file():
             raise SubmissionRejected(f"input file {path} does not exist")
+        check_metadata(metadata)
         if policy is None or not isinstance(policy, Policy):
             policy = self.settings.policy(Path(policy) if policy is not None else None)
         window = completion_window or self.settings.completion_window

@@ -35,7 +35,7 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     clean(redis_url)
     env = worker_env(redis_url, home, tiny_models_file)
     f = write_jsonl(tmp_path / "in.jsonl", [chat("c1"), moderation("m1"), "not json"])
-    p = run(env, "submit", str(f), "--wait")
+    p = run(env, "submit", str(f), "--wait", "--metadata", "team=search", "-m", "run=7=b")
     batch_id = p.stdout.strip().splitlines()[-1]
     assert batch_id.startswith("batch_"), p.stdout
     assert "completed" in p.stderr
@@ -47,6 +47,11 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     st = json.loads(run(env, "status", batch_id, "--json").stdout)
     assert st["status"] == "completed"
     assert st["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert st["metadata"] == {"team": "search", "run": "7=b"}
+    assert "metadata: team=search, run=7=b" in run(env, "status", batch_id).stdout
+    for bad_meta in ("novalue", "=v", "k=" + "v" * 513):
+        r = run(env, "submit", str(f), "--metadata", bad_meta, check=False)
+        assert r.returncode == 2 and "metadata" in r.stderr.lower(), (bad_meta, r.stderr)
 
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     r = run(env, "results", batch_id, "-o", str(out), "--errors", str(err))

@@ -307,3 +307,13 @@ def test_a_byte_order_mark_and_crlf_line_ends_are_accepted(registry):
         item = validate_line(variant, 1, registry)
         assert isinstance(item, WorkItem) and item.custom_id == "a", variant
         assert peek_custom_id(variant) == "a"
+
+
+def test_batch_metadata_follows_openais_limits():
+    from producers.client import check_metadata
+    from producers.errors import SubmissionRejected
+    check_metadata(None)
+    check_metadata({f"k{i}": "v" * 512 for i in range(16)})
+    for bad in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"": "v"}, {"k": "v" * 513}, {"k": 1}, ["k"]):
+        with pytest.raises(SubmissionRejected, match="metadata"):
+            check_metadata(bad)  # type: ignore[arg-type]
