@@ -24,6 +24,7 @@ then one JSON line of the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                          "minilm-tiny), so that the queue's own path, real tokenizer included, is the bottleneck")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved engine / end-to-end passes; the best of each is reported (default 2, 3 without --quick)")
+    ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
+                    help="the score cache on a second embedded Redis capped at MAXMEMORY (e.g. 1gb), as "
+                         "`gristmill up` runs it; default: one Redis for both")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     from workers.pinning import pin
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="gristmill-bench-"))
     os.environ.pop("GRISTMILL_REDIS_URL", None)
+    os.environ.pop("GRISTMILL_DEDUP_REDIS_URL", None)
     os.environ["GRISTMILL_HOME"] = str(work / "home")
     if cuda:
         # DESIGN.md's reference point: MiniLM-L6 at 128 tokens; batches of 2048 fill an H100.
@@ -199,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 
     repeats = args.repeats or (2 if args.quick else 3)
     t_all = time.perf_counter()
-    with EmbeddedRedis(work / "redis") as server:
+    cache_server = EmbeddedRedis(work / "redis-cache", cache_max_memory=args.cache_redis) if args.cache_redis else None
+    with EmbeddedRedis(work / "redis") as server, cache_server or contextlib.nullcontext():
         os.environ["GRISTMILL_REDIS_URL"] = server.url
+        if cache_server is not None:
+            os.environ["GRISTMILL_DEDUP_REDIS_URL"] = cache_server.url
         settings = Settings()
         app = make_app(settings)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "model": model, "items": n, "naive_items": naive_n,
         "chunk_size": settings.chunk_size, "max_batch_size": settings.max_batch_size,
         "token_budget": settings.token_budget, "worker_concurrency": settings.worker_concurrency,
-        "instances": instances,
+        "instances": instances, "cache_redis": args.cache_redis,
         "engine_items_per_s": round(engine_ips, 1), "naive_items_per_s": round(naive_ips, 1),
         "gristmill_items_per_s": round(grist_ips, 1),
         "e2e_vs_engine": round(grist_ips / engine_ips, 3), "e2e_vs_naive": round(grist_ips / naive_ips, 2),
