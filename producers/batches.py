@@ -248,6 +248,21 @@ class BatchStore:
     def status(self, batch_id: str) -> str | None:
         return self.r.hget(C.batch_key(batch_id), "status")
 
+    def live_workers(self) -> dict[str, list[str]]:
+        """Worker process id -> the queues it consumes, for each worker whose heartbeat is current."""
+        out: dict[str, list[str]] = {}
+        for member in self.r.zrangebyscore(C.WORKERS_KEY, time.time(), "+inf"):
+            member = member.decode() if isinstance(member, bytes) else member
+            worker, _, queues = member.partition("|")
+            out[worker] = [q for q in queues.split(",") if q]
+        return out
+
+    def unserved_queues(self, batch_id: str) -> list[str]:
+        """The queues holding this batch's work that no live worker consumes."""
+        queues = [q for q in (self.raw(batch_id).get("queues") or "").split(",") if q]
+        served = {q for qs in self.live_workers().values() for q in qs}
+        return [q for q in queues if q not in served]
+
     def list_ids(self, limit: int = 20) -> list[str]:
         return list(self.r.zrevrange(C.BATCH_INDEX, 0, limit - 1))
 

@@ -43,6 +43,16 @@ def _details(b) -> str:
     return "\n".join(out)
 
 
+def _warn_if_unserved(c, b) -> None:
+    """A batch whose queues no running worker consumes would wait silently: say so."""
+    if b.done:
+        return
+    missing = c.unserved_queues(b.id)
+    if missing:
+        typer.echo(f"warning: no running worker consumes {', '.join(missing)}; this batch's work there waits "
+                   f"until one starts (`gristmill up`, or `gristmill worker` on a host with the models)", err=True)
+
+
 @cli.command()
 def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format"),
            wait: bool = typer.Option(False, "--wait", help="block until the batch ends, showing progress"),
@@ -61,6 +71,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format")
     c = _client()
     b = c.submit_file(file, completion_window=completion_window, policy=policy, metadata=pairs or None)
     typer.echo(_progress_line(b), err=True)
+    _warn_if_unserved(c, b)
     if wait:
         from .progress import watch
         b = watch(c, b.id)
@@ -83,6 +94,7 @@ def status(batch_id: str, as_json: bool = typer.Option(False, "--json", help="th
     typer.echo(_progress_line(b))
     if _details(b):
         typer.echo(_details(b))
+    _warn_if_unserved(c, b)
 
 
 @cli.command()

@@ -162,6 +162,14 @@ class Client:
             for line in text.split("\n")[:-1]:
                 yield loads_line(line)  # as the standard library parses it (integers of any size)
 
+    def workers(self) -> dict[str, list[str]]:
+        """The worker processes whose heartbeat is current (host:pid:tag) and the queues each consumes."""
+        return self.store.live_workers()
+
+    def unserved_queues(self, batch_id: str) -> list[str]:
+        """The batch's queues that no running worker consumes: its work there waits until one starts."""
+        return self.store.unserved_queues(batch_id)
+
     def models(self) -> list[ModelSpec]:
         return list(self.settings.registry.specs.values())
 

@@ -117,6 +117,11 @@ SWEEP_KEY = f"{PREFIX}:sweep"
 OWNERS_KEY = f"{PREFIX}:owners"
 
 
+# Sorted set: "<worker id>|<queue>,<queue>" scored by when that worker's heartbeat lapses, so
+# producers can tell whether anything consumes a batch's queues.
+WORKERS_KEY = f"{PREFIX}:workers"
+
+
 def alive_key(worker_id: str) -> str:
     """String with a TTL: a worker process's heartbeat; gone = its deliveries go back to the queue."""
     return f"{PREFIX}:alive:{worker_id}"

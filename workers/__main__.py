@@ -60,7 +60,7 @@ def worker(argv: list[str]) -> int:
                 logging.getLogger("gristmill").warning("metrics port %d unavailable (%s); metrics off", port, e)
         if inner != "cpu":
             metrics.watch_gpu_memory()
-        st = init_state(settings, url, inner, app)
+        st = init_state(settings, url, inner, app, queues)
         if not args.no_preload:
             st.host.preload(queues)
 

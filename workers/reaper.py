@@ -58,11 +58,12 @@ SEND_SKEW_S = 5.0
 
 
 class Lease:
-    def __init__(self, app, redis, ttl_s: float):
+    def __init__(self, app, redis, ttl_s: float, queues: list[str] | None = None):
         self.app = app
         self.r = redis
         self.ttl_s = ttl_s
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.member = f"{self.id}|{','.join(queues or C.QUEUES)}"  # in C.WORKERS_KEY
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -81,11 +82,17 @@ class Lease:
         self._stop.set()
         try:
             self.r.delete(C.alive_key(self.id))
+            self.r.zrem(C.WORKERS_KEY, self.member)
         except Exception:  # noqa: BLE001 - Redis may be gone at shutdown
             pass
 
     def beat(self) -> None:
-        self.r.set(C.alive_key(self.id), 1, px=int(self.ttl_s * 1000))
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(C.alive_key(self.id), 1, px=int(self.ttl_s * 1000))
+        pipe.zadd(C.WORKERS_KEY, {self.member: now + self.ttl_s})
+        pipe.zremrangebyscore(C.WORKERS_KEY, "-inf", now - 3600)  # workers gone an hour: forgotten
+        pipe.execute()
 
     def claim(self, delivery_tag: str, task_id: str) -> None:
         """Called as a message arrives (Celery's task_received, in the consumer thread)."""

@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 class WorkerState:
     """Per-process singletons: settings, Redis, engine host, micro-batcher."""
 
-    def __init__(self, settings: Settings, redis_url: str, device: str, app=None):
+    def __init__(self, settings: Settings, redis_url: str, device: str, app=None, queues: list[str] | None = None):
         self.settings = settings
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.lease = Lease(app, self.redis, settings.lease_ttl_s).start() if app is not None else None
+        self.lease = Lease(app, self.redis, settings.lease_ttl_s, queues).start() if app is not None else None
         self.store = BatchStore(self.redis, settings.result_ttl_s)
         cache_redis = self.redis
         if settings.dedup_redis_url:
@@ -62,11 +62,12 @@ _state: WorkerState | None = None
 _state_lock = threading.Lock()
 
 
-def init_state(settings: Settings, redis_url: str, device: str, app=None) -> WorkerState:
+def init_state(settings: Settings, redis_url: str, device: str, app=None,
+               queues: list[str] | None = None) -> WorkerState:
     global _state
     with _state_lock:
         if _state is None:
-            _state = WorkerState(settings, redis_url, device, app)
+            _state = WorkerState(settings, redis_url, device, app, queues)
     return _state
 
 

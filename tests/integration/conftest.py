@@ -31,9 +31,12 @@ def redis_url(tmp_path_factory):
 
 def clean(url: str) -> None:
     """Remove gristmill's keys and queued messages. Not FLUSHDB: that would also drop kombu's queue
-    bindings, which running workers and cached producers declared once and do not declare again."""
+    bindings, which running workers and cached producers declared once and do not declare again.
+    Running workers' heartbeats stay: they are the workers', not a test's."""
     r = redis.Redis.from_url(url)
-    keys = list(r.scan_iter(f"{C.PREFIX}:*")) + [q.encode() for q in C.QUEUES]
+    alive = C.alive_key("").encode()
+    keys = [k for k in r.scan_iter(f"{C.PREFIX}:*") if k != C.WORKERS_KEY.encode() and not k.startswith(alive)]
+    keys += [q.encode() for q in C.QUEUES]
     if keys:
         r.delete(*keys)
 

@@ -41,6 +41,7 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     assert "completed" in p.stderr
 
     assert "lines/s" in p.stderr and "eta" in p.stderr and "3/3" in p.stderr, p.stderr  # the progress bar
+    assert "no running worker" not in p.stderr
     watched = run(env, "status", batch_id, "--watch")
     assert "3/3" in watched.stderr and "completed" in watched.stdout
 
@@ -65,6 +66,15 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
 
     bad = run(env, "status", "batch_missing", check=False)
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+    # a Redis database no worker consumes: the batch would wait silently; submit and status say so
+    lonely = redis_url.rsplit("/", 1)[0] + "/13"
+    clean(lonely)
+    env13 = {**env, "GRISTMILL_REDIS_URL": lonely}
+    p = run(env13, "submit", str(f))
+    assert "warning: no running worker consumes gristmill.classify, gristmill.generate" in p.stderr, p.stderr
+    assert "no running worker consumes" in run(env13, "status", p.stdout.strip().splitlines()[-1]).stderr
+    clean(lonely)
 
     dup = write_jsonl(tmp_path / "dup.jsonl", [chat("x"), chat("x")])
     r = run(env, "submit", str(dup), check=False)

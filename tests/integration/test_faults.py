@@ -261,6 +261,10 @@ def test_the_score_cache_on_its_own_server_and_a_dead_one_costs_no_line(redis_ur
         failed = {s.labels["op"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                   if s.name == "gristmill_score_cache_errors_total"}
         assert failed.get("lookup", 0) >= 1 and failed.get("publish", 0) >= 1, failed
+        # the worker is listed with its queues while it runs, and not once it has stopped
+        assert list(c.workers().values()) == [list(C.QUEUES)]
+        w.stop()
+        assert c.workers() == {}
     finally:
         w.stop()
         cache_server.stop()
