@@ -2,6 +2,7 @@
 static batching, on the same prompts with mixed output lengths, in one run.
 
     python -m benchmarks.generation [--device cpu|cuda] [--quick] [--prompts FILE] [--requests N]
+                                    [--temperature T [--top-p P] [--seeded]]
 
 CPU: the real SmolLM2-135M-Instruct weights in fp32, chat prompts (built-in, or one per line of
 --prompts), greedy. CUDA: SmolLM2-135M's architecture with random weights in bf16 (speed does not
@@ -133,7 +134,13 @@ def _sync(eng) -> None:
         torch.cuda.synchronize()
 
 
-def run_hf(eng, prompts, limits, slots) -> tuple[list[list[int]], float]:
+def _hf_sampling(sampling: tuple[float, float]) -> dict:
+    temperature, top_p = sampling
+    return {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                                                          "top_k": 0}
+
+
+def run_hf(eng, prompts, limits, slots, sampling: tuple[float, float] = (0.0, 1.0)) -> tuple[list[list[int]], float]:
     import torch
     outs: list[list[int]] = []
     _sync(eng)
@@ -147,7 +154,7 @@ def run_hf(eng, prompts, limits, slots) -> tuple[list[list[int]], float]:
             for i, p in enumerate(group):
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
-            gen = eng.model.generate(ids.to(eng.device), attention_mask=mask.to(eng.device), do_sample=False,
+            gen = eng.model.generate(ids.to(eng.device), attention_mask=mask.to(eng.device), **_hf_sampling(sampling),
                                      max_new_tokens=max(lim), eos_token_id=list(eng.eos_ids), pad_token_id=eng.pad_id)
             for i, row in enumerate(gen[:, width:].tolist()):
                 cut = next((k for k, tok in enumerate(row) if tok in eng.eos_ids), len(row))
@@ -156,13 +163,14 @@ def run_hf(eng, prompts, limits, slots) -> tuple[list[list[int]], float]:
     return outs, time.perf_counter() - t
 
 
-def run_hf_grouped(eng, prompts, limits, slots, grouping: str) -> tuple[list[list[int]], float]:
+def run_hf_grouped(eng, prompts, limits, slots, grouping: str,
+                   sampling: tuple[float, float] = (0.0, 1.0)) -> tuple[list[list[int]], float]:
     """run_hf with its static batches in input order or grouped longest max_tokens first; outputs in
     input order."""
     order = list(range(len(prompts)))
     if grouping == "longest":
         order.sort(key=lambda i: -limits[i])
-    outs, seconds = run_hf(eng, [prompts[i] for i in order], [limits[i] for i in order], slots)
+    outs, seconds = run_hf(eng, [prompts[i] for i in order], [limits[i] for i in order], slots, sampling)
     back: list[list[int]] = [[] for _ in prompts]
     for i, out in zip(order, outs):
         back[i] = out
@@ -174,11 +182,14 @@ def agreement(a: list[list[int]], b: list[list[int]], first: int | None = None) 
     return round(sum(x[:first] == y[:first] for x, y in zip(a, b)) / len(a), 4)
 
 
-def run_engine(eng, prompts, limits) -> tuple[list[list[int]], float]:
+def run_engine(eng, prompts, limits, sampling: tuple[float, float] = (0.0, 1.0),
+               seeded: bool = False) -> tuple[list[list[int]], float]:
     from kernels.generate import GenRequest
+    temperature, top_p = sampling
     _sync(eng)
     t = time.perf_counter()
-    res = eng.run([GenRequest(p, n, temperature=0) for p, n in zip(prompts, limits)])
+    res = eng.run([GenRequest(p, n, temperature=temperature, top_p=top_p, seed=i if seeded else None)
+                   for i, (p, n) in enumerate(zip(prompts, limits))])
     _sync(eng)
     return [r.token_ids for r in res], time.perf_counter() - t
 
@@ -195,8 +206,18 @@ def main(argv: list[str] | None = None) -> int:
                          "(below fp32, batch shapes change rounding)")
     ap.add_argument("--fp32-reference", action="store_true",
                     help="also run HF generate in fp32 and report how often each side's first 32 tokens equal it")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="> 0: both sides sample (HF with do_sample, top_k off) instead of taking the argmax; the "
+                         "speed of sampled decoding (match figures are then meaningless and left out)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seeded", action="store_true",
+                    help="with --temperature: each of our requests gets its own seed, so draws row by row with "
+                         "its own generator (the unseeded rows draw together)")
     add_request_args(ap, device="cpu")
     args = ap.parse_args(argv)
+    sampling = (args.temperature, args.top_p)
+    if args.temperature > 0 and (args.consistency or args.fp32_reference):
+        ap.error("--consistency and --fp32-reference compare greedy tokens; drop --temperature")
     gpu = args.device.startswith("cuda")
     args.requests = args.requests or (256 if gpu else 24) if args.quick else args.requests or (512 if gpu else 64)
     args.slots = args.slots or (256 if gpu else 16)
@@ -208,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     run_engine(eng, prompts[:2], [4, 4])
     warm_s = None
     if gpu:  # capture every (batch, length) bucket's CUDA graph, and compile: once per worker process
-        warm_s = run_engine(eng, prompts, limits)[1]
-    hf_out, hf_s = run_hf_grouped(eng, prompts, limits, args.slots, args.hf_order)
-    our_out, our_s = run_engine(eng, prompts, limits)
+        warm_s = run_engine(eng, prompts, limits, sampling, args.seeded)[1]
+    hf_out, hf_s = run_hf_grouped(eng, prompts, limits, args.slots, args.hf_order, sampling)
+    our_out, our_s = run_engine(eng, prompts, limits, sampling, args.seeded)
     hf_tok, our_tok = sum(map(len, hf_out)), sum(map(len, our_out))
-    match, first32 = agreement(hf_out, our_out), agreement(hf_out, our_out, 32)
+    sampled = args.temperature > 0
+    match, first32 = (None, None) if sampled else (agreement(hf_out, our_out), agreement(hf_out, our_out, 32))
     extra: dict = {}
     if args.consistency:  # HF against itself, its static batches grouped the other way
         other, _ = run_hf_grouped(eng, prompts, limits, args.slots, "input" if args.hf_order == "longest" else "longest")
@@ -226,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     st = eng.loop.stats if eng.loop else None
     figures = {
         "device": args.device, "model": eng.variant, "weights": "real" if real_weights(args) else "random",
-        "hf_order": args.hf_order, "requests": len(prompts),
+        "hf_order": args.hf_order, "requests": len(prompts), "temperature": args.temperature, "top_p": args.top_p,
+        "seeded": args.seeded,
         "slots": args.slots,
         "new_tokens_asked": sum(limits), "hf_tokens": hf_tok, "engine_tokens": our_tok,
         "hf_s": round(hf_s, 2), "engine_s": round(our_s, 2),
@@ -242,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                  ("gristmill continuous", f"{our_tok:,}", f"{our_s:.1f}", f"{our_tok / our_s:,.0f}",
                   f"{figures['speedup']:.2f}x")],
                 ("engine", "new tokens", "seconds", "tokens/s", "speedup")))
-    print(f"greedy match {match:.1%} (first 32 tokens {first32:.1%}) over {len(prompts)} requests")
+    if sampled:
+        print(f"sampled at temperature {args.temperature}, top_p {args.top_p}"
+              f"{', a seed per request' if args.seeded else ''}: no match figures")
+    else:
+        print(f"greedy match {match:.1%} (first 32 tokens {first32:.1%}) over {len(prompts)} requests")
     if "hf_self_first32" in extra:
         print(f"HF against itself, batches regrouped: {extra['hf_self_match']:.1%} "
               f"(first 32 tokens {extra['hf_self_first32']:.1%})")
