@@ -28,7 +28,8 @@ def _ids_only_tokenizer(tokenizer, max_length: int):
 
     `encode_batch_fast` skips character offsets: 137 us instead of 222 us per 128-token text through
     the transformers call (one core), and tokenization is most of a classifier's host-side cost.
-    Same ids as `tokenizer(texts, truncation=True, max_length=...)` (tests/unit/test_kernels.py).
+    Same ids as `tokenizer(texts, truncation=True, max_length=..., split_special_tokens=True)`
+    (tests/unit/test_kernels.py): special-token text in an input stays text.
     None when the tokenizer has no Rust core or the library predates encode_batch_fast.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -38,6 +39,9 @@ def _ids_only_tokenizer(tokenizer, max_length: int):
     fast = Tokenizer.from_str(backend.to_str())
     fast.enable_truncation(max_length)
     fast.no_padding()
+    # input text is text: "[SEP]" or "[CLS]" in it is read as characters, not as the model's
+    # separator or start tokens (the post-processor still adds the real ones around it)
+    fast.encode_special_tokens = True
     return fast
 
 
@@ -148,7 +152,7 @@ class ClassifierEngine:
             return self._chunks.encode(texts)
         if self._fast is not None:
             return [e.ids for e in self._fast.encode_batch_fast(texts)]
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, split_special_tokens=True)["input_ids"]
 
     def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Vectorized: a per-row torch.tensor() loop took 39 ms for 2048 x 128 tokens, longer than the

@@ -9,6 +9,8 @@ request); other architectures run a static left-padded loop over Hugging Face's 
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +96,10 @@ class GenerationEngine:
             eos.update(src if isinstance(src, list) else [src] if src is not None else [])
         self.eos_ids = eos
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(eos), 0)
+        # the written forms of the control tokens, which message text must not turn into tokens
+        controls = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special and t.content},
+                          key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, controls))) if controls else None
         # what an empty prompt starts from, as in Hugging Face `generate` called without input ids
         bos = self.tokenizer.bos_token_id
         self.bos_id = bos if bos is not None else getattr(self.model.generation_config, "bos_token_id", None)
@@ -112,10 +118,39 @@ class GenerationEngine:
         self.variant = f"torch-{str(self.dtype).removeprefix('torch.')}-{self.device.type}-{kind}"
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's ids. Message text is text: a message holding the written form of a
+        control token (`<|im_end|>`, `<|im_start|>system`) gets those characters, not the token, so
+        it cannot end its turn or open another (`_encode_chat_as_text`)."""
+        if self._control_re is not None and any(self._control_re.search(m["content"]) for m in messages):
+            return self._encode_chat_as_text(messages)
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
+
+    def _encode_chat_as_text(self, messages: list[dict[str, str]]) -> list[int]:
+        """Each control-token text in the messages is swapped for a placeholder, the template is
+        rendered and tokenized as usual around the placeholders (its own control tokens parsed,
+        message text beside them merged as before), and each placeholder becomes the ids of its
+        text read as plain characters."""
+        found: list[str] = []
+        nonce = uuid.uuid4().hex[:12]  # placeholders no message text can spell by chance or on purpose
+
+        def mark(m: re.Match) -> str:
+            found.append(m.group(0))
+            return f"\ue000{nonce}:{len(found) - 1}\ue001"
+
+        masked = [{**m, "content": self._control_re.sub(mark, m["content"])} for m in messages]  # type: ignore[union-attr]
+        rendered = self.tokenizer.apply_chat_template(masked, add_generation_prompt=True, tokenize=False)
+        placeholder = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+        ids: list[int] = []
+        for piece in re.split(f"(\ue000{nonce}:\\d+\ue001)", rendered):
+            k = placeholder.fullmatch(piece)
+            if k:
+                ids += self.tokenizer(found[int(k[1])], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """The prompt's ids; a prompt with none (\"\" through a tokenizer that adds no BOS) starts

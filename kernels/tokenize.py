@@ -273,6 +273,7 @@ def _untruncated(rust):
     words = Tokenizer.from_str(rust.to_str())
     words.no_truncation()
     words.no_padding()
+    words.encode_special_tokens = rust.encode_special_tokens  # not part of the serialized form
     return words
 
 

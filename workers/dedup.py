@@ -43,8 +43,13 @@ return out
 """
 
 
+# Bumped when the same text can tokenize differently (2: special-token text in an input is read as
+# text), so that scores computed the earlier way are not served for it.
+INPUT_ENCODING = "2"
+
+
 def model_key(model: str, revision: str, variant: str, labels: Sequence[str]) -> str:
-    blob = "\x1f".join([model, revision, variant, *labels])
+    blob = "\x1f".join([model, revision, variant, INPUT_ENCODING, *labels])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

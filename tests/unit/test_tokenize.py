@@ -220,9 +220,11 @@ def test_the_engine_uses_the_ascii_path_by_setting(monkeypatch):
     off = EngineHost(Settings()).engine("all-MiniLM-L6-v2-moderation")
     assert isinstance(on.ascii_tokenizer, AsciiWordPiece) and off.ascii_tokenizer is None
     texts = ["Is this text harmful?", "naïve " * 100, "[MASK] me", "x" * 300, ""]
-    assert on.encode(texts) == off.encode(texts) == on.tokenizer(texts, truncation=True,
-                                                                  max_length=on.max_length)["input_ids"]
+    # "[MASK]" in a text is text: the model's mask token is not in its ids
+    assert on.encode(texts) == off.encode(texts) == on.tokenizer(texts, truncation=True, max_length=on.max_length,
+                                                                  split_special_tokens=True)["input_ids"]
     assert (on.ascii_tokenizer.routed, on.ascii_tokenizer.passed) == (2, 3)
+    assert on.tokenizer.mask_token_id not in on.encode(["[MASK] me"])[0]
 
 
 @needs_flash
