@@ -74,6 +74,8 @@ class Client:
         check_metadata(metadata)
         if policy is None or not isinstance(policy, Policy):
             policy = self.settings.policy(Path(policy) if policy is not None else None)
+        else:
+            policy = self.settings.checked_policy(policy)
         window = completion_window or self.settings.completion_window
         batch_id = new_batch_id()
         self.store.create(batch_id, input_file=str(path), completion_window=window,

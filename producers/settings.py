@@ -179,22 +179,31 @@ class Settings(BaseSettings):
         canonically. None when no policy was asked for and the shipped one's model is not
         registered (GRISTMILL_BUILTIN_MODELS=false): moderation lines then run the url's default
         model under that model's registered thresholds."""
-        from .errors import ModelNotFound
         from .policy import DEFAULT_POLICY_FILE, load_policy
         source = path or self.moderation_policy or DEFAULT_POLICY_FILE
         pol = load_policy(source)
         try:
-            spec = self.registry.resolve(C.MODERATIONS_URL, pol.model)
-        except ModelNotFound as e:
+            return self.checked_policy(pol, f"policy file {source}")
+        except PolicyModelNotFound:
             if source == DEFAULT_POLICY_FILE:
                 return None
-            raise ConfigurationError(f"policy file {source}: model: {e}") from e
+            raise
+
+    def checked_policy(self, pol, where: str = "policy"):
+        """`pol` checked against the registry, its model named canonically: the model must be a
+        registered classifier (else PolicyModelNotFound) and, where its labels are known without
+        loading it, feed every policy label (else ConfigurationError)."""
+        from .errors import ModelNotFound
+        try:
+            spec = self.registry.resolve(C.MODERATIONS_URL, pol.model)
+        except ModelNotFound as e:
+            raise PolicyModelNotFound(f"{where}: model: {e}") from e
         labels = spec.known_labels()
         if labels is not None:  # else the worker checks, and fails the batch's moderation lines
             try:
                 pol.sources(labels)
             except ValueError as e:
-                raise ConfigurationError(f"policy file {source}: labels: {e}") from e
+                raise ConfigurationError(f"{where}: labels: {e}") from e
         return pol.model_copy(update={"model": spec.name})
 
     @property
@@ -208,6 +217,10 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.home / "models"
+
+
+class PolicyModelNotFound(ConfigurationError):
+    """Raised when a policy names a model that is not a registered classifier."""
 
 
 def parse_window(v: str) -> int:

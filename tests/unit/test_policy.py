@@ -270,3 +270,15 @@ def test_moderation_body_is_its_definition(scores, thresholds):
     assert r["categories"] == want and r["flagged"] == any(want.values())
     assert r["category_scores"] == full and list(r["category_scores"]) == list(full)
     assert r["category_applied_input_types"] == {k: ["text"] for k in full} and r["policy_version"] == "v"
+
+
+def test_a_policy_object_is_checked_as_a_policy_file_is(tiny_settings):
+    # Client.submit_file(policy=Policy(...)) goes through the same checks as --policy FILE
+    from producers.policy import Policy
+    from producers.settings import PolicyModelNotFound
+    ok = tiny_settings.checked_policy(Policy(policy_version="v", model="tiny-moderation", labels=("harassment",)))
+    assert ok.model == "tiny-moderation"
+    with pytest.raises(ConfigurationError, match=r"labels: .*feeds \['nosuch'\]"):
+        tiny_settings.checked_policy(Policy(policy_version="v", model="tiny-moderation", labels=("nosuch",)))
+    with pytest.raises(PolicyModelNotFound, match="nope"):
+        tiny_settings.checked_policy(Policy(policy_version="v", model="nope"))
