@@ -92,7 +92,8 @@ class Client:
             enqueue_parallel(self.settings, self.redis_url, batch_id, path, spans, report, policy)
         else:
             enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report,
-                    policy=policy, max_line_bytes=self.settings.max_line_bytes)
+                    policy=policy, max_line_bytes=self.settings.max_line_bytes,
+                    chunk_max_bytes=self.settings.chunk_max_bytes)
         if report.valid == 0:
             self.redis.hset(C.batch_key(batch_id), "valid", 0)
         self.store.set_chunks_total(batch_id, report.chunks, [q for q, n in report.by_queue.items() if n])

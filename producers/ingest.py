@@ -143,13 +143,17 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
 
 def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Path, chunk_size: int,
             report: IngestReport, span: tuple[int, int | None, int] = (0, None, 1), stride: int = 1,
-            offset: int = 0, policy: Policy | None = None, max_line_bytes: int | None = None) -> None:
-    """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks.
+            offset: int = 0, policy: Policy | None = None, max_line_bytes: int | None = None,
+            chunk_max_bytes: int | None = None) -> None:
+    """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks of
+    `chunk_size` lines, or fewer where their bytes reach `chunk_max_bytes`.
 
     `span` = (start byte, end byte, first line number) of the lines to take; the k-th chunk sent
     is numbered k * stride + offset, so parallel ranges never share a chunk number. Classification
     messages carry the batch's moderation `policy` (~1 kB), so workers apply what ingest checked."""
     buffers: dict[str, list[dict]] = {q: [] for q in C.QUEUES}
+    held = dict.fromkeys(C.QUEUES, 0)  # bytes of the lines in each buffer
+    max_bytes = chunk_max_bytes or 1 << 62
     errors: list[tuple[dict, bool]] = []
     extra = {C.CLASSIFY_QUEUE: {"policy": policy.wire()} if policy is not None else {}}
 
@@ -165,6 +169,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
             report.chunks += 1
             report.by_queue[queue] = report.by_queue.get(queue, 0) + len(items)
             buffers[queue] = []
+            held[queue] = 0
             if report.chunks % 64 == 0 and store.status(batch_id) == C.CANCELLING:
                 report.cancelled = True
 
@@ -192,7 +197,8 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
             report.valid += 1
             queue = C.URL_QUEUE[result.url]
             buffers[queue].append(result.to_message())
-            if len(buffers[queue]) >= chunk_size:
+            held[queue] += len(raw)
+            if len(buffers[queue]) >= chunk_size or held[queue] >= max_bytes:
                 send(queue)
     if not report.cancelled:
         for q in C.QUEUES:
@@ -212,7 +218,8 @@ def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
     report = IngestReport()
     enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s), settings.registry, batch_id,
             Path(path), settings.chunk_size, report, span, stride, offset,
-            Policy.model_validate(policy) if policy is not None else None, settings.max_line_bytes)
+            Policy.model_validate(policy) if policy is not None else None, settings.max_line_bytes,
+            settings.chunk_max_bytes)
     r.close()
     return dataclasses.asdict(report)
 

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     # Ingest. Lines per Celery message. One message per line costs ~1 ms of broker work (DESIGN.md:
     # ~800 msgs/s); 256 lines amortise that to ~4 us a line while a message stays ~100 kB.
     chunk_size: int = Field(default=256, ge=1, le=100_000)
+    # A message also ends once its lines reach this many bytes, so that long lines (up to
+    # MAX_LINE_BYTES each) never make a message of hundreds of MB for a worker to hold and decode;
+    # typical lines (~0.7 kB) fill CHUNK_SIZE first.
+    chunk_max_bytes: int = Field(default=8 << 20, ge=1024)
     # Longest input line accepted; a longer one is a per-line invalid_body error. It bounds what
     # one line can put in a message, in Redis and in a worker's memory. 1 MiB holds ~250k tokens.
     max_line_bytes: int = Field(default=1 << 20, ge=1024)

@@ -283,3 +283,18 @@ def test_parallel_ingest_over_byte_ranges_matches_one_process(redis_url, tiny_wo
     assert len(done) == int(c.redis.hget(C.batch_key(batch.id), "chunks_total"))
     assert {int(x) % 2 for x in done} == {0, 1}, "two ranges, chunk numbers interleaved (stride 2)"
     c.close()
+
+
+def test_long_lines_end_a_message_before_its_line_count(redis_url, tiny_worker, settings_for, tmp_path):
+    from producers.client import Client
+    from .conftest import clean
+    clean(redis_url)
+    c = Client(settings_for(redis_url, chunk_size=100, chunk_max_bytes=4096))
+    rows = [moderation(f"m{i}", f"text {i} " + "long " * 300) for i in range(10)]  # ~1.6 kB a line
+    sizes = [len(json.dumps(r)) + 1 for r in rows]
+    b = c.wait(c.submit_file(write_jsonl(tmp_path / "in.jsonl", rows)).id, timeout=120)
+    outs, errs = read_results(c, b.id, tmp_path)
+    assert (b.status, len(outs), errs) == (C.COMPLETED, 10, [])
+    per_chunk = -(-4096 // sizes[0])  # lines until their bytes reach the cap
+    assert int(c.store.raw(b.id)["chunks_total"]) == -(-10 // per_chunk) > 1
+    c.close()
