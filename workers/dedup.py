@@ -27,13 +27,20 @@ from producers import constants as C
 
 from .batcher import Slot
 
-# KEYS: entry keys. ARGV: ttl seconds, then one packed value per key. Sets each key that is absent;
-# returns, per key, the earlier writer's value where one stood, else false (nil to the client), so
-# the usual reply, where every value is new, is a list of nils rather than the values sent.
+# KEYS: entry keys. ARGV: ttl seconds (0: none), then one packed value per key. Sets each key that
+# is absent; returns, per key, the earlier writer's value where one stood, else false (nil to the
+# client), so the usual reply, where every value is new, is a list of nils rather than the values sent.
 _PUBLISH = """
 local out = {}
+local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'EX', ARGV[1]) then
+  local set
+  if ttl > 0 then
+    set = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'EX', ttl)
+  else
+    set = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX')
+  end
+  if set then
     out[i] = false
   else
     out[i] = redis.call('GET', KEYS[i]) or false
@@ -41,6 +48,16 @@ for i = 1, #KEYS do
 end
 return out
 """
+
+
+def evicts_any_key(redis) -> bool:
+    """Whether the server evicts keys of its own accord when full (an allkeys-* maxmemory policy,
+    as the cache server `gristmill up` starts has); False where it cannot tell (CONFIG disabled)."""
+    try:
+        policy = redis.config_get("maxmemory-policy").get("maxmemory-policy", "")
+    except Exception:  # noqa: BLE001 - managed Redis often renames or disables CONFIG
+        return False
+    return str(policy).startswith("allkeys-")
 
 
 # Bumped when the same text can tokenize differently (2: special-token text in an input is read as
@@ -88,6 +105,10 @@ class ScoreCache:
         self.r = redis
         self.ttl_s = ttl_s
         self._publish = redis.register_script(_PUBLISH) if ttl_s > 0 else None
+        # On a server that evicts the least recently used keys when full (the cache's own), entries
+        # need no expiry to stay bounded, and a SET NX without EX costs ~25% less server CPU and
+        # ~14% less memory an entry (README, "Dedup"). Elsewhere the TTL is what bounds them.
+        self.write_ttl_s = 0 if ttl_s > 0 and evicts_any_key(redis) else ttl_s
 
     @property
     def enabled(self) -> bool:
@@ -104,7 +125,7 @@ class ScoreCache:
         if not self.enabled or not shas:
             return [None] * len(shas)
         keys = [C.dedup_key(mkey, s) for s in shas]
-        return list(self._publish(keys=keys, args=[self.ttl_s, *values]))
+        return list(self._publish(keys=keys, args=[self.write_ttl_s, *values]))
 
 
 class Recent:

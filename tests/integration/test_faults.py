@@ -247,7 +247,10 @@ def test_the_score_cache_on_its_own_server_and_a_dead_one_costs_no_line(redis_ur
         b1 = c.wait(c.submit_file(write_jsonl(tmp_path / "a.jsonl", first)).id, timeout=120)
         assert b1.request_counts.completed == 20
         main, cache = redis.Redis.from_url(url), redis.Redis.from_url(cache_url)
-        assert len(cache.keys(f"{C.PREFIX}:dedup:*")) == 20 and not main.keys(f"{C.PREFIX}:dedup:*")
+        keys = cache.keys(f"{C.PREFIX}:dedup:*")
+        assert len(keys) == 20 and not main.keys(f"{C.PREFIX}:dedup:*")
+        # an evicting server bounds the entries itself: they are written without an expiry
+        assert {cache.ttl(k) for k in keys} == {-1}
 
         cache_server.stop()  # lookups and publishes now fail: the lines run and are written anyway
         second = [moderation(f"b{i}", f"second text {i}") for i in range(20)]

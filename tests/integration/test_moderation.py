@@ -71,6 +71,11 @@ def test_repeated_inputs_run_once_and_score_identically_across_batches(client, t
             for sha, r in zip(shas if isinstance(shas, list) else [shas], o["response"]["body"]["results"]):
                 scores.setdefault(sha, set()).add(json.dumps(r["category_scores"], sort_keys=True))
     assert len(scores) == 3 and all(len(v) == 1 for v in scores.values())
+    # sharing the queues' server, which evicts nothing, entries expire after DEDUP_TTL_S
+    import redis as redis_lib
+    r = redis_lib.Redis.from_url(client.redis_url)
+    ttls = {r.ttl(k) for k in r.keys(f"{C.PREFIX}:dedup:*")}
+    assert ttls and all(0 < t <= client.settings.dedup_ttl_s for t in ttls)
 
     env = worker_env(client.redis_url, client.settings.home, client.settings.models_file)
     out = run(env, "status", b2.id).stdout
