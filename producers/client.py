@@ -21,6 +21,21 @@ from .schemas import loads_line
 from .settings import Settings, parse_window
 
 
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+               b"PK\x03\x04": "zip"}
+
+
+def check_compressed(path: Path) -> None:
+    """Raises SubmissionRejected for a compressed file, which would otherwise fail line by line as
+    invalid JSON."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise SubmissionRejected(f"input file {path} is {kind}-compressed; decompress it first "
+                                     f"(the input is JSONL text, one request a line)")
+
+
 # OpenAI's limits on a batch's metadata
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
@@ -71,6 +86,7 @@ class Client:
         path = Path(path)
         if not path.is_file():
             raise SubmissionRejected(f"input file {path} does not exist")
+        check_compressed(path)
         check_metadata(metadata)
         if policy is None or not isinstance(policy, Policy):
             policy = self.settings.policy(Path(policy) if policy is not None else None)

@@ -317,3 +317,29 @@ def test_batch_metadata_follows_openais_limits():
     for bad in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"": "v"}, {"k": "v" * 513}, {"k": 1}, ["k"]):
         with pytest.raises(SubmissionRejected, match="metadata"):
             check_metadata(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "bzip2", "xz", "zip"])
+def test_a_compressed_input_file_is_refused_up_front(tmp_path, kind):
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    import zstandard
+
+    from producers.client import check_compressed
+    from producers.errors import SubmissionRejected
+    data = (line() + "\n").encode()
+    f = tmp_path / "in.jsonl.x"
+    if kind == "zip":
+        with zipfile.ZipFile(f, "w") as z:
+            z.writestr("in.jsonl", data)
+    else:
+        pack = {"gzip": gzip.compress, "zstd": zstandard.ZstdCompressor().compress, "bzip2": bz2.compress,
+                "xz": lzma.compress}[kind]
+        f.write_bytes(pack(data))
+    with pytest.raises(SubmissionRejected, match=f"{kind}-compressed"):
+        check_compressed(f)
+    f.write_bytes(data)
+    check_compressed(f)  # plain JSONL passes
