@@ -340,7 +340,7 @@ class BatchStore:
     def cancel(self, batch_id: str) -> str:
         status = self._cancel(keys=[C.batch_key(batch_id), C.chunks_done_key(batch_id)], args=[int(time.time())])
         if status is None:
-            raise BatchNotFound(f"batch {batch_id!r} not found")
+            raise BatchNotFound(f"batch {batch_id!r} not found (unknown id, or its records expired)")
         if status == C.CANCELLED:
             self._expire(batch_id)
         return status
