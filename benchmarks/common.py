@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -73,3 +74,16 @@ def table(rows: list[tuple], headers: tuple) -> str:
     out = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths)), line]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells[1:]]
     return "\n".join(out)
+
+
+def add_cache_redis_arg(ap) -> None:
+    ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
+                    help="the score cache on a second embedded Redis capped at MAXMEMORY (e.g. 1gb), as "
+                         "`gristmill up` runs it (default: one Redis for both)")
+
+
+def cache_redis(work: Path, max_memory: str | None):
+    """The score cache's own embedded Redis (a context giving the server) for --cache-redis, else
+    a context giving None."""
+    from producers.redis_server import EmbeddedRedis
+    return EmbeddedRedis(work / "redis-cache", cache_max_memory=max_memory) if max_memory else contextlib.nullcontext()

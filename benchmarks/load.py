@@ -16,7 +16,6 @@ memory and CPU are reported apart. Prints a table, then one JSON line of the fig
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from .common import redis_cpu_s, table, texts
+from .common import add_cache_redis_arg, cache_redis, redis_cpu_s, table, texts
 from .queue_overhead import ROOT, stop
 
 
@@ -100,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=None, help="default 1,000,000 (--quick: 100,000)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
-                    help="the score cache on a second embedded Redis capped at MAXMEMORY (e.g. 1gb), as "
-                         "`gristmill up` runs it; default: the cache shares the one Redis")
+    add_cache_redis_arg(ap)
     args = ap.parse_args(argv)
     n = args.lines or (100_000 if args.quick else 1_000_000)
     work = Path(tempfile.mkdtemp(prefix="gristmill-load-"))
@@ -126,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from producers.redis_server import EmbeddedRedis
     from producers.settings import Settings
     from workers.launcher import wait_for_workers
-    cache_server = EmbeddedRedis(work / "redis-cache", cache_max_memory=args.cache_redis) if args.cache_redis else None
-    with EmbeddedRedis(work / "redis") as server, cache_server or contextlib.nullcontext():
+    with EmbeddedRedis(work / "redis") as server, cache_redis(work, args.cache_redis) as cache_server:
         os.environ["GRISTMILL_REDIS_URL"] = server.url
         if cache_server is not None:
             os.environ["GRISTMILL_DEDUP_REDIS_URL"] = cache_server.url

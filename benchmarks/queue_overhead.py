@@ -24,7 +24,6 @@ then one JSON line of the figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from workers.launcher import share_cores, wait_for_workers
 
-from .common import random_minilm_classifier, table, texts, write_requests
+from .common import add_cache_redis_arg, cache_redis, random_minilm_classifier, table, texts, write_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                          "minilm-tiny), so that the queue's own path, real tokenizer included, is the bottleneck")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved engine / end-to-end passes; the best of each is reported (default 2, 3 without --quick)")
-    ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
-                    help="the score cache on a second embedded Redis capped at MAXMEMORY (e.g. 1gb), as "
-                         "`gristmill up` runs it; default: one Redis for both")
+    add_cache_redis_arg(ap)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     from workers.pinning import pin
@@ -204,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     repeats = args.repeats or (2 if args.quick else 3)
     t_all = time.perf_counter()
-    cache_server = EmbeddedRedis(work / "redis-cache", cache_max_memory=args.cache_redis) if args.cache_redis else None
-    with EmbeddedRedis(work / "redis") as server, cache_server or contextlib.nullcontext():
+    with EmbeddedRedis(work / "redis") as server, cache_redis(work, args.cache_redis) as cache_server:
         os.environ["GRISTMILL_REDIS_URL"] = server.url
         if cache_server is not None:
             os.environ["GRISTMILL_DEDUP_REDIS_URL"] = cache_server.url

@@ -27,7 +27,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -36,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import redis_cpu_s, request_line, table, texts
+from .common import add_cache_redis_arg, cache_redis, redis_cpu_s, request_line, table, texts
 
 STEPS = ("prepare", "submit", "settle", "format", "write")
 LABELS = (("decode", "message decode (task JSON)"),
@@ -56,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="a registered classifier (default: the url's default model)")
     ap.add_argument("--chunks", type=int, default=40, help="timed chunks (default 40)")
     ap.add_argument("--chunk-size", type=int, default=256)
-    ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
-                    help="the score cache on a second embedded Redis capped at MAXMEMORY, as `gristmill up` "
-                         "runs it; its CPU is reported apart (default: one Redis for both)")
+    add_cache_redis_arg(ap)
     args = ap.parse_args(argv)
 
     from workers.pinning import pin
@@ -78,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from producers.settings import Settings
     from workers import tasks
 
-    cache_server = EmbeddedRedis(work / "redis-cache", cache_max_memory=args.cache_redis) if args.cache_redis else None
-    with EmbeddedRedis(work / "redis") as server, cache_server or contextlib.nullcontext():
+    with EmbeddedRedis(work / "redis") as server, cache_redis(work, args.cache_redis) as cache_server:
         settings = Settings(redis_url=server.url, dedup_redis_url=cache_server.url if cache_server else None)
         registry = settings.registry
         if args.url == "classifications":
