@@ -38,13 +38,14 @@ def _off(v: Any) -> bool:
     return v is None or v is False
 
 
+def _zero(v: Any) -> bool:
+    return v is None or _number(v) == 0
+
+
 # Sampling-time and output features the decode loop does not implement, each with the test that a
 # value is its default (null, false, zero or empty), the only values accepted.
 _UNHONOURED: dict[str, Callable[[Any], bool]] = {
-    "logprobs": _off, "echo": _off,
-    "top_logprobs": lambda v: v is None or _number(v) == 0,
-    "presence_penalty": lambda v: v is None or _number(v) == 0,
-    "frequency_penalty": lambda v: v is None or _number(v) == 0,
+    "logprobs": _off, "echo": _off, "top_logprobs": _zero, "presence_penalty": _zero, "frequency_penalty": _zero,
     "best_of": lambda v: v is None or _number(v) == 1,
     "logit_bias": lambda v: v is None or v == {},
     "tools": lambda v: v is None or v == [],
@@ -191,8 +192,8 @@ class WorkItem(NamedTuple):
         return cls(m["line"], m["custom_id"], m["url"], m["model"], m["body"], m["sha"])
 
 
-def _pydantic_message(e: ValidationError, root: str = "body") -> str:
-    """Up to three errors, each as `root.field: what is wrong`. Our own validators' messages
+def _pydantic_message(e: ValidationError) -> str:
+    """Up to three body errors, each as `body.field: what is wrong`. Our own validators' messages
     (pydantic's "Value error, ...") already start with the field they name, which is not repeated."""
     parts = []
     for err in e.errors()[:3]:
@@ -200,7 +201,10 @@ def _pydantic_message(e: ValidationError, root: str = "body") -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if loc and msg.startswith(f"{loc[-1]}:"):
             loc = loc[:-1]
-        parts.append(f"{'.'.join([root, *loc])}: {msg}" if loc else f"{root}.{msg}" if ":" in msg else f"{root}: {msg}")
+        if loc:
+            parts.append(f"body.{'.'.join(loc)}: {msg}")
+        else:  # a model-level check: its message names the field, else it is about the whole body
+            parts.append(f"body.{msg}" if ":" in msg else f"body: {msg}")
     return "; ".join(parts)
 
 
