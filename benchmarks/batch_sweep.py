@@ -22,10 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto", help="cpu precision: auto, bf16, fp32")
     args = ap.parse_args(argv)
 
-    from kernels.classify import ClassifierEngine
-    from producers.registry import DEFAULT_CLASSIFIER
-    from workers.batcher import BatchPolicy, Pending, plan
-    from workers.host import classifier_kwargs
+    from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.workers.batcher import BatchPolicy, Pending, plan
+    from gristmill.workers.host import classifier_kwargs
 
     eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), device=args.device, cpu_precision=args.precision,
                            **classifier_kwargs(DEFAULT_CLASSIFIER))

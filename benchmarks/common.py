@@ -43,7 +43,7 @@ def random_minilm_classifier(out: Path, num_labels: int = 2, tiny: bool = False)
     import torch
     from transformers import AutoConfig, BertForSequenceClassification
 
-    from producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
     # Hosts without the weights package (a GPU host) point this at a copy of its config and tokenizer.
     arch = os.environ.get("GRISTMILL_BENCH_ARCH_DIR")
     src = Path(arch) if arch else DEFAULT_CLASSIFIER.resolve_path()
@@ -85,5 +85,5 @@ def add_cache_redis_arg(ap) -> None:
 def cache_redis(work: Path, max_memory: str | None):
     """The score cache's own embedded Redis (a context giving the server) for --cache-redis, else
     a context giving None."""
-    from producers.redis_server import EmbeddedRedis
+    from gristmill.producers.redis_server import EmbeddedRedis
     return EmbeddedRedis(work / "redis-cache", cache_max_memory=max_memory) if max_memory else contextlib.nullcontext()

@@ -28,14 +28,14 @@ from .common import random_minilm_classifier, table, texts
 
 
 def cpu_variants(args) -> dict[str, dict]:
-    from kernels import texts as builtin
-    from kernels.classify import ClassifierEngine
-    from kernels.loading import cpu_has_bf16
-    from kernels.onnx_engine import OnnxClassifierEngine
-    from kernels.optimize import agreement, build_artifact, throughput
-    from producers.registry import DEFAULT_CLASSIFIER
-    from workers.host import classifier_kwargs
-    from workers.optimize import read_texts
+    from gristmill.kernels import texts as builtin
+    from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.kernels.loading import cpu_has_bf16
+    from gristmill.kernels.onnx_engine import OnnxClassifierEngine
+    from gristmill.kernels.optimize import agreement, build_artifact, throughput
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.workers.host import classifier_kwargs
+    from gristmill.workers.optimize import read_texts
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
@@ -94,7 +94,7 @@ GPU_NUMERICS_ON_CPU = {"int8wo": {"quantize": "int8-weight-only"}, "w8a8": {"qua
 def cuda_variants(args) -> dict[str, dict]:
     import torch
 
-    from kernels.classify import ClassifierEngine
+    from gristmill.kernels.classify import ClassifierEngine
     path = random_minilm_classifier(Path(tempfile.mkdtemp(prefix="gristmill-variants-")) / "minilm-random")
     names = args.only.split(",") if args.only else list(GPU_VARIANTS)
     ids_all = None

@@ -69,13 +69,13 @@ def add_request_args(ap: argparse.ArgumentParser, *, device: str, requests: int 
 def load_engine(args):
     import torch
 
-    from kernels.generate import GenerationEngine
+    from gristmill.kernels.generate import GenerationEngine
     kw = {} if args.compile is None else {"compile_decode": args.compile}
     cache = Path(os.environ.get("GRISTMILL_HOME", Path(tempfile.gettempdir()) / "gristmill-bench")) / "models"
     gpu = args.device.startswith("cuda")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or ("bf16" if gpu else "fp32")]
     if real_weights(args) and args.weights in (None, "default"):
-        from producers.registry import DEFAULT_GENERATOR
+        from gristmill.producers.registry import DEFAULT_GENERATOR
         path = DEFAULT_GENERATOR.resolve_path()
     elif real_weights(args):
         path = Path(args.weights)
@@ -99,8 +99,8 @@ def random_smollm2(out: Path) -> Path:
     from transformers import AutoConfig, LlamaForCausalLM
     src = os.environ.get("GRISTMILL_BENCH_GEN_ARCH_DIR")
     if src is None:
-        from kernels.loading import gguf_to_hf_dir
-        from producers.registry import DEFAULT_GENERATOR
+        from gristmill.kernels.loading import gguf_to_hf_dir
+        from gristmill.producers.registry import DEFAULT_GENERATOR
         src = gguf_to_hf_dir(DEFAULT_GENERATOR.resolve_path(), Path(tempfile.gettempdir()) / "gristmill-bench")
     src = Path(src)
     cfg = AutoConfig.from_pretrained(str(src))
@@ -184,7 +184,7 @@ def agreement(a: list[list[int]], b: list[list[int]], first: int | None = None) 
 
 def run_engine(eng, prompts, limits, sampling: tuple[float, float] = (0.0, 1.0),
                seeded: bool = False) -> tuple[list[list[int]], float]:
-    from kernels.generate import GenRequest
+    from gristmill.kernels.generate import GenRequest
     temperature, top_p = sampling
     _sync(eng)
     t = time.perf_counter()

@@ -36,7 +36,7 @@ class _AsciiPath:
     """The C++ path for ASCII texts, the Rust tokenizer taking the rest (as in ClassifierEngine)."""
 
     def __init__(self, rust):
-        from kernels.tokenize import AsciiWordPiece, rust_ids
+        from gristmill.kernels.tokenize import AsciiWordPiece, rust_ids
         self.fast, self.rest = AsciiWordPiece.build(rust, 128), rust_ids(rust)
         assert self.fast is not None, "flash-tokenizer is installed and agrees on MiniLM's tokenizer"
 
@@ -49,8 +49,8 @@ def _tokenizer(kind: str = "rust"):
     the C++ path for ASCII texts beside it."""
     from tokenizers import Tokenizer
 
-    from kernels.tokenize import ChunkCacheTokenizer
-    from producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.kernels.tokenize import ChunkCacheTokenizer
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
     arch = os.environ.get("GRISTMILL_BENCH_ARCH_DIR")
     src = Path(arch) if arch else DEFAULT_CLASSIFIER.resolve_path()
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
@@ -181,9 +181,9 @@ def submit_rates(n: int, work: Path) -> dict[str, float]:
     os.environ.update(GRISTMILL_MODELS_FILE=str(mf), GRISTMILL_BUILTIN_MODELS="false", GRISTMILL_CHUNK_SIZE="2048",
                       GRISTMILL_HOME=str(work / "home"))
     os.environ.pop("GRISTMILL_REDIS_URL", None)
-    from producers.client import Client
-    from producers.redis_server import EmbeddedRedis
-    from producers.settings import Settings
+    from gristmill.producers.client import Client
+    from gristmill.producers.redis_server import EmbeddedRedis
+    from gristmill.producers.settings import Settings
     f = write_requests(work / "in.jsonl", texts(n, 126, 126), "/v1/classifications", "minilm-random")
     best: dict[int, float] = {}
     with EmbeddedRedis(work / "redis") as server:

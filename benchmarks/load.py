@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from gristmill.producers.runtime import python_module
+
 from .common import add_cache_redis_arg, cache_redis, redis_cpu_s, table, texts
 from .queue_overhead import ROOT, stop
 
@@ -37,7 +39,7 @@ def tiny_classifier(out: Path) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
     src = DEFAULT_CLASSIFIER.resolve_path()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -117,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import redis as redis_lib
 
-    import producers.constants as C
-    from producers.app import make_app
-    from producers.client import Client
-    from producers.redis_server import EmbeddedRedis
-    from producers.settings import Settings
-    from workers.launcher import wait_for_workers
+    import gristmill.producers.constants as C
+    from gristmill.producers.app import make_app
+    from gristmill.producers.client import Client
+    from gristmill.producers.redis_server import EmbeddedRedis
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.launcher import wait_for_workers
     with EmbeddedRedis(work / "redis") as server, cache_redis(work, args.cache_redis) as cache_server:
         os.environ["GRISTMILL_REDIS_URL"] = server.url
         if cache_server is not None:
@@ -130,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         cr = redis_lib.Redis.from_url(cache_server.url) if cache_server is not None else None
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         log = work / "worker.log"
-        worker = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", "cpu",
-                                   "--queues", "gristmill.classify"], env=env, cwd=ROOT,
+        worker = subprocess.Popen(python_module("gristmill.workers", "worker", "--device", "cpu", "--queues", "gristmill.classify"), env=env, cwd=ROOT,
                                   stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         try:
             wait_for_workers(make_app(Settings()), [("worker", worker, log)])
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_per_s = [(redis_cpu_s(x) - i0) / (time.perf_counter() - idle_t0) for x, i0 in zip(servers, idle0)]
             cpu0 = [redis_cpu_s(x) for x in servers]
             t0 = time.perf_counter()
-            producer = subprocess.Popen([sys.executable, "-m", "producers.cli", "submit", str(f), "--wait"], env=env,
+            producer = subprocess.Popen(python_module("gristmill", "submit", str(f), "--wait"), env=env,
                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             sampler = Sampler({"producer": producer.pid, "worker": worker.pid, "redis_rss": redis_pid}, r, cr)
             sampler.start()

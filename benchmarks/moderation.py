@@ -23,15 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.launcher import wait_for_workers
+from gristmill.producers.runtime import python_module
+from gristmill.workers.launcher import wait_for_workers
 
 from .common import table, texts, write_requests
 from .queue_overhead import ROOT, stop
 
 
 def seed_set_figures() -> dict:
-    from kernels import heads
-    from producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.kernels import heads
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
     _, _, _, meta = heads.train(DEFAULT_CLASSIFIER.resolve_path(), heads.SEED_SET)
     return {"examples": meta["examples"], "per_label": meta["cv"]}
 
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gristmill-bench-mod-"))
     os.environ.pop("GRISTMILL_REDIS_URL", None)
     os.environ["GRISTMILL_HOME"] = str(work / "home")
-    from producers.app import make_app
-    from producers.client import Client
-    from producers.redis_server import EmbeddedRedis
-    from producers.settings import Settings
+    from gristmill.producers.app import make_app
+    from gristmill.producers.client import Client
+    from gristmill.producers.redis_server import EmbeddedRedis
+    from gristmill.producers.settings import Settings
     f = write_requests(work / "in.jsonl", lines, "/v1/moderations")
     passes: dict[str, dict] = {}
     with EmbeddedRedis(work / "redis") as server:
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = write_requests(work / "warm.jsonl", [f"warm up {i}" for i in range(128)], "/v1/moderations")
         for mode, ttl in (("off", "0"), ("on", str(settings.dedup_ttl_s or 86400))):
             log = work / f"worker-{mode}.log"
-            proc = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", "cpu",
-                                     "--queues", "gristmill.classify"], env={**env, "GRISTMILL_DEDUP_TTL_S": ttl},
+            proc = subprocess.Popen(python_module("gristmill.workers", "worker", "--device", "cpu", "--queues", "gristmill.classify"), env={**env, "GRISTMILL_DEDUP_TTL_S": ttl},
                                     cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
             try:
                 wait_for_workers(app, [(f"worker ({mode})", proc, log)])

@@ -19,14 +19,14 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", required=True)
     args = ap.parse_args()
-    from workers.pinning import pin
+    from gristmill.workers.pinning import pin
     device = pin(args.device)
 
     from kombu import Queue
 
-    from producers.app import make_app
-    from producers.settings import Settings
-    from workers.host import EngineHost
+    from gristmill.producers.app import make_app
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.host import EngineHost
 
     settings = Settings()
     app = make_app(settings)

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from kernels.generate import GenRequest
+    from gristmill.kernels.generate import GenRequest
     eng = load_engine(args)
     prompts, limits = make_requests(eng, args)
     eng.run([GenRequest(p, n, temperature=0) for p, n in zip(prompts, limits)])  # capture graphs first

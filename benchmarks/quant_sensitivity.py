@@ -38,7 +38,7 @@ GROUPS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 
 def fake_weight(w: torch.Tensor) -> torch.Tensor:
-    from kernels.quant import quantize_per_channel
+    from gristmill.kernels.quant import quantize_per_channel
     q, scale = quantize_per_channel(w)
     return q.float() * scale[:, None]
 
@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="256 held-out texts instead of 512")
     ap.add_argument("--texts", type=Path, help="held-out texts (plain lines or batch JSONL)")
     args = ap.parse_args(argv)
-    from kernels import texts as builtin
-    from kernels.classify import ClassifierEngine
-    from kernels.optimize import agreement, throughput
-    from kernels.quant import _encoder_linears
-    from producers.registry import DEFAULT_CLASSIFIER as spec
-    from workers.host import classifier_kwargs
-    from workers.optimize import read_texts
+    from gristmill.kernels import texts as builtin
+    from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.kernels.optimize import agreement, throughput
+    from gristmill.kernels.quant import _encoder_linears
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER as spec
+    from gristmill.workers.host import classifier_kwargs
+    from gristmill.workers.optimize import read_texts
 
     t0 = time.perf_counter()
     src, kw = spec.resolve_path(), classifier_kwargs(spec)

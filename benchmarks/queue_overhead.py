@@ -32,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.launcher import share_cores, wait_for_workers
+from gristmill.producers.runtime import python_module
+from gristmill.workers.launcher import share_cores, wait_for_workers
 
 from .common import add_cache_redis_arg, cache_redis, random_minilm_classifier, table, texts, write_requests
 
@@ -50,8 +51,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def engine_runner(settings, device: str, model: str):
     """A timed pass of the ceiling: (items/s, info) for a list of texts; engine loaded once."""
-    from workers.batcher import BatchPolicy, Pending, plan
-    from workers.host import EngineHost
+    from gristmill.workers.batcher import BatchPolicy, Pending, plan
+    from gristmill.workers.host import EngineHost
 
     host = EngineHost(settings, device)
     eng = host.engine(model)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     add_cache_redis_arg(ap)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    from workers.pinning import pin
+    from gristmill.workers.pinning import pin
     device = pin(args.device)  # same thread and device settings as a worker, before torch loads
 
     work = Path(tempfile.mkdtemp(prefix="gristmill-bench-"))
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         naive_n = args.naive_items or (400 if args.quick else 1500)
         def items_for(k: int) -> list[str]:
             return texts(n, 8, 64, seed=k)
-        from producers.registry import DEFAULT_CLASSIFIER
+        from gristmill.producers.registry import DEFAULT_CLASSIFIER
         if args.tiny_minilm:
             mf = work / "models.json"
             mf.write_text(json.dumps([{"name": "minilm-tiny", "kind": "sequence_classifier", "max_input_tokens": 128,
@@ -193,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, url_path, body_model = DEFAULT_CLASSIFIER.name, "/v1/moderations", None
 
-    from producers.app import make_app
-    from producers.redis_server import EmbeddedRedis
-    from producers.settings import Settings
+    from gristmill.producers.app import make_app
+    from gristmill.producers.redis_server import EmbeddedRedis
+    from gristmill.producers.settings import Settings
 
-    from producers.client import Client
+    from gristmill.producers.client import Client
 
     repeats = args.repeats or (2 if args.quick else 3)
     t_all = time.perf_counter()
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(instances):
             log = work / f"gristmill-worker-{k}.log"
             procs.append((f"gristmill worker {k}", subprocess.Popen(
-                [sys.executable, "-m", "workers", "worker", "--device", device, "--queues", "gristmill.classify"],
+                python_module("gristmill.workers", "worker", "--device", device, "--queues", "gristmill.classify"),
                 env=share_cores({**env, "GRISTMILL_METRICS_OFFSET": str(k)}, instances), cwd=ROOT, stdout=open(log, "wb"),
                 stderr=subprocess.STDOUT), log))
         try:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     add_cache_redis_arg(ap)
     args = ap.parse_args(argv)
 
-    from workers.pinning import pin
+    from gristmill.workers.pinning import pin
     device = pin("cpu")
     work = Path(tempfile.mkdtemp(prefix="gristmill-path-"))
     os.environ.pop("GRISTMILL_REDIS_URL", None)
@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from kombu import serialization
 
-    from producers.app import SERIALIZER
+    from gristmill.producers.app import SERIALIZER
 
-    import producers.constants as C
-    from producers.redis_server import EmbeddedRedis
-    from producers.schemas import WorkItem, validate_line
-    from producers.settings import Settings
-    from workers import tasks
+    import gristmill.producers.constants as C
+    from gristmill.producers.redis_server import EmbeddedRedis
+    from gristmill.producers.schemas import WorkItem, validate_line
+    from gristmill.producers.settings import Settings
+    from gristmill.workers import tasks
 
     with EmbeddedRedis(work / "redis") as server, cache_redis(work, args.cache_redis) as cache_server:
         settings = Settings(redis_url=server.url, dedup_redis_url=cache_server.url if cache_server else None)

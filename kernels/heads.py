@@ -9,19 +9,20 @@ A registration whose `head` is a seed set (.jsonl) gets its head trained at firs
 cached under the model cache, named by a digest of the encoder's weights, the seed set and the
 recipe (`ensure_head`); no trained weights live in the repo.
 
-    python -m kernels.heads evaluate                 # the cross-validated P/R table of the seed set
-    python -m kernels.heads train --out head.safetensors [--seed-set yours.jsonl]
+    python -m gristmill.kernels.heads evaluate                 # the cross-validated P/R table of the seed set
+    python -m gristmill.kernels.heads train --out head.safetensors [--seed-set yours.jsonl]
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-SEED_SET = Path(__file__).parent / "moderation" / "seed.jsonl"
+SEED_SET = Path(str(resources.files(__package__) / "moderation" / "seed.jsonl"))
 
 # A seed example labelled with a sub-category also belongs to these (OpenAI's taxonomy: a threat
 # is harassment and violence, an instruction to self-harm is self-harm, ...).
@@ -195,7 +196,7 @@ def _table(report: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import importlib.util
-    ap = argparse.ArgumentParser(prog="python -m kernels.heads")
+    ap = argparse.ArgumentParser(prog="python -m gristmill.kernels.heads")
     ap.add_argument("action", choices=["train", "evaluate"])
     ap.add_argument("--seed-set", type=Path, default=SEED_SET)
     ap.add_argument("--encoder", type=Path, help="encoder directory (default: all-MiniLM-L6-v2 from "

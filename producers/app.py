@@ -1,6 +1,6 @@
 """The Celery app factory: the broker contract shared by producers and workers.
 
-`producers.app:app` is built lazily from the environment (for `celery -A` and Flower).
+`gristmill.producers.app:app` is built lazily from the environment (for `celery -A` and Flower).
 """
 
 from __future__ import annotations

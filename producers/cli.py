@@ -1,5 +1,5 @@
-"""The `gristmill` command. Producer verbs run here; worker verbs exec `python -m workers`, so this
-module (and `import producers`) never imports torch or the workers package."""
+"""The `gristmill` command. Producer verbs run here; worker verbs exec `python -m gristmill.workers`,
+so this module (and `import gristmill.producers`) never imports torch or the workers package."""
 
 from __future__ import annotations
 
@@ -155,7 +155,9 @@ def models(as_json: bool = typer.Option(False, "--json")):
 
 
 def _exec_workers(*args: str) -> None:
-    os.execv(sys.executable, [sys.executable, "-m", "workers", *args])
+    from .runtime import python_module
+    argv = python_module("gristmill.workers", *args)
+    os.execv(argv[0], argv)
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

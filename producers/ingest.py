@@ -226,17 +226,18 @@ def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
 
 def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans: list[tuple[int, int | None, int]],
                      report: IngestReport, policy: Policy | None = None) -> None:
-    """Pass 2 over `spans`, one `python -m producers.ingest` process each. Plain subprocesses, not
+    """Pass 2 over `spans`, one `python -m gristmill.producers.ingest` process each. Plain subprocesses, not
     multiprocessing: spawn would re-import the caller's __main__, which a user's script may not guard."""
     import json
     import subprocess
-    import sys
+
+    from .runtime import python_module
     procs = []
     for i, span in enumerate(spans):
         job = json.dumps({"settings": settings.model_dump_json(), "redis_url": redis_url, "batch_id": batch_id,
                           "path": str(path), "span": span, "stride": len(spans), "offset": i,
                           "policy": policy.wire() if policy is not None else None})
-        procs.append(subprocess.Popen([sys.executable, "-m", "producers.ingest", job], stdin=subprocess.DEVNULL,
+        procs.append(subprocess.Popen(python_module("gristmill.producers.ingest", job), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     failures = []
     for p in procs:

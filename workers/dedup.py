@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from producers import constants as C
+from ..producers import constants as C
 
 from .batcher import Slot
 

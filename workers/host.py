@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from producers import constants as C
-from producers import schemas as S
-from producers.errors import EngineError, ItemError
-from producers.policy import Policy, model_policy
-from producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
-from producers.settings import Settings
+from ..producers import constants as C
+from ..producers import schemas as S
+from ..producers.errors import EngineError, ItemError
+from ..producers.policy import Policy, model_policy
+from ..producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
+from ..producers.settings import Settings
 
 from . import dedup, metrics
 from .batcher import model_of
@@ -109,11 +109,11 @@ class EngineHost:
         log.info("loading %s (%s) on %s", spec.name, spec.kind, self.device)
         path = spec.resolve_path()
         if spec.kind == "causal_lm":
-            from kernels.generate import GenerationEngine
+            from ..kernels.generate import GenerationEngine
             return GenerationEngine(path, cache_dir=self.settings.model_cache_dir, device=self.device,
                                     max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
-        from kernels.classify import ClassifierEngine
-        from kernels.onnx_engine import OnnxClassifierEngine, read_manifest
+        from ..kernels.classify import ClassifierEngine
+        from ..kernels.onnx_engine import OnnxClassifierEngine, read_manifest
         st = self.settings
         # a directory built by `gristmill optimize` runs on ONNX Runtime
         kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache,
@@ -236,7 +236,7 @@ class EngineHost:
         return out, inputs, reused
 
     def _prepare_generation(self, it: S.WorkItem, spec: ModelSpec) -> Prepared | S.LineError:
-        from kernels.generate import EmptyPrompt, GenRequest, PromptTooLong
+        from ..kernels.generate import EmptyPrompt, GenRequest, PromptTooLong
         eng = self.engine(it.model)
         if it.url == C.CHAT_URL:
             body = S.ChatBody.model_validate(it.body)
@@ -335,7 +335,7 @@ def classifier_kwargs(spec: ModelSpec, cache_dir=None) -> dict[str, Any]:
     elif spec.kind == "embedding_classifier":
         head = spec.resolve_head()
         if head is not None and head.suffix == ".jsonl":
-            from kernels.heads import ensure_head
+            from ..kernels.heads import ensure_head
             head = ensure_head(spec.resolve_path(), head, cache_dir or Settings().model_cache_dir)
         kw.update(head=head)
     return kw

@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from producers.client import Client
-from producers.redis_server import EmbeddedRedis, redact
-from producers.settings import Settings
+from ..producers.client import Client
+from ..producers.redis_server import EmbeddedRedis, redact
+from ..producers.runtime import data_file, python_module
+from ..producers.settings import Settings
 
 from .pinning import visible_gpus
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "producers" / "examples" / "demo.jsonl"
+EXAMPLE = data_file("gristmill.producers", "examples", "demo.jsonl")
 
 
 def parse_gpus(spec: str) -> list[int]:
@@ -98,7 +99,7 @@ class Stack:
             env["GRISTMILL_DEDUP_REDIS_URL"] = self.cache_url
         slots = worker_slots(self.gpus, self.instances)
         for name, dev, offset in slots:
-            self._spawn(name, [sys.executable, "-m", "workers", "worker", "--device", dev],
+            self._spawn(name, python_module("gristmill.workers", "worker", "--device", dev),
                         share_cores({**env, "GRISTMILL_METRICS_OFFSET": str(offset)}, len(slots)))
         if self.flower:
             cmd, creds = self.settings.flower_command()
@@ -128,7 +129,7 @@ class Stack:
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         """Until every worker answers a ping (models are loaded before a worker consumes)."""
-        from producers.app import make_app
+        from ..producers.app import make_app
         procs = [(name, p, self.log_dir / f"{name}.log" if self.log_dir else None) for name, p in self.procs]
         wait_for_workers(make_app(self.settings, self.url), procs, want=len(self.procs) - int(self.flower),
                          prefix="gristmill-", timeout=timeout)
@@ -200,7 +201,7 @@ def up_main(argv: list[str]) -> int:
 def demo_main(argv: list[str]) -> int:
     from rich.console import Console
 
-    from producers.progress import watch
+    from ..producers.progress import watch
 
     ap = argparse.ArgumentParser(prog="gristmill demo")
     ap.add_argument("--input", type=Path, default=EXAMPLE)

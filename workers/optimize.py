@@ -39,9 +39,9 @@ def read_texts(path: Path) -> list[str]:
 
 
 def judge(spec, src: Path, artifact: Path, heldout: list[str]) -> dict:
-    from kernels.classify import ClassifierEngine
-    from kernels.onnx_engine import OnnxClassifierEngine
-    from kernels.optimize import agreement, throughput
+    from ..kernels.classify import ClassifierEngine
+    from ..kernels.onnx_engine import OnnxClassifierEngine
+    from ..kernels.optimize import agreement, throughput
     from .host import classifier_kwargs
     kw = classifier_kwargs(spec)
     ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
@@ -72,12 +72,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--force", action="store_true", help="write the artifact even under the floor")
     args = ap.parse_args(argv)
 
-    from kernels import texts as builtin
-    from kernels.optimize import NEAR_TIE, artifact_digest, build_artifact
-    from kernels.onnx_engine import read_manifest
-    from producers.errors import GristmillError
-    from producers.registry import POOLED_KINDS
-    from producers.settings import Settings
+    from ..kernels import texts as builtin
+    from ..kernels.optimize import NEAR_TIE, artifact_digest, build_artifact
+    from ..kernels.onnx_engine import read_manifest
+    from ..producers.errors import GristmillError
+    from ..producers.registry import POOLED_KINDS
+    from ..producers.settings import Settings
     try:
         specs = Settings().registry.specs
     except GristmillError as e:

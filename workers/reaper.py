@@ -39,8 +39,8 @@ import uuid
 import zstandard
 from kombu import compression
 
-from producers import constants as C
-from producers.batches import BatchStore
+from ..producers import constants as C
+from ..producers.batches import BatchStore
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import redis
 
-from producers import constants as C
-from producers import schemas as S
-from producers.batches import BatchStore
-from producers.policy import Policy
-from producers.redis_server import with_retry
-from producers.settings import Settings
+from ..producers import constants as C
+from ..producers import schemas as S
+from ..producers.batches import BatchStore
+from ..producers.policy import Policy
+from ..producers.redis_server import with_retry
+from ..producers.settings import Settings
 
 from . import metrics
 from .batcher import BatchPolicy, MicroBatcher, Slot, tagged

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-from kernels.generate import GenerationEngine, GenRequest  # noqa: E402
+from gristmill.kernels.generate import GenerationEngine, GenRequest  # noqa: E402
 
 
 def test_cuda_graph_decode_equals_eager_and_hf(tiny_models_file, tmp_path):

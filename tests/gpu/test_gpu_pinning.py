@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,11 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-from producers.app import make_app  # noqa: E402
-from producers.client import Client  # noqa: E402
-from producers.redis_server import EmbeddedRedis  # noqa: E402
-from producers.settings import Settings  # noqa: E402
-from tests.integration.conftest import ROOT  # noqa: E402
+from gristmill.producers.app import make_app  # noqa: E402
+from gristmill.producers.client import Client  # noqa: E402
+from gristmill.producers.redis_server import EmbeddedRedis  # noqa: E402
+from gristmill.producers.settings import Settings  # noqa: E402
+from tests.commands import GRISTMILL, ROOT  # noqa: E402
 from tests.integration.helpers import chat, classification, write_jsonl  # noqa: E402
 
 
@@ -28,7 +27,7 @@ def test_one_worker_per_gpu_each_on_its_own_device(tiny_models_file, tmp_path):
         env = {**os.environ, "GRISTMILL_REDIS_URL": server.url, "GRISTMILL_HOME": str(tmp_path / "home"),
                "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        up = subprocess.Popen([sys.executable, "-m", "workers", "up", "--gpus", "all", "--no-flower"], env=env, cwd=ROOT)
+        up = subprocess.Popen([*GRISTMILL, "up", "--gpus", "all", "--no-flower"], env=env, cwd=ROOT)
         try:
             app = make_app(Settings(redis_url=server.url), server.url)
             deadline = time.monotonic() + 300

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-from kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8WeightOnlyLinear,  # noqa: E402
+from gristmill.kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8WeightOnlyLinear,  # noqa: E402
                            apply_variant, int8_weight_only_matmul, quantize_per_channel)
 
 
@@ -42,7 +42,7 @@ def test_quantized_linears_stay_near_fp64(cls):
 
 
 def test_2to4_semi_structured_equals_the_masked_dense_layer():
-    from kernels.quant import mask_2to4
+    from gristmill.kernels.quant import mask_2to4
     model = torch.nn.Sequential()
     layer = torch.nn.Module()
     layer.dense = torch.nn.Linear(384, 1536)
@@ -59,7 +59,7 @@ def test_2to4_semi_structured_equals_the_masked_dense_layer():
 def test_fp8_static_after_calibration_stays_near_fp64():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 tensor cores need compute capability 8.9+")
-    from kernels.quant import Fp8StaticLinear, calibrate_fp8
+    from gristmill.kernels.quant import Fp8StaticLinear, calibrate_fp8
     lin = torch.nn.Linear(384, 1536).cuda()
     layer = Fp8StaticLinear(lin).cuda()
     calibrate_fp8(layer, lambda: layer(torch.randn(256, 384, device="cuda").bfloat16()))

@@ -5,20 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
-from producers import constants as C
-from producers.app import make_app
-from producers.client import Client
-from producers.redis_server import EmbeddedRedis
-from producers.settings import Settings
-from workers.launcher import wait_for_workers
+from gristmill.producers import constants as C
+from gristmill.producers.app import make_app
+from gristmill.producers.client import Client
+from gristmill.producers.redis_server import EmbeddedRedis
+from gristmill.producers.settings import Settings
+from gristmill.workers.launcher import wait_for_workers
+from tests.commands import GRISTMILL, ROOT  # noqa: F401  (ROOT: the tests' working directory)
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +47,7 @@ def home(tmp_path_factory) -> Path:
 
 def worker_env(url: str, home: Path, models_file: Path | None, **extra: str) -> dict[str, str]:
     env = {**os.environ, "GRISTMILL_REDIS_URL": url, "GRISTMILL_HOME": str(home), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "GRISTMILL_METRICS_PORT": "0"}
+           "GRISTMILL_METRICS_PORT": "0"}
     if models_file is not None:
         env.update(GRISTMILL_MODELS_FILE=str(models_file), GRISTMILL_BUILTIN_MODELS="false")
     env.update(extra)
@@ -59,7 +58,7 @@ class WorkerProcess:
     def __init__(self, env: dict[str, str], log: Path, *args: str):
         self.log = log
         self.env = env
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--device", "cpu", *args],
+        self.proc = subprocess.Popen([*GRISTMILL, "worker", "--device", "cpu", *args],
                                      env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
 
     def wait_ready(self, url: str, timeout: float = 180) -> "WorkerProcess":
@@ -78,7 +77,7 @@ class WorkerProcess:
 
 @pytest.fixture(scope="session")
 def metrics_port() -> int:
-    from producers.redis_server import free_port
+    from gristmill.producers.redis_server import free_port
     return free_port()
 
 

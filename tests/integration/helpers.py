@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from producers import constants as C
+from gristmill.producers import constants as C
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

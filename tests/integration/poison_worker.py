@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from workers import host
+from gristmill.workers import host
 
 _prepare, _run = host.EngineHost.prepare, host.EngineHost.run
 
@@ -31,5 +31,5 @@ def run(self, key, payloads):
 host.EngineHost.prepare, host.EngineHost.run = prepare, run
 
 if __name__ == "__main__":
-    from workers.__main__ import worker
+    from gristmill.workers.__main__ import worker
     sys.exit(worker(sys.argv[1:]))

@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,12 +17,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from producers.redis_server import free_port, ping
+from gristmill.producers.redis_server import free_port, ping
+from tests.commands import GRISTMILL
 
 from .conftest import ROOT, clean, worker_env
 from .helpers import chat, moderation, write_jsonl
-
-GRISTMILL = [sys.executable, "-m", "producers.cli"]
 
 
 def run(env, *args, check=True) -> subprocess.CompletedProcess:
@@ -230,8 +228,8 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
         assert cache.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
         assert int(cache.config_get("maxmemory")["maxmemory"]) == 1 << 30
         # a worker started by hand on this `up`'s Redis finds the same cache server
-        from producers.redis_server import resolve_dedup_redis_url
-        from producers.settings import Settings
+        from gristmill.producers.redis_server import resolve_dedup_redis_url
+        from gristmill.producers.settings import Settings
         assert resolve_dedup_redis_url(Settings(home=up_home)) == cache_url
         assert resolve_dedup_redis_url(Settings(home=up_home, redis_url=url)) is None
         assert cache.config_get("appendonly")["appendonly"] == "no"

@@ -9,9 +9,9 @@ from collections import Counter
 
 import redis
 
-from producers import constants as C
-from producers.client import Client
-from producers.settings import Settings
+from gristmill.producers import constants as C
+from gristmill.producers.client import Client
+from gristmill.producers.settings import Settings
 
 from .conftest import WorkerProcess, clean, worker_env
 from .helpers import completion, moderation, read_results, write_jsonl
@@ -75,7 +75,7 @@ def test_workers_killed_twice_mid_batch_lose_and_double_nothing(redis_url, home,
 
 
 def test_redis_killed_mid_batch_and_restarted_on_its_aof_loses_and_doubles_nothing(home, tiny_models_file, tmp_path):
-    from producers.redis_server import EmbeddedRedis, free_port
+    from gristmill.producers.redis_server import EmbeddedRedis, free_port
     port, data = free_port(), tmp_path / "redis"
     server = EmbeddedRedis(data, port=port)
     url = server.start()
@@ -194,8 +194,8 @@ def test_the_sweep_finds_a_lost_chunk_while_its_queue_is_still_busy(redis_url, h
 
     import redis
 
-    from producers.app import make_app
-    from workers.reaper import SEND_SKEW_S, Lease
+    from gristmill.producers.app import make_app
+    from gristmill.workers.reaper import SEND_SKEW_S, Lease
     url = _own_db(redis_url, 9)
     clean(url)
     settings = Settings(redis_url=url, home=home, models_file=tiny_models_file, builtin_models=False, chunk_size=10)
@@ -233,7 +233,7 @@ def test_the_score_cache_on_its_own_server_and_a_dead_one_costs_no_line(redis_ur
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from producers.redis_server import EmbeddedRedis, free_port
+    from gristmill.producers.redis_server import EmbeddedRedis, free_port
     url = _own_db(redis_url, 11)
     clean(url)
     cache_server = EmbeddedRedis(tmp_path / "cache", cache_max_memory="64mb")

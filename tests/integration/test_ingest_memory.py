@@ -7,8 +7,8 @@ import tracemalloc
 
 import redis
 
-from producers import constants as C
-from producers.client import Client
+from gristmill.producers import constants as C
+from gristmill.producers.client import Client
 
 
 def _file(path, n):

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from producers import constants as C
-from producers.review import ReviewError, write_review
+from gristmill.producers import constants as C
+from gristmill.producers.review import ReviewError, write_review
 
 from .conftest import ROOT, worker_env
 from .helpers import moderation, read_results, write_jsonl

@@ -12,9 +12,9 @@ import redis
 from openai.types import Completion, ModerationCreateResponse
 from openai.types.chat import ChatCompletion
 
-from producers import constants as C
-from producers.errors import DuplicateCustomIds
-from producers.schemas import validate_line
+from gristmill.producers import constants as C
+from gristmill.producers.errors import DuplicateCustomIds
+from gristmill.producers.schemas import validate_line
 
 from .helpers import chat, classification, completion, moderation, read_results, write_jsonl
 
@@ -135,7 +135,7 @@ def test_a_redelivered_chunk_writes_no_second_line(client, tmp_path):
 
 def test_partial_results_while_running_then_cancel(redis_url, tiny_worker, settings_for, tmp_path):
     from .conftest import clean
-    from producers.client import Client
+    from gristmill.producers.client import Client
     clean(redis_url)
     c = Client(settings_for(redis_url, chunk_size=1))
     rows = [chat(f"c{i}", max_tokens=60, temperature=1.0) for i in range(150)]
@@ -175,7 +175,7 @@ def test_a_pickled_message_is_never_executed(client, tmp_path, monkeypatch):
 def test_expiry_and_the_requeue_cap(redis_url, home, tiny_models_file, settings_for, tmp_path):
     """On a database no worker watches: one batch outlives its window, one chunk is over its
     delivery cap; then a worker starts and must answer both with error lines, not run them."""
-    from producers.client import Client
+    from gristmill.producers.client import Client
     from .conftest import WorkerProcess, worker_env
     url = redis_url.rsplit("/", 1)[0] + "/3"
     redis.Redis.from_url(url).flushdb()
@@ -209,7 +209,7 @@ def test_all_invalid_file_fails_with_an_error_file(client, tmp_path):
 
 
 def test_unknown_batch_is_an_error_not_pending_forever(client):
-    from producers.errors import BatchNotFound
+    from gristmill.producers.errors import BatchNotFound
     with pytest.raises(BatchNotFound, match="batch_nope"):
         client.get("batch_nope")
 
@@ -218,12 +218,12 @@ def test_a_model_the_worker_lacks_is_a_clear_per_line_error(redis_url, tiny_work
     """Producer and worker registries disagree: the line fails with model_not_found, the rest run."""
     import json as _json
 
-    from producers.client import Client
-    from producers.settings import Settings
+    from gristmill.producers.client import Client
+    from gristmill.producers.settings import Settings
     from .conftest import clean
     clean(redis_url)
     extra = tmp_path / "models.json"
-    from producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
     extra.write_text(_json.dumps([DEFAULT_CLASSIFIER.model_dump(mode="json") | {"name": "only-here", "aliases": []}]))
     c = Client(Settings(redis_url=redis_url, home=home, models_file=extra, builtin_models=False))
     b = c.wait(c.submit_file(write_jsonl(tmp_path / "in.jsonl", [moderation("x", model="only-here")])).id, timeout=60)
@@ -258,8 +258,8 @@ def test_worker_exports_prometheus_metrics(client, metrics_port, tmp_path):
 
 def test_parallel_ingest_over_byte_ranges_matches_one_process(redis_url, tiny_worker, settings_for, tmp_path,
                                                               monkeypatch):
-    from producers import ingest
-    from producers.client import Client
+    from gristmill.producers import ingest
+    from gristmill.producers.client import Client
 
     from .conftest import clean
     clean(redis_url)
@@ -286,7 +286,7 @@ def test_parallel_ingest_over_byte_ranges_matches_one_process(redis_url, tiny_wo
 
 
 def test_long_lines_end_a_message_before_its_line_count(redis_url, tiny_worker, settings_for, tmp_path):
-    from producers.client import Client
+    from gristmill.producers.client import Client
     from .conftest import clean
     clean(redis_url)
     c = Client(settings_for(redis_url, chunk_size=100, chunk_max_bytes=4096))

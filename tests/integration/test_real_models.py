@@ -9,11 +9,11 @@ import pytest
 from openai.types import ModerationCreateResponse
 from openai.types.chat import ChatCompletion
 
-from producers import constants as C
-from producers.client import Client
-from producers.policy import DEFAULT_POLICY_FILE, load_policy
-from producers.registry import MODERATION_CATEGORIES
-from producers.settings import Settings
+from gristmill.producers import constants as C
+from gristmill.producers.client import Client
+from gristmill.producers.policy import DEFAULT_POLICY_FILE, load_policy
+from gristmill.producers.registry import MODERATION_CATEGORIES
+from gristmill.producers.settings import Settings
 
 from .conftest import ROOT, WorkerProcess, clean, worker_env
 from .helpers import chat, moderation, read_results, write_jsonl
@@ -74,8 +74,8 @@ def test_the_default_head_builds_from_the_seed_set_the_same_way_twice(tmp_path):
     two builds give the same tensors and name, and the head separates the examples it learned."""
     import torch
 
-    from kernels import heads
-    from producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.kernels import heads
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
     enc, seed = DEFAULT_CLASSIFIER.resolve_path(), DEFAULT_CLASSIFIER.resolve_head()
     a = heads.ensure_head(enc, seed, tmp_path / "a")
     b = heads.ensure_head(enc, seed, tmp_path / "b")

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producers.errors import ConfigurationError
-from workers.batcher import BatchPolicy, MicroBatcher, Pending, Slot, _Group, finish, pack, plan
+from gristmill.producers.errors import ConfigurationError
+from gristmill.workers.batcher import BatchPolicy, MicroBatcher, Pending, Slot, _Group, finish, pack, plan
 
 policies = st.builds(BatchPolicy, max_batch_size=st.integers(1, 64), token_budget=st.integers(1, 4096),
                      max_wait_s=st.floats(0, 1))
@@ -204,9 +204,9 @@ def test_items_arriving_while_a_batch_runs_are_sorted_together():
 
 
 def test_a_chunk_submitted_per_model_returns_results_to_their_items():
-    from producers.schemas import LineError, WorkItem
-    from workers.host import Prepared
-    from workers.tasks import submit_chunk
+    from gristmill.producers.schemas import LineError, WorkItem
+    from gristmill.workers.host import Prepared
+    from gristmill.workers.tasks import submit_chunk
     calls = []
 
     def runner(key, payloads):
@@ -228,10 +228,10 @@ def test_a_chunk_submitted_per_model_returns_results_to_their_items():
 
 
 def test_repeated_inputs_share_one_run_within_and_across_chunks():
-    from producers.schemas import WorkItem
-    from workers.dedup import Recent
-    from workers.host import Prepared
-    from workers.tasks import submit_chunk
+    from gristmill.producers.schemas import WorkItem
+    from gristmill.workers.dedup import Recent
+    from gristmill.workers.host import Prepared
+    from gristmill.workers.tasks import submit_chunk
     calls = []
 
     def runner(key, payloads):

@@ -5,8 +5,8 @@ against the static loop."""
 import pytest
 import torch
 
-from kernels.decode import supports
-from kernels.generate import GenerationEngine, GenRequest
+from gristmill.kernels.decode import supports
+from gristmill.kernels.generate import GenerationEngine, GenRequest
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["in-step", "run-ahead"])
@@ -121,7 +121,7 @@ def test_requests_handed_over_mid_run_join_and_finish_early(tiny_models_file, tm
 def test_plain_layer_functions_equal_the_model_modules(tiny_models_file, tmp_path):
     """The functions a decode step compiles on CUDA compute what the model's own modules do (run
     uncompiled here, in fp32): the same logits up to the stacked products' rounding, the same greedy tokens."""
-    from kernels import decode
+    from gristmill.kernels import decode
     eng = GenerationEngine(tiny_models_file.parent / "weights" / "chat", cache_dir=tmp_path, max_context=64,
                            max_slots=4)
     reqs = [GenRequest(p, 12, temperature=0) for p in _prompts(eng, 6)]
@@ -140,7 +140,7 @@ def test_plain_layer_functions_equal_the_model_modules(tiny_models_file, tmp_pat
 
 
 def test_sampling_draws_from_the_nucleus_and_seeded_rows_are_reproducible():
-    from kernels.generate import sample_tokens
+    from gristmill.kernels.generate import sample_tokens
     probs = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
     logits = probs.log().expand(20000, 5).contiguous()
     n = logits.shape[0]

@@ -58,7 +58,7 @@ def test_secrets_must_be_given():
 
 
 def test_services_agree_on_redis_flower_and_gpus():
-    from producers.settings import Settings
+    from gristmill.producers.settings import Settings
     c = load()
     services = c["services"]
     redis_cmd = services["redis"]["command"]

@@ -9,9 +9,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from producers import constants as C
-from producers.ingest import IngestReport, enqueue
-from producers.schemas import LineError, WorkItem, error_line, validate_line
+from gristmill.producers import constants as C
+from gristmill.producers.ingest import IngestReport, enqueue
+from gristmill.producers.schemas import LineError, WorkItem, error_line, validate_line
 
 URLS = [C.CHAT_URL, C.COMPLETIONS_URL, C.MODERATIONS_URL, C.CLASSIFICATIONS_URL, "/v1/embeddings", None, 7]
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),

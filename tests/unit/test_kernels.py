@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.classify import ClassifierEngine
-from kernels.generate import EmptyPrompt, GenerationEngine, GenRequest, PromptTooLong
-from producers.registry import DEFAULT_PROTOTYPES
+from gristmill.kernels.classify import ClassifierEngine
+from gristmill.kernels.generate import EmptyPrompt, GenerationEngine, GenRequest, PromptTooLong
+from gristmill.producers.registry import DEFAULT_PROTOTYPES
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,6 @@ def test_bf16_autocast_stays_close_to_fp32(weights):
 
 
 def test_cpu_precision_is_validated():
-    from kernels.loading import autocast_dtype
+    from gristmill.kernels.loading import autocast_dtype
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):
         autocast_dtype(torch.device("cpu"), "fp8")

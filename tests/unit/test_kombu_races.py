@@ -21,7 +21,7 @@ def test_kombu_itself_raises_on_a_detached_channel():
 
 @pytest.mark.parametrize("op", ["ack", "reject"])
 def test_an_ack_on_a_detached_channel_is_forgotten_not_fatal(op):
-    from workers.reaper import tolerate_kombu_close_race
+    from gristmill.workers.reaper import tolerate_kombu_close_race
     tolerate_kombu_close_race()
     qos = detached_qos()
     qos._delivered["tag-1"] = object()

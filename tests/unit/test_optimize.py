@@ -1,7 +1,6 @@
 """Structured pruning, ONNX export / fusion / int8, the ONNX engine and the agreement report, on
 tiny random BERTs (the real weights are checked by benchmarks/engine_variants.py)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,12 +8,12 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from kernels import texts as builtin  # noqa: E402
-from kernels.classify import ClassifierEngine  # noqa: E402
-from kernels.onnx_engine import OnnxClassifierEngine, read_manifest  # noqa: E402
-from kernels.optimize import agreement, artifact_digest, build_artifact  # noqa: E402
-from kernels.prune import prune  # noqa: E402
-from producers.registry import DEFAULT_PROTOTYPES  # noqa: E402
+from gristmill.kernels import texts as builtin  # noqa: E402
+from gristmill.kernels.classify import ClassifierEngine  # noqa: E402
+from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest  # noqa: E402
+from gristmill.kernels.optimize import agreement, artifact_digest, build_artifact  # noqa: E402
+from gristmill.kernels.prune import prune  # noqa: E402
+from gristmill.producers.registry import DEFAULT_PROTOTYPES  # noqa: E402
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "i will hurt you", "a", "ok then " * 20]
 
@@ -54,7 +53,7 @@ def test_prune_keeps_the_most_important_neurons(weights):
 def test_distillation_brings_a_pruned_model_back_towards_the_original(weights):
     import copy
 
-    from kernels.prune import distill
+    from gristmill.kernels.prune import distill
     from transformers import AutoModel
     teacher = AutoModel.from_pretrained(str(weights / "encoder"), attn_implementation="eager").eval()
     student = copy.deepcopy(teacher)
@@ -93,7 +92,7 @@ def test_onnx_fp32_artifact_matches_torch_and_int8_stays_close(weights, tmp_path
 def test_onnx_engine_numpy_scoring_equals_the_torch_scoring_around_the_same_session(weights, tmp_path, mode):
     """The ONNX engine pools and scores in numpy (torch's spinning threads slow ONNX Runtime down);
     the scores must be the ones the torch code computes from the same session outputs."""
-    from kernels.heads import save_head
+    from gristmill.kernels.heads import save_head
     name = "classifier" if mode == "logits" else "encoder"
     kw: dict = {"max_length": 32}
     if mode == "prototypes":
@@ -147,9 +146,9 @@ def test_a_registered_artifact_runs_in_the_host_and_names_its_variant(weights, t
     import gc
     import json
 
-    from producers import schemas as S
-    from producers.settings import Settings
-    from workers.host import EngineHost
+    from gristmill.producers import schemas as S
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.host import EngineHost
     build_artifact(weights / "classifier", tmp_path / "art", zero_shot=False, quantize="int8", max_length=32)
     mf = tmp_path / "models.json"
     mf.write_text(json.dumps([{"name": "tiny-int8", "kind": "sequence_classifier", "path": str(tmp_path / "art"),
@@ -170,15 +169,13 @@ def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_m
     import json
     import os
     import subprocess
-    import sys
-    root = Path(__file__).resolve().parents[2]
+    from tests.commands import GRISTMILL, ROOT as root
     env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
-           "GRISTMILL_HOME": str(tmp_path / "home"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+           "GRISTMILL_HOME": str(tmp_path / "home")}
     out = tmp_path / "art"
 
     def optimize(*extra):
-        return subprocess.run([sys.executable, "-m", "workers", "optimize", "tiny-moderation", "--out", str(out),
+        return subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--out", str(out),
                                "--prune", "0.5", *extra], env=env, cwd=root, capture_output=True, text=True, timeout=300)
 
     refused = optimize("--min-agreement", "1.01")
@@ -193,7 +190,7 @@ def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_m
                                                                               "top_label_changes", "near_ties"}
     again = optimize("--min-agreement", "1.01")
     assert again.returncode == 0 and "up to date" in again.stdout
-    unknown = subprocess.run([sys.executable, "-m", "workers", "optimize", "nope", "--out", str(out)], env=env,
+    unknown = subprocess.run([*GRISTMILL, "optimize", "nope", "--out", str(out)], env=env,
                              cwd=root, capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "no model 'nope'" in unknown.stderr
 

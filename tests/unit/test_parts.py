@@ -6,7 +6,7 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from producers.batches import decode_part, encode_part
+from gristmill.producers.batches import decode_part, encode_part
 
 line = st.fixed_dictionaries({"custom_id": st.text(min_size=1, max_size=20),
                               "text": st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)})

@@ -10,14 +10,14 @@ from hypothesis import strategies as st
 import torch
 from openai.types import ModerationCreateResponse
 
-from kernels import heads
-from producers import constants as C
-from producers.errors import ConfigurationError
-from producers.policy import DEFAULT_POLICY_FILE, Policy, load_policy, model_policy
-from producers.registry import MODERATION_CATEGORIES
-from producers.review import ReviewError, band_rows, parse_band
-from producers.schemas import LineError, moderation_body, validate_line
-from workers import dedup
+from gristmill.kernels import heads
+from gristmill.producers import constants as C
+from gristmill.producers.errors import ConfigurationError
+from gristmill.producers.policy import DEFAULT_POLICY_FILE, Policy, load_policy, model_policy
+from gristmill.producers.registry import MODERATION_CATEGORIES
+from gristmill.producers.review import ReviewError, band_rows, parse_band
+from gristmill.producers.schemas import LineError, moderation_body, validate_line
+from gristmill.workers import dedup
 
 
 def test_shipped_policy_loads_and_covers_every_category():
@@ -225,7 +225,7 @@ def test_fit_separates_separable_data():
 
 
 def test_head_engine_scores_are_the_head_over_pooled_embeddings(weights, tmp_path):
-    from kernels.classify import ClassifierEngine
+    from gristmill.kernels.classify import ClassifierEngine
     enc = ClassifierEngine(weights / "encoder", max_length=32, pooled=True, cpu_precision="fp32")
     w, b = torch.randn(3, enc.config.hidden_size), torch.randn(3)
     heads.save_head(tmp_path / "h.safetensors", w, b, ["x", "y", "z"], {})
@@ -274,8 +274,8 @@ def test_moderation_body_is_its_definition(scores, thresholds):
 
 def test_a_policy_object_is_checked_as_a_policy_file_is(tiny_settings):
     # Client.submit_file(policy=Policy(...)) goes through the same checks as --policy FILE
-    from producers.policy import Policy
-    from producers.settings import PolicyModelNotFound
+    from gristmill.producers.policy import Policy
+    from gristmill.producers.settings import PolicyModelNotFound
     ok = tiny_settings.checked_policy(Policy(policy_version="v", model="tiny-moderation", labels=("harassment",)))
     assert ok.model == "tiny-moderation"
     with pytest.raises(ConfigurationError, match=r"labels: .*feeds \['nosuch'\]"):

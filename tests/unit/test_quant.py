@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.classify import ClassifierEngine
-from kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8WeightOnlyLinear, apply_variant,
+from gristmill.kernels.classify import ClassifierEngine
+from gristmill.kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8WeightOnlyLinear, apply_variant,
                            int8_weight_only_matmul, mask_2to4, quantize_per_channel)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_quantized_linears_match_fp32(cls, tol, rows):
 
 
 def test_fp8_rows_scale_to_the_format_range_and_refuse_odd_shapes():
-    from kernels.quant import FP8_MAX, quantize_fp8_rows
+    from gristmill.kernels.quant import FP8_MAX, quantize_fp8_rows
     x = torch.randn(5, 32) * torch.tensor([1e-3, 1, 10, 100, 1e4])[:, None]
     q, s = quantize_fp8_rows(x)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 1)
@@ -59,7 +59,7 @@ def test_triton_kernel_matches_reference_in_the_interpreter():
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
-        from kernels.quant import int8_weight_only_matmul, quantize_per_channel
+        from gristmill.kernels.quant import int8_weight_only_matmul, quantize_per_channel
         torch.manual_seed(0)
         for m, n, k in [(5, 48, 64), (70, 40, 96), (33, 64, 40)]:  # ragged edges on every axis
             x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
@@ -127,7 +127,7 @@ def test_engine_variants_name_themselves_and_score_near_fp32(encoder_path, kw, s
 
 
 def test_fp8_static_scales_come_from_calibration_and_refuse_an_unseen_layer():
-    from kernels.quant import FP8_MAX, Fp8StaticLinear, calibrate_fp8
+    from gristmill.kernels.quant import FP8_MAX, Fp8StaticLinear, calibrate_fp8
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     layer = Fp8StaticLinear(lin)

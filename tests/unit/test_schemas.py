@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producers import constants as C
-from producers.schemas import (LineError, WorkItem, classification_body, error_line, moderation_body, peek_custom_id,
+from gristmill.producers import constants as C
+from gristmill.producers.schemas import (LineError, WorkItem, classification_body, error_line, moderation_body, peek_custom_id,
                                output_line, provenance, validate_line)
 
 
@@ -114,7 +114,7 @@ def test_body_error_names_the_field(registry):
 
 def test_moderation_body_shape_parses_with_openai_sdk():
     from openai.types import ModerationCreateResponse
-    from producers.registry import MODERATION_CATEGORIES
+    from gristmill.producers.registry import MODERATION_CATEGORIES
     scores = [{k: 0.9 if k == "violence" else 0.1 for k in MODERATION_CATEGORIES}]
     body = moderation_body("m", scores, {k: 0.5 for k in MODERATION_CATEGORIES}, "v1")
     parsed = ModerationCreateResponse.model_validate(body)
@@ -146,14 +146,14 @@ _json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(), _json_values, max_size=6))
 def test_result_lines_encode_to_one_line_that_parses_back_exactly(value):
-    from producers.batches import dumps_line
+    from gristmill.producers.batches import dumps_line
     text = dumps_line(value)
     assert "\n" not in text and "\r" not in text
     assert json.loads(text) == value  # floats to the same double, big integers and surrogates included
 
 
 def test_result_lines_match_the_standard_library_where_both_encode():
-    from producers.batches import dumps_line
+    from gristmill.producers.batches import dumps_line
     body = moderation_body("m", [{"hate": 0.30000001192092896, "violence": 2.5e-05}], {"hate": 0.3}, "v1")
     value = output_line("c-\u00e9\u4e2d", body, provenance("m", "r", "fp32", "0" * 64))
     text = dumps_line(value)
@@ -171,7 +171,7 @@ JSON_VALUES = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(JSON_VALUES, st.booleans(), st.booleans())
 def test_input_lines_parse_as_the_standard_library_parses_them(value, ascii_only, as_bytes):
-    from producers.schemas import loads_line
+    from gristmill.producers.schemas import loads_line
     text = json.dumps(value, ensure_ascii=ascii_only)  # NaN, big integers and lone surrogates included
     raw = text.encode("utf-8", "surrogatepass") if as_bytes else text
     try:
@@ -188,7 +188,7 @@ def test_input_lines_parse_as_the_standard_library_parses_them(value, ascii_only
 @given(st.binary(max_size=40) | st.text(max_size=40)
        | st.text(alphabet='[]{}":,0123456789.eE-+ntrufalsN\\u ', max_size=30))
 def test_anything_else_fails_as_the_standard_library_fails(raw):
-    from producers.schemas import loads_line
+    from gristmill.producers.schemas import loads_line
     try:
         want = json.loads(raw)
     except ValueError:
@@ -202,7 +202,7 @@ def test_deeply_nested_lines_fail_alone(registry):
     deep = b"[" * 5000 + b"]" * 5000
     err = validate_line(deep, 7, registry)
     assert isinstance(err, LineError) and err.code == C.E_INVALID_JSON and "nested too deeply" in err.message
-    from producers.schemas import peek_custom_id
+    from gristmill.producers.schemas import peek_custom_id
     assert peek_custom_id(b'{"custom_id": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}") is None
 
 
@@ -213,7 +213,7 @@ def test_task_messages_round_trip_exactly(args, kwargs):
     them: big integers stay integers, floats the same doubles."""
     from kombu import serialization
     from kombu.utils import json as kombu_json
-    from producers.app import SERIALIZER, make_app
+    from gristmill.producers.app import SERIALIZER, make_app
     body = (args, kwargs, {"callbacks": None})
     ctype, encoding, payload = serialization.dumps(body, serializer=SERIALIZER)
     accept = serialization.prepare_accept_content(make_app(redis_url="redis://127.0.0.1:9/0").conf.accept_content)
@@ -223,7 +223,7 @@ def test_task_messages_round_trip_exactly(args, kwargs):
 
 def test_task_messages_keep_what_orjson_refuses_and_workers_accept_plain_json():
     from kombu import serialization
-    from producers.app import CONTENT_TYPE, SERIALIZER, make_app
+    from gristmill.producers.app import CONTENT_TYPE, SERIALIZER, make_app
     # as a worker reads them (the app connects to nothing here)
     accept = serialization.prepare_accept_content(make_app(redis_url="redis://127.0.0.1:9/0").conf.accept_content)
     body = [["b", 3, [{"body": {"input": "\ud800 x", "metadata": {"n": 2**70, "m": -(2**64)}}}]], {}, {}]
@@ -241,7 +241,7 @@ def test_task_messages_go_out_zstd_compressed_and_any_zstd_frame_comes_back():
     import zstandard
     from kombu import compression
 
-    from producers.app import make_app
+    from gristmill.producers.app import make_app
     app = make_app(redis_url="redis://127.0.0.1:9/0")
     assert app.conf.task_compression == "zstd"
     raw = b'[["b", 0, [{"body": {"input": "' + b"same words again " * 200 + b'"}}]], {}, {}]'
@@ -259,7 +259,7 @@ def test_kept_messages_read_back_from_zstd_and_from_earlier_zlib():
 
     import zstandard
 
-    from producers.batches import _decompress, dumps_line
+    from gristmill.producers.batches import _decompress, dumps_line
     raw = dumps_line({"task": "t", "args": ["b", 0, [{"body": {"input": "x" * 300}}]]}).encode()
     assert _decompress(zstandard.ZstdCompressor(level=1).compress(raw)) == raw
     assert _decompress(zlib.compress(raw, 1)) == raw  # kept before the switch to zstd
@@ -270,7 +270,7 @@ def test_kept_messages_read_back_from_zstd_and_from_earlier_zlib():
 def test_custom_id_peek_matches_the_standard_library(rest, cid, ascii_only, dup):
     """Pass 1's duplicate check reads custom_id through orjson alone; whatever else the line holds
     (big integers, NaN, surrogates, a repeated key), it finds what json.loads finds."""
-    from producers.schemas import peek_custom_id
+    from gristmill.producers.schemas import peek_custom_id
     text = json.dumps({**rest, "custom_id": cid}, ensure_ascii=ascii_only)
     if dup:  # a repeated key: the last one counts, in both parsers
         text = text[:-1] + (", " if len(text) > 2 else "") + '"custom_id": "last"}'
@@ -288,7 +288,7 @@ def test_a_lone_surrogate_fails_its_line_alone(registry):
     """JSON's \\ud800 escape without its pair parses, but UTF-8 cannot hold it: the line is refused
     at ingest (pass 1 leaves it out of the duplicate check), instead of failing the file when its
     message is kept or the chunk when a worker hashes its text."""
-    from producers.schemas import peek_custom_id
+    from gristmill.producers.schemas import peek_custom_id
     for raw in (b'{"custom_id": "a", "url": "/v1/moderations", "body": {"input": "x \\udc00"}}',
                 b'{"custom_id": "a\\ud800", "url": "/v1/moderations", "body": {"input": "x"}}',
                 '{"custom_id": "a", "url": "/v1/moderations", "body": {"input": "x \ud800"}}'):
@@ -310,8 +310,8 @@ def test_a_byte_order_mark_and_crlf_line_ends_are_accepted(registry):
 
 
 def test_batch_metadata_follows_openais_limits():
-    from producers.client import check_metadata
-    from producers.errors import SubmissionRejected
+    from gristmill.producers.client import check_metadata
+    from gristmill.producers.errors import SubmissionRejected
     check_metadata(None)
     check_metadata({f"k{i}": "v" * 512 for i in range(16)})
     for bad in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"": "v"}, {"k": "v" * 513}, {"k": 1}, ["k"]):
@@ -328,8 +328,8 @@ def test_a_compressed_input_file_is_refused_up_front(tmp_path, kind):
 
     import zstandard
 
-    from producers.client import check_compressed
-    from producers.errors import SubmissionRejected
+    from gristmill.producers.client import check_compressed
+    from gristmill.producers.errors import SubmissionRejected
     data = (line() + "\n").encode()
     f = tmp_path / "in.jsonl.x"
     if kind == "zip":

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from producers import constants as C
-from producers.errors import ConfigurationError, ModelNotFound
-from producers.registry import (DEFAULT_CLASSIFIER, DEFAULT_GENERATOR, MODERATION_CATEGORIES, ModelSpec,
+from gristmill.producers import constants as C
+from gristmill.producers.errors import ConfigurationError, ModelNotFound
+from gristmill.producers.registry import (DEFAULT_CLASSIFIER, DEFAULT_GENERATOR, MODERATION_CATEGORIES, ModelSpec,
                                 Registry, load_registry)
-from producers.settings import Settings, parse_window
+from gristmill.producers.settings import Settings, parse_window
 
 
 def test_moderation_categories_match_the_openai_sdk():
@@ -79,7 +79,7 @@ def test_parse_window():
 
 
 def test_quantization_and_2to4_sparsity_are_refused_together():
-    from producers.settings import Settings
+    from gristmill.producers.settings import Settings
     with pytest.raises(ValueError, match="do not combine"):
         Settings(engine_quantize="fp8-dynamic", engine_sparsity="2:4")
     assert Settings(engine_quantize="fp8-dynamic").engine_sparsity == "none"

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from kernels import tokenize
-from kernels.tokenize import AsciiWordPiece, ChunkCacheTokenizer
-from producers.registry import DEFAULT_CLASSIFIER
+from gristmill.kernels import tokenize
+from gristmill.kernels.tokenize import AsciiWordPiece, ChunkCacheTokenizer
+from gristmill.producers.registry import DEFAULT_CLASSIFIER
 
 
 def rust(max_length: int) -> Tokenizer:
@@ -63,7 +63,7 @@ def test_truncation_keeps_what_rust_keeps(pair):
 
 @pytest.mark.parametrize("max_length", [3, 8, 128, 512])
 def test_every_length_and_the_shipped_sentences(max_length):
-    from kernels.texts import sentences
+    from gristmill.kernels.texts import sentences
     r = rust(max_length)
     cached = ChunkCacheTokenizer.build(r, max_length)
     texts = sentences(256, heldout=True) + [" ".join(sentences(64))]
@@ -88,7 +88,7 @@ def test_refuses_tokenizers_where_chunks_are_not_independent(tiny_models_file):
 
 
 def test_the_engine_uses_it_when_asked():
-    from kernels.classify import ClassifierEngine
+    from gristmill.kernels.classify import ClassifierEngine
     path = DEFAULT_CLASSIFIER.resolve_path()
     on = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32", chunk_cache=True)
     off = ClassifierEngine(path, max_length=32, pooled=True, cpu_precision="fp32")
@@ -113,8 +113,8 @@ def scraped_after_encoding(texts: list[str], **engine_kw) -> str:
     """The worker's metrics page after a MiniLM engine (as model "minilm") encoded `texts`."""
     from prometheus_client import generate_latest
 
-    from kernels.classify import ClassifierEngine
-    from workers import metrics
+    from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.workers import metrics
 
     eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), max_length=32, pooled=True, cpu_precision="fp32",
                            **engine_kw)
@@ -195,7 +195,7 @@ def test_ascii_path_takes_only_what_it_was_checked_on():
 
 @needs_flash
 def test_ascii_path_truncates_as_the_rust_tokenizer_does():
-    from kernels.texts import sentences
+    from gristmill.kernels.texts import sentences
     for max_length in (3, 8, 128, 512):
         r = rust(max_length)
         fast = AsciiWordPiece.build(r, max_length)
@@ -213,8 +213,8 @@ def test_ascii_path_refuses_other_tokenizers_and_needs_its_library(tiny_models_f
 
 @needs_flash
 def test_the_engine_uses_the_ascii_path_by_setting(monkeypatch):
-    from producers.settings import Settings
-    from workers.host import EngineHost
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.host import EngineHost
     on = EngineHost(Settings()).engine("all-MiniLM-L6-v2-moderation")
     monkeypatch.setenv("GRISTMILL_FAST_TOKENIZER", "false")
     off = EngineHost(Settings()).engine("all-MiniLM-L6-v2-moderation")
