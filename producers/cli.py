@@ -204,9 +204,13 @@ def flower_(port: Optional[int] = typer.Option(None, help="default: GRISTMILL_FL
 
 
 @cli.command()
-def demo(gpus: str = typer.Option("all")):
-    """Start everything, run the shipped example, print a summary, stop everything."""
-    _exec_workers("demo", "--gpus", gpus)
+def demo(gpus: str = typer.Option("all", help="all | none | 0,1,..."),
+         input_file: Optional[Path] = typer.Option(None, "--input", help="batch input (default: the shipped "
+                                                   "example); lines whose custom_id starts with 'bad-' are meant to fail"),
+         out_dir: Path = typer.Option(Path("out"), "--out-dir", help="where the results and errors are written")):
+    """Start everything, run the shipped example, print a summary, stop everything. Exits 1 when a
+    line that should succeed fails, naming the first."""
+    _exec_workers("demo", "--gpus", gpus, "--out-dir", str(out_dir), *(["--input", str(input_file)] if input_file else []))
 
 
 def main() -> None:

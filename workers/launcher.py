@@ -198,17 +198,58 @@ def up_main(argv: list[str]) -> int:
             return 0
 
 
+# Example lines meant to fail (to show the error file) carry custom_ids with this prefix; a line that
+# is not JSON at all cannot carry one and is meant to fail too.
+EXPECTED_FAILURE_PREFIX = "bad-"
+
+
+def expected_failures(path: Path) -> set[int]:
+    """1-based numbers of the input lines that are meant to fail."""
+    from ..producers.schemas import peek_custom_id
+    meant = set()
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                cid = peek_custom_id(raw)
+                if cid is None or cid.startswith(EXPECTED_FAILURE_PREFIX):
+                    meant.add(number)
+    return meant
+
+
+def demo_verdict(batch, error_lines: list[dict], meant_to_fail: set[int]) -> tuple[int, list[str]]:
+    """(exit status, lines to print): 0 only when the batch completed and every line that failed was
+    meant to; else 1, naming the first line that should have succeeded and its error."""
+    intended = [e for e in error_lines if e["error"].get("line") in meant_to_fail]
+    unexpected = [e for e in error_lines if e["error"].get("line") not in meant_to_fail]
+    report = [f"{len(intended)} failed as intended (deliberately bad example lines, custom_id "
+              f"'{EXPECTED_FAILURE_PREFIX}...'):"] if intended else []
+    for e in sorted(intended, key=lambda e: e["error"].get("line") or 0):
+        report.append(f"  line {e['error'].get('line')} ({e['custom_id'] or 'no custom_id'}): "
+                      f"{e['error']['code']}: {e['error']['message'][:160]}")
+    if unexpected:
+        first = min(unexpected, key=lambda e: e["error"].get("line") or 0)
+        report.append(f"FAILED: {len(unexpected)} line(s) that should succeed failed; the first, line "
+                      f"{first['error'].get('line')} ({first['custom_id']}): {first['error']['code']}: "
+                      f"{first['error']['message']}")
+    if batch.status != "completed":
+        report.append(f"FAILED: the batch ended {batch.status}")
+    return (0 if batch.status == "completed" and not unexpected else 1), report
+
+
 def demo_main(argv: list[str]) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from ..producers.progress import watch
 
     ap = argparse.ArgumentParser(prog="gristmill demo")
-    ap.add_argument("--input", type=Path, default=EXAMPLE)
+    ap.add_argument("--input", type=Path, default=EXAMPLE,
+                    help=f"batch input (default: the shipped example); lines whose custom_id starts with "
+                         f"'{EXPECTED_FAILURE_PREFIX}' are meant to fail")
     ap.add_argument("--out-dir", type=Path, default=Path("out"))
     ap.add_argument("--gpus", default="all")
     args = ap.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a summary line stays one line in logs and pipes
     settings = Settings()
     stop_on_signals()
     t_start = time.monotonic()
@@ -224,10 +265,14 @@ def demo_main(argv: list[str]) -> int:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         out, err = args.out_dir / "demo-results.jsonl", args.out_dir / "demo-errors.jsonl"
         n_out, n_err = client.download(batch.id, out, err)
+        error_lines = list(client.iter_results(batch.id, errors=True))
         client.close()
     rc = batch.request_counts
     console.print(f"batch {batch.id} {batch.status}: {rc.completed} completed, {rc.failed} failed of {rc.total} "
                   f"in {elapsed:.1f} s ({rc.total / elapsed:.1f} items/s; {time.monotonic() - t_start:.1f} s "
                   f"with start-up)")
+    status, report = demo_verdict(batch, error_lines, expected_failures(args.input))
+    for line in report:
+        console.print(("[bold red]" if line.startswith("FAILED") else "") + escape(line), highlight=False)
     console.print(f"results: {out.resolve()} ({n_out} lines)\nerrors:  {err.resolve()} ({n_err} lines)")
-    return 0 if batch.status == "completed" else 1
+    return status

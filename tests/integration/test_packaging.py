@@ -1,6 +1,7 @@
 """gristmill as users get it: one `gristmill` import namespace that loads the real default models from
 the repository root, from any other directory, as an editable install and as a built wheel, with
-Hugging Face's `kernels` (which transformers >= 5.25 imports) installed beside it."""
+Hugging Face's `kernels` (which transformers >= 5.25 imports) installed beside it; and `gristmill
+demo`, which must fail loudly when a line that should succeed does not."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.commands import ROOT
+from tests.commands import GRISTMILL, ROOT
+
+from .conftest import worker_env
+from .helpers import classification, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +106,29 @@ def test_the_built_wheel_loads_a_real_model_from_any_directory(hub_kernels, whee
     # directory off sys.path, as for a console script. Both from elsewhere and from the repository root.
     for cwd in (tmp_path, ROOT):
         check(probe(cwd, env={"PYTHONPATH": str(target)}, python=[sys.executable, "-P"]), target / "gristmill")
+
+
+def test_demo_passes_on_the_shipped_example_with_the_real_models(hub_kernels, tmp_path):
+    # `gristmill demo` from a directory other than the repository root, with the real default models
+    # (the converted GGUF is cached between runs, as test_real_models does)
+    home = Path(os.environ.get("GRISTMILL_TEST_HOME", ROOT / ".state" / "test-home"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRISTMILL_")}
+    p = subprocess.run([*GRISTMILL, "demo", "--gpus", "none"], cwd=tmp_path, env={**env, "GRISTMILL_HOME": str(home)},
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "17 completed, 2 failed of 19" in p.stderr, p.stderr[-3000:]
+    assert "2 failed as intended" in p.stderr and "bad-unknown-model" in p.stderr and "FAILED" not in p.stderr
+    assert sum(1 for _ in open(tmp_path / "out" / "demo-results.jsonl")) == 17
+
+
+def test_demo_fails_and_names_the_first_line_that_should_have_succeeded(tiny_models_file, home, tmp_path):
+    f = write_jsonl(tmp_path / "in.jsonl", [classification("ok"), classification("bad-meant", model="nope"),
+                                            classification("oops", model="no-such-model"), classification("ok2")])
+    env = {k: v for k, v in worker_env("unused", home, tiny_models_file).items() if k != "GRISTMILL_REDIS_URL"}
+    p = subprocess.run([*GRISTMILL, "demo", "--gpus", "none", "--input", str(f), "--out-dir", str(tmp_path / "out")],
+                       cwd=tmp_path, env={**env, "GRISTMILL_HOME": str(tmp_path / "home")}, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "1 failed as intended" in p.stderr
+    assert "FAILED: 1 line(s) that should succeed failed; the first, line 3 (oops): model_not_found" in p.stderr, \
+        p.stderr[-3000:]
