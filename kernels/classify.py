@@ -58,7 +58,8 @@ class ClassifierEngine:
         self.quantize, self.sparsity, self.compiled = quantize, sparsity, compile
         self.dtype = dtype or default_dtype(self.device)
         # On CPUs with native bf16 (AVX-512 BF16, AMX), bf16 autocast ran MiniLM-L6 1.4-1.8x faster
-        # than fp32 at batch 64 on a 2-core AVX-512 BF16 machine (README, "Engine precision on the CPU").
+        # than fp32 at batch 64 on a 2-core AVX-512 BF16 machine (benchmarks/README.md, "Classifier
+        # precision and engine variants").
         self.autocast = autocast_dtype(self.device, cpu_precision)
         # pooled: a sentence encoder whose mean-pooled embedding is scored by `head` or `prototypes`
         # (or returned as is, for training heads); else a sequence-classification model's logits.

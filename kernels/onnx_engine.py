@@ -4,7 +4,8 @@ An optimized model is a directory (an "artifact"): `model.onnx`, the tokenizer a
 and `gristmill-artifact.json` (variant, digest, options, report). Workers load it like any model
 directory; `ClassifierEngine.for_path` picks this engine when the manifest is there.
 
-Measured on a 2-core AVX-512 VNNI CPU, MiniLM-L6, batch 64 (README, "Engine variants"): the
+Measured on a 2-core AVX-512 VNNI CPU, MiniLM-L6, batch 64 (benchmarks/README.md, "Classifier
+precision and engine variants"): the
 TorchScript exporter plus ONNX Runtime's BERT fusion (Attention, EmbedLayerNormalization,
 SkipLayerNormalization, BiasGelu) is what makes int8 pay; the dynamo exporter's graph left
 attention unfused and ran int8 slower.

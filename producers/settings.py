@@ -48,14 +48,14 @@ class Settings(BaseSettings):
     ingest_processes: int = Field(default=0, ge=0, le=64)
 
     # Micro-batching (per worker process). Defaults measured on a 2-core CPU with MiniLM-L6
-    # (README, "Choosing the batch defaults"); a GPU worker raises them (see `for_device`).
+    # (benchmarks/README.md, "Choosing the batch defaults"); a GPU worker raises them (see `for_device`).
     max_batch_size: int = Field(default=64, ge=1)
     token_budget: int = Field(default=16_384, ge=16)  # padded tokens per device batch
     max_wait_ms: float = Field(default=5.0, ge=0.0)
     # Classifier precision on CPUs: auto = bf16 autocast where the CPU has native bf16 (AVX-512 BF16
     # or AMX), fp32 elsewhere. GPUs always run bf16.
     cpu_precision: Literal["auto", "bf16", "fp32"] = "auto"
-    # Torch classifier variants (README, "Engine variants on the GPU"). engine_quantize:
+    # Torch classifier variants (benchmarks/README.md, "Classifier precision and engine variants"). engine_quantize:
     # int8-weight-only (int8 weights, bf16 activations, a Triton kernel), int8-dynamic (int8 weights
     # and activations, torch._int_mm), fp8-dynamic (fp8 e4m3 weights and activations with row-wise
     # scales, torch._scaled_mm; Hopper or newer), fp8-static (per-tensor scales, the activations' fixed
@@ -69,16 +69,16 @@ class Settings(BaseSettings):
     # tokenizers: the same ids as the Rust tokenizer, 5-10x its rate per core on warm text. Off by
     # default: it holds the GIL, and a thread tokenizing without pause cut the op rate of a thread
     # issuing tiny torch ops (as a GPU engine thread issues launches) from 189k/s to 1.2k/s, where
-    # the Rust tokenizer, which releases the GIL, left 189k/s (README, "Queue overhead").
+    # the Rust tokenizer, which releases the GIL, left 189k/s (benchmarks/README.md, "Host limits").
     tokenizer_cache: bool = False
     # Pure-ASCII classifier inputs tokenized by flash-tokenizer's C++ BERT tokenizer where it gives
     # the Rust tokenizer's ids (kernels/tokenize.py, AsciiWordPiece): ~6 us a text against ~100 us on
     # one core of the 2-core test machine. It holds the GIL for those ~6 us per text, beside the
-    # ~110 us of Python a worker's task path holds it for per item anyway (README, "A worker's cost
-    # per item around the model"). Other texts take the chunk cache or the Rust tokenizer.
+    # ~110 us of Python a worker's task path holds it for per item anyway (benchmarks/README.md,
+    # "A worker's cost per item around the model"). Other texts take the chunk cache or the Rust tokenizer.
     fast_tokenizer: bool = True
-    # Generation on CUDA: compile the decode step's per-layer work inside its CUDA graphs (README,
-    # "Generation engine"): 1.8-2.0x the tokens/s of the graphed eager step on the H100, for ~10 s of
+    # Generation on CUDA: compile the decode step's per-layer work inside its CUDA graphs (benchmarks/README.md,
+    # "Generation"): 1.8-2.0x the tokens/s of the graphed eager step on the H100, for ~10 s of
     # compiling when a worker first decodes. CPUs never compile.
     generation_compile: bool = True
     # Messages a worker works on at once (threads in its pool); the batcher merges their items.
@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     # The score cache's own Redis server. Unset: `gristmill up`, when it runs the embedded Redis,
     # starts a second one for the cache, without persistence and capped at dedup_max_memory (the
     # least recently used entries go first), so the cache neither grows into the queues' memory
-    # nor takes the queues' server's CPU (README, "Dedup"); with GRISTMILL_REDIS_URL set and this
+    # nor takes the queues' server's CPU (docs/moderation.md, "The cache's own server"); with GRISTMILL_REDIS_URL set and this
     # unset, the cache shares that server. Point every worker at the same one.
     dedup_redis_url: str | None = None
     # Memory cap of the embedded cache server, as redis-server reads it (bytes, or 512mb, 2gb).

@@ -107,7 +107,7 @@ class ScoreCache:
         self._publish = redis.register_script(_PUBLISH) if ttl_s > 0 else None
         # On a server that evicts the least recently used keys when full (the cache's own), entries
         # need no expiry to stay bounded, and a SET NX without EX costs ~25% less server CPU and
-        # ~14% less memory an entry (README, "Dedup"). Elsewhere the TTL is what bounds them.
+        # ~14% less memory an entry (docs/moderation.md, "The cache's own server"). Elsewhere the TTL is what bounds them.
         self.write_ttl_s = 0 if ttl_s > 0 and evicts_any_key(redis) else ttl_s
 
     @property
