@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import time
-import uuid
 import zlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import orjson
 import zstandard
@@ -67,18 +67,41 @@ class Batch(BaseModel):
     dedup: DedupCounts = DedupCounts()
     # Chunk messages sent again by the sweep (workers/reaper.py) after one was lost in transit.
     resent: int = 0
+    # Batches created over HTTP: the key that owns it, its endpoint, and its files' ids. The output
+    # and error file ids are given out once the batch has lines of that kind.
+    owner: str | None = None
+    endpoint: str | None = None
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
 
     @property
     def done(self) -> bool:
         return self.status in C.TERMINAL
 
+    def to_openai(self) -> dict[str, Any]:
+        """The batch as the OpenAI API's Batch object."""
+        errors = None
+        if self.errors:
+            errors = {"object": "list", "data": [{"code": e.get("code"), "message": e.get("message"),
+                                                  "param": e.get("param"), "line": e.get("line")} for e in self.errors]}
+        return {"id": self.id, "object": "batch", "endpoint": self.endpoint or "", "errors": errors,
+                "input_file_id": self.input_file_id or "", "completion_window": self.completion_window,
+                "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+                "created_at": self.created_at, "in_progress_at": self.in_progress_at, "expires_at": self.expires_at,
+                "finalizing_at": self.finalizing_at, "completed_at": self.completed_at, "failed_at": self.failed_at,
+                "expired_at": self.expired_at, "cancelling_at": self.cancelling_at, "cancelled_at": self.cancelled_at,
+                "request_counts": self.request_counts.model_dump(), "metadata": self.metadata, "model": None,
+                "usage": None}
+
 
 # Record one part of a batch's results: the lines of one chunk (or one block of ingest errors),
 # stored as one hash field; the chunk's kept message is dropped. KEYS: meta, results, chunks_done,
 # pending, pending_at. ARGV: chunk (or ''), now, part field
-# (or '' to only mark the chunk), value, completed, failed. HSETNX on the part makes a redelivered
-# chunk a no-op: its lines, and so its custom_ids, are fixed at ingest. Returns {completed, failed,
-# transition}, counting only a part that was new.
+# (or '' to only mark the chunk), value, completed, failed, dedup inputs, dedup reused, output
+# bytes, error bytes. HSETNX on the part makes a redelivered chunk a no-op: its lines, and so its
+# custom_ids, are fixed at ingest. Returns {completed, failed, transition}, counting only a part
+# that was new.
 _RECORD = """
 local completed, failed = 0, 0
 if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
@@ -89,6 +112,8 @@ if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
     redis.call('HINCRBY', KEYS[1], 'dedup_inputs', ARGV[7])
     redis.call('HINCRBY', KEYS[1], 'dedup_reused', ARGV[8])
   end
+  if tonumber(ARGV[9]) > 0 then redis.call('HINCRBY', KEYS[1], 'out_bytes', ARGV[9]) end
+  if tonumber(ARGV[10]) > 0 then redis.call('HINCRBY', KEYS[1], 'err_bytes', ARGV[10]) end
 end
 if ARGV[1] ~= '' then
   redis.call('SADD', KEYS[3], ARGV[1])
@@ -142,7 +167,9 @@ _INT_FIELDS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", 
 
 
 def new_batch_id() -> str:
-    return f"batch_{uuid.uuid4().hex}"
+    """`batch_` + the time in ms (12 hex digits) + 20 random hex digits: ids sort by creation time,
+    which the HTTP API's list cursor relies on."""
+    return f"batch_{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -168,19 +195,32 @@ def dumps_line(value: dict[str, Any]) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def encode_part(lines: list[tuple[dict[str, Any], bool]]) -> tuple[bytes, int, int]:
-    """(stored value, outputs, errors) for (line, is_error) pairs: "<len of outputs>:" then the
-    output JSONL, then the error JSONL, so downloads copy whole parts without parsing lines;
-    zstd-compressed (level 1). A moderation line is ~1.7 kB of JSON, most of it the same category
-    names three times over: compressed, a part of 256 such lines keeps ~190 bytes a line, so a
-    batch's results take a ninth of the Redis memory and AOF writes, for ~3.7 us a line of worker
-    time."""
+class EncodedPart(NamedTuple):
+    """A part as stored, its line counts, and the UTF-8 size of its output and error JSONL (the
+    sizes of the batch's output and error files grow by these)."""
+    value: bytes
+    outputs: int
+    errors: int
+    output_bytes: int
+    error_bytes: int
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def encode_part(lines: list[tuple[dict[str, Any], bool]]) -> EncodedPart:
+    """The stored value for (line, is_error) pairs: "<len of outputs>:" then the output JSONL, then
+    the error JSONL, so downloads copy whole parts without parsing lines; zstd-compressed (level 1).
+    A moderation line is ~1.7 kB of JSON, most of it the same category names three times over:
+    compressed, a part of 256 such lines keeps ~190 bytes a line, so a batch's results take a ninth
+    of the Redis memory and AOF writes, for ~3.7 us a line of worker time."""
     out = "".join(dumps_line(v) + "\n" for v, e in lines if not e)
     err = "".join(dumps_line(v) + "\n" for v, e in lines if e)
     n_err = sum(1 for _, e in lines if e)
     # one compressor per call: instances are not safe to share between the worker's threads
     value = zstandard.ZstdCompressor(level=1).compress(f"{len(out)}:{out}{err}".encode())
-    return value, len(lines) - n_err, n_err
+    return EncodedPart(value, len(lines) - n_err, n_err, _utf8_len(out), _utf8_len(err))
 
 
 def decode_part(value: bytes | str) -> tuple[str, str]:
@@ -207,7 +247,10 @@ class BatchStore:
 
     # -- creation and reads
     def create(self, batch_id: str, *, input_file: str | None, completion_window: str, window_s: int,
-               metadata: dict[str, str] | None = None, policy=None) -> None:
+               metadata: dict[str, str] | None = None, policy=None, plan: dict[str, Any] | None = None,
+               owner: str | None = None, endpoint: str | None = None, files: dict[str, str] | None = None) -> None:
+        """`plan`: what ingest needs to run the batch again from its record (`Client.ingest`);
+        `files`: the HTTP API's input, output and error file ids."""
         now = int(time.time())
         meta = {"status": C.VALIDATING, "created_at": now, "expires_at": now + window_s,
                 "completion_window": completion_window, "total": 0, "completed": 0, "failed": 0,
@@ -215,10 +258,21 @@ class BatchStore:
         if policy is not None:
             meta["policy"] = json.dumps({"policy_version": policy.policy_version, "model": policy.model,
                                          "thresholds_digest": policy.thresholds_digest})
+        if plan is not None:
+            meta["plan"] = json.dumps(plan)
+        meta.update({k: v for k, v in (("owner", owner), ("endpoint", endpoint)) if v})
+        meta.update(files or {})
         pipe = self.r.pipeline()
         pipe.hset(C.batch_key(batch_id), mapping=meta)
         pipe.zadd(C.BATCH_INDEX, {batch_id: now})
+        pipe.zadd(C.BATCHES_BY_ID, {batch_id: 0})
+        if owner:
+            pipe.zadd(C.batches_index_key(owner), {batch_id: 0})
         pipe.execute()
+
+    def plan(self, batch_id: str) -> dict[str, Any] | None:
+        raw = self.r.hget(C.batch_key(batch_id), "plan")
+        return json.loads(raw) if raw else None
 
     def raw(self, batch_id: str) -> dict[str, str]:
         meta = self.r.hgetall(C.batch_key(batch_id))
@@ -238,7 +292,10 @@ class BatchStore:
                      errors=errors, metadata=json.loads(m.get("metadata") or "{}") or None,
                      policy=json.loads(m["policy"]) if m.get("policy") else None,
                      dedup=DedupCounts(inputs=int(m.get("dedup_inputs", 0)), reused=int(m.get("dedup_reused", 0))),
-                     resent=int(m.get("resent", 0)),
+                     resent=int(m.get("resent", 0)), owner=m.get("owner") or None, endpoint=m.get("endpoint") or None,
+                     input_file_id=m.get("input_file_id") or None,
+                     output_file_id=(m.get("output_file_id") or None) if int(m.get("out_bytes", 0)) else None,
+                     error_file_id=(m.get("error_file_id") or None) if int(m.get("err_bytes", 0)) else None,
                      **fields)
 
     def add_ids(self, batch_id: str, ids: list[str]) -> list[str]:
@@ -267,9 +324,25 @@ class BatchStore:
         return list(self.r.zrevrange(C.BATCH_INDEX, 0, limit - 1))
 
     # -- lifecycle
-    def mark_in_progress(self, batch_id: str, total: int, input_sha256: str) -> None:
+    def mark_in_progress(self, batch_id: str, total: int, input_sha256: str,
+                         spans: list[tuple[int, int | None, int]] | None = None) -> None:
+        """Pass 1 is done. `spans`: the byte ranges pass 2 runs in (one process each), kept so that
+        a pass 2 run again numbers its chunks the same way."""
         self.r.hset(C.batch_key(batch_id), mapping={"status": C.IN_PROGRESS, "in_progress_at": int(time.time()),
-                                                      "total": total, "input_sha256": input_sha256})
+                                                      "total": total, "input_sha256": input_sha256,
+                                                      "spans": json.dumps(spans or [(0, None, 1)])})
+
+    def spans(self, batch_id: str) -> list[tuple[int, int | None, int]]:
+        raw = self.r.hget(C.batch_key(batch_id), "spans")
+        return [tuple(s) for s in json.loads(raw)] if raw else [(0, None, 1)]  # type: ignore[misc]
+
+    def sent_chunks(self, batch_id: str) -> int:
+        """Chunks sent so far: those written and those still kept for sending again."""
+        pipe = self.r.pipeline()
+        pipe.smembers(C.chunks_done_key(batch_id))
+        pipe.hkeys(C.pending_key(batch_id))
+        done, pending = pipe.execute()
+        return len(set(map(str, done)) | set(map(str, pending)))
 
     def fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
         now = int(time.time())
@@ -311,9 +384,9 @@ class BatchStore:
         finalizes the batch after its last chunk. Returns the transition made ('' when none)."""
         if part is None:
             part = "" if chunk is None else f"c{chunk}"
-        value, n_out, n_err = encode_part(lines) if lines else (b"", 0, 0)
-        argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", value,
-                           n_out, n_err, *dedup]
+        enc = encode_part(lines) if lines else EncodedPart(b"", 0, 0, 0, 0)
+        argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", enc.value,
+                           enc.outputs, enc.errors, *dedup, enc.output_bytes, enc.error_bytes]
         keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id), C.pending_key(batch_id),
                 C.pending_at_key(batch_id)]
         _, _, transition = self._record(keys=keys, args=argv)
@@ -352,15 +425,18 @@ class BatchStore:
         pipe.execute()
 
     # -- worker side
-    def begin_chunk(self, batch_id: str, chunk: int) -> tuple[str | None, int, bool]:
-        """(status, delivery attempt number, expired?) for a chunk a worker is about to run."""
+    def begin_chunk(self, batch_id: str, chunk: int) -> tuple[str | None, int, bool, bool]:
+        """(status, delivery attempt number, expired?, already written?) for a chunk a worker is
+        about to run. A chunk is written already when this delivery is a second sending of it (the
+        lost-chunk sweep, or an ingest resumed after its process died)."""
         pipe = self.r.pipeline()
         pipe.hget(C.batch_key(batch_id), "status")
         pipe.hget(C.batch_key(batch_id), "expires_at")
+        pipe.sismember(C.chunks_done_key(batch_id), chunk)
         pipe.hincrby(C.attempts_key(batch_id), chunk, 1)
-        status, expires_at, attempts = pipe.execute()
+        status, expires_at, written, attempts = pipe.execute()
         expired = bool(expires_at) and time.time() > int(expires_at)
-        return status, int(attempts), expired
+        return status, int(attempts), expired, bool(written)
 
     # -- a chunk re-run one item at a time (workers/tasks.py, _isolate)
     def kept_lines(self, batch_id: str, chunk: int) -> dict[str, tuple[dict[str, Any], bool]]:

@@ -169,10 +169,13 @@ def worker(ctx: typer.Context, device: str = typer.Option("cpu", help="cpu or cu
 @cli.command()
 def up(gpus: str = typer.Option("all", help="all | none | 0,1,..."),
        instances_per_gpu: int = typer.Option(None, min=1, help="worker processes per GPU (default: settings, 1)"),
-       flower: bool = typer.Option(True, help="also start Flower on 127.0.0.1:5555")):
-    """Redis (if GRISTMILL_REDIS_URL is unset), worker processes per GPU (else one CPU worker), Flower."""
+       flower: bool = typer.Option(True, help="also start Flower on 127.0.0.1:5555"),
+       serve_: bool = typer.Option(True, "--serve/--no-serve", help="also start the HTTP API on 127.0.0.1:8000")):
+    """Redis (if GRISTMILL_REDIS_URL is unset), worker processes per GPU (else one CPU worker),
+    Flower and the HTTP API."""
     extra = ["--instances-per-gpu", str(instances_per_gpu)] if instances_per_gpu else []
-    _exec_workers("up", "--gpus", gpus, *extra, *([] if flower else ["--no-flower"]))
+    _exec_workers("up", "--gpus", gpus, *extra, *([] if flower else ["--no-flower"]),
+                  *([] if serve_ else ["--no-serve"]))
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -201,6 +204,61 @@ def flower_(port: Optional[int] = typer.Option(None, help="default: GRISTMILL_FL
         typer.echo(f"flower at http://{s.flower_address}:{s.flower_port}: user {creds.split(':', 1)[0]}, "
                    f"password {creds.split(':', 1)[1]}", err=True)
     os.execv(cmd[0], cmd)
+
+
+@cli.command()
+def serve(host: Optional[str] = typer.Option(None, help="default: GRISTMILL_SERVE_HOST (127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, help="default: GRISTMILL_SERVE_PORT (8000)"),
+          log_level: str = typer.Option("info", help="uvicorn's log level")):
+    """OpenAI's Files and Batches API over HTTP (/v1/files, /v1/batches) and a batches page (/),
+    behind API keys."""
+    import uvicorn
+
+    from .apikeys import ApiKeys, ensure_local_key, local_key_file
+    from .redis_server import resolve_redis_url
+    from .server import create_app
+    from .settings import Settings
+    s = Settings()
+    s = s.model_copy(update={k: v for k, v in (("serve_host", host), ("serve_port", port)) if v is not None})
+    keys = s.load_api_keys()
+    if not len(keys):
+        if not _is_loopback(s.serve_host):
+            raise GristmillError(f"refusing to listen on {s.serve_host} without API keys: set GRISTMILL_API_KEYS "
+                                 f"or GRISTMILL_API_KEYS_FILE (`gristmill keys new --file keys.txt` makes one)")
+        keys = ApiKeys.from_sources(ensure_local_key(s.home))
+        typer.echo(f"no API keys configured: on loopback the key is the one in {local_key_file(s.home)}", err=True)
+    app = create_app(s, resolve_redis_url(s), keys)
+    typer.echo(f"serving OpenAI's Files and Batches API at http://{s.serve_host}:{s.serve_port}/v1 "
+               f"({len(keys)} API key(s))", err=True)
+    uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+keys_cli = typer.Typer(help="API keys of `gristmill serve`.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("new")
+def keys_new(file: Optional[Path] = typer.Option(None, "--file", help="append the key's SHA-256 to this keys file "
+                                                  "(GRISTMILL_API_KEYS_FILE); the file never holds the key"),
+             admin: bool = typer.Option(False, "--admin", help="a key that sees every key's files and batches")):
+    """Make an API key and print it (once: keep it)."""
+    from .apikeys import add_to_file, new_key
+    if file is not None:
+        key = add_to_file(file, admin)
+        typer.echo(f"added its SHA-256 to {file}" + (" (admin)" if admin else ""), err=True)
+    else:
+        key = new_key()
+    typer.echo(key)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -12,9 +13,10 @@ import redis
 
 from . import constants as C
 from .batches import Batch, BatchStore, new_batch_id
-from .errors import SubmissionRejected
+from .errors import DuplicateCustomIds, SubmissionRejected
 from .policy import Policy
-from .ingest import AUTO_PARALLEL_LINES, IngestReport, check_unique, enqueue, enqueue_parallel, ranges
+from .ingest import (AUTO_PARALLEL_LINES, IngestLease, IngestPlan, IngestReport, LeaseHeld, check_unique, enqueue,
+                     enqueue_parallel, ranges)
 from .redis_server import resolve_redis_url, with_retry
 from .registry import ModelSpec
 from .schemas import loads_line
@@ -83,6 +85,16 @@ class Client:
         for whole-file problems such as duplicate custom_ids; bad lines become error lines.
         `policy` (a Policy or its YAML/JSON file) governs the batch's moderation lines; default:
         GRISTMILL_MODERATION_POLICY, else the shipped policy."""
+        batch = self.create_batch(path, completion_window=completion_window, metadata=metadata, policy=policy)
+        return self.ingest(batch.id)
+
+    def create_batch(self, path: str | Path, *, completion_window: str | None = None,
+                     metadata: dict[str, str] | None = None, policy: str | Path | Policy | None = None,
+                     endpoint: str | None = None, owner: str | None = None,
+                     files: dict[str, str] | None = None, batch_id: str | None = None) -> Batch:
+        """Check the file and the batch's options and record the batch (`validating`), with the
+        plan its ingest follows: `ingest` runs it, and runs it again after a process died midway.
+        `endpoint`, `owner` and `files` are the HTTP API's."""
         path = Path(path)
         if not path.is_file():
             raise SubmissionRejected(f"input file {path} does not exist")
@@ -93,27 +105,92 @@ class Client:
         else:
             policy = self.settings.checked_policy(policy)
         window = completion_window or self.settings.completion_window
-        batch_id = new_batch_id()
-        self.store.create(batch_id, input_file=str(path), completion_window=window,
-                          window_s=parse_window(window), metadata=metadata, policy=policy)
-        try:
-            pass1 = check_unique(self.store, batch_id, path)
-        except SubmissionRejected as e:
-            self.store.fail(batch_id, [{"code": "duplicate_custom_id", "message": str(e)}])
-            raise
-        self.store.mark_in_progress(batch_id, pass1.total, pass1.sha256)
-        report = IngestReport(total=pass1.total, sha256=pass1.sha256)
-        spans = ranges(pass1.marks, self._ingest_processes(pass1.total))
-        if len(spans) > 1:
-            enqueue_parallel(self.settings, self.redis_url, batch_id, path, spans, report, policy)
-        else:
-            enqueue(self.app, self.store, self.settings.registry, batch_id, path, self.settings.chunk_size, report,
-                    policy=policy, max_line_bytes=self.settings.max_line_bytes,
-                    chunk_max_bytes=self.settings.chunk_max_bytes)
-        if report.valid == 0:
-            self.redis.hset(C.batch_key(batch_id), "valid", 0)
-        self.store.set_chunks_total(batch_id, report.chunks, [q for q, n in report.by_queue.items() if n])
+        batch_id = batch_id or new_batch_id()
+        plan = IngestPlan(path=str(path.resolve()), policy=policy.wire() if policy is not None else None,
+                          endpoint=endpoint, chunk_size=self.settings.chunk_size,
+                          chunk_max_bytes=self.settings.chunk_max_bytes, max_line_bytes=self.settings.max_line_bytes)
+        self.store.create(batch_id, input_file=str(path), completion_window=window, window_s=parse_window(window),
+                          metadata=metadata, policy=policy, plan=dataclasses.asdict(plan), owner=owner,
+                          endpoint=endpoint, files=files)
+        self.redis.sadd(C.INGESTS_KEY, batch_id)
         return self.store.get(batch_id)
+
+    def ingest(self, batch_id: str) -> Batch:
+        """Run (or run again) a recorded batch's ingest: pass 1 (duplicates, hash), then pass 2
+        (validate, send chunks), holding the batch's ingest lease all along, so that if this process
+        dies a `gristmill serve` takes over (`resume_ingests`). Run again, it repeats pass 1 only if
+        pass 1 had not finished, and sends only the chunks not yet written: the same file and plan
+        make the same chunks, so nothing is sent twice that was written, and nothing is lost."""
+        plan = IngestPlan(**self.store.plan(batch_id))
+        with IngestLease(self.redis, batch_id, self.settings.lease_ttl_s):
+            batch = self.store.get(batch_id)
+            if batch.done or batch.status == C.CANCELLING:
+                if batch.status == C.CANCELLING:  # cancelled while its ingest was away: no more chunks
+                    self.store.set_chunks_total(batch_id, self.store.sent_chunks(batch_id))
+                self.redis.srem(C.INGESTS_KEY, batch_id)
+                return self.store.get(batch_id)
+            policy = Policy.model_validate(plan.policy) if plan.policy is not None else None
+            path = Path(plan.path)
+            resume = batch.status != C.VALIDATING or self.redis.exists(C.ids_key(batch_id))
+            try:
+                if not path.is_file():
+                    raise SubmissionRejected(f"input file {path} is gone")
+                if batch.status == C.VALIDATING:
+                    self.redis.delete(C.ids_key(batch_id))  # a pass 1 cut short starts over
+                    pass1 = check_unique(self.store, batch_id, path)
+                    cap = self.settings.max_batch_lines
+                    if cap and pass1.total > cap:
+                        raise SubmissionRejected(f"the file has {pass1.total:,} requests; this deployment takes at "
+                                                 f"most {cap:,} a batch (GRISTMILL_MAX_BATCH_LINES)")
+                    spans = ranges(pass1.marks, self._ingest_processes(pass1.total))
+                    self.store.mark_in_progress(batch_id, pass1.total, pass1.sha256, spans)
+                else:
+                    spans = self.store.spans(batch_id)
+            except SubmissionRejected as e:
+                self.store.fail(batch_id, [{"code": "duplicate_custom_id" if isinstance(e, DuplicateCustomIds)
+                                            else "invalid_file", "message": str(e), "param": "input_file_id"}])
+                self.redis.srem(C.INGESTS_KEY, batch_id)
+                raise
+            report = IngestReport()
+            settings = self.settings.model_copy(update={"chunk_size": plan.chunk_size,
+                                                        "chunk_max_bytes": plan.chunk_max_bytes,
+                                                        "max_line_bytes": plan.max_line_bytes})
+            if len(spans) > 1:
+                enqueue_parallel(settings, self.redis_url, batch_id, path, spans, report, policy, plan.endpoint,
+                                 resume)
+            else:
+                enqueue(self.app, self.store, settings.registry, batch_id, path, plan.chunk_size, report,
+                        policy=policy, max_line_bytes=plan.max_line_bytes, chunk_max_bytes=plan.chunk_max_bytes,
+                        endpoint=plan.endpoint, resume=resume)
+            if report.valid == 0:
+                self.redis.hset(C.batch_key(batch_id), "valid", 0)
+            self.store.set_chunks_total(batch_id, report.chunks, [q for q, n in report.by_queue.items() if n])
+            self.redis.srem(C.INGESTS_KEY, batch_id)
+        return self.store.get(batch_id)
+
+    def resume_ingests(self) -> list[str]:
+        """Batches whose ingest stopped without ending (its process died: no lease), taken over
+        here one by one; returns their ids. `gristmill serve` calls this periodically; the input
+        file must be readable from here (the HTTP API's uploads are)."""
+        resumed = []
+        for batch_id in list(self.redis.smembers(C.INGESTS_KEY)):
+            if self.redis.exists(C.ingest_lease_key(batch_id)):
+                continue
+            created = self.redis.hget(C.batch_key(batch_id), "created_at")
+            if created is None or self.store.plan(batch_id) is None:
+                self.redis.srem(C.INGESTS_KEY, batch_id)
+                continue
+            if time.time() - int(created) < self.settings.lease_ttl_s:
+                continue  # just created: its ingest is about to take the lease
+
+            try:
+                self.ingest(batch_id)
+                resumed.append(batch_id)
+            except LeaseHeld:
+                continue
+            except SubmissionRejected:
+                resumed.append(batch_id)  # failed, and recorded so
+        return resumed
 
     def _ingest_processes(self, lines: int) -> int:
         n = self.settings.ingest_processes

@@ -129,6 +129,41 @@ def alive_key(worker_id: str) -> str:
 
 BATCH_INDEX = f"{PREFIX}:batches"  # sorted set: batch id scored by created_at
 
+# Sorted sets whose scores are all 0, read in id order (ids embed their creation time): every
+# batch, and each API key's own batches and files, for the HTTP API's cursor pages.
+BATCHES_BY_ID = f"{PREFIX}:batches:by-id"
+FILES_INDEX = f"{PREFIX}:files:by-id"
+# Sorted set: uploaded file id scored by its expires_at, for the expiry sweep.
+FILES_EXPIRY = f"{PREFIX}:files:expiry"
+
+
+def batches_index_key(owner: str) -> str:
+    return f"{PREFIX}:owner:{owner}:batches"
+
+
+def files_index_key(owner: str) -> str:
+    return f"{PREFIX}:owner:{owner}:files"
+
+
+def file_key(file_id: str) -> str:
+    """Hash: one file's record (files.StoredFile); an upload's bytes are on disk, not here."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def idempotency_key(owner: str, key_digest: str) -> str:
+    """String with a TTL: the batch an Idempotency-Key of this owner created ('pending' meanwhile)."""
+    return f"{PREFIX}:idem:{owner}:{key_digest}"
+
+
+# Set: batches whose ingest has not ended (validating, or in progress with chunks still to send).
+INGESTS_KEY = f"{PREFIX}:ingests"
+
+
+def ingest_lease_key(batch_id: str) -> str:
+    """String with a TTL, renewed while a process ingests the batch: gone = that process died, and
+    a `gristmill serve` takes the ingest over (producers/client.py, resume_ingests)."""
+    return f"{PREFIX}:ingest-lease:{batch_id}"
+
 
 def batch_keys(batch_id: str) -> list[str]:
     return [batch_key(batch_id), results_key(batch_id), ids_key(batch_id),

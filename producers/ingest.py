@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +74,54 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """What a batch's ingest follows, fixed when the batch is created and kept in its record, so
+    that a second run (after the first one's process died) makes exactly the same chunks."""
+    path: str
+    policy: dict | None
+    endpoint: str | None
+    chunk_size: int
+    chunk_max_bytes: int
+    max_line_bytes: int
+
+
+class LeaseHeld(RuntimeError):
+    """Raised when another live process holds the batch's ingest lease."""
+
+
+class IngestLease:
+    """A Redis key with a TTL, renewed by a thread while this process ingests one batch. It lapses
+    within `ttl_s` of the process dying, and `Client.resume_ingests` then takes the ingest over."""
+
+    def __init__(self, r, batch_id: str, ttl_s: float):
+        self.r, self.key, self.ttl_ms = r, C.ingest_lease_key(batch_id), int(ttl_s * 1000)
+        self.token = f"{os.getpid()}:{threading.get_ident()}:{time.time()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "IngestLease":
+        if not self.r.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            raise LeaseHeld(f"another process is ingesting this batch ({self.key})")
+        self._thread = threading.Thread(target=self._renew, name="gristmill-ingest-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            try:
+                self.r.set(self.key, self.token, xx=True, px=self.ttl_ms)
+            except Exception:  # noqa: BLE001 - Redis away for a moment: the next round retries
+                pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.r.get(self.key) == self.token:
+            self.r.delete(self.key)
 
 
 @dataclass
@@ -144,13 +194,18 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
 def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Path, chunk_size: int,
             report: IngestReport, span: tuple[int, int | None, int] = (0, None, 1), stride: int = 1,
             offset: int = 0, policy: Policy | None = None, max_line_bytes: int | None = None,
-            chunk_max_bytes: int | None = None) -> None:
+            chunk_max_bytes: int | None = None, endpoint: str | None = None, resume: bool = False) -> None:
     """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks of
     `chunk_size` lines, or fewer where their bytes reach `chunk_max_bytes`.
 
     `span` = (start byte, end byte, first line number) of the lines to take; the k-th chunk sent
     is numbered k * stride + offset, so parallel ranges never share a chunk number. Classification
-    messages carry the batch's moderation `policy` (~1 kB), so workers apply what ingest checked."""
+    messages carry the batch's moderation `policy` (~1 kB), so workers apply what ingest checked.
+    `endpoint`: lines for another url are errors. `resume`: the pass runs again after an ingest
+    that stopped midway (its process died); the same file and settings make the same chunks, and
+    those already written are not sent again (a chunk sent but not yet written may be: its second
+    delivery writes nothing)."""
+    done = {int(c) for c in store.r.smembers(C.chunks_done_key(batch_id))} if resume else set()
     buffers: dict[str, list[dict]] = {q: [] for q in C.QUEUES}
     held = dict.fromkeys(C.QUEUES, 0)  # bytes of the lines in each buffer
     max_bytes = chunk_max_bytes or 1 << 62
@@ -161,11 +216,12 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
         items = buffers[queue]
         if items:
             chunk = report.chunks * stride + offset
-            msg = {"task": C.QUEUE_TASK[queue], "queue": queue, "args": [batch_id, chunk, items],
-                   "kwargs": {**extra.get(queue, {}), "sent_at": time.time()}}
-            store.keep_message(batch_id, chunk, msg)  # before sending: a kept message is never missing
-            app.send_task(msg["task"], args=msg["args"], kwargs=msg["kwargs"], queue=queue,
-                          task_id=C.chunk_task_id(batch_id, chunk))
+            if chunk not in done:
+                msg = {"task": C.QUEUE_TASK[queue], "queue": queue, "args": [batch_id, chunk, items],
+                       "kwargs": {**extra.get(queue, {}), "sent_at": time.time()}}
+                store.keep_message(batch_id, chunk, msg)  # before sending: a kept message is never missing
+                app.send_task(msg["task"], args=msg["args"], kwargs=msg["kwargs"], queue=queue,
+                              task_id=C.chunk_task_id(batch_id, chunk))
             report.chunks += 1
             report.by_queue[queue] = report.by_queue.get(queue, 0) + len(items)
             buffers[queue] = []
@@ -186,7 +242,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
         for n, raw in iter_lines(path, *span):
             if report.cancelled:
                 break
-            result = validate_line(raw, n, registry, policy, max_line_bytes)
+            result = validate_line(raw, n, registry, policy, max_line_bytes, endpoint)
             if isinstance(result, LineError):
                 report.invalid += 1
                 errors.append((error_line(result.custom_id, result.code, result.message, n), True))
@@ -207,7 +263,8 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
 
 
 def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
-                   span: tuple[int, int | None, int], stride: int, offset: int, policy: dict | None = None) -> dict:
+                   span: tuple[int, int | None, int], stride: int, offset: int, policy: dict | None = None,
+                   endpoint: str | None = None, resume: bool = False) -> dict:
     """One pass-2 process: its own Settings, Redis connection and Celery producer."""
     import redis as redis_lib
 
@@ -219,13 +276,14 @@ def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
     enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s), settings.registry, batch_id,
             Path(path), settings.chunk_size, report, span, stride, offset,
             Policy.model_validate(policy) if policy is not None else None, settings.max_line_bytes,
-            settings.chunk_max_bytes)
+            settings.chunk_max_bytes, endpoint, resume)
     r.close()
     return dataclasses.asdict(report)
 
 
 def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans: list[tuple[int, int | None, int]],
-                     report: IngestReport, policy: Policy | None = None) -> None:
+                     report: IngestReport, policy: Policy | None = None, endpoint: str | None = None,
+                     resume: bool = False) -> None:
     """Pass 2 over `spans`, one `python -m gristmill.producers.ingest` process each. Plain subprocesses, not
     multiprocessing: spawn would re-import the caller's __main__, which a user's script may not guard."""
     import json
@@ -236,7 +294,8 @@ def enqueue_parallel(settings, redis_url: str, batch_id: str, path: Path, spans:
     for i, span in enumerate(spans):
         job = json.dumps({"settings": settings.model_dump_json(), "redis_url": redis_url, "batch_id": batch_id,
                           "path": str(path), "span": span, "stride": len(spans), "offset": i,
-                          "policy": policy.wire() if policy is not None else None})
+                          "policy": policy.wire() if policy is not None else None, "endpoint": endpoint,
+                          "resume": resume})
         procs.append(subprocess.Popen(python_module("gristmill.producers.ingest", job), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     failures = []
@@ -256,4 +315,5 @@ if __name__ == "__main__":
     import sys
     job = json.loads(sys.argv[1])
     print(json.dumps(_enqueue_range(job["settings"], job["redis_url"], job["batch_id"], job["path"],
-                                    tuple(job["span"]), job["stride"], job["offset"], job.get("policy"))))
+                                    tuple(job["span"]), job["stride"], job["offset"], job.get("policy"),
+                                    job.get("endpoint"), job.get("resume", False))))

@@ -288,10 +288,12 @@ def peek_custom_id(raw: bytes | str) -> str | None:
 
 
 def validate_line(raw: bytes | str, line_no: int, registry: Registry,
-                  policy: "Policy | None" = None, max_bytes: int | None = None) -> Union[WorkItem, LineError]:
+                  policy: "Policy | None" = None, max_bytes: int | None = None,
+                  endpoint: str | None = None) -> Union[WorkItem, LineError]:
     """One input line -> a WorkItem to run, or the LineError its error-file line reports.
     Moderation lines run the model of the batch's `policy` (see `moderation_model`); a line over
-    `max_bytes` is refused before it is parsed."""
+    `max_bytes` is refused before it is parsed. A batch created for one `endpoint` (the HTTP API's
+    batches) refuses lines for another url, as OpenAI's does."""
     if max_bytes is not None and len(raw) > max_bytes:
         return LineError(line_no, peek_custom_id(raw), C.E_INVALID_BODY, f"line is {len(raw):,} bytes; the limit is {max_bytes:,} "
                          f"(GRISTMILL_MAX_LINE_BYTES)")
@@ -314,6 +316,8 @@ def validate_line(raw: bytes | str, line_no: int, registry: Registry,
     if url not in BODY_SCHEMA:
         return LineError(line_no, cid, C.E_INVALID_URL,
                          f"url: {url!r} is not supported; use one of {', '.join(BODY_SCHEMA)}")
+    if endpoint is not None and url != endpoint:
+        return LineError(line_no, cid, C.E_INVALID_URL, f"url: {url!r} differs from the batch's endpoint {endpoint!r}")
     body = obj.get("body")
     if not isinstance(body, dict):
         return LineError(line_no, cid, C.E_INVALID_BODY, "body: a JSON object is required")

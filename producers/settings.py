@@ -132,6 +132,32 @@ class Settings(BaseSettings):
     # Memory cap of the embedded cache server, as redis-server reads it (bytes, or 512mb, 2gb).
     dedup_max_memory: str = Field(default="1gb", pattern=r"(?i)^[0-9]+(k|kb|m|mb|g|gb)?$")
 
+    # The HTTP front door (`gristmill serve`; `gristmill up` starts it too): OpenAI's Files and
+    # Batches API. Where it listens.
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(default=8000, ge=0, le=65535)
+    # Its API keys: comma-separated keys (or `sha256:<hex>` digests of them); admin keys see every
+    # key's files and batches; a keys file holds one key or digest a line, optionally followed by
+    # `admin` (`gristmill keys new --file F` appends one). With none, a server on loopback makes one
+    # key and keeps it in $GRISTMILL_HOME/api-key; on any other address it refuses to start.
+    api_keys: SecretStr | None = None
+    admin_api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    # Where uploads are kept: a directory every `serve` replica can read (a shared filesystem when
+    # several hosts serve; workers never read it). Unset: $GRISTMILL_HOME/files.
+    files_dir: Path | None = None
+    # The largest upload taken; a larger one gets 413 and nothing of it is kept. Uploads stream to
+    # disk, so this guards the disk, not memory (OpenAI's Batch API takes 200 MB).
+    max_upload_bytes: int = Field(default=16 << 30, ge=1024)
+    # Uploads expire this long after they were made, unless the upload says otherwise
+    # (`expires_after`); OpenAI keeps batch input 30 days.
+    file_ttl_s: int = Field(default=30 * 86400, ge=3600)
+    # Batch ingests (validate and enqueue) one server runs at once.
+    serve_ingest_threads: int = Field(default=4, ge=1, le=64)
+    # Most lines a batch may have; 0: no cap. OpenAI caps a batch at 50,000 requests; gristmill
+    # takes millions, so the cap is off unless an operator wants one.
+    max_batch_lines: int = Field(default=0, ge=0)
+
     # Flower. It always asks for credentials: "user:password" here, else `gristmill up` and
     # `gristmill flower` make a random password and print it (`make demo` runs no Flower).
     flower_address: str = "127.0.0.1"
@@ -210,6 +236,15 @@ class Settings(BaseSettings):
             except ValueError as e:
                 raise ConfigurationError(f"{where}: labels: {e}") from e
         return pol.model_copy(update={"model": spec.name})
+
+    def load_api_keys(self):
+        from .apikeys import ApiKeys
+        secret = lambda v: v.get_secret_value() if v is not None else None  # noqa: E731
+        return ApiKeys.from_sources(secret(self.api_keys), secret(self.admin_api_keys), self.api_keys_file)
+
+    @property
+    def files_path(self) -> Path:
+        return self.files_dir or self.home / "files"
 
     @property
     def redis_dir(self) -> Path:

@@ -73,11 +73,13 @@ class Stack:
     """The processes of one `gristmill up`, started in order and stopped in reverse."""
 
     def __init__(self, settings: Settings, gpus: list[int], flower: bool, log_dir: Path | None = None,
-                 instances_per_gpu: int | None = None):
+                 instances_per_gpu: int | None = None, serve: bool = False):
         self.settings = settings
         self.gpus = gpus
         self.instances = instances_per_gpu or settings.instances_per_gpu
         self.flower = flower
+        self.serve = serve
+        self.workers = 0
         self.redis: EmbeddedRedis | None = None
         self.url = settings.redis_url
         self.cache_redis: EmbeddedRedis | None = None
@@ -101,6 +103,11 @@ class Stack:
         for name, dev, offset in slots:
             self._spawn(name, python_module("gristmill.workers", "worker", "--device", dev),
                         share_cores({**env, "GRISTMILL_METRICS_OFFSET": str(offset)}, len(slots)))
+        self.workers = len(slots)
+        if self.serve:
+            self._spawn("serve", python_module("gristmill", "serve"), env)
+            print(f"HTTP API at http://{st.serve_host}:{st.serve_port}/v1 and its batches page at "
+                  f"http://{st.serve_host}:{st.serve_port}/", file=sys.stderr)
         if self.flower:
             cmd, creds = self.settings.flower_command()
             self._spawn("flower", cmd, env)
@@ -131,7 +138,7 @@ class Stack:
         """Until every worker answers a ping (models are loaded before a worker consumes)."""
         from ..producers.app import make_app
         procs = [(name, p, self.log_dir / f"{name}.log" if self.log_dir else None) for name, p in self.procs]
-        wait_for_workers(make_app(self.settings, self.url), procs, want=len(self.procs) - int(self.flower),
+        wait_for_workers(make_app(self.settings, self.url), procs, want=self.workers,
                          prefix="gristmill-", timeout=timeout)
 
     def stop(self) -> None:
@@ -180,10 +187,11 @@ def up_main(argv: list[str]) -> int:
     ap.add_argument("--instances-per-gpu", type=int, default=None,
                     help="worker processes per GPU (default: GRISTMILL_INSTANCES_PER_GPU, 1)")
     ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--no-serve", action="store_true", help="do not start the HTTP API")
     args = ap.parse_args(argv)
     settings = Settings()
     stop_on_signals()
-    with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower,
+    with Stack(settings, parse_gpus(args.gpus), flower=not args.no_flower, serve=not args.no_serve,
                instances_per_gpu=args.instances_per_gpu) as stack:
         cache = f"; score cache {redact(stack.cache_url)}" if stack.cache_url else ""
         print(f"gristmill up: redis {redact(stack.url or '')}{cache}; Ctrl-C stops everything", file=sys.stderr)

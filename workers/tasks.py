@@ -158,11 +158,14 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
 def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[dict[str, Any]],
                    policy: Policy | None) -> dict[str, int]:
     store = st.store
-    status, attempts, expired = with_retry(store.begin_chunk, batch_id, chunk, what=f"starting chunk {chunk}")
+    status, attempts, expired, written = with_retry(store.begin_chunk, batch_id, chunk,
+                                                    what=f"starting chunk {chunk}")
     if status is None:
         log.warning("batch %s has no record (expired or deleted); dropping chunk %d", batch_id, chunk)
         return {"skipped": len(raw_items)}
-    if status in (C.CANCELLING, C.CANCELLED):
+    if status in (C.CANCELLING, C.CANCELLED) or written:
+        # a chunk sent again after it was written (the lost-chunk sweep, a resumed ingest) is not
+        # run again; marking it drops the kept copy a resumed ingest may have made
         store.record(batch_id, chunk, [])
         return {"skipped": len(raw_items)}
     items = [S.WorkItem.from_message(m) for m in raw_items]

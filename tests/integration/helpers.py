@@ -1,7 +1,13 @@
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
+
 from gristmill.producers import constants as C
+from tests.commands import ROOT
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -34,3 +40,21 @@ def read_results(client, batch_id, tmp_path) -> tuple[list[dict], list[dict]]:
     # split on "\n" only: JSON keeps U+2028 and NEL raw, which splitlines() would break at
     return ([json.loads(x) for x in out.read_text().split("\n")[:-1]],
             [json.loads(x) for x in err.read_text().split("\n")[:-1]])
+
+
+ARTIFACTS = Path(os.environ.get("GRISTMILL_TEST_ARTIFACTS", ROOT / ".state" / "test-artifacts"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def browse(url: str, screenshot: Path) -> str:
+    """Load `url` in headless Chromium: keep a screenshot, return the rendered DOM. (.ci/run
+    installs Debian's chromium; without one the test says so and skips.)"""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (`apt-get install chromium`; .ci/run installs it)")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900",
+             "--virtual-time-budget=5000"]
+    shot = subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=90)
+    assert screenshot.exists() and screenshot.stat().st_size > 0, shot.stderr.decode()[-2000:]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, timeout=90)
+    return dom.stdout.decode()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +19,7 @@ from gristmill.producers.redis_server import free_port, ping
 from tests.commands import GRISTMILL
 
 from .conftest import ROOT, clean, worker_env
-from .helpers import chat, moderation, write_jsonl
+from .helpers import ARTIFACTS, browse, chat, moderation, write_jsonl
 
 
 def run(env, *args, check=True) -> subprocess.CompletedProcess:
@@ -77,24 +75,6 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     dup = write_jsonl(tmp_path / "dup.jsonl", [chat("x"), chat("x")])
     r = run(env, "submit", str(dup), check=False)
     assert r.returncode == 2 and "'x' on lines 1, 2" in r.stderr
-
-
-ARTIFACTS = Path(os.environ.get("GRISTMILL_TEST_ARTIFACTS", ROOT / ".state" / "test-artifacts"))
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def browse(url: str, screenshot: Path) -> str:
-    """Load `url` in headless Chromium: keep a screenshot, return the rendered DOM. (.ci/run
-    installs Debian's chromium; without one the test says so and skips.)"""
-    if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (`apt-get install chromium`; .ci/run installs it)")
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900",
-             "--virtual-time-budget=5000"]
-    shot = subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=90)
-    assert screenshot.exists() and screenshot.stat().st_size > 0, shot.stderr.decode()[-2000:]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, timeout=90)
-    return dom.stdout.decode()
 
 
 def wait_for_flower(port: int, timeout: float = 60) -> None:
@@ -192,8 +172,8 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
     up_home = tmp_path / "uphome"
     env = worker_env("", up_home, tiny_models_file)
     env.pop("GRISTMILL_REDIS_URL")
-    port = free_port()
-    env["GRISTMILL_FLOWER_PORT"] = str(port)
+    port, api_port = free_port(), free_port()
+    env.update(GRISTMILL_FLOWER_PORT=str(port), GRISTMILL_SERVE_PORT=str(api_port))
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen([*GRISTMILL, "up", "--gpus", "none"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
@@ -213,6 +193,13 @@ def test_up_starts_redis_worker_and_flower_and_ctrl_c_stops_them(home, tiny_mode
         f = write_jsonl(tmp_path / "in.jsonl", [moderation("m1"), chat("c1")])
         p = run(env2, "submit", str(f), "--wait")
         assert "completed" in p.stderr
+
+        # the HTTP API runs too; with no keys configured, on loopback, its key is in the state directory
+        key = (up_home / "api-key").read_text().strip()
+        req = urllib.request.Request(f"http://127.0.0.1:{api_port}/v1/batches", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.loads(r.read())["object"] == "list"
+        assert key not in (tmp_path / "up.log").read_text()
 
         creds = re.search(r"basic auth (\S+:\S+)\)", (tmp_path / "up.log").read_text()).group(1)
         wait_for_flower(port)
@@ -272,7 +259,7 @@ def test_up_stops_its_children_on_sigterm_and_sigint(home, tiny_models_file, tmp
     redis-server behind (Python's default SIGTERM ends a process with no cleanup). A background
     job of a shell without job control starts with SIGINT ignored; `kill -INT` must still stop it."""
     up_home = tmp_path / "uphome"
-    env = worker_env("", up_home, tiny_models_file)
+    env = worker_env("", up_home, tiny_models_file, GRISTMILL_SERVE_PORT=str(free_port()))
     env.pop("GRISTMILL_REDIS_URL")
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen([*GRISTMILL, "up", "--gpus", "none", "--no-flower"], env=env, stdout=log,
@@ -281,7 +268,7 @@ def test_up_stops_its_children_on_sigterm_and_sigint(home, tiny_models_file, tmp
         url_file = up_home / "redis" / "url"
         deadline = time.monotonic() + 120
         kids: list[int] = []
-        while not (url_file.exists() and len(kids) >= 3):  # two redis-servers (queues, score cache), the worker
+        while not (url_file.exists() and len(kids) >= 4):  # two redis-servers (queues, score cache), worker, API
             assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "up.log").read_text()
             time.sleep(0.2)
             kids = _children(proc.pid)

@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker" / "compose.yaml"
-ENV = {"REDIS_PASSWORD": "s3cret-pw", "FLOWER_BASIC_AUTH": "admin:flower-pw"}
+ENV = {"REDIS_PASSWORD": "s3cret-pw", "FLOWER_BASIC_AUTH": "admin:flower-pw", "API_KEYS": "gm-compose-key-0123456789"}
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:\?|:-)([^}]*))?\}")
 
@@ -71,7 +71,7 @@ def test_services_agree_on_redis_flower_and_gpus():
     assert cache_cmd[cache_cmd.index("--requirepass") + 1] == ENV["REDIS_PASSWORD"]
     assert not services["redis-cache"].get("ports"), "only this host's workers use the cache"
     gristmill = {name: s for name, s in services.items() if not name.startswith("redis")}
-    assert {"worker-gpu0", "worker-gpu1", "worker-cpu", "flower"} <= set(gristmill)
+    assert {"worker-gpu0", "worker-gpu1", "worker-cpu", "flower", "api"} <= set(gristmill)
     for name, s in gristmill.items():
         env = s["environment"]
         url = urlparse(env["GRISTMILL_REDIS_URL"])
@@ -88,6 +88,10 @@ def test_services_agree_on_redis_flower_and_gpus():
     flower = gristmill["flower"]
     assert flower["environment"]["GRISTMILL_FLOWER_BASIC_AUTH"] == ENV["FLOWER_BASIC_AUTH"]
     assert all(p.startswith("127.0.0.1:") for p in flower["ports"]), "Flower is published on loopback only"
+    api = gristmill["api"]
+    assert api["environment"]["GRISTMILL_API_KEYS"] == ENV["API_KEYS"], "the API refuses to start without keys"
+    assert api["environment"]["GRISTMILL_SERVE_HOST"] == "0.0.0.0" and api["command"][:2] == ["gristmill", "serve"]
+    assert all(p.startswith("127.0.0.1:") for p in api["ports"]), "the API is published on loopback only"
     gpus = {}
     for name, s in gristmill.items():
         if not name.startswith("worker-gpu"):

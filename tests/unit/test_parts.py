@@ -14,17 +14,19 @@ line = st.fixed_dictionaries({"custom_id": st.text(min_size=1, max_size=20),
 
 @given(st.lists(st.tuples(line, st.booleans()), max_size=30))
 def test_a_part_round_trips_outputs_and_errors_in_order(lines):
-    value, n_out, n_err = encode_part(lines)
-    out, err = decode_part(value)
+    part = encode_part(lines)
+    out, err = decode_part(part.value)
     assert [json.loads(x) for x in out.split("\n")[:-1]] == [v for v, e in lines if not e]
     assert [json.loads(x) for x in err.split("\n")[:-1]] == [v for v, e in lines if e]
-    assert (n_out, n_err) == (sum(not e for _, e in lines), sum(e for _, e in lines))
+    assert (part.outputs, part.errors) == (sum(not e for _, e in lines), sum(e for _, e in lines))
+    # the output and error files' sizes grow by these: UTF-8 bytes, as downloaded
+    assert (part.output_bytes, part.error_bytes) == (len(out.encode()), len(err.encode()))
 
 
 def test_parts_are_stored_compressed():
     scores = {f"category/{i}": i / 13 for i in range(13)}
     lines = [({"custom_id": f"r{i}", "scores": scores, "flags": dict.fromkeys(scores, False)}, False) for i in range(256)]
-    value, _, _ = encode_part(lines)
+    value = encode_part(lines).value
     assert value[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
     plain = sum(len(json.dumps(v, separators=(",", ":"))) + 1 for v, _ in lines)
     assert len(value) < plain / 5
