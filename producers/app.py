@@ -10,12 +10,12 @@ from typing import Any
 import orjson
 import zstandard
 from celery import Celery
-from kombu import Queue, compression
+from kombu import Exchange, Queue, compression
 from kombu.serialization import register
 from kombu.utils import json as kombu_json
 
 from . import constants as C
-from .redis_server import resolve_redis_url
+from .redis_server import is_sentinel, master_name, resolve_redis_url
 from .schemas import loads_line
 from .settings import Settings
 
@@ -70,6 +70,9 @@ def make_app(settings: Settings | None = None, redis_url: str | None = None) -> 
         # Only the workers that consume a queue get its broadcast events.
         "fanout_prefix": True, "fanout_patterns": True,
     }
+    backend_options = {"visibility_timeout": settings.visibility_timeout_s}
+    if is_sentinel(url):  # kombu's and Celery's Sentinel transports find the primary by this name
+        transport["master_name"] = backend_options["master_name"] = master_name(settings.redis_master_name)
     app = Celery("gristmill", broker=url, backend=url, set_as_current=False)
     app.conf.update(
         # JSON only: a pickled message from anyone who can write to the broker would run code.
@@ -84,13 +87,16 @@ def make_app(settings: Settings | None = None, redis_url: str | None = None) -> 
         # The batcher sees concurrency x multiplier messages; see Settings.prefetch_multiplier.
         worker_prefetch_multiplier=settings.prefetch_multiplier,
         broker_transport_options=transport,
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        result_backend_transport_options=backend_options,
         # Results go to our per-batch hash, never one Celery result per message.
         task_ignore_result=True,
         result_expires=settings.result_ttl_s,
         # Task events for Flower.
         worker_send_task_events=True, task_send_sent_event=True,
-        task_queues=[Queue(q) for q in C.QUEUES],
+        # each queue bound to an exchange of its own under its own key: a bare Queue(name) is
+        # bound to the default exchange and key (the classify queue's), so a message routed
+        # through that exchange would land in both queues
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in C.QUEUES],
         task_default_queue=C.CLASSIFY_QUEUE,
         task_routes={C.GENERATE_TASK: {"queue": C.GENERATE_QUEUE}, C.CLASSIFY_TASK: {"queue": C.CLASSIFY_QUEUE}},
         broker_connection_retry_on_startup=True,
@@ -98,6 +104,17 @@ def make_app(settings: Settings | None = None, redis_url: str | None = None) -> 
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+# Bindings that releases declaring bare queues left in Redis: the generate queue bound to the
+# classify exchange under the classify key. Left there, messages for the classify queue would also
+# be copied into the generate queue.
+_STALE_BINDINGS = {f"_kombu.binding.{C.CLASSIFY_QUEUE}": [f"{C.CLASSIFY_QUEUE}\x06\x16\x06\x16{C.GENERATE_QUEUE}"]}
+
+
+def drop_stale_bindings(redis) -> int:
+    """Remove the bindings earlier releases declared (idempotent; workers call it at start)."""
+    return sum(redis.srem(key, *members) for key, members in _STALE_BINDINGS.items())
 
 
 def __getattr__(name: str):

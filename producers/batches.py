@@ -17,12 +17,19 @@ import zlib
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import orjson
+import redis as redis_lib
 import zstandard
 from pydantic import BaseModel
 from redis.client import NEVER_DECODE
 
 from . import constants as C
 from .errors import BatchNotFound
+
+
+class NotReplicated(redis_lib.ConnectionError):
+    """Raised when a write was not acknowledged by GRISTMILL_REDIS_MIN_REPLICAS replicas in time.
+    A ConnectionError, so that the retries for a Redis that is away (with_retry, kombu) retry it:
+    the writes it guards are idempotent."""
 
 
 class RequestCounts(BaseModel):
@@ -40,6 +47,27 @@ class DedupCounts(BaseModel):
     @property
     def hit_rate(self) -> float:
         return self.reused / self.inputs if self.inputs else 0.0
+
+
+class CascadeCounts(BaseModel):
+    """Classifier inputs a cascade scored, and those it escalated to its full model."""
+    inputs: int = 0
+    escalated: int = 0
+
+    @property
+    def share(self) -> float:
+        return self.escalated / self.inputs if self.inputs else 0.0
+
+
+class ChunkCounts(BaseModel):
+    """What a chunk's write adds to its batch's classifier counters."""
+    dedup_inputs: int = 0
+    dedup_reused: int = 0
+    cascade_inputs: int = 0
+    escalated: int = 0
+
+    def __add__(self, other: "ChunkCounts") -> "ChunkCounts":
+        return ChunkCounts(**{k: getattr(self, k) + getattr(other, k) for k in ChunkCounts.model_fields})
 
 
 class Batch(BaseModel):
@@ -65,8 +93,12 @@ class Batch(BaseModel):
     # The moderation policy the batch runs under: {policy_version, model, thresholds_digest}.
     policy: dict[str, str] | None = None
     dedup: DedupCounts = DedupCounts()
+    cascade: CascadeCounts = CascadeCounts()
     # Chunk messages sent again by the sweep (workers/reaper.py) after one was lost in transit.
     resent: int = 0
+    # Set while ingest holds back (producers/ingest.py, Backpressure): since when, and why.
+    ingest_waiting_since: int | None = None
+    ingest_waiting_for: str | None = None
     # Batches created over HTTP: the key that owns it, its endpoint, and its files' ids. The output
     # and error file ids are given out once the batch has lines of that kind.
     owner: str | None = None
@@ -92,14 +124,17 @@ class Batch(BaseModel):
                 "finalizing_at": self.finalizing_at, "completed_at": self.completed_at, "failed_at": self.failed_at,
                 "expired_at": self.expired_at, "cancelling_at": self.cancelling_at, "cancelled_at": self.cancelled_at,
                 "request_counts": self.request_counts.model_dump(), "metadata": self.metadata, "model": None,
-                "usage": None}
+                "usage": None,
+                # gristmill's own, beside OpenAI's fields: ingest holds back while the queues are full
+                **({"ingest_waiting_since": self.ingest_waiting_since, "ingest_waiting_for": self.ingest_waiting_for}
+                   if self.ingest_waiting_since else {})}
 
 
 # Record one part of a batch's results: the lines of one chunk (or one block of ingest errors),
 # stored as one hash field; the chunk's kept message is dropped. KEYS: meta, results, chunks_done,
 # pending, pending_at. ARGV: chunk (or ''), now, part field
 # (or '' to only mark the chunk), value, completed, failed, dedup inputs, dedup reused, output
-# bytes, error bytes. HSETNX on the part makes a redelivered chunk a no-op: its lines, and so its
+# bytes, error bytes, cascade inputs, escalated. HSETNX on the part makes a redelivered chunk a no-op: its lines, and so its
 # custom_ids, are fixed at ingest. Returns {completed, failed, transition}, counting only a part
 # that was new.
 _RECORD = """
@@ -114,6 +149,10 @@ if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
   end
   if tonumber(ARGV[9]) > 0 then redis.call('HINCRBY', KEYS[1], 'out_bytes', ARGV[9]) end
   if tonumber(ARGV[10]) > 0 then redis.call('HINCRBY', KEYS[1], 'err_bytes', ARGV[10]) end
+  if tonumber(ARGV[11]) > 0 then
+    redis.call('HINCRBY', KEYS[1], 'cascade_inputs', ARGV[11])
+    redis.call('HINCRBY', KEYS[1], 'cascade_escalated', ARGV[12])
+  end
 end
 if ARGV[1] ~= '' then
   redis.call('SADD', KEYS[3], ARGV[1])
@@ -238,9 +277,16 @@ def decode_part(value: bytes | str) -> tuple[str, str]:
 class BatchStore:
     """All reads and writes of batch state. Thin over a redis-py client (decode_responses=True)."""
 
-    def __init__(self, redis, result_ttl_s: int = 7 * 24 * 3600):
+    def __init__(self, redis, result_ttl_s: int = 7 * 24 * 3600, min_replicas: int = 0,
+                 replica_timeout_ms: int = 2000):
+        """`min_replicas` > 0: a chunk's results, and each message ingest sends, count as written
+        only once that many replicas acknowledged them (Redis WAIT), so a failover to a replica
+        loses none of them (replication is asynchronous otherwise)."""
         self.r = redis
         self.result_ttl_s = result_ttl_s
+        self.min_replicas = min_replicas
+        self.replica_timeout_ms = replica_timeout_ms
+        self._replicas_seen: tuple[float, int] = (float("-inf"), 0)  # (when, connected replicas)
         self._record = redis.register_script(_RECORD)
         self._cancel = redis.register_script(_CANCEL)
         self._add_ids = redis.register_script(_ADD_IDS)
@@ -292,7 +338,11 @@ class BatchStore:
                      errors=errors, metadata=json.loads(m.get("metadata") or "{}") or None,
                      policy=json.loads(m["policy"]) if m.get("policy") else None,
                      dedup=DedupCounts(inputs=int(m.get("dedup_inputs", 0)), reused=int(m.get("dedup_reused", 0))),
+                     cascade=CascadeCounts(inputs=int(m.get("cascade_inputs", 0)),
+                                           escalated=int(m.get("cascade_escalated", 0))),
                      resent=int(m.get("resent", 0)), owner=m.get("owner") or None, endpoint=m.get("endpoint") or None,
+                     ingest_waiting_since=int(m["ingest_waiting_since"]) if m.get("ingest_waiting_since") else None,
+                     ingest_waiting_for=m.get("ingest_waiting_for") or None,
                      input_file_id=m.get("input_file_id") or None,
                      output_file_id=(m.get("output_file_id") or None) if int(m.get("out_bytes", 0)) else None,
                      error_file_id=(m.get("error_file_id") or None) if int(m.get("err_bytes", 0)) else None,
@@ -313,6 +363,10 @@ class BatchStore:
             worker, _, queues = member.partition("|")
             out[worker] = [q for q in queues.split(",") if q]
         return out
+
+    def serving(self) -> dict[str, dict[str, str]]:
+        """Live worker process -> {model: the variant it serves and why}, for models it has loaded."""
+        return {w: self.r.hgetall(C.serving_key(w)) for w in self.live_workers()}
 
     def unserved_queues(self, batch_id: str) -> list[str]:
         """The queues holding this batch's work that no live worker consumes."""
@@ -378,23 +432,52 @@ class BatchStore:
         return json.loads(_decompress(base64.b64decode(packed))) if packed else None
 
     def record(self, batch_id: str, chunk: int | None, lines: list[tuple[dict[str, Any], bool]],
-               part: str | None = None, dedup: tuple[int, int] = (0, 0)) -> str:
+               part: str | None = None, counts: ChunkCounts | None = None) -> str:
         """Write (line, is_error) pairs as one part, once: a worker's part is its chunk ("c<chunk>"),
         so a redelivered chunk writes nothing; ingest names its own parts. Marks `chunk` done and
         finalizes the batch after its last chunk. Returns the transition made ('' when none)."""
         if part is None:
             part = "" if chunk is None else f"c{chunk}"
         enc = encode_part(lines) if lines else EncodedPart(b"", 0, 0, 0, 0)
+        c = counts or ChunkCounts()
         argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", enc.value,
-                           enc.outputs, enc.errors, *dedup, enc.output_bytes, enc.error_bytes]
+                           enc.outputs, enc.errors, c.dedup_inputs, c.dedup_reused, enc.output_bytes, enc.error_bytes,
+                           c.cascade_inputs, c.escalated]
         keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id), C.pending_key(batch_id),
                 C.pending_at_key(batch_id)]
         _, _, transition = self._record(keys=keys, args=argv)
+        self.replicated(f"the results of chunk {chunk} of {batch_id}")
         if transition == C.FINALIZING:
             self.finalize(batch_id)
         elif transition == C.CANCELLED:
             self._expire(batch_id)
         return transition
+
+    def replicated(self, what: str) -> None:
+        """Wait until `min_replicas` replicas hold every write this connection made (a no-op
+        without replicas asked for). Raises NotReplicated, which callers retry, if connected
+        replicas do not in time: the write is then not known to survive a failover. While fewer
+        replicas are connected than asked for (one died, and the primary runs alone), writes go on:
+        there is then no replica a failover could promote, and one that connects later copies the
+        whole data set before it can be."""
+        if self.min_replicas <= 0:
+            return
+        need = min(self.min_replicas, self._connected_replicas())
+        if need == 0:
+            return
+        acked = int(self.r.execute_command("WAIT", need, self.replica_timeout_ms))
+        if acked < need:
+            if acked < min(self._connected_replicas(fresh=True), self.min_replicas):
+                raise NotReplicated(f"{what}: {acked} of {self.min_replicas} replicas acknowledged it within "
+                                    f"{self.replica_timeout_ms} ms")
+
+    def _connected_replicas(self, fresh: bool = False) -> int:
+        """The primary's connected replicas, looked up at most once a second (a WAIT for more
+        replicas than are connected would block for its whole timeout on every write)."""
+        now = time.monotonic()
+        if fresh or now - self._replicas_seen[0] > 1.0:
+            self._replicas_seen = (now, int(self.r.info("replication").get("connected_slaves", 0)))
+        return self._replicas_seen[1]
 
     def finalize(self, batch_id: str) -> None:
         """The one writer that moved the batch to `finalizing` settles its final state and TTLs."""

@@ -37,6 +37,13 @@ def _details(b) -> str:
         out.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in b.metadata.items()))
     if b.resent:
         out.append(f"  {b.resent} chunk message(s) sent again after a worker or Redis lost them in transit")
+    if b.ingest_waiting_since:
+        import time
+        out.append(f"  ingest waiting for {int(time.time()) - b.ingest_waiting_since} s: {b.ingest_waiting_for}; "
+                   f"it resumes as workers drain the queue")
+    if b.cascade.inputs:
+        out.append(f"  cascade: {b.cascade.escalated} of {b.cascade.inputs} classifier inputs escalated to the full "
+                   f"model ({b.cascade.share:.1%}); the student decided the rest")
     if b.dedup.inputs:
         out.append(f"  dedup: {b.dedup.reused} of {b.dedup.inputs} classifier inputs reused "
                    f"({b.dedup.hit_rate:.1%} hit rate)")
@@ -69,7 +76,9 @@ def submit(file: Path = typer.Argument(..., help="JSONL in OpenAI Batch format")
             raise typer.BadParameter(f"{kv!r}: write KEY=VALUE", param_hint="--metadata")
         pairs[key] = value
     c = _client()
-    b = c.submit_file(file, completion_window=completion_window, policy=policy, metadata=pairs or None)
+    b = c.submit_file(file, completion_window=completion_window, policy=policy, metadata=pairs or None,
+                      on_wait=lambda why: typer.echo(f"ingest waiting: {why}; it resumes as workers drain the queue",
+                                                     err=True))
     typer.echo(_progress_line(b), err=True)
     _warn_if_unserved(c, b)
     if wait:
@@ -145,13 +154,34 @@ def models(as_json: bool = typer.Option(False, "--json")):
         default_for = [u for u, n in reg.defaults.items() if n == spec.name]
         rows.append({"name": spec.name, "kind": spec.kind, "aliases": list(spec.aliases), "serves": urls,
                      "default_for": default_for, "weights": str(spec.path or f"{spec.package}:{spec.file or ''}")})
+    workers = _serving()
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps({"models": rows, "workers": workers}, indent=2))
         return
     for r in rows:
         typer.echo(f"{r['name']}  [{r['kind']}]  serves {', '.join(r['serves'])}"
                    + (f"  (default for {', '.join(r['default_for'])})" if r["default_for"] else "")
                    + (f"  aliases: {', '.join(r['aliases'])}" if r["aliases"] else ""))
+    for worker, served in workers.items():
+        typer.echo(f"worker {worker}:" + ("" if served else " (no model loaded yet)"))
+        for model, how in served.items():
+            typer.echo(f"  {model}: {how}")
+
+
+def _serving() -> dict[str, dict[str, str]]:
+    """What each running worker serves, where a Redis is reachable (else nothing: the registry
+    alone needs none)."""
+    import redis as redis_lib
+
+    from .errors import RedisUnavailable
+    try:
+        c = _client()
+        try:
+            return c.store.serving()
+        finally:
+            c.close()
+    except (RedisUnavailable, redis_lib.RedisError, OSError):
+        return {}
 
 
 def _exec_workers(*args: str) -> None:

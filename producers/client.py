@@ -9,15 +9,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import redis
 
 from . import constants as C
 from .batches import Batch, BatchStore, new_batch_id
 from .errors import DuplicateCustomIds, SubmissionRejected
 from .policy import Policy
 from .ingest import (AUTO_PARALLEL_LINES, IngestLease, IngestPlan, IngestReport, LeaseHeld, check_unique, enqueue,
-                     enqueue_parallel, ranges)
-from .redis_server import resolve_redis_url, with_retry
+                     enqueue_parallel, ranges, wait_for_memory)
+from .redis_server import connect, resolve_redis_url, with_retry
 from .registry import ModelSpec
 from .schemas import loads_line
 from .settings import Settings, parse_window
@@ -68,8 +67,8 @@ class Client:
     def __init__(self, settings: Settings | None = None, redis_url: str | None = None):
         self.settings = settings or Settings()
         self.redis_url = redis_url or resolve_redis_url(self.settings)
-        self.redis = redis.Redis.from_url(self.redis_url, decode_responses=True)
-        self.store = BatchStore(self.redis, self.settings.result_ttl_s)
+        self.redis = connect(self.redis_url, master=self.settings.redis_master_name, decode_responses=True)
+        self.store = BatchStore(self.redis, self.settings.result_ttl_s, self.settings.redis_min_replicas)
         self._app = None
 
     @property
@@ -80,13 +79,17 @@ class Client:
         return self._app
 
     def submit_file(self, path: str | Path, *, completion_window: str | None = None,
-                    metadata: dict[str, str] | None = None, policy: str | Path | Policy | None = None) -> Batch:
+                    metadata: dict[str, str] | None = None, policy: str | Path | Policy | None = None,
+                    on_wait: Callable[[str], None] | None = None) -> Batch:
         """Validate and enqueue every line of `path`. Raises SubmissionRejected (nothing enqueued)
         for whole-file problems such as duplicate custom_ids; bad lines become error lines.
         `policy` (a Policy or its YAML/JSON file) governs the batch's moderation lines; default:
-        GRISTMILL_MODERATION_POLICY, else the shipped policy."""
+        GRISTMILL_MODERATION_POLICY, else the shipped policy. `on_wait(why)` is told when ingest
+        holds back for the workers to drain the queues (GRISTMILL_MAX_QUEUED_LINES) or for Redis
+        to have memory to spare."""
+        wait_for_memory(self.redis, on_wait)
         batch = self.create_batch(path, completion_window=completion_window, metadata=metadata, policy=policy)
-        return self.ingest(batch.id)
+        return self.ingest(batch.id, on_wait=on_wait)
 
     def create_batch(self, path: str | Path, *, completion_window: str | None = None,
                      metadata: dict[str, str] | None = None, policy: str | Path | Policy | None = None,
@@ -115,7 +118,7 @@ class Client:
         self.redis.sadd(C.INGESTS_KEY, batch_id)
         return self.store.get(batch_id)
 
-    def ingest(self, batch_id: str) -> Batch:
+    def ingest(self, batch_id: str, on_wait: Callable[[str], None] | None = None) -> Batch:
         """Run (or run again) a recorded batch's ingest: pass 1 (duplicates, hash), then pass 2
         (validate, send chunks), holding the batch's ingest lease all along, so that if this process
         dies a `gristmill serve` takes over (`resume_ingests`). Run again, it repeats pass 1 only if
@@ -161,7 +164,8 @@ class Client:
             else:
                 enqueue(self.app, self.store, settings.registry, batch_id, path, plan.chunk_size, report,
                         policy=policy, max_line_bytes=plan.max_line_bytes, chunk_max_bytes=plan.chunk_max_bytes,
-                        endpoint=plan.endpoint, resume=resume)
+                        endpoint=plan.endpoint, resume=resume, max_queued_lines=self.settings.max_queued_lines,
+                        on_wait=on_wait)
             if report.valid == 0:
                 self.redis.hset(C.batch_key(batch_id), "valid", 0)
             self.store.set_chunks_total(batch_id, report.chunks, [q for q, n in report.by_queue.items() if n])

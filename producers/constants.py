@@ -122,6 +122,12 @@ OWNERS_KEY = f"{PREFIX}:owners"
 WORKERS_KEY = f"{PREFIX}:workers"
 
 
+def serving_key(worker_id: str) -> str:
+    """Hash with a TTL, renewed with the heartbeat: model -> the variant a worker process serves
+    and why (workers/variants.py), for `gristmill models`."""
+    return f"{PREFIX}:serving:{worker_id}"
+
+
 def alive_key(worker_id: str) -> str:
     """String with a TTL: a worker process's heartbeat; gone = its deliveries go back to the queue."""
     return f"{PREFIX}:alive:{worker_id}"

@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from . import constants as C
 from .batches import BatchStore
 from .errors import DuplicateCustomIds
 from .policy import Policy
+from .redis_server import connect, is_oom, with_retry
 from .registry import Registry
 from .schemas import LineError, WorkItem, error_line, peek_custom_id, validate_line
 
@@ -124,6 +125,107 @@ class IngestLease:
             self.r.delete(self.key)
 
 
+# Ingest holds back while Redis uses more than this share of its maxmemory (when it has one).
+MEMORY_HIGH_WATER = 0.8
+
+
+def queued_messages(r, queue: str) -> int:
+    """Messages waiting in a Celery queue on Redis (kombu keeps one list per priority step)."""
+    pipe = r.pipeline(transaction=False)
+    for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169"):
+        pipe.llen(queue + suffix)
+    return sum(pipe.execute())
+
+
+def memory_full(r) -> str | None:
+    """Why ingest should not write now, if Redis is near its maxmemory. Ingest stops well short of
+    it: at it, a noeviction Redis refuses every write, a worker's acknowledgement included, and
+    Celery ends a worker whose ack failed."""
+    mem = r.info("memory")
+    limit = int(mem.get("maxmemory") or 0)
+    if limit and int(mem["used_memory"]) > MEMORY_HIGH_WATER * limit:
+        return f"Redis uses over {MEMORY_HIGH_WATER:.0%} of its maxmemory"
+    return None
+
+
+def wait_for_memory(r, on_wait: Callable[[str], None] | None = None, poll_s: float = 0.2) -> None:
+    """Before a batch is recorded: wait while Redis is near its maxmemory, telling `on_wait` once."""
+    told = False
+    while (why := memory_full(r)) is not None:
+        if not told and on_wait is not None:
+            on_wait(why)
+        told = True
+        time.sleep(poll_s)
+
+
+@dataclass
+class Backpressure:
+    """Holds ingest back while Redis holds enough queued work: while a queue's backlog (its queued
+    messages times the chunk size) is over `max_lines`, or while Redis refuses writes for want of
+    memory, ingest waits for the workers to drain it, and the batch says since when it waits
+    (`ingest_waiting_since`, `ingest_waiting_for`). Five large files submitted at once then hold
+    one bounded backlog in Redis, not five whole files."""
+    r: object
+    batch_id: str
+    max_lines: int  # 0: no bound
+    chunk_size: int
+    poll_s: float = 0.2
+    on_wait: Callable[[str], None] | None = None  # told once each time ingest starts waiting
+    _sent: int = 0
+    _waiting: bool = False
+
+    def before_send(self, queue: str) -> None:
+        self._sent += 1
+        # a look every few messages: the bounds are loose by a few chunks
+        if self._sent % 4:
+            return
+        while True:
+            why = self._full(queue)
+            if why is None:
+                break
+            self.waiting(why)
+            time.sleep(self.poll_s)
+        self.resumed()
+
+    def _full(self, queue: str) -> str | None:
+        if self.max_lines and queued_messages(self.r, queue) * self.chunk_size > self.max_lines:
+            return f"{queue} holds over {self.max_lines:,} queued lines (GRISTMILL_MAX_QUEUED_LINES)"
+        return memory_full(self.r)
+
+    def waiting(self, why: str) -> None:
+        if not self._waiting:
+            self._waiting = True
+            if self.on_wait is not None:
+                self.on_wait(why)
+            self.r.hset(C.batch_key(self.batch_id), mapping={"ingest_waiting_since": int(time.time()),
+                                                             "ingest_waiting_for": why})
+
+    def resumed(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self.r.hdel(C.batch_key(self.batch_id), "ingest_waiting_since", "ingest_waiting_for")
+
+    def write(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`: waited out, and said so, as long as Redis is at its maxmemory
+        (workers draining the queue free it); retried for 5 minutes while Redis is away."""
+        away_since: list[float] = []
+
+        def on_retry(exc: BaseException) -> None:
+            if not is_oom(exc):
+                away_since[:] = away_since or [time.monotonic()]
+                if time.monotonic() - away_since[0] > 300:
+                    raise exc
+                return
+            try:
+                self.waiting("Redis is at its maxmemory and refuses writes")
+            except Exception as again:  # noqa: BLE001 - the flag is itself a write
+                if not is_oom(again):
+                    raise
+        out = with_retry(fn, *args, deadline_s=None, what="ingest", on_retry=on_retry, **kwargs)
+        self.resumed()
+        return out
+
+
 @dataclass
 class IngestReport:
     total: int = 0
@@ -158,7 +260,7 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
     def flush() -> None:
         nonlocal n_dups
         if pending:
-            repeats = store.add_ids(batch_id, pending)
+            repeats = with_retry(store.add_ids, batch_id, pending, what="recording custom_ids")
             n_dups += len(repeats)
             for cid in repeats:
                 if len(dups) < _MAX_NAMED_DUPLICATES:
@@ -194,7 +296,8 @@ def check_unique(store: BatchStore, batch_id: str, path: Path) -> Pass1:
 def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Path, chunk_size: int,
             report: IngestReport, span: tuple[int, int | None, int] = (0, None, 1), stride: int = 1,
             offset: int = 0, policy: Policy | None = None, max_line_bytes: int | None = None,
-            chunk_max_bytes: int | None = None, endpoint: str | None = None, resume: bool = False) -> None:
+            chunk_max_bytes: int | None = None, endpoint: str | None = None, resume: bool = False,
+            max_queued_lines: int = 0, on_wait: Callable[[str], None] | None = None) -> None:
     """Pass 2: validate each line; error lines to Redis, good lines to their queue in chunks of
     `chunk_size` lines, or fewer where their bytes reach `chunk_max_bytes`.
 
@@ -206,6 +309,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
     those already written are not sent again (a chunk sent but not yet written may be: its second
     delivery writes nothing)."""
     done = {int(c) for c in store.r.smembers(C.chunks_done_key(batch_id))} if resume else set()
+    hold = Backpressure(store.r, batch_id, max_queued_lines, chunk_size, on_wait=on_wait)
     buffers: dict[str, list[dict]] = {q: [] for q in C.QUEUES}
     held = dict.fromkeys(C.QUEUES, 0)  # bytes of the lines in each buffer
     max_bytes = chunk_max_bytes or 1 << 62
@@ -217,11 +321,17 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
         if items:
             chunk = report.chunks * stride + offset
             if chunk not in done:
+                hold.before_send(queue)
                 msg = {"task": C.QUEUE_TASK[queue], "queue": queue, "args": [batch_id, chunk, items],
                        "kwargs": {**extra.get(queue, {}), "sent_at": time.time()}}
-                store.keep_message(batch_id, chunk, msg)  # before sending: a kept message is never missing
-                app.send_task(msg["task"], args=msg["args"], kwargs=msg["kwargs"], queue=queue,
-                              task_id=C.chunk_task_id(batch_id, chunk))
+                hold.write(store.keep_message, batch_id, chunk, msg)  # before sending: never missing
+                hold.write(app.send_task, msg["task"], args=msg["args"], kwargs=msg["kwargs"], queue=queue,
+                           task_id=C.chunk_task_id(batch_id, chunk))
+                if store.min_replicas:
+                    # a write of this connection after the message's (kombu's own connection), then
+                    # WAIT: the message and its kept copy are on the replicas before the next
+                    with_retry(store.mark_sent_again, batch_id, chunk, msg["kwargs"]["sent_at"])
+                    with_retry(store.replicated, f"chunk {chunk} of {batch_id}")
             report.chunks += 1
             report.by_queue[queue] = report.by_queue.get(queue, 0) + len(items)
             buffers[queue] = []
@@ -234,7 +344,7 @@ def enqueue(app, store: BatchStore, registry: Registry, batch_id: str, path: Pat
     def flush_errors() -> None:
         nonlocal parts
         if errors:
-            store.record(batch_id, None, errors, part=f"v{offset}.{parts}")
+            hold.write(store.record, batch_id, None, errors, part=f"v{offset}.{parts}")
             parts += 1
             errors.clear()
 
@@ -266,17 +376,16 @@ def _enqueue_range(settings_json: str, redis_url: str, batch_id: str, path: str,
                    span: tuple[int, int | None, int], stride: int, offset: int, policy: dict | None = None,
                    endpoint: str | None = None, resume: bool = False) -> dict:
     """One pass-2 process: its own Settings, Redis connection and Celery producer."""
-    import redis as redis_lib
-
     from .app import make_app
     from .settings import Settings
     settings = Settings.model_validate_json(settings_json)
-    r = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    r = connect(redis_url, master=settings.redis_master_name, decode_responses=True)
     report = IngestReport()
-    enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s), settings.registry, batch_id,
+    enqueue(make_app(settings, redis_url), BatchStore(r, settings.result_ttl_s, settings.redis_min_replicas),
+            settings.registry, batch_id,
             Path(path), settings.chunk_size, report, span, stride, offset,
             Policy.model_validate(policy) if policy is not None else None, settings.max_line_bytes,
-            settings.chunk_max_bytes, endpoint, resume)
+            settings.chunk_max_bytes, endpoint, resume, settings.max_queued_lines)
     r.close()
     return dataclasses.asdict(report)
 

@@ -30,6 +30,6 @@ def watch(client, batch_id: str, *, console: Console | None = None, poll_s: floa
 
         def show(b: Batch) -> None:
             rc = b.request_counts
-            bar.update(task, total=rc.total or None, completed=rc.completed + rc.failed, description=b.status,
-                       failed=rc.failed)
+            bar.update(task, total=rc.total or None, completed=rc.completed + rc.failed,
+                       description=b.status + (" (ingest waiting)" if b.ingest_waiting_since else ""), failed=rc.failed)
         return client.wait(batch_id, timeout=timeout, poll_s=poll_s, on_progress=show)

@@ -11,7 +11,9 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import redis
 
@@ -38,16 +40,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DEFAULT_MASTER_NAME = "mymaster"  # Sentinel's conventional name; GRISTMILL_REDIS_MASTER_NAME
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """`sentinel://[:password@]host:port[;sentinel://[:password@]host:port ...][/db]`, Celery's
+    form: the sentinels to ask for the primary, the primary's password and database."""
+    sentinels: tuple[tuple[str, int], ...]
+    password: str | None
+    db: int
+
+    @classmethod
+    def parse(cls, url: str) -> "SentinelUrl":
+        hosts, password, db = [], None, 0
+        for part in url.split(";"):
+            u = urlparse(part.strip())
+            if u.scheme != "sentinel" or not u.hostname:
+                raise ConfigurationError(f"{redact(url)}: write sentinel://[:password@]host:port[;sentinel://host:port"
+                                         f"...][/db]")
+            hosts.append((u.hostname, u.port or 26379))
+            password = password or (unquote(u.password) if u.password else None)
+            if u.path.strip("/"):
+                db = int(u.path.strip("/"))
+        return cls(tuple(hosts), password, db)
+
+
+def is_sentinel(url: str | None) -> bool:
+    return bool(url) and url.startswith("sentinel://")  # type: ignore[union-attr]
+
+
+def master_name(name: str | None = None) -> str:
+    return name or os.environ.get("GRISTMILL_REDIS_MASTER_NAME") or DEFAULT_MASTER_NAME
+
+
+def connect(url: str, *, master: str | None = None, **kwargs) -> redis.Redis:
+    """A client for `url`: redis:// and rediss:// as redis-py reads them; sentinel:// through the
+    sentinels, on the primary they name (GRISTMILL_REDIS_MASTER_NAME), following it when a
+    failover moves it (a command that reaches a demoted or dead primary asks the sentinels again)."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **kwargs)
+    from redis.sentinel import Sentinel
+    s = SentinelUrl.parse(url)
+    timeout = kwargs.get("socket_timeout", 5)
+    sentinel = Sentinel(list(s.sentinels), socket_timeout=timeout, sentinel_kwargs={"socket_timeout": timeout})
+    return sentinel.master_for(master_name(master), password=s.password, db=s.db, **kwargs)
+
+
 def ping(url: str, timeout: float = 0.5) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+        return bool(connect(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
     except (redis.RedisError, OSError):
         return False
 
 
 def redact(url: str) -> str:
     """A Redis URL fit for logs: the password replaced by ***."""
-    return re.sub(r"(rediss?://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"((?:rediss?|sentinel)://[^:/@;]*:)[^@;]*@", r"\1***@", url)
 
 
 class EmbeddedRedis:
@@ -138,18 +187,33 @@ class EmbeddedRedis:
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
-def with_retry(fn, *args, deadline_s: float = 300.0, what: str = "redis call", **kwargs):
-    """`fn(*args, **kwargs)`, retried with backoff (0.1 s doubling to 5 s) while Redis is down or
-    loading its AOF, for up to `deadline_s`; then the last error propagates. For writes that are
+def is_oom(exc: BaseException) -> bool:
+    """Redis at its maxmemory (noeviction) refused a write; it takes writes again as workers drain
+    queued messages. (redis-py raises OutOfMemoryError; kombu may wrap its message.)"""
+    return isinstance(exc, getattr(redis.exceptions, "OutOfMemoryError", ())) or \
+        "OOM command not allowed" in str(exc) or "used memory > 'maxmemory'" in str(exc)
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) or is_oom(exc)
+
+
+def with_retry(fn, *args, deadline_s: float | None = 300.0, what: str = "redis call", on_retry=None, **kwargs):
+    """`fn(*args, **kwargs)`, retried with backoff (0.1 s doubling to 5 s) while Redis is down,
+    loading its AOF or at its maxmemory, for up to `deadline_s` (None: as long as it takes); then the
+    last error propagates. `on_retry(exc)` hears of each failure retried. For writes that are
     idempotent (HSETNX parts, counters guarded by them), so a retry after an unseen success is safe."""
     import logging
-    delay, deadline = 0.1, time.monotonic() + deadline_s
+    delay = 0.1
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
     while True:
         try:
             return fn(*args, **kwargs)
-        except TRANSIENT as e:
-            if time.monotonic() + delay > deadline:
+        except Exception as e:  # noqa: BLE001 - redis-py's errors, or kombu's wrapping of them
+            if not _transient(e) or (deadline is not None and time.monotonic() + delay > deadline):
                 raise
+            if on_retry is not None:
+                on_retry(e)
             logging.getLogger("gristmill").warning("%s failed (%s); retrying in %.1f s", what, e, delay)
             time.sleep(delay)
             delay = min(5.0, delay * 2)

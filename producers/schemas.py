@@ -378,14 +378,17 @@ def _rid(prefix: str) -> str:
 
 
 def provenance(model: str, revision: str, variant: str, sha: str | list[str],
-               policy: Policy | None = None) -> dict[str, Any]:
+               policy: Policy | None = None, decided_by: str | list[str] | None = None) -> dict[str, Any]:
     """What produced a line. Classifier lines add the policy's version and thresholds digest, and
     their input_sha256 is the SHA-256 of the UTF-8 input text (a list of them for a list input);
-    generation lines hash the request body in canonical JSON."""
+    generation lines hash the request body in canonical JSON. A cascade's lines say which of its
+    models decided each input (`decided_by`: "student" or "full", a list for a list input)."""
     out: dict[str, Any] = {"model": model, "model_revision": revision, "engine_variant": variant}
     if policy is not None:
         out.update(policy_version=policy.policy_version, thresholds_digest=policy.thresholds_digest)
     out["input_sha256"] = sha
+    if decided_by is not None:
+        out["decided_by"] = decided_by
     return out
 
 

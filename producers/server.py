@@ -40,6 +40,7 @@ from .client import Client, check_metadata
 from .errors import BatchNotFound, GristmillError, SubmissionRejected
 from .files import PURPOSE_BATCH, FileNotFound, FileStore, UploadTooLarge, lex_page
 from .ingest import LeaseHeld
+from .redis_server import connect, is_oom
 from .settings import Settings, parse_window
 
 log = logging.getLogger("gristmill.serve")
@@ -79,7 +80,7 @@ class FrontDoor:
         self.settings = settings
         self.redis_url = redis_url
         self.keys = keys
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = connect(redis_url, master=settings.redis_master_name, decode_responses=True)
         self.batches = BatchStore(self.redis, settings.result_ttl_s)
         self.files = FileStore(self.redis, settings.files_path, self.batches, ttl_s=settings.file_ttl_s,
                                max_bytes=settings.max_upload_bytes)
@@ -308,6 +309,16 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None, k
         if exc.status == 409:
             headers.setdefault("x-should-retry", "false")
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_unavailable(_request: Request, exc: redis.RedisError):
+        # Redis at its maxmemory, or away (a failover under way): the request did not happen; the
+        # openai SDK retries a 503 by itself, after Retry-After.
+        why = ("Redis is at its maxmemory and refuses writes" if is_oom(exc)
+               else f"Redis is unavailable ({type(exc).__name__})")
+        log.warning("answering 503: %s: %s", why, exc)
+        return _error(503, f"{why}; retry later", type="server_error", code="service_unavailable",
+                      headers={"retry-after": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):

@@ -24,6 +24,14 @@ class Settings(BaseSettings):
 
     # Redis. Unset: `gristmill up` starts an embedded redis-server and records its url under `home`.
     redis_url: str | None = None
+    # With a Sentinel URL (sentinel://host:26379;sentinel://host2:26379/0, Celery's form), the name
+    # the sentinels know the primary by.
+    redis_master_name: str = "mymaster"
+    # Replicas that must hold a chunk's results (and each message ingest sends) before they count
+    # as written (Redis WAIT). Replication is asynchronous: without this, a failover can drop a
+    # write the old primary acknowledged. Set 1 with a replica and Sentinel; 0 (no replica) keeps
+    # what an AOF gives (docs/reliability.md).
+    redis_min_replicas: int = Field(default=0, ge=0, le=16)
     # State directory: embedded Redis data (AOF), converted model cache, logs.
     home: Path = Field(default_factory=_default_home)
 
@@ -46,6 +54,11 @@ class Settings(BaseSettings):
     # takes. 0 = auto: one per core (at most 8) for files of 200,000 lines or more on hosts with 4+
     # cores, else 1 (starting a process costs ~1 s; on 2 cores it did not pay).
     ingest_processes: int = Field(default=0, ge=0, le=64)
+    # Backpressure: ingest waits while a queue holds more than this many lines (its messages times
+    # CHUNK_SIZE) and resumes as workers drain it, so that many large files submitted at once keep
+    # one bounded backlog in Redis (~110 bytes a queued line) instead of each its whole file. It is
+    # seconds of work even for a fast GPU worker (80k lines/s: ~3 s). 0: no bound.
+    max_queued_lines: int = Field(default=250_000, ge=0)
 
     # Micro-batching (per worker process). Defaults measured on a 2-core CPU with MiniLM-L6
     # (benchmarks/README.md, "Choosing the batch defaults"); a GPU worker raises them (see `for_device`).
@@ -71,6 +84,13 @@ class Settings(BaseSettings):
     # issuing tiny torch ops (as a GPU engine thread issues launches) from 189k/s to 1.2k/s, where
     # the Rust tokenizer, which releases the GIL, left 189k/s (benchmarks/README.md, "Host limits").
     tokenizer_cache: bool = False
+    # A worker on a CPU serves the fastest optimized artifact of a model that `gristmill optimize`
+    # kept under $GRISTMILL_HOME/models/optimized/<model> whose stored agreement with fp32 meets these
+    # floors (per-label flags, texts whose flags are all identical); else bf16 where the device has
+    # it (workers/variants.py). false: always the torch engine as registered.
+    auto_variants: bool = True
+    variant_min_flags: float = Field(default=0.9995, ge=0.0, le=1.0)
+    variant_min_texts: float = Field(default=0.995, ge=0.0, le=1.0)
     # Pure-ASCII classifier inputs tokenized by flash-tokenizer's C++ BERT tokenizer where it gives
     # the Rust tokenizer's ids (kernels/tokenize.py, AsciiWordPiece): ~6 us a text against ~100 us on
     # one core of the 2-core test machine. It holds the GIL for those ~6 us per text, beside the

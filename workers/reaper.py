@@ -71,6 +71,7 @@ class Lease:
         self._ended: dict[str, float] = {}  # delivery tag -> when its task ended
         self._missing: set[tuple[str, int]] = set()  # pending chunks found nowhere by the last sweep
         self._store = BatchStore(redis)
+        self.serving: dict[str, str] = {}  # model -> variant and reason; the engine host fills it
 
     def start(self) -> "Lease":
         self.beat()
@@ -92,6 +93,9 @@ class Lease:
         pipe.set(C.alive_key(self.id), 1, px=int(self.ttl_s * 1000))
         pipe.zadd(C.WORKERS_KEY, {self.member: now + self.ttl_s})
         pipe.zremrangebyscore(C.WORKERS_KEY, "-inf", now - 3600)  # workers gone an hour: forgotten
+        if self.serving:
+            pipe.hset(C.serving_key(self.id), mapping=dict(self.serving))
+            pipe.pexpire(C.serving_key(self.id), int(self.ttl_s * 1000))
         pipe.execute()
 
     def claim(self, delivery_tag: str, task_id: str) -> None:

@@ -13,13 +13,12 @@ import threading
 import time
 from typing import Any
 
-import redis
 
 from ..producers import constants as C
 from ..producers import schemas as S
-from ..producers.batches import BatchStore
+from ..producers.batches import BatchStore, ChunkCounts
 from ..producers.policy import Policy
-from ..producers.redis_server import with_retry
+from ..producers.redis_server import connect, with_retry
 from ..producers.settings import Settings
 
 from . import metrics
@@ -36,15 +35,20 @@ class WorkerState:
 
     def __init__(self, settings: Settings, redis_url: str, device: str, app=None, queues: list[str] | None = None):
         self.settings = settings
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = connect(redis_url, master=settings.redis_master_name, decode_responses=True)
+        from ..producers.app import drop_stale_bindings
+        drop_stale_bindings(self.redis)
         self.lease = Lease(app, self.redis, settings.lease_ttl_s, queues).start() if app is not None else None
-        self.store = BatchStore(self.redis, settings.result_ttl_s)
+        self.store = BatchStore(self.redis, settings.result_ttl_s, settings.redis_min_replicas)
         cache_redis = self.redis
         if settings.dedup_redis_url:
             # a cache server that stops answering costs a lookup its timeout, then the inputs run
-            cache_redis = redis.Redis.from_url(settings.dedup_redis_url, decode_responses=True,
+            cache_redis = connect(settings.dedup_redis_url, master=settings.redis_master_name, decode_responses=True,
                                                socket_timeout=5, socket_connect_timeout=2)
         self.host = EngineHost(settings, device, ScoreCache(cache_redis, settings.dedup_ttl_s))
+        if self.lease is not None:
+            self.lease.serving = self.host.serving  # published with each heartbeat, and when it changes
+            self.host.on_serving = self.lease.beat
         metrics.watch_tokenizers(self.host)
         self.recent = Recent() if settings.dedup_ttl_s > 0 else None
         policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000.0)
@@ -89,11 +93,11 @@ def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[di
 
 
 def _write(st: WorkerState, batch_id: str, chunk: int, lines: list[tuple[dict[str, Any], bool]],
-           models: list[str], dedup: tuple[int, int] = (0, 0)) -> None:
+           models: list[str], counts: ChunkCounts | None = None) -> None:
     """`models[i]` is the model of `lines[i]`, for the items metric."""
     # retried while Redis is down: the write is idempotent (HSETNX on the chunk's part), and the
     # message is acked only after it, so an outage delays a chunk instead of failing it
-    with_retry(st.store.record, batch_id, chunk, lines, dedup=dedup, what=f"writing chunk {chunk} of {batch_id}")
+    with_retry(st.store.record, batch_id, chunk, lines, counts=counts, what=f"writing chunk {chunk} of {batch_id}")
     counts: dict[tuple[str, str], int] = {}
     for model, (_, is_error) in zip(models, lines):
         k = (model, "failed" if is_error else "completed")
@@ -181,10 +185,10 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
         _write(st, batch_id, chunk, lines, [it.model for it in items])
         return {"failed": len(lines)}
     if attempts > 1:
-        lines, models, dedup = _isolate(st, batch_id, chunk, items, policy)
+        lines, models, counts = _isolate(st, batch_id, chunk, items, policy)
     else:
-        lines, models, dedup = run_items(st, items, policy)
-    _write(st, batch_id, chunk, lines, models, dedup)
+        lines, models, counts = run_items(st, items, policy)
+    _write(st, batch_id, chunk, lines, models, counts)
     failed = sum(1 for _, e in lines if e)
     return {"completed": len(lines) - failed, "failed": failed}
 
@@ -214,9 +218,10 @@ def _prepare_apart(st: WorkerState, items: list[S.WorkItem]) -> list[Prepared | 
 
 
 def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, tag: str = ""
-              ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], tuple[int, int]]:
-    """(line, is_error) pairs for `items`, their models, and (classifier inputs, reused). A `tag`
-    keeps these items out of other messages' device batches (isolation)."""
+              ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], ChunkCounts]:
+    """(line, is_error) pairs for `items`, their models, and the classifier counters they add
+    (score-cache reuse, cascade escalations). A `tag` keeps these items out of other messages'
+    device batches (isolation)."""
     lines: list[tuple[dict[str, Any], bool]] = []
     models: list[str] = []
     try:
@@ -238,6 +243,7 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
             lines.append((item_error(it, exc), True))
             models.append(it.model)
     done, inputs, reused = st.host.settle(ran)
+    counts = ChunkCounts(dedup_inputs=inputs, dedup_reused=reused, **cascade_counts(done))
     try:
         lines += [(line, False) for line in st.host.format_many(done, policy, [p.shas for p, _ in ran])]
     except Exception:  # noqa: BLE001 - find the item that cannot be formatted; it fails alone
@@ -247,7 +253,21 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
             except Exception as exc:  # noqa: BLE001
                 lines.append((item_error(it, exc), True))
     models += [it.model for it, _ in done]
-    return lines, models, (inputs, reused)
+    return lines, models, counts
+
+
+def cascade_counts(done: list[tuple[S.WorkItem, list[Any]]]) -> dict[str, int]:
+    """Inputs scored by a cascade and those it escalated, for the batch's counters and the metric."""
+    from ..kernels.cascade import ESCALATED
+    inputs = escalated = 0
+    for it, results in done:
+        if results and isinstance(results[0], dict) and ESCALATED in results[0]:
+            up = sum(1 for r in results if r[ESCALATED])
+            inputs += len(results)
+            escalated += up
+            metrics.CASCADE_INPUTS.labels(it.model, "full").inc(up)
+            metrics.CASCADE_INPUTS.labels(it.model, "student").inc(len(results) - up)
+    return {"cascade_inputs": inputs, "escalated": escalated}
 
 
 # An item in flight during this many worker deaths (while its chunk ran one item at a time) is
@@ -260,7 +280,7 @@ _ISOLATED = threading.Lock()
 
 
 def _isolate(st: WorkerState, batch_id: str, chunk: int, items: list[S.WorkItem], policy: Policy | None
-             ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], tuple[int, int]]:
+             ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], ChunkCounts]:
     """A chunk delivered again: an earlier delivery did not finish, maybe because one of its lines
     kills the worker (a poison input). Run its items one at a time, each marked in Redis while it
     runs and its line kept once done; an item that was running at SUSPECT_DEATHS deaths fails
@@ -268,7 +288,7 @@ def _isolate(st: WorkerState, batch_id: str, chunk: int, items: list[S.WorkItem]
     store, tag = st.store, f"{batch_id}:{chunk}"
     lines: list[tuple[dict[str, Any], bool]] = []
     models: list[str] = []
-    dedup = [0, 0]
+    counts = ChunkCounts()
     kept = with_retry(store.kept_lines, batch_id, chunk)
     suspects = with_retry(store.suspects, batch_id, chunk)
     for it in items:
@@ -283,12 +303,12 @@ def _isolate(st: WorkerState, batch_id: str, chunk: int, items: list[S.WorkItem]
         else:
             with _ISOLATED:
                 with_retry(store.mark_running, batch_id, chunk, it.line)
-                got, _, d = run_items(st, [it], policy, tag)
+                got, _, c = run_items(st, [it], policy, tag)
                 with_retry(store.keep_line, batch_id, chunk, it.line, *got[0])
             lines += got
-            dedup = [dedup[0] + d[0], dedup[1] + d[1]]
+            counts = counts + c
         models.append(it.model)
-    return lines, models, (dedup[0], dedup[1])
+    return lines, models, counts
 
 
 def register_tasks(app) -> None:

@@ -94,6 +94,22 @@ def test_mixed_file_runs_end_to_end_with_one_line_per_input(client, tmp_path):
                                                                       client.settings.registry).input_sha256
 
 
+def test_each_queue_has_its_own_binding_and_stale_ones_are_dropped(client, redis_url, tmp_path):
+    """A message routed through one queue's exchange lands in that queue only; the binding earlier
+    releases left (the generate queue bound under the classify key) is removed by workers."""
+    from gristmill.producers.app import drop_stale_bindings
+    b = client.wait(client.submit_file(write_jsonl(tmp_path / "in.jsonl", [chat("c"), moderation("m")])).id, timeout=120)
+    assert b.status == C.COMPLETED
+    r = redis.Redis.from_url(redis_url)
+    sep = b"\x06\x16"
+    for q in C.QUEUES:
+        assert r.smembers(f"_kombu.binding.{q}") == {q.encode() + sep + sep + q.encode()}, q
+    stale = C.CLASSIFY_QUEUE.encode() + sep + sep + C.GENERATE_QUEUE.encode()
+    r.sadd(f"_kombu.binding.{C.CLASSIFY_QUEUE}", stale)
+    assert drop_stale_bindings(r) == 1 and stale not in r.smembers(f"_kombu.binding.{C.CLASSIFY_QUEUE}")
+    assert drop_stale_bindings(r) == 0
+
+
 def test_duplicate_custom_ids_reject_the_whole_submission(client, tmp_path):
     f = write_jsonl(tmp_path / "dup.jsonl", [chat("a"), chat("b"), moderation("a"), chat("c"), chat("b")])
     with pytest.raises(DuplicateCustomIds) as exc:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 ENV = {"REDIS_PASSWORD": "s3cret-pw", "FLOWER_BASIC_AUTH": "admin:flower-pw", "API_KEYS": "gm-compose-key-0123456789"}
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:\?|:-)([^}]*))?\}")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:\?|:-)([^}$]*))?\}")  # innermost first
 
 
 def interpolate(value, env: dict[str, str]):
@@ -31,14 +31,18 @@ def interpolate(value, env: dict[str, str]):
 
     def sub(m: re.Match) -> str:
         if m.group(0) == "$$":
-            return "$"
+            return "\0"  # a literal $, kept apart until the end
         name, op, arg = m.groups()
         if env.get(name):
             return env[name]
         if op == ":?":
             raise ValueError(f"{name}: {arg}")
         return arg if op == ":-" else ""
-    return _VAR.sub(sub, value)
+    while True:  # innermost first: ${A:-${B}} is a default holding a variable
+        done = _VAR.sub(sub, value)
+        if done == value:
+            return done.replace("\0", "$")
+        value = done
 
 
 def load(env: dict[str, str] = ENV) -> dict:
@@ -70,7 +74,7 @@ def test_services_agree_on_redis_flower_and_gpus():
     assert cache_cmd[cache_cmd.index("--maxmemory-policy") + 1] == "allkeys-lru"
     assert cache_cmd[cache_cmd.index("--requirepass") + 1] == ENV["REDIS_PASSWORD"]
     assert not services["redis-cache"].get("ports"), "only this host's workers use the cache"
-    gristmill = {name: s for name, s in services.items() if not name.startswith("redis")}
+    gristmill = {name: s for name, s in services.items() if not name.startswith(("redis", "sentinel"))}
     assert {"worker-gpu0", "worker-gpu1", "worker-cpu", "flower", "api"} <= set(gristmill)
     for name, s in gristmill.items():
         env = s["environment"]
@@ -105,3 +109,28 @@ def test_services_agree_on_redis_flower_and_gpus():
     assert len(set(gpus.values())) == len(gpus) == 2, "one worker per GPU"
     host_ports = [p.split(":")[1] for s in gristmill.values() for p in s.get("ports", [])]
     assert len(host_ports) == len(set(host_ports)), "metrics and Flower ports do not collide"
+
+
+def test_the_ha_profile_runs_a_replica_and_three_sentinels_that_gristmill_finds():
+    from gristmill.producers.redis_server import SentinelUrl
+    from gristmill.producers.settings import Settings
+    url = ";".join(f"sentinel://:{ENV['REDIS_PASSWORD']}@sentinel-{k}:26379" for k in (1, 2, 3)) + "/0"
+    c = load({**ENV, "GRISTMILL_REDIS_URL": url, "GRISTMILL_REDIS_MIN_REPLICAS": "1"})
+    services = c["services"]
+    ha = {name for name, s in services.items() if "ha" in s.get("profiles", [])}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    assert replica[replica.index("--masterauth") + 1] == ENV["REDIS_PASSWORD"]
+    assert replica[replica.index("--appendonly") + 1] == "yes"
+    for k in (1, 2, 3):
+        script = services[f"sentinel-{k}"]["entrypoint"][-1]
+        assert "sentinel monitor mymaster redis 6379 2" in script and "--sentinel" in script
+        assert '"$REDIS_PASSWORD"' in script  # the shell, not compose, reads it
+    assert {h for h, _ in SentinelUrl.parse(url).sentinels} == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    for name, s in services.items():
+        if name.startswith(("worker", "flower", "api")):
+            env = s["environment"]
+            assert env["GRISTMILL_REDIS_URL"] == url and env["GRISTMILL_REDIS_MIN_REPLICAS"] == "1", name
+            Settings(**{k.removeprefix("GRISTMILL_").lower(): v for k, v in env.items()})
+    assert c["volumes"].keys() >= {"redis-data", "redis-replica-data"}

@@ -57,10 +57,29 @@ def test_any_line_validates_to_an_item_or_an_error_naming_it(tiny_settings, raw,
         json.dumps(out.to_message(), ensure_ascii=False).encode("utf-8")
 
 
+class _EmptyRedis:
+    """The Redis calls pass 2's backpressure makes, answered as by a Redis with empty queues and
+    no maxmemory."""
+
+    def info(self, section):
+        return {"used_memory": 0, "maxmemory": 0}
+
+    def pipeline(self, transaction=False):
+        return self
+
+    def llen(self, key):
+        pass
+
+    def execute(self):
+        return [0]
+
+
 class _Store:
     """The slice of BatchStore that pass 2 uses, in memory."""
+    min_replicas = 0
 
     def __init__(self):
+        self.r = _EmptyRedis()
         self.parts: list[list] = []
         self.kept: dict[int, dict] = {}
 
