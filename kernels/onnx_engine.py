@@ -83,6 +83,24 @@ def quantize_int8(src: Path, out: Path) -> None:
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
+def quantize_int8_blockwise(src: Path, out: Path, block: int = 128) -> None:
+    """int8 with finer activation scales: the FFN and attention-output products become ONNX
+    Runtime's MatMulNBits (8-bit weights in blocks of `block` along the input, activations
+    quantized to int8 per block of each row: accuracy level 4), and the fused Attention's q/k/v
+    product dynamic int8. The per-tensor activation scale of plain dynamic int8, one scale for a
+    whole batch, is where its error comes from (benchmarks/README.md): per block it nearly goes."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    q = MatMulNBitsQuantizer(str(src), bits=8, block_size=block, is_symmetric=True, accuracy_level=4)
+    q.process()
+    tmp = out.with_suffix(".nbits.onnx")
+    q.model.save_model_to_file(str(tmp), True)
+    quantize_dynamic(str(tmp), str(out), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["Attention"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    tmp.unlink()
+
+
 def session(path: Path, device: str = "cpu", threads: int | None = None):
     """An InferenceSession on the CUDA provider when asked and available, else the CPU."""
     import onnxruntime as ort

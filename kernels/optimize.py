@@ -42,8 +42,8 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
                    calibration: list[str] | None = None, max_length: int = 128, distill_steps: int = 0) -> dict:
     """Write an artifact directory at `out` (replaced if present). Returns its manifest."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize: 'int8' or None, not {quantize!r}")
+    if quantize not in (None, "int8", "int8-block"):
+        raise ValueError(f"quantize: 'int8', 'int8-block' or None, not {quantize!r}")
     calibration = calibration or []
     if prune and not calibration:
         raise ValueError("pruning needs calibration texts")
@@ -63,6 +63,18 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
         pruned = prune_model(model, batches, prune)
         if teacher is not None:
             losses = distill(model, teacher, batches, distill_steps)
+    return write_onnx_artifact(model, src, out, zero_shot=zero_shot, quantize=quantize, manifest={
+        "variant": variant_name(quantize, prune), "prune": prune,
+        "digest": artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=prune,
+                                  calibration=calibration, max_length=max_length, distill_steps=distill_steps),
+        "distill_steps": distill_steps if prune else 0, "distill_losses": losses, "max_length": max_length,
+        "pruned": None if pruned is None else pruned.__dict__})
+
+
+def write_onnx_artifact(model, src: Path, out: Path, *, zero_shot: bool, quantize: str | None,
+                        manifest: dict) -> dict:
+    """Export `model` (an encoder, or a sequence classifier when not `zero_shot`) to ONNX, fuse it,
+    quantize it, and write it with `src`'s tokenizer and config and its manifest at `out`."""
     layer0 = (model if zero_shot else model.base_model).encoder.layer[0].attention.self
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -74,23 +86,75 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
         if quantize == "int8":
             onnx_engine.quantize_int8(final, Path(tmp) / "int8.onnx")
             final = Path(tmp) / "int8.onnx"
+        elif quantize == "int8-block":
+            onnx_engine.quantize_int8_blockwise(final, Path(tmp) / "int8.onnx")
+            final = Path(tmp) / "int8.onnx"
         for f in out.glob("*.onnx*"):
             f.unlink()
         shutil.move(str(final), out / onnx_engine.ONNX_FILE)
     for name in _TOKENIZER_FILES + ("config.json",):
         if (Path(src) / name).exists():
             shutil.copy(Path(src) / name, out / name)
-    manifest = {
-        "format": FORMAT_VERSION, "onnx": onnx_engine.ONNX_FILE, "zero_shot": zero_shot,
-        "variant": variant_name(quantize, prune), "quantize": quantize, "prune": prune,
-        "digest": artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=prune,
-                                  calibration=calibration, max_length=max_length, distill_steps=distill_steps),
-        "distill_steps": distill_steps if prune else 0, "distill_losses": losses,
-        "source": str(src), "source_revision": weights_revision(src), "max_length": max_length,
-        "fused_ops": fused_ops, "build_s": round(time.perf_counter() - t0, 1),
-        "size_bytes": (out / onnx_engine.ONNX_FILE).stat().st_size,
-        "pruned": None if pruned is None else pruned.__dict__,
-    }
+    model.config.save_pretrained(out)  # a student's config says its own layer count
+    full = {"format": FORMAT_VERSION, "onnx": onnx_engine.ONNX_FILE, "zero_shot": zero_shot, "quantize": quantize,
+            "source": str(src), "source_revision": weights_revision(src), "fused_ops": fused_ops,
+            "build_s": round(time.perf_counter() - t0, 1), "size_bytes": (out / onnx_engine.ONNX_FILE).stat().st_size,
+            **manifest}
+    (out / onnx_engine.MANIFEST).write_text(json.dumps(full, indent=2))
+    return full
+
+
+STUDENT_RECIPE = 2  # bumped when distill_student's losses or sampling change
+
+
+def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: int, quantize: str | None,
+                   max_length: int, head: tuple[torch.Tensor, torch.Tensor] | None,
+                   thresholds: list[float] | None = None) -> str:
+    """Names a student by everything that shapes it: the source weights, the head it is trained
+    through and the thresholds it focuses on, the transfer texts and the recipe."""
+    head_digest = "" if head is None else hashlib.sha256(head[0].numpy().tobytes()).hexdigest()[:12]
+    h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "kind": "student", "recipe": STUDENT_RECIPE,
+                                   "src": weights_revision(src), "p": fraction, "steps": steps, "q": quantize,
+                                   "len": max_length, "head": head_digest, "th": thresholds},
+                                  sort_keys=True).encode())
+    for t in transfer:
+        h.update(t.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float, steps: int,
+                  head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None = None,
+                  quantize: str | None = "int8", max_length: int = 128, bf16: bool = False, log=None) -> dict:
+    """Distill a student with `fraction` of the encoder's layers removed on the `transfer` texts
+    (kernels/distill.py; `thresholds`, per head row, focus it on texts near a decision), then write
+    it as an ONNX artifact at `out`. Returns its manifest."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .distill import StudentShape, distill_student, make_student
+    teacher = AutoModel.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    shape = StudentShape.for_fraction(fraction, teacher.config.num_hidden_layers)
+    student = make_student(teacher, shape)
+    report = distill_student(teacher, student, tok, transfer, steps=steps, max_length=max_length, head=head,
+                             thresholds=thresholds, keep_layers=shape.keep_layers, bf16=bf16, log=log)
+    kept = f"{len(shape.keep_layers)}of{shape.teacher_layers}"
+    return write_onnx_artifact(student, src, out, zero_shot=True, quantize=quantize, manifest={
+        "variant": f"ort-{quantize or 'fp32'}-student{kept}", "prune": fraction, "max_length": max_length,
+        "digest": student_digest(src, transfer=transfer, fraction=fraction, steps=steps, quantize=quantize,
+                                 max_length=max_length, head=head, thresholds=thresholds),
+        "student": {"keep_layers": list(shape.keep_layers), "teacher_layers": shape.teacher_layers,
+                    "transfer_texts": report.texts, "steps": report.steps, "train_s": report.seconds,
+                    "losses": report.losses}})
+
+
+def write_cascade(out: Path, *, student_dir: str, teacher_model: str, source: Path, band: float,
+                  thresholds: dict[str, list[float]], report: dict, digest: str) -> dict:
+    """A cascade artifact at `out`: the student artifact in `out/student_dir`, the full model by
+    its registered name (and its weights' path, where the name is not registered), the band."""
+    from .cascade import MANIFEST_KIND
+    manifest = {"format": FORMAT_VERSION, "kind": MANIFEST_KIND, "student": student_dir,
+                "teacher_model": teacher_model, "source": str(source), "source_revision": weights_revision(source),
+                "band": band, "thresholds": thresholds, "digest": digest, "variant": "cascade", "report": report}
     (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -99,17 +163,23 @@ NEAR_TIE = 0.05  # a top-label change where the reference's two highest scores a
 
 
 def agreement(ref: list[dict[str, float]], new: list[dict[str, float]], thresholds: dict[str, float]) -> dict:
-    """How far `new` scores stray from the reference: top-label agreement, per-label flag agreement
-    (score >= threshold, every label of every text), the largest absolute score change, and how many
-    top-label changes were near-ties (the reference's two highest scores within NEAR_TIE: parent and
-    child labels such as violence and violence/graphic, or a benign text's low scores)."""
+    """How far `new` scores stray from the reference, as a moderation team reads them: per-label
+    flag agreement at the thresholds (`flags`, every label of every text), the share of texts whose
+    flags are all identical (`texts_identical`: the share of decisions that would not change), the
+    largest and the mean absolute score change; and, as a secondary figure, top-label agreement with
+    the count of top-label changes that were near-ties (the reference's two highest scores within
+    NEAR_TIE: parent and child labels such as violence and violence/graphic, or a benign text's low
+    scores, where the top label is noise)."""
     if len(ref) != len(new) or not ref:
         raise ValueError(f"agreement: {len(ref)} reference rows, {len(new)} new rows")
     changed = [sorted(a.values(), reverse=True) for a, b in zip(ref, new) if max(a, key=a.get) != max(b, key=b.get)]
-    flags = [(a[k] >= thresholds[k]) == (b[k] >= thresholds[k]) for a, b in zip(ref, new) for k in a]
-    delta = max(abs(a[k] - b[k]) for a, b in zip(ref, new) for k in a)
-    return {"top_label": round(1 - len(changed) / len(ref), 4), "flags": round(sum(flags) / len(flags), 4),
-            "max_score_delta": round(delta, 4), "top_label_changes": len(changed),
+    same = [[(a[k] >= thresholds[k]) == (b[k] >= thresholds[k]) for k in a] for a, b in zip(ref, new)]
+    deltas = [abs(a[k] - b[k]) for a, b in zip(ref, new) for k in a]
+    n_flags = sum(len(row) for row in same)
+    return {"flags": round(sum(map(sum, same)) / n_flags, 5),
+            "texts_identical": round(sum(all(row) for row in same) / len(same), 5),
+            "max_score_delta": round(max(deltas), 4), "mean_score_delta": round(sum(deltas) / len(deltas), 5),
+            "top_label": round(1 - len(changed) / len(ref), 4), "top_label_changes": len(changed),
             "near_ties": sum(len(s) > 1 and s[0] - s[1] < NEAR_TIE for s in changed)}
 
 

@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from ..producers import constants as C
 from ..producers import schemas as S
@@ -73,6 +74,9 @@ class EngineHost:
         self.cache = cache
         self._engines: dict[str, Any] = {}
         self._failed: dict[str, tuple[float, Exception]] = {}  # model -> (when its load failed, the error)
+        # model -> the variant this process serves and why (workers/variants.py), for `gristmill models`
+        self.serving: dict[str, str] = {}
+        self.on_serving: Callable[[], None] | None = None  # told when `serving` changes
         self._lock = threading.Lock()
 
     # -- load / check_health / shutdown
@@ -114,14 +118,42 @@ class EngineHost:
                                     max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
         from ..kernels.classify import ClassifierEngine
         from ..kernels.onnx_engine import OnnxClassifierEngine, read_manifest
+        from .variants import choose
         st = self.settings
-        # a directory built by `gristmill optimize` runs on ONNX Runtime
+        choice = choose(spec, self.device, st)
         kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache,
                   fast_tokenizer=st.fast_tokenizer)
-        if read_manifest(path) is not None:
-            return OnnxClassifierEngine(path, **kw)
-        return ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
-                                sparsity=st.engine_sparsity, compile=st.engine_compile, **kw)
+        # a directory built by `gristmill optimize` runs on ONNX Runtime (and a cascade, on both)
+        manifest = read_manifest(choice.path) if choice.artifact else None
+        if manifest is not None and manifest.get("kind") == "cascade":
+            eng = self._load_cascade(spec, choice.path, manifest, kw)
+        elif manifest is not None:
+            eng = OnnxClassifierEngine(choice.path, **kw)
+        else:
+            eng = ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
+                                   sparsity=st.engine_sparsity, compile=st.engine_compile, **kw)
+        self.serving[spec.name] = f"{eng.variant}: {choice.reason}"
+        log.info("serving %s as %s", spec.name, self.serving[spec.name])
+        if self.on_serving is not None:
+            try:
+                self.on_serving()
+            except Exception:  # noqa: BLE001 - the next heartbeat publishes it
+                log.warning("could not publish what this worker serves", exc_info=True)
+        return eng
+
+    def _load_cascade(self, spec: ModelSpec, path, manifest: dict, kw: dict):
+        """The student artifact inside the cascade directory, and the full model (by its registered
+        name, else the weights' path) in the CPU precision setting: bf16 autocast where the CPU has
+        native bf16, which kept every flag of fp32, the reference the band was chosen against."""
+        from ..kernels.cascade import CascadeEngine
+        from ..kernels.classify import ClassifierEngine
+        from ..kernels.onnx_engine import OnnxClassifierEngine
+        teacher_spec = self.registry.specs.get(manifest["teacher_model"])
+        teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
+        student = OnnxClassifierEngine(Path(path) / manifest["student"], **kw)
+        teacher = ClassifierEngine(teacher_path, cpu_precision=self.settings.cpu_precision, **kw)
+        return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
+                             margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
 
     def loaded(self) -> dict[str, Any]:
         """The engines loaded so far, by model name."""
@@ -172,7 +204,8 @@ class EngineHost:
                 except Exception:  # noqa: BLE001 - the cache is an optimisation: on a Redis error, run the inputs
                     metrics.CACHE_ERRORS.labels("lookup").inc()
                     log.warning("score cache lookup failed; running the inputs", exc_info=True)
-            known = [None if c is None else dedup.unpack(c, eng.labels) for c in cached]
+            fields = score_fields(eng)
+            known = [None if c is None else dedup.unpack(c, fields) for c in cached]
             if self.cache is not None and self.cache.enabled:
                 hits = len(known) - known.count(None)
                 metrics.CACHE_INPUTS.labels(model, "hit").inc(hits)
@@ -193,7 +226,7 @@ class EngineHost:
     def model_key(self, model: str) -> str:
         """The score-cache namespace of a loaded classifier: what ran, down to the variant."""
         eng = self.engine(model)
-        return dedup.model_key(model, self.revision(self.registry.get(model), eng), eng.variant, eng.labels)
+        return dedup.model_key(model, self.revision(self.registry.get(model), eng), eng.variant, score_fields(eng))
 
     def settle(self, done: list[tuple[Prepared, list[Any]]]) -> tuple[list[tuple[S.WorkItem, list[Any]]], int, int]:
         """Classifier results made canonical: new scores go into the cache, and where another
@@ -216,7 +249,7 @@ class EngineHost:
         final: dict[str, dict[str, dict[str, float]]] = {}  # model -> sha -> another writer's scores
         caching = self.cache is not None and self.cache.enabled
         for model, by_sha in computed.items() if caching else ():
-            labels = self.engine(model).labels
+            labels = score_fields(self.engine(model))
             packed = [dedup.pack(v, labels) for v in by_sha.values()]
             try:
                 earlier = self.cache.publish(self.model_key(model), list(by_sha), packed)  # type: ignore[union-attr]
@@ -321,14 +354,16 @@ class EngineHost:
                 if hashes is None:
                     hashes = [S.text_sha256(t) for t in S.as_inputs(texts)]
                 prov = S.provenance(spec.name, revision, eng.variant, hashes[0] if isinstance(texts, str) else hashes,
-                                    pol)
+                                    pol, decided_by(results, isinstance(texts, str)))
             out.append(S.output_line(it.custom_id, body, prov))
         return out
 
 
 def classifier_kwargs(spec: ModelSpec, cache_dir=None) -> dict[str, Any]:
     """ClassifierEngine keyword arguments for a registered classifier. A head given as a seed set
-    is trained (once, then cached under `cache_dir`, default the settings' model cache)."""
+    is trained (once, then cached under `cache_dir`, default the settings' model cache) on the
+    encoder's weights: for an optimized artifact, those of the model it was built from, so that an
+    artifact and its source share one head."""
     kw: dict[str, Any] = {"max_length": spec.max_input_tokens}
     if spec.kind == "zero_shot":
         kw.update(prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
@@ -336,9 +371,28 @@ def classifier_kwargs(spec: ModelSpec, cache_dir=None) -> dict[str, Any]:
         head = spec.resolve_head()
         if head is not None and head.suffix == ".jsonl":
             from ..kernels.heads import ensure_head
-            head = ensure_head(spec.resolve_path(), head, cache_dir or Settings().model_cache_dir)
+            from ..kernels.onnx_engine import read_manifest
+            encoder = spec.resolve_path()
+            manifest = read_manifest(encoder) if encoder.is_dir() else None
+            if manifest is not None:
+                encoder = Path(manifest["source"])
+            head = ensure_head(encoder, head, cache_dir or Settings().model_cache_dir)
         kw.update(head=head)
     return kw
+
+
+def score_fields(engine) -> list[str]:
+    """What the score cache keeps per input: the labels, and for a cascade whether it escalated."""
+    return list(getattr(engine, "score_fields", engine.labels))
+
+
+def decided_by(results: list[Any], single: bool) -> str | list[str] | None:
+    """For a cascade's results, which model decided each input ("student" or "full"); else None."""
+    from ..kernels.cascade import ESCALATED
+    if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:
+        return None
+    names = ["full" if r.get(ESCALATED) else "student" for r in results]
+    return names[0] if single else names
 
 
 def item_error(it: S.WorkItem, exc: BaseException) -> dict[str, Any]:

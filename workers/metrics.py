@@ -32,6 +32,9 @@ GPU_MEMORY = Gauge("gristmill_gpu_memory_bytes", "GPU memory held by this worker
 SPLITS = Counter("gristmill_batch_splits_total", "Batches split after an error or out-of-memory", ["model"])
 CACHE_INPUTS = Counter("gristmill_score_cache_inputs_total", "Classifier inputs looked up in the score cache: hit "
                        "(answered by it) or miss (run, or shared with a repeat)", ["model", "outcome"])
+CASCADE_INPUTS = Counter("gristmill_cascade_inputs_total", "Classifier inputs a cascade scored, by which of its models "
+                         "decided them: the student, or the full model (escalated near a threshold)",
+                         ["model", "decided_by"])
 CACHE_ERRORS = Counter("gristmill_score_cache_errors_total", "Score-cache calls that failed (a lookup's inputs ran; "
                        "a publish's lines kept their own scores)", ["op"])
 

@@ -1,9 +1,17 @@
-"""`gristmill optimize MODEL [--quantize int8] [--prune F] [--calibration FILE] --out DIR`.
+"""`gristmill optimize MODEL [--quantize int8|int8-block|none] [--prune F] [--distill FILE|builtin
+[--cascade]] --out DIR`.
 
 Builds an ONNX Runtime artifact of a registered classifier, then judges it against the fp32 eager
-reference on held-out text: size, speed, agreement (top label, per-label flags, max score delta).
-Under the agreement floor nothing is written unless --force. An artifact whose digest matches is
-reused, not rebuilt. Register the directory as a model's `path` and workers load it.
+reference on held-out text as a moderation team would: per-label flag agreement at the model's
+thresholds, the share of texts whose flags are all identical, score deltas, and (secondary)
+top-label agreement. Under the floor nothing is written unless --force. An artifact whose digest
+matches is reused, not rebuilt. Register the directory as a model's `path` and workers load it.
+
+Without --distill, --prune removes FFN neurons and heads by importance on the calibration text.
+With --distill, --prune removes that fraction of the encoder's layers and the smaller student is
+trained against the full model on the transfer text (a file of your own traffic, or `builtin`,
+kernels/corpus.py). --cascade then also writes a cascade: the student for every input, the full
+model for inputs near a threshold, with the band chosen on held-out text to meet the cascade floors.
 """
 
 from __future__ import annotations
@@ -13,6 +21,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+# A plain artifact's floor, and a cascade's: per-label flag agreement, texts whose flags all agree.
+MIN_FLAGS = 0.995
+CASCADE_FLAGS, CASCADE_TEXTS = 0.9995, 0.995
+BUILTIN_TRANSFER_LINES = 30_000
+BUILTIN_HELDOUT_LINES = 2_048
 
 
 def read_texts(path: Path) -> list[str]:
@@ -38,61 +52,131 @@ def read_texts(path: Path) -> list[str]:
     return out
 
 
-def judge(spec, src: Path, artifact: Path, heldout: list[str]) -> dict:
+def heldout_texts(path: Path | None) -> list[str]:
+    """The user's held-out texts, else built-in held-out text plus the labelled seed set's texts
+    (the densest in moderation decisions)."""
+    if path is not None:
+        return read_texts(path)
+    from ..kernels import corpus, heads
+    return corpus.heldout_set(BUILTIN_HELDOUT_LINES) + [e.text for e in heads.load_seed()]
+
+
+def decision_thresholds(spec, labels: list[str]) -> dict[str, float]:
+    """The thresholds that turn this model's scores into flags: the configured moderation policy's
+    where it governs this model (its label names unchanged), else the model's registered ones."""
+    from ..producers.settings import Settings
+    pol = Settings().policy()
+    if pol is not None and pol.model == spec.name and not pol.label_map:
+        return {k: pol.threshold(k) for k in labels}
+    return {k: spec.threshold(k) for k in labels}
+
+
+def reference_scores(spec, src: Path, heldout: list[str]):
     from ..kernels.classify import ClassifierEngine
+    from ..kernels.optimize import throughput
+    from .host import classifier_kwargs
+    ref = ClassifierEngine(src, cpu_precision="fp32", **classifier_kwargs(spec))
+    ips, scores = throughput(ref, heldout)
+    return ref, ips, scores
+
+
+def judge(spec, src: Path, artifact: Path, heldout: list[str], reference=None) -> dict:
     from ..kernels.onnx_engine import OnnxClassifierEngine
     from ..kernels.optimize import agreement, throughput
     from .host import classifier_kwargs
-    kw = classifier_kwargs(spec)
-    ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
-    new = OnnxClassifierEngine(artifact, **kw)
-    ref_ips, ref_scores = throughput(ref, heldout)
+    ref, ref_ips, ref_scores = reference or reference_scores(spec, src, heldout)
+    new = OnnxClassifierEngine(artifact, **classifier_kwargs(spec))
     new_ips, new_scores = throughput(new, heldout)
     size_ref = sum(f.stat().st_size for f in Path(src).glob("*.safetensors")) or None
     return {"heldout_texts": len(heldout), "fp32_items_per_s": round(ref_ips, 1),
             "items_per_s": round(new_ips, 1), "speedup": round(new_ips / ref_ips, 2),
             "size_bytes": (artifact / "model.onnx").stat().st_size, "fp32_size_bytes": size_ref,
-            "agreement": agreement(ref_scores, new_scores, {k: spec.threshold(k) for k in ref.labels})}
+            "agreement": agreement(ref_scores, new_scores, decision_thresholds(spec, ref.labels)),
+            "scores": new_scores}
+
+
+def _describe(name: str, report: dict) -> str:
+    a = report["agreement"]
+    return (f"{name}: {report['speedup']}x fp32 eager ({report['items_per_s']:.0f} vs {report['fp32_items_per_s']:.0f} "
+            f"items/s); on {report['heldout_texts']} held-out texts: flags {a['flags']:.3%}, texts identical "
+            f"{a['texts_identical']:.2%}, score delta mean {a['mean_score_delta']:.4f} max {a['max_score_delta']:.3f}; "
+            f"top label {a['top_label']:.1%} ({a['top_label_changes']} changes, {a['near_ties']} near-ties)")
+
+
+def _resolve(model: str):
+    from ..producers.errors import GristmillError
+    from ..producers.settings import Settings
+    try:
+        specs = Settings().registry.specs
+    except GristmillError as e:
+        raise SystemExit(str(e))
+    spec = specs.get(model) or next((s for s in specs.values() if model in s.aliases), None)
+    if spec is None:
+        raise SystemExit(f"no model {model!r}; registered: {', '.join(specs)}")
+    if spec.is_generator:
+        raise SystemExit(f"{spec.name} is a generator; optimize handles classifiers")
+    return spec
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="gristmill optimize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a registered classifier (name or alias)")
-    ap.add_argument("--quantize", choices=["int8", "none"], default="int8")
-    ap.add_argument("--prune", type=float, default=0.0, help="fraction of FFN neurons to remove (half as many heads)")
+    ap.add_argument("--quantize", choices=["int8", "int8-block", "none"], default="int8",
+                    help="int8: dynamic int8 (fastest); int8-block: 8-bit weights and activations per block of 128 "
+                         "(closer to fp32, slower); none: fp32")
+    ap.add_argument("--prune", type=float, default=0.0,
+                    help="without --distill: fraction of FFN neurons to remove (half as many heads); with --distill: "
+                         "fraction of the encoder's layers to remove")
+    ap.add_argument("--distill", metavar="FILE|builtin",
+                    help="train a smaller student on these unlabelled texts (your input JSONL, plain lines, or "
+                         "'builtin': kernels/corpus.py's transfer set)")
+    ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
+    ap.add_argument("--cascade", action="store_true", help="also write a cascade of the student and the full model")
     ap.add_argument("--distill-steps", type=int, default=0,
-                    help="after pruning, train the pruned model this many steps to match the unpruned one on the "
-                         "calibration text (default 0: it did not help on the built-in sentences; try it with "
-                         "thousands of lines of your own traffic)")
+                    help="without --distill: train the neuron-pruned model this many steps on the calibration text")
     ap.add_argument("--calibration", type=Path, help="texts for pruning importance (default: built-in sentences)")
     ap.add_argument("--texts", type=Path, help="held-out texts for the agreement check (default: built-in)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--min-agreement", type=float, default=0.97, help="top-label agreement floor (default 0.97)")
+    ap.add_argument("--out", type=Path, help="default: $GRISTMILL_HOME/models/optimized/<model>/<kind>, where "
+                                             "workers on a CPU find it and serve it when it meets their floors")
+    ap.add_argument("--min-flags", type=float, default=MIN_FLAGS,
+                    help=f"per-label flag agreement floor of the artifact (default {MIN_FLAGS})")
+    ap.add_argument("--cascade-flags", type=float, default=CASCADE_FLAGS,
+                    help=f"the cascade's flag agreement floor (default {CASCADE_FLAGS})")
+    ap.add_argument("--cascade-texts", type=float, default=CASCADE_TEXTS,
+                    help=f"the cascade's floor on texts whose flags all agree (default {CASCADE_TEXTS})")
     ap.add_argument("--force", action="store_true", help="write the artifact even under the floor")
     args = ap.parse_args(argv)
 
-    from ..kernels import texts as builtin
-    from ..kernels.optimize import NEAR_TIE, artifact_digest, build_artifact
-    from ..kernels.onnx_engine import read_manifest
-    from ..producers.errors import GristmillError
     from ..producers.registry import POOLED_KINDS
-    from ..producers.settings import Settings
-    try:
-        specs = Settings().registry.specs
-    except GristmillError as e:
-        raise SystemExit(str(e))
-    spec = specs.get(args.model) or next((s for s in specs.values() if args.model in s.aliases), None)
-    if spec is None:
-        raise SystemExit(f"no model {args.model!r}; registered: {', '.join(specs)}")
-    if spec.is_generator:
-        raise SystemExit(f"{spec.name} is a generator; optimize handles classifiers")
+    spec = _resolve(args.model)
     if not 0 <= args.prune < 1:
         raise SystemExit(f"--prune must be in [0, 1), got {args.prune}")
+    if args.cascade and not args.distill:
+        raise SystemExit("--cascade needs a student: give --distill FILE (or builtin) and --prune F")
+    if args.distill and spec.kind not in POOLED_KINDS:
+        raise SystemExit(f"--distill trains sentence-encoder students; {spec.name} is a {spec.kind}")
     src = spec.resolve_path()
     quantize = None if args.quantize == "none" else args.quantize
+    if args.out is None:
+        from ..kernels.optimize import variant_name
+        from ..producers.settings import Settings
+        from .variants import optimized_dir
+        kind = "cascade" if args.cascade else "student" if args.distill else variant_name(quantize, args.prune)
+        args.out = optimized_dir(Settings(), spec.name) / kind
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.distill:
+        return _student(args, spec, src, quantize)
+    return _pruned(args, spec, src, quantize)
+
+
+def _pruned(args, spec, src: Path, quantize: str | None) -> int:
+    from ..kernels import texts as builtin
+    from ..kernels.onnx_engine import read_manifest
+    from ..kernels.optimize import artifact_digest, build_artifact
+    from ..producers.registry import POOLED_KINDS
     calibration = read_texts(args.calibration) if args.calibration else builtin.sentences(256)
-    heldout = read_texts(args.texts) if args.texts else builtin.sentences(512, heldout=True)
+    heldout = heldout_texts(args.texts)
     zero_shot = spec.kind in POOLED_KINDS  # the artifact is the encoder; the head or prototypes stay outside
     digest = artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                              calibration=calibration, max_length=spec.max_input_tokens,
@@ -102,28 +186,100 @@ def main(argv: list[str]) -> int:
         print(f"{args.out}: up to date (digest {digest}); reusing it")
         print(json.dumps(existing["report"]))
         return 0
-    staging = args.out.with_name(args.out.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _staging(args.out)
     manifest = build_artifact(src, staging, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                               calibration=calibration, max_length=spec.max_input_tokens,
                               distill_steps=args.distill_steps)
-    report = judge(spec, src, staging, heldout)
+    return _finish(args, staging, manifest, judge(spec, src, staging, heldout), digest)
+
+
+def _staging(out: Path) -> Path:
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def _finish(args, staging: Path, manifest: dict, report: dict, digest: str) -> int:
+    report = {k: v for k, v in report.items() if k != "scores"}
     manifest["report"] = report
     (staging / "gristmill-artifact.json").write_text(json.dumps(manifest, indent=2))
-    a = report["agreement"]
-    print(f"{manifest['variant']}: {report['speedup']}x fp32 eager ({report['items_per_s']:.0f} vs "
-          f"{report['fp32_items_per_s']:.0f} items/s), {report['size_bytes'] / 1e6:.1f} MB; agreement on "
-          f"{report['heldout_texts']} held-out texts: top label {a['top_label']:.1%}, flags {a['flags']:.1%}, "
-          f"max score delta {a['max_score_delta']:.3f}; {a['top_label_changes']} top-label changes, "
-          f"{a['near_ties']} of them near-ties (fp32's two highest scores within {NEAR_TIE})")
-    if a["top_label"] < args.min_agreement and not args.force:
+    print(_describe(manifest["variant"], report))
+    if report["agreement"]["flags"] < args.min_flags and not args.force:
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"refused: top-label agreement {a['top_label']:.1%} is under the floor {args.min_agreement:.1%}; "
-              f"nothing written. Prune less, give calibration text like your traffic, or pass --force.",
+        print(f"refused: flag agreement {report['agreement']['flags']:.3%} is under the floor {args.min_flags:.3%}; "
+              f"nothing written. Prune less, give text like your traffic, build a --cascade, or pass --force.",
               file=sys.stderr)
         return 3
     shutil.rmtree(args.out, ignore_errors=True)
     staging.rename(args.out)
     print(f"wrote {args.out} (digest {digest}); register it as a model path to use it")
     print(json.dumps(report))
+    return 0
+
+
+def _student(args, spec, src: Path, quantize: str | None) -> int:
+    from ..kernels import corpus, heads
+    from ..kernels.cascade import choose_band
+    from ..kernels.loading import cpu_has_bf16
+    from ..kernels.onnx_engine import read_manifest
+    from ..kernels.optimize import agreement, build_student, student_digest, write_cascade
+    from .host import classifier_kwargs
+    vocab = src / "vocab.txt"
+    transfer = (corpus.transfer_set(BUILTIN_TRANSFER_LINES, vocab_file=vocab if vocab.is_file() else None)
+                if args.distill == "builtin" else read_texts(Path(args.distill)))
+    heldout = heldout_texts(args.texts)
+    kw = classifier_kwargs(spec)
+    loaded = heads.load_head(kw["head"]) if kw.get("head") is not None else None
+    head = loaded[:2] if loaded is not None else None
+    focus = list(decision_thresholds(spec, loaded[2]).values()) if loaded is not None else None
+    digest = student_digest(src, transfer=transfer, fraction=args.prune, steps=args.steps, quantize=quantize,
+                            max_length=spec.max_input_tokens, head=head, thresholds=focus)
+    digest_out = digest + ("-cascade" if args.cascade else "")
+    existing = read_manifest(args.out)
+    if existing and existing.get("digest") == digest_out and existing.get("report"):
+        print(f"{args.out}: up to date (digest {digest_out}); reusing it")
+        print(json.dumps(existing["report"]))
+        return 0
+    staging = _staging(args.out)
+    student_dir = staging / "student" if args.cascade else staging
+    manifest = build_student(src, student_dir, transfer=transfer, fraction=args.prune, steps=args.steps, head=head,
+                             thresholds=focus, quantize=quantize, max_length=spec.max_input_tokens, bf16=cpu_has_bf16(),
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    reference = reference_scores(spec, src, heldout)
+    report = judge(spec, src, student_dir, heldout, reference)
+    if not args.cascade:
+        return _finish(args, staging, manifest, report, digest)
+    # the band is chosen on half the held-out texts and judged on the other half
+    ref_engine, ref_ips, ref_scores = reference
+    thresholds = decision_thresholds(spec, ref_engine.labels)
+    pick, check = slice(0, None, 2), slice(1, None, 2)
+    band, picked = choose_band(report["scores"][pick], ref_scores[pick], thresholds,
+                               flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
+    from ..kernels.cascade import near
+    student_scores = report["scores"][check]
+    rows = [t if near(s, thresholds, band) else s for s, t in zip(student_scores, ref_scores[check])]
+    escalated = sum(near(s, thresholds, band) for s in student_scores) / len(student_scores)
+    # what the cascade costs: the student on every input plus the full model on the escalated share
+    speedup = 1 / (1 / report["speedup"] + escalated)
+    cascade_report = {"band": band, "band_chosen_on": picked, "heldout_texts": len(student_scores),
+                      "escalated": round(escalated, 4), "speedup_estimate": round(speedup, 2),
+                      "agreement": agreement(ref_scores[check], rows, thresholds),
+                      "student": {k: v for k, v in report.items() if k != "scores"}}
+    a = cascade_report["agreement"]
+    print(_describe(manifest["variant"], {k: v for k, v in report.items() if k != "scores"}))
+    print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {len(student_scores)} held-out texts to the "
+          f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; ~{speedup:.2f}x fp32")
+    # escalate near the policy's thresholds (where the band was measured) and the model's own
+    every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
+    write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,
+                  thresholds=every, report=cascade_report, digest=digest_out)
+    if (a["flags"] < args.cascade_flags or a["texts_identical"] < args.cascade_texts) and not args.force:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"refused: the cascade misses its floors (flags {args.cascade_flags:.3%}, texts {args.cascade_texts:.2%}) "
+              f"on the held-out half; nothing written. Train longer, prune less, or pass --force.", file=sys.stderr)
+        return 3
+    shutil.rmtree(args.out, ignore_errors=True)
+    staging.rename(args.out)
+    print(f"wrote {args.out} (digest {digest_out}); register it as a model path to serve the cascade")
+    print(json.dumps(cascade_report))
     return 0

@@ -59,6 +59,10 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     assert "completed" in run(env, "cancel", batch_id).stdout  # a finished batch stays finished
     models = run(env, "models").stdout
     assert "tiny-chat" in models and "tiny-moderation" in models
+    # what the running worker serves, and why (no optimized artifact in its home: the torch engine)
+    served = json.loads(run(env, "models", "--json").stdout)["workers"]
+    assert served and any("no optimized artifact meets the floors" in how
+                          for w in served.values() for how in w.values()), served
 
     bad = run(env, "status", "batch_missing", check=False)
     assert bad.returncode == 2 and "not found" in bad.stderr

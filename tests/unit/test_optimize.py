@@ -134,8 +134,12 @@ def test_agreement_report():
     th = {"a": 0.5, "b": 0.5}
     ref = [{"a": 0.9, "b": 0.1}, {"a": 0.2, "b": 0.3}]
     new = [{"a": 0.8, "b": 0.1}, {"a": 0.4, "b": 0.3}]
-    assert agreement(ref, new, th) == {"top_label": 0.5, "flags": 1.0, "max_score_delta": 0.2,
+    assert agreement(ref, new, th) == {"top_label": 0.5, "flags": 1.0, "texts_identical": 1.0,
+                                       "max_score_delta": 0.2, "mean_score_delta": 0.075,
                                        "top_label_changes": 1, "near_ties": 0}
+    # one flag of four differs: flags 0.75, and one text of two no longer identical
+    flipped = agreement(ref, [{"a": 0.8, "b": 0.1}, {"a": 0.6, "b": 0.3}], th)
+    assert (flipped["flags"], flipped["texts_identical"]) == (0.75, 0.5)
     ref.append({"a": 0.31, "b": 0.3})  # a change between scores 0.01 apart is a near-tie
     assert agreement(ref, [*new, {"a": 0.30, "b": 0.31}], th)["near_ties"] == 1
     with pytest.raises(ValueError):
@@ -178,17 +182,17 @@ def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_m
         return subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--out", str(out),
                                "--prune", "0.5", *extra], env=env, cwd=root, capture_output=True, text=True, timeout=300)
 
-    refused = optimize("--min-agreement", "1.01")
+    refused = optimize("--min-flags", "1.01")
     assert refused.returncode == 3, refused.stderr
     assert "under the floor" in refused.stderr and not out.exists()
-    forced = optimize("--min-agreement", "1.01", "--force")
+    forced = optimize("--min-flags", "1.01", "--force")
     assert forced.returncode == 0, forced.stderr
     manifest = json.loads((out / "gristmill-artifact.json").read_text())
     assert manifest["variant"] == "ort-int8-pruned50" and manifest["pruned"]["ffn_after"] == manifest["pruned"]["ffn_before"] // 2
     report = json.loads(forced.stdout.strip().splitlines()[-1])
-    assert report == manifest["report"] and set(report["agreement"]) == {"top_label", "flags", "max_score_delta",
-                                                                              "top_label_changes", "near_ties"}
-    again = optimize("--min-agreement", "1.01")
+    assert report == manifest["report"] and set(report["agreement"]) == {
+        "flags", "texts_identical", "max_score_delta", "mean_score_delta", "top_label", "top_label_changes", "near_ties"}
+    again = optimize("--min-flags", "1.01")
     assert again.returncode == 0 and "up to date" in again.stdout
     unknown = subprocess.run([*GRISTMILL, "optimize", "nope", "--out", str(out)], env=env,
                              cwd=root, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,119 @@
+"""A cascade (adaptive compute): a small student scores every input; an input with any label's
+score near its threshold is scored again by the full model, whose scores then stand.
+
+Near means within `band` of the threshold in logit space, |logit(score) - logit(threshold)| <
+band, where a student's error matters; for a single-label model, also a top-2 margin under
+`margin`. `gristmill optimize --cascade` picks the band on held-out text so that the cascade's
+decisions agree with the full model's to a floor, and stores it with the artifact.
+
+Each row of `run` carries, beside the label scores, `ESCALATED` = 1.0 when the full model decided
+it and 0.0 when the student did: provenance names the model that decided each input, and the score
+cache keeps it with the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+ESCALATED = "_escalated"
+MANIFEST_KIND = "cascade"
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
+
+
+def near(scores: dict[str, float], thresholds: dict[str, float | list[float]], band: float,
+         margin: float = 0.0) -> bool:
+    """Whether a student row is too close to a decision to keep. A label may have several
+    thresholds (a cascade serves batches under different policies): near any of them counts."""
+    for label, ts in thresholds.items():
+        s = scores.get(label)
+        if s is None:
+            continue
+        ls = _logit(s)
+        for t in ts if isinstance(ts, list) else (ts,):
+            if abs(ls - _logit(t)) < band:
+                return True
+    if margin > 0.0 and len(scores) > 1:
+        top2 = sorted(scores.values(), reverse=True)[:2]
+        return top2[0] - top2[1] < margin
+    return False
+
+
+def combine(student_rows: list[dict[str, float]], teacher_of, thresholds: dict[str, float | list[float]],
+            band: float, margin: float = 0.0) -> list[dict[str, float]]:
+    """The cascade's rows: the student's, except those near a threshold, which `teacher_of(indexes)`
+    scores again (one call, in order). Each row gains ESCALATED."""
+    redo = [i for i, r in enumerate(student_rows) if near(r, thresholds, band, margin)]
+    again = teacher_of(redo) if redo else []
+    if len(again) != len(redo):
+        raise RuntimeError(f"the full model returned {len(again)} rows for {len(redo)} escalated inputs")
+    out = [{**r, ESCALATED: 0.0} for r in student_rows]
+    for i, r in zip(redo, again):
+        out[i] = {**r, ESCALATED: 1.0}
+    return out
+
+
+class CascadeEngine:
+    """Two classifier engines over the same tokenizer and labels: `student` for every input,
+    `teacher` for the escalated ones, in the same call (so in the same device batch's time)."""
+
+    def __init__(self, student, teacher, *, band: float, thresholds: dict[str, float | list[float]],
+                 margin: float = 0.0,
+                 variant: str = "cascade", revision: str = ""):
+        if list(student.labels) != list(teacher.labels):
+            raise ValueError(f"student labels {student.labels} differ from the full model's {teacher.labels}")
+        self.student, self.teacher = student, teacher
+        self.band, self.margin = band, margin
+        self.thresholds = {k: v for k, v in thresholds.items() if k in teacher.labels}
+        self.labels = list(teacher.labels)
+        self.score_fields = [*self.labels, ESCALATED]  # what the score cache keeps per input
+        self.variant = f"{variant}({student.variant}>{teacher.variant})"
+        self.revision = revision or f"{student.revision}+{teacher.revision}"
+        self.device = teacher.device
+
+    # the tokenizer and its counters are the teacher's (the student was made from it)
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.teacher.encode(texts)
+
+    @property
+    def chunk_cache(self):
+        return self.teacher.chunk_cache
+
+    @property
+    def ascii_tokenizer(self):
+        return self.teacher.ascii_tokenizer
+
+    def run(self, batch: list[list[int]]) -> list[dict[str, Any]]:
+        if not batch:
+            return []
+        return combine(self.student.run(batch), lambda idx: self.teacher.run([batch[i] for i in idx]),
+                       self.thresholds, self.band, self.margin)
+
+    def check_health(self) -> bool:
+        return len(self.run(self.encode(["health check"]))) == 1
+
+    def shutdown(self) -> None:
+        self.student.shutdown()
+        self.teacher.shutdown()
+
+
+def choose_band(student: list[dict[str, float]], teacher: list[dict[str, float]], thresholds: dict[str, float],
+                *, flags_floor: float, texts_floor: float, margin: float = 0.0,
+                bands: tuple[float, ...] = tuple(b / 20 for b in range(0, 161))) -> tuple[float, dict]:
+    """The narrowest band (logit units) whose cascade agrees with the full model's flags on these
+    texts to both floors: (band, {flags, texts_identical, escalated}); the widest band tried if none
+    reaches them."""
+    from .optimize import agreement
+    stats: dict = {}
+    for band in bands:
+        rows = [t if near(s, thresholds, band, margin) else s for s, t in zip(student, teacher)]
+        a = agreement(teacher, rows, thresholds)
+        escalated = sum(near(s, thresholds, band, margin) for s in student) / len(student)
+        stats = {"flags": a["flags"], "texts_identical": a["texts_identical"], "escalated": round(escalated, 5)}
+        if a["flags"] >= flags_floor and a["texts_identical"] >= texts_floor:
+            return band, stats
+    return bands[-1], stats

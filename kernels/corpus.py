@@ -1,0 +1,132 @@
+"""Unlabelled English text that every gristmill install can build offline, for distillation (the
+transfer set) and for agreement checks (held-out text), when the user gives none of their own.
+
+Two sources, both fixed by what is installed:
+- the docstrings of the Python standard library, read with `ast` (never imported), split into
+  sentences: ~16,000 sentences of plain, varied English on CPython 3.11;
+- the moderation-like sentences of `texts.py`: everyday sentences and sentences near each
+  default category, in varied framings, with word-level variations (a span dropped, two
+  sentences joined, a clause moved) so that the student sees text around those as well.
+
+Sentences are split between transfer and held-out by a hash of their text (1 in 10 held out),
+and the template sentences by their cores (as `texts.sentences` splits them), so no held-out
+sentence is ever trained on. A deployment's own traffic is the better transfer set: `gristmill
+optimize --distill FILE` takes it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import random
+import re
+import sysconfig
+from pathlib import Path
+
+from . import texts as builtin
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_MARKUP = re.compile(r"[`<>{}\[\]|=#*\\]|::|\b(?:https?|www)\b|\w+\(\)|\w+_\w+")
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "__pycache__"}
+
+
+@functools.cache
+def stdlib_sentences() -> tuple[str, ...]:
+    """Sentences of 5-40 words from the standard library's docstrings, mostly letters, no code or
+    markup; sorted, so the same on every run of the same Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    out.update(_sentences(doc))
+    return tuple(sorted(out))
+
+
+def _sentences(doc: str):
+    for para in re.split(r"\n\s*\n", doc):
+        text = " ".join(para.split())
+        for s in _SENTENCE_END.split(text):
+            words = s.split()
+            letters = sum(c.isalpha() for c in s)
+            if 5 <= len(words) <= 40 and letters > 0.75 * len(s.replace(" ", "")) and not _MARKUP.search(s):
+                yield s
+
+
+def _held_out(text: str) -> bool:
+    return hashlib.sha256(text.encode()).digest()[0] % 10 == 0
+
+
+def _vary(rng: random.Random, sentence: str, other: str) -> str:
+    """A word-level variation: drop a span, join with another sentence, or move a clause."""
+    words = sentence.split()
+    kind = rng.randrange(4)
+    if kind == 0 and len(words) > 4:
+        i = rng.randrange(len(words) - 2)
+        del words[i: i + rng.randint(1, 2)]
+        return " ".join(words)
+    if kind == 1:
+        return f"{sentence} {other}" if rng.random() < 0.5 else f"{other}, {sentence}"
+    if kind == 2 and len(words) > 5:
+        cut = rng.randrange(2, len(words) - 2)
+        return " ".join(words[cut:] + words[:cut])
+    return sentence.lower() if rng.random() < 0.5 else sentence.upper()
+
+
+def vocabulary_words(vocab_file: Path) -> list[str]:
+    """The whole words of a WordPiece vocabulary (vocab.txt): alphabetic, two letters or more."""
+    words = []
+    for line in Path(vocab_file).read_text(encoding="utf-8").splitlines():
+        w = line.strip()
+        if len(w) >= 2 and w.isalpha() and w.isascii():
+            words.append(w)
+    return words
+
+
+def _word_salad(rng: random.Random, words: list[str], glue: list[str]) -> str:
+    """A sequence of 4-24 vocabulary words with common function words between them: no grammar,
+    but every word the model knows turns up, in many contexts, which is what the student must
+    learn to embed like the teacher (data-free distillation)."""
+    out = []
+    for _ in range(rng.randint(4, 24)):
+        out.append(rng.choice(words) if rng.random() < 0.6 else rng.choice(glue))
+    return " ".join(out)
+
+
+def transfer_set(n: int, *, seed: int = 0, vocab_file: Path | None = None) -> list[str]:
+    """`n` transfer sentences, none of them held out: half from the standard library's docstrings,
+    a fifth moderation-like (template sentences and their variations), and, given the model's
+    WordPiece vocabulary, the rest word sequences over it (else more of the first two)."""
+    rng = random.Random(seed)
+    docs = [s for s in stdlib_sentences() if not _held_out(s)]
+    domain = builtin.sentences(max(256, n), seed=seed)
+    out = rng.sample(docs, min(len(docs), n // 2))
+    if vocab_file is not None:
+        words = vocabulary_words(vocab_file)
+        glue = [w for s in docs[:3000] for w in s.lower().split() if w.isalpha() and len(w) <= 4]
+        out += [_word_salad(rng, words, glue) for _ in range(n * 3 // 10)]
+    while len(out) < n:
+        a, b = rng.choice(domain), rng.choice(domain + docs[:2000])
+        out.append(a if rng.random() < 0.4 else _vary(rng, a, b))
+    rng.shuffle(out)
+    return out
+
+
+def heldout_set(n: int, *, seed: int = 0) -> list[str]:
+    """`n` held-out sentences: half the standard library's held-out docstring sentences, half the
+    held-out template sentences (cores and framings the transfer and calibration sets never use)."""
+    rng = random.Random(seed + 7)
+    docs = [s for s in stdlib_sentences() if _held_out(s)]
+    out = rng.sample(docs, min(len(docs), n // 2))
+    out += builtin.sentences(n - len(out), heldout=True, seed=seed)
+    rng.shuffle(out)
+    return out

@@ -1,0 +1,150 @@
+"""A physically smaller student of a sentence encoder, trained to give the teacher's scores.
+
+The student keeps an evenly spaced subset of the teacher's layers, the first and last among them
+(as DistilBERT initialises from every other layer), so it starts near the teacher and the layers it
+keeps are whole: a 3-layer student of a 6-layer encoder runs in about half the time, and the ONNX
+export and int8 quantization treat it as any BERT. Training matches, on unlabelled text, the
+teacher's pooled, normalised embedding (1 - cosine) and, when the classifier's linear head is
+given, the head's logits (mean squared error): the head is what turns embeddings into decisions,
+so its logits near a threshold are what the student must get right. Teacher targets are computed
+once, in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .prune import _layers, _pooled
+
+LOGIT_WEIGHT = 1.0  # a head logit's squared error against the embedding's (1 - cosine), per label
+# Texts whose teacher logit for some label lies within this of its threshold's logit (where a
+# student's error flips a decision) are drawn FOCUS_WEIGHT times as often.
+FOCUS_BAND, FOCUS_WEIGHT = 2.0, 4
+LAYER_WEIGHT = 1.0  # per kept layer: mean squared error of its token states against the teacher layer's
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """Which of the teacher's layers the student keeps."""
+    keep_layers: tuple[int, ...]
+    teacher_layers: int
+
+    @classmethod
+    def for_fraction(cls, fraction: float, teacher_layers: int) -> "StudentShape":
+        """Remove `fraction` of the layers (at least one stays), evenly spaced, first and last kept."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
+        k = max(1, round(teacher_layers * (1 - fraction)))
+        if k == 1:
+            return cls((teacher_layers - 1,), teacher_layers)
+        keep = sorted({round(i * (teacher_layers - 1) / (k - 1)) for i in range(k)})
+        return cls(tuple(keep), teacher_layers)
+
+
+def make_student(teacher: nn.Module, shape: StudentShape) -> nn.Module:
+    """A copy of `teacher` with only `shape.keep_layers` (a BERT-style encoder)."""
+    student = copy.deepcopy(teacher)
+    layers = _layers(student)
+    if len(layers) != shape.teacher_layers:
+        raise ValueError(f"the teacher has {len(layers)} layers, the shape expects {shape.teacher_layers}")
+    encoder = getattr(student, "encoder", None) or student.bert.encoder
+    encoder.layer = nn.ModuleList([layers[i] for i in shape.keep_layers])
+    student.config.num_hidden_layers = len(shape.keep_layers)
+    return student
+
+
+@dataclass
+class DistillReport:
+    texts: int
+    steps: int
+    seconds: float
+    losses: list[float]
+    teacher_layers: int
+    student_layers: int
+
+
+def _encode(tokenizer, texts: list[str], max_length: int):
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, tokenizer, texts: list[str], max_length: int,
+                    batch: int = 128) -> torch.Tensor:
+    """The teacher's pooled, normalised fp32 embedding of every text, [n, hidden]."""
+    teacher.eval()
+    out = []
+    for s in range(0, len(texts), batch):
+        ids, mask = _encode(tokenizer, texts[s: s + batch], max_length)
+        out.append(_pooled(teacher(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask))
+    return torch.cat(out)
+
+
+def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *, steps: int,
+                    max_length: int, head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    thresholds: list[float] | None = None, batch: int = 64, lr: float = 3e-4, seed: int = 0,
+                    bf16: bool = False, keep_layers: tuple[int, ...] | None = None, log=None) -> DistillReport:
+    """Train `student` in place toward `teacher` on `texts` for `steps` batches (length-bucketed,
+    so little padding), AdamW with a cosine schedule. With the head and its per-label `thresholds`,
+    texts near a decision are drawn more often (FOCUS_*). `bf16`: autocast the student's matmuls (on
+    CPUs with native bf16; its weights and the targets stay fp32)."""
+    t0 = time.perf_counter()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    targets = teacher_targets(teacher, tokenizer, [texts[i] for i in order], max_length)
+    sorted_texts = [texts[i] for i in order]
+    buckets = [range(s, min(s + batch, len(texts))) for s in range(0, len(texts), batch)]
+    w, b = head if head is not None else (None, None)
+    if w is not None and thresholds is not None:
+        t = torch.tensor(thresholds).clamp(1e-6, 1 - 1e-6)
+        gap = ((targets @ w.T + b) - torch.log(t / (1 - t))).abs().min(1).values
+        near = [i for i in range(len(texts)) if gap[i] < FOCUS_BAND]
+        for s in range(0, len(near), batch):  # the near texts again, in buckets of their own
+            buckets += [near[s: s + batch]] * (FOCUS_WEIGHT - 1)
+        if log is not None:
+            log(f"distill: {len(near)} of {len(texts)} transfer texts lie near a decision; drawn {FOCUS_WEIGHT}x")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    student.train()
+    losses: list[float] = []
+    running = 0.0
+    for step in range(steps):
+        idx = list(rng.choice(buckets))
+        ids, mask = _encode(tokenizer, [sorted_texts[i] for i in idx], max_length)
+        t = targets[idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = student(input_ids=ids, attention_mask=mask, output_hidden_states=keep_layers is not None)
+        e = _pooled(out.last_hidden_state.float(), mask)
+        loss = (1 - (e * t).sum(-1)).mean()
+        if keep_layers is not None:  # each kept layer's token states toward the teacher layer it came from
+            with torch.no_grad():
+                th = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            m = mask.unsqueeze(-1).float()
+            for j, i in enumerate(keep_layers):
+                d = out.hidden_states[j + 1].float() - th[i + 1]
+                loss = loss + LAYER_WEIGHT * (d.pow(2) * m).sum() / (m.sum() * d.shape[-1])
+        if w is not None:
+            loss = loss + LOGIT_WEIGHT * ((e @ w.T + b) - (t @ w.T + b)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            losses.append(round(running / ((step % 100) + 1), 6))
+            running = 0.0
+            if log is not None:
+                log(f"distill step {step + 1}/{steps}: loss {losses[-1]:.5f} ({time.perf_counter() - t0:.0f} s)")
+    student.eval()
+    return DistillReport(len(texts), steps, round(time.perf_counter() - t0, 1), losses,
+                         len(_layers(teacher)), len(_layers(student)))

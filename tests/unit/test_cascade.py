@@ -1,0 +1,116 @@
+"""The distilled student and the cascade: their pure parts, then the whole optimize -> register ->
+host path on the tests' tiny encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from gristmill.kernels.cascade import ESCALATED, choose_band, combine, near  # noqa: E402
+from gristmill.kernels.distill import StudentShape, make_student  # noqa: E402
+
+TH = {"a": 0.5, "b": 0.3}
+
+
+@pytest.mark.parametrize("fraction,layers,keep", [(0.0, 6, (0, 1, 2, 3, 4, 5)), (0.5, 6, (0, 2, 5)),
+                                                  (0.34, 6, (0, 2, 3, 5)), (0.9, 6, (5,)), (0.5, 2, (1,))])
+def test_a_student_keeps_evenly_spaced_layers_first_and_last(fraction, layers, keep):
+    assert StudentShape.for_fraction(fraction, layers).keep_layers == keep
+
+
+def test_make_student_drops_layers_and_says_so_in_its_config(weights):
+    from transformers import AutoModel
+    teacher = AutoModel.from_pretrained(str(weights / "encoder"), attn_implementation="eager").eval()
+    student = make_student(teacher, StudentShape.for_fraction(0.5, 2))
+    assert len(student.encoder.layer) == 1 and student.config.num_hidden_layers == 1
+    assert torch.equal(student.encoder.layer[0].output.dense.weight, teacher.encoder.layer[1].output.dense.weight)
+    assert len(teacher.encoder.layer) == 2  # the teacher is untouched
+    ids = torch.tensor([[1, 5, 7, 2]])
+    assert student(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape == (1, 4, 32)
+
+
+def test_near_a_threshold_in_logit_space():
+    assert near({"a": 0.51, "b": 0.01}, TH, band=0.1)
+    assert not near({"a": 0.9, "b": 0.01}, TH, band=1.0)
+    assert near({"a": 0.9, "b": 0.01}, TH, band=3.0)  # logit(0.9) - logit(0.5) = 2.2
+    assert not near({"a": 0.51, "b": 0.01}, TH, band=0.0)
+    assert near({"a": 0.01, "b": 0.02}, TH, band=0.0, margin=0.05)  # a single-label top-2 tie
+
+
+def test_combine_rescores_only_the_near_ones_in_one_call():
+    student = [{"a": 0.9, "b": 0.0}, {"a": 0.49, "b": 0.0}, {"a": 0.0, "b": 0.31}]
+    calls = []
+
+    def teacher(idx):
+        calls.append(idx)
+        return [{"a": 0.1, "b": 0.2} for _ in idx]
+    rows = combine(student, teacher, TH, band=0.2)
+    assert calls == [[1, 2]]
+    assert [r[ESCALATED] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["a"] == 0.9 and rows[1] == {"a": 0.1, "b": 0.2, ESCALATED: 1.0}
+    with pytest.raises(RuntimeError):
+        combine(student, lambda idx: [], TH, band=0.2)
+
+
+def test_choose_band_is_the_narrowest_that_meets_the_floors():
+    teacher = [{"a": 0.6, "b": 0.0}, {"a": 0.2, "b": 0.0}, {"a": 0.9, "b": 0.0}]
+    student = [{"a": 0.45, "b": 0.0}, {"a": 0.25, "b": 0.0}, {"a": 0.95, "b": 0.0}]  # the first flips
+    band, stats = choose_band(student, teacher, TH, flags_floor=1.0, texts_floor=1.0)
+    assert near(student[0], TH, band) and stats["flags"] == 1.0 and stats["texts_identical"] == 1.0
+    assert 0 < band <= 0.25 and stats["escalated"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_file, tmp_path):
+    """--distill --cascade on the tiny encoder: the student has half the layers, the cascade's
+    band meets its floors on the held-out half, and a worker's host serves it, naming in each
+    line's provenance which model decided."""
+    from gristmill.producers import schemas as S
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.host import EngineHost
+    from tests.commands import GRISTMILL, ROOT
+    transfer = tmp_path / "traffic.txt"
+    transfer.write_text("\n".join(f"message {i}: the quick brown fox and the lazy dog, or i will hurt you"
+                                  for i in range(300)) + "\n")
+    texts = tmp_path / "heldout.txt"
+    texts.write_text("\n".join(["i will hurt you", "have a lovely day", "hello world", "the quick brown fox"] * 30))
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
+           "GRISTMILL_HOME": str(tmp_path / "home")}
+    out = tmp_path / "cascade"
+    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--prune", "0.5", "--distill", str(transfer),
+                        "--steps", "20", "--cascade", "--texts", str(texts), "--out", str(out), "--force"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = json.loads((out / "gristmill-artifact.json").read_text())
+    student = json.loads((out / "student" / "gristmill-artifact.json").read_text())
+    assert manifest["kind"] == "cascade" and manifest["teacher_model"] == "tiny-moderation"
+    assert student["student"]["keep_layers"] == [1] and student["variant"] == "ort-int8-student1of2"
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report == manifest["report"] and 0.0 <= report["escalated"] <= 1.0
+    assert set(report["agreement"]) >= {"flags", "texts_identical"}
+
+    models = json.loads(tiny_models_file.read_text())
+    spec = next(m for m in models if m["name"] == "tiny-moderation")
+    mf = tmp_path / "models.json"
+    mf.write_text(json.dumps(models + [{**spec, "name": "tiny-cascade", "path": str(out)}]))
+    host = EngineHost(Settings(models_file=mf, builtin_models=False, home=tmp_path / "home", dedup_ttl_s=0))
+    eng = host.engine("tiny-cascade")
+    assert eng.variant.startswith("cascade(ort-int8-student1of2") and eng.band == manifest["band"]
+    eng.band = 100.0  # every input escalates: the full model decides
+    item = S.WorkItem(1, "c1", "/v1/moderations", "tiny-cascade", {"input": ["i will hurt you", "hello"]}, "0" * 64)
+    (prep,) = host.prepare([item])
+    results = host.run("tiny-cascade", prep.payloads)
+    line = host.format(item, results)
+    assert line["provenance"]["decided_by"] == ["full", "full"]
+    # the full model's scores, as the same worker serves the model itself (its CPU precision)
+    full = host.engine("tiny-moderation").run(prep.payloads)
+    assert [{k: v for k, v in r.items() if k != ESCALATED} for r in results] == full
+    eng.band = 0.0  # none does: the student decides
+    assert host.format(item, host.run("tiny-cascade", prep.payloads))["provenance"]["decided_by"] == ["student",
+                                                                                                       "student"]
+    host.shutdown()
