@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.workers.batcher import BatchPolicy, Pending, plan
-    from gristmill.workers.host import classifier_kwargs
+    from gristmill.workers.loading import classifier_kwargs
 
     eng = ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), device=args.device, cpu_precision=args.precision,
                            **classifier_kwargs(DEFAULT_CLASSIFIER))

@@ -90,7 +90,7 @@ def cpu_variants(args) -> dict[str, dict]:
     from gristmill.kernels.optimize import agreement, build_artifact, build_student, student_digest, throughput
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.producers.settings import Settings
-    from gristmill.workers.host import classifier_kwargs
+    from gristmill.workers.loading import classifier_kwargs
     from gristmill.workers.optimize import decision_thresholds, heldout_texts
 
     spec = DEFAULT_CLASSIFIER

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from gristmill.kernels.optimize import agreement, throughput
     from gristmill.kernels.quant import _encoder_linears
     from gristmill.producers.registry import DEFAULT_CLASSIFIER as spec
-    from gristmill.workers.host import classifier_kwargs
+    from gristmill.workers.loading import classifier_kwargs
     from gristmill.workers.optimize import read_texts
 
     t0 = time.perf_counter()

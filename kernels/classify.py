@@ -133,6 +133,11 @@ class ClassifierEngine:
         return (out.last_hidden_state if self.pooled else out.logits).float()
 
     @property
+    def score_fields(self) -> list[str]:
+        """What each result holds, and the score cache keeps per input: the labels."""
+        return self.labels
+
+    @property
     def chunk_cache(self):
         """The chunk-cache tokenizer in use (its hits, misses and cache), or None."""
         return self._chunks

@@ -152,6 +152,12 @@ class GenerationEngine:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids
 
+    labels: list[str] = []  # a generator has none (kernels/engine.py's contract)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Prompt ids of plain-text prompts (kernels/engine.py's contract)."""
+        return [self.encode_prompt(t) for t in texts]
+
     def encode_prompt(self, prompt: str) -> list[int]:
         """The prompt's ids; a prompt with none (\"\" through a tokenizer that adds no BOS) starts
         from the model's BOS token. EmptyPrompt when the model has none."""

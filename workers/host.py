@@ -1,180 +1,65 @@
-"""The per-process engine host: loads each model once, prepares items, runs batches, formats lines.
-
-Engines load lazily on first use (or at worker start with `preload`), never at import.
+"""The per-process engine host: prepares a chunk's items for the batcher (tokenize, score-cache
+lookup), runs batches on the engine thread, settles new scores into the cache and has the lines
+formatted. Engines come from workers/loading.py, output lines from workers/formatting.py.
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
-import gc
 import logging
-import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ..kernels.engine import Engine, Generator
 from ..producers import constants as C
 from ..producers import schemas as S
-from ..producers.errors import EngineError, ItemError
-from ..producers.policy import Policy, model_policy
-from ..producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
+from ..producers.errors import ItemError
+from ..producers.policy import Policy
+from ..producers.registry import ModelSpec
 from ..producers.settings import Settings
 
 from . import dedup, metrics
 from .batcher import model_of
 from .dedup import ScoreCache
+from .formatting import Formatter
+from .loading import EngineLoader, revision_of
+from .records import ClassifierInputs, Prepared
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Prepared:
-    """One item made ready for the batcher: payloads for the engine, their token costs.
-
-    Classifier items also carry each input's SHA-256 and, where the score cache answered, its
-    scores (`known`, with no payload). An input repeating an earlier one of the same chunk has
-    neither payload nor scores: it shares the earlier input's result."""
-    item: S.WorkItem
-    payloads: list[Any]
-    costs: list[int]
-    shas: list[str] | None = None
-    known: list[dict[str, float] | None] | None = None
-    mkey: str = ""  # the score-cache namespace of the item's model
-    # per input: answered without running it here (cache, a repeat, or another chunk's run)
-    reused: list[bool] | None = None
-
-
-def freeze_heap() -> None:
-    """Move every object alive now (the loaded models, torch, transformers: ~400k objects) out of
-    the cyclic collector's reach. They live as long as the process, yet each full collection
-    walked them all (~0.3 s on a 2-core machine, every few thousand items), charged to whichever per-item
-    allocation set it off (a worker's result dicts and lists). At exit they are handed back, so that
-    extensions' leak checks (nanobind's) see them go even where no host was shut down."""
-    gc.collect()
-    gc.freeze()
-    _unfreeze_at_exit()
-
-
-@functools.cache
-def _unfreeze_at_exit() -> None:
-    atexit.register(gc.unfreeze)
-
-
-# After a model fails to load, its lines fail at once for this long before a load is tried again.
-LOAD_RETRY_S = 30.0
-
-
 class EngineHost:
+    """A worker process's path around the engines: prepare a chunk's items (tokenize, look up the
+    score cache), run batches on the engine thread, settle and format the results. Loading is
+    `EngineLoader`'s job (workers/loading.py), output lines `Formatter`'s (workers/formatting.py)."""
+
     def __init__(self, settings: Settings, device: str = "cpu", cache: ScoreCache | None = None):
         self.settings = settings
         self.registry = settings.registry
         self.device = device
         self.cache = cache
-        self._engines: dict[str, Any] = {}
-        self._failed: dict[str, tuple[float, Exception]] = {}  # model -> (when its load failed, the error)
-        # model -> the variant this process serves and why (workers/variants.py), for `gristmill models`
-        self.serving: dict[str, str] = {}
-        self.on_serving: Callable[[], None] | None = None  # told when `serving` changes
-        self._lock = threading.Lock()
+        self.loader = EngineLoader(settings, device)
+        self.formatter = Formatter(self.loader)
 
-    # -- load / check_health / shutdown
-    def engine(self, name: str):
-        eng = self._engines.get(name)
-        if eng is None:
-            with self._lock:
-                eng = self._engines.get(name)
-                if eng is None:
-                    eng = self._load_or_explain(name)
-                    self._engines[name] = eng
-                    freeze_heap()
-        return eng
+    def engine(self, name: str) -> Engine:
+        return self.loader.engine(name)
 
-    def _load_or_explain(self, name: str):
-        """Load a model; a failure names the model and is repeated without a new attempt for
-        LOAD_RETRY_S, so the chunks that follow fail their lines for it at once instead of each
-        paying a load (a corrupt or missing model directory, an out-of-memory device)."""
-        failed = self._failed.get(name)
-        if failed is not None and time.monotonic() - failed[0] < LOAD_RETRY_S:
-            raise failed[1]
-        spec = self.registry.get(name)
-        try:
-            eng = self._load(spec)
-        except Exception as exc:
-            err = EngineError(f"model {name!r} failed to load from {spec.path or spec.package}: "
-                              f"{type(exc).__name__}: {exc}")
-            self._failed[name] = (time.monotonic(), err)
-            raise err from exc
-        self._failed.pop(name, None)
-        return eng
+    def loaded(self) -> dict[str, Engine]:
+        return self.loader.loaded()
 
-    def _load(self, spec: ModelSpec):
-        log.info("loading %s (%s) on %s", spec.name, spec.kind, self.device)
-        path = spec.resolve_path()
-        if spec.kind == "causal_lm":
-            from ..kernels.generate import GenerationEngine
-            return GenerationEngine(path, cache_dir=self.settings.model_cache_dir, device=self.device,
-                                    max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
-        from ..kernels.classify import ClassifierEngine
-        from ..kernels.onnx_engine import OnnxClassifierEngine, read_manifest
-        from .variants import choose
-        st = self.settings
-        choice = choose(spec, self.device, st)
-        kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache,
-                  fast_tokenizer=st.fast_tokenizer)
-        # a directory built by `gristmill optimize` runs on ONNX Runtime (and a cascade, on both)
-        manifest = read_manifest(choice.path) if choice.artifact else None
-        if manifest is not None and manifest.get("kind") == "cascade":
-            eng = self._load_cascade(spec, choice.path, manifest, kw)
-        elif manifest is not None:
-            eng = OnnxClassifierEngine(choice.path, **kw)
-        else:
-            eng = ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
-                                   sparsity=st.engine_sparsity, compile=st.engine_compile, **kw)
-        self.serving[spec.name] = f"{eng.variant}: {choice.reason}"
-        log.info("serving %s as %s", spec.name, self.serving[spec.name])
-        if self.on_serving is not None:
-            try:
-                self.on_serving()
-            except Exception:  # noqa: BLE001 - the next heartbeat publishes it
-                log.warning("could not publish what this worker serves", exc_info=True)
-        return eng
-
-    def _load_cascade(self, spec: ModelSpec, path, manifest: dict, kw: dict):
-        """The student artifact inside the cascade directory, and the full model (by its registered
-        name, else the weights' path) in the CPU precision setting: bf16 autocast where the CPU has
-        native bf16, which kept every flag of fp32, the reference the band was chosen against."""
-        from ..kernels.cascade import CascadeEngine
-        from ..kernels.classify import ClassifierEngine
-        from ..kernels.onnx_engine import OnnxClassifierEngine
-        teacher_spec = self.registry.specs.get(manifest["teacher_model"])
-        teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
-        student = OnnxClassifierEngine(Path(path) / manifest["student"], **kw)
-        teacher = ClassifierEngine(teacher_path, cpu_precision=self.settings.cpu_precision, **kw)
-        return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
-                             margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
-
-    def loaded(self) -> dict[str, Any]:
-        """The engines loaded so far, by model name."""
-        return dict(self._engines)
+    @property
+    def serving(self) -> dict[str, str]:
+        return self.loader.serving
 
     def preload(self, queues: list[str]) -> None:
-        for url, name in self.registry.defaults.items():
-            if C.URL_QUEUE[url] in queues:
-                self.engine(name)
+        self.loader.preload(queues)
 
     def check_health(self) -> dict[str, bool]:
-        return {name: bool(e.check_health()) for name, e in self._engines.items()}
+        return self.loader.check_health()
 
     def shutdown(self) -> None:
-        for e in self._engines.values():
-            e.shutdown()
-        self._engines.clear()
-        gc.unfreeze()  # the engines just dropped (and whatever was frozen with them) collectable again
+        self.loader.shutdown()
 
-    def revision(self, spec: ModelSpec, engine) -> str:
-        return spec.revision or engine.revision
+    def revision(self, spec: ModelSpec, engine: Engine) -> str:
+        return revision_of(spec, engine)
 
     # -- prepare (task threads) / run (engine thread) / format (task threads)
     def prepare(self, items: list[S.WorkItem]) -> list[Prepared | S.LineError]:
@@ -219,8 +104,8 @@ class EngineHost:
                 k += len(texts)
                 payloads = [ids.get(j) for j in span]
                 out[i] = Prepared(items[i], payloads, [len(p) if p is not None else 0 for p in payloads],
-                                  [shas[j] for j in span], [known[j] for j in span], mkey,
-                                  [ids.get(j) is None for j in span])
+                                  ClassifierInputs(mkey, [shas[j] for j in span], [known[j] for j in span],
+                                                   [ids.get(j) is None for j in span]))
         return out  # type: ignore[return-value]
 
     def model_key(self, model: str) -> str:
@@ -236,10 +121,10 @@ class EngineHost:
         computed: dict[str, dict[str, Any]] = {}  # model -> sha -> scores
         inputs = reused = 0
         for p, results in done:
-            if p.shas is None:
+            if p.inputs is None:
                 continue
-            inputs += len(p.shas)
-            for sha, was_reused, r in zip(p.shas, p.reused or [], results):
+            inputs += len(p.inputs.sha256)
+            for sha, was_reused, r in zip(p.inputs.sha256, p.inputs.reused, results):
                 if was_reused:
                     reused += 1
                 else:
@@ -262,9 +147,9 @@ class EngineHost:
                 final[model] = theirs
         out = []
         for p, results in done:
-            if p.shas is not None and p.item.model in final:
+            if p.inputs is not None and p.item.model in final:
                 table = final[p.item.model]
-                results = [table.get(sha, r) for sha, r in zip(p.shas, results)]
+                results = [table.get(sha, r) for sha, r in zip(p.inputs.sha256, results)]
             out.append((p.item, results))
         return out, inputs, reused
 
@@ -302,7 +187,10 @@ class EngineHost:
         """The batcher's continuous runner for a generation model on the continuous loop (requests
         join the running batch as they arrive and finish one by one), else None."""
         spec = self.registry.specs.get(model)
-        if spec is None or not spec.is_generator or getattr(self.engine(model), "loop", None) is None:
+        if spec is None or not spec.is_generator:
+            return None
+        eng = self.engine(model)
+        if not isinstance(eng, Generator) or eng.loop is None:
             return None
 
         def stream(key: str, payloads: list[Any], pull, finish) -> None:
@@ -319,80 +207,16 @@ class EngineHost:
             torch.cuda.empty_cache()  # give the cached blocks back before the batcher retries halves
 
     def format(self, it: S.WorkItem, results: list[Any], policy: Policy | None = None) -> dict[str, Any]:
-        return self.format_many([(it, results)], policy)[0]
+        return self.formatter.format_many([(it, results)], policy)[0]
 
     def format_many(self, done: list[tuple[S.WorkItem, list[Any]]], policy: Policy | None = None,
                     shas: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
-        """Output lines for (item, engine results) pairs; per-model facts looked up once. A
-        classifier's scores pass through the batch's `policy` when it is the policy's model, else
-        through the model's own registered thresholds. `shas[i]`, where given, holds the SHA-256
-        of each input of `done[i]` (prepare computed them), else they are computed here."""
-        out = []
-        facts: dict[str, tuple] = {}
-        for k, (it, results) in enumerate(done):
-            f = facts.get(it.model)
-            if f is None:
-                spec = self.registry.get(it.model)
-                eng = self.engine(it.model)
-                pol = apply = None
-                if not spec.is_generator:
-                    pol = policy if policy is not None and policy.model == spec.name else model_policy(spec, eng.labels)
-                    apply = pol.applier(pol.sources(eng.labels))
-                f = facts[it.model] = (spec, eng, self.revision(spec, eng), pol, apply)
-            spec, eng, revision, pol, apply = f
-            if it.url in (C.CHAT_URL, C.COMPLETIONS_URL):
-                (r,) = results
-                build = S.chat_body if it.url == C.CHAT_URL else S.completion_body
-                body = build(spec.name, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, eng.variant)
-                prov = S.provenance(spec.name, revision, eng.variant, it.input_sha256)
-            else:
-                build = S.moderation_body if it.url == C.MODERATIONS_URL else S.classification_body
-                body = build(spec.name, [apply(r) for r in results], pol.resolved_thresholds(),
-                             pol.policy_version)
-                texts = it.body["input"]
-                hashes = shas[k] if shas is not None else None
-                if hashes is None:
-                    hashes = [S.text_sha256(t) for t in S.as_inputs(texts)]
-                prov = S.provenance(spec.name, revision, eng.variant, hashes[0] if isinstance(texts, str) else hashes,
-                                    pol, decided_by(results, isinstance(texts, str)))
-            out.append(S.output_line(it.custom_id, body, prov))
-        return out
-
-
-def classifier_kwargs(spec: ModelSpec, cache_dir=None) -> dict[str, Any]:
-    """ClassifierEngine keyword arguments for a registered classifier. A head given as a seed set
-    is trained (once, then cached under `cache_dir`, default the settings' model cache) on the
-    encoder's weights: for an optimized artifact, those of the model it was built from, so that an
-    artifact and its source share one head."""
-    kw: dict[str, Any] = {"max_length": spec.max_input_tokens}
-    if spec.kind == "zero_shot":
-        kw.update(prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
-    elif spec.kind == "embedding_classifier":
-        head = spec.resolve_head()
-        if head is not None and head.suffix == ".jsonl":
-            from ..kernels.heads import ensure_head
-            from ..kernels.onnx_engine import read_manifest
-            encoder = spec.resolve_path()
-            manifest = read_manifest(encoder) if encoder.is_dir() else None
-            if manifest is not None:
-                encoder = Path(manifest["source"])
-            head = ensure_head(encoder, head, cache_dir or Settings().model_cache_dir)
-        kw.update(head=head)
-    return kw
+        return self.formatter.format_many(done, policy, shas)
 
 
 def score_fields(engine) -> list[str]:
     """What the score cache keeps per input: the labels, and for a cascade whether it escalated."""
-    return list(getattr(engine, "score_fields", engine.labels))
-
-
-def decided_by(results: list[Any], single: bool) -> str | list[str] | None:
-    """For a cascade's results, which model decided each input ("student" or "full"); else None."""
-    from ..kernels.cascade import ESCALATED
-    if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:
-        return None
-    names = ["full" if r.get(ESCALATED) else "student" for r in results]
-    return names[0] if single else names
+    return list(engine.score_fields)
 
 
 def item_error(it: S.WorkItem, exc: BaseException) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def decision_thresholds(spec, labels: list[str]) -> dict[str, float]:
 def reference_scores(spec, src: Path, heldout: list[str]):
     from ..kernels.classify import ClassifierEngine
     from ..kernels.optimize import throughput
-    from .host import classifier_kwargs
+    from .loading import classifier_kwargs
     ref = ClassifierEngine(src, cpu_precision="fp32", **classifier_kwargs(spec))
     ips, scores = throughput(ref, heldout)
     return ref, ips, scores
@@ -83,7 +83,7 @@ def reference_scores(spec, src: Path, heldout: list[str]):
 def judge(spec, src: Path, artifact: Path, heldout: list[str], reference=None) -> dict:
     from ..kernels.onnx_engine import OnnxClassifierEngine
     from ..kernels.optimize import agreement, throughput
-    from .host import classifier_kwargs
+    from .loading import classifier_kwargs
     ref, ref_ips, ref_scores = reference or reference_scores(spec, src, heldout)
     new = OnnxClassifierEngine(artifact, **classifier_kwargs(spec))
     new_ips, new_scores = throughput(new, heldout)
@@ -223,7 +223,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels.loading import cpu_has_bf16
     from ..kernels.onnx_engine import read_manifest
     from ..kernels.optimize import agreement, build_student, student_digest, write_cascade
-    from .host import classifier_kwargs
+    from .loading import classifier_kwargs
     vocab = src / "vocab.txt"
     transfer = (corpus.transfer_set(BUILTIN_TRANSFER_LINES, vocab_file=vocab if vocab.is_file() else None)
                 if args.distill == "builtin" else read_texts(Path(args.distill)))

@@ -25,7 +25,8 @@ from . import metrics
 from .batcher import BatchPolicy, MicroBatcher, Slot, tagged
 from .dedup import Recent, ScoreCache
 from .reaper import Lease
-from .host import EngineHost, Prepared, item_error
+from .host import EngineHost, item_error
+from .records import ChunkOutcome, Prepared, Repeat
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class WorkerState:
         self.host = EngineHost(settings, device, ScoreCache(cache_redis, settings.dedup_ttl_s))
         if self.lease is not None:
             self.lease.serving = self.host.serving  # published with each heartbeat, and when it changes
-            self.host.on_serving = self.lease.beat
+            self.host.loader.on_serving = self.lease.beat
         metrics.watch_tokenizers(self.host)
         self.recent = Recent() if settings.dedup_ttl_s > 0 else None
         policy = BatchPolicy(settings.max_batch_size, settings.token_budget, settings.max_wait_ms / 1000.0)
@@ -92,18 +93,17 @@ def process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[di
         metrics.CHUNK_SECONDS.labels(queue).observe(time.perf_counter() - t0)
 
 
-def _write(st: WorkerState, batch_id: str, chunk: int, lines: list[tuple[dict[str, Any], bool]],
-           models: list[str], counts: ChunkCounts | None = None) -> None:
-    """`models[i]` is the model of `lines[i]`, for the items metric."""
+def _write(st: WorkerState, batch_id: str, chunk: int, outcome: ChunkOutcome) -> None:
     # retried while Redis is down: the write is idempotent (HSETNX on the chunk's part), and the
     # message is acked only after it, so an outage delays a chunk instead of failing it
-    with_retry(st.store.record, batch_id, chunk, lines, counts=counts, what=f"writing chunk {chunk} of {batch_id}")
-    counts: dict[tuple[str, str], int] = {}
-    for model, (_, is_error) in zip(models, lines):
-        k = (model, "failed" if is_error else "completed")
-        counts[k] = counts.get(k, 0) + 1
-    for (model, outcome), n in counts.items():
-        metrics.ITEMS.labels(model, outcome).inc(n)
+    with_retry(st.store.record, batch_id, chunk, outcome.lines, counts=outcome.counts,
+               what=f"writing chunk {chunk} of {batch_id}")
+    per_model: dict[tuple[str, str], int] = {}
+    for model, line in zip(outcome.models, outcome.lines):
+        k = (model, "failed" if line.is_error else "completed")
+        per_model[k] = per_model.get(k, 0) + 1
+    for (model, result), n in per_model.items():
+        metrics.ITEMS.labels(model, result).inc(n)
 
 
 def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = None,
@@ -122,19 +122,20 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
     out = []
     for model, group in by_model.items():
         payloads, costs, keys = [], [], []
-        where: list[int | Slot | tuple[str, str]] = []  # per input: its submit index, a slot, or a repeat's key
+        where: list[int | Slot | Repeat] = []  # per input: its index among those submitted, a slot, or a repeat
         with recent.lock if recent is not None else contextlib.nullcontext():
             for p in group:
+                cls = p.inputs
                 for k, payload in enumerate(p.payloads):
-                    key = (p.mkey, p.shas[k]) if p.shas is not None else None
+                    key = Repeat(cls.model_key, cls.sha256[k]) if cls is not None else None
                     shared = recent.get(key) if recent is not None and key is not None and payload is not None else None
-                    if p.known is not None and p.known[k] is not None:
-                        where.append(Slot.resolved(p.known[k]))
+                    if cls is not None and cls.known[k] is not None:
+                        where.append(Slot.resolved(cls.known[k]))
                     elif payload is None:
                         where.append(key)  # a repeat within the chunk: filled in below
                     elif shared is not None:
                         where.append(shared)
-                        p.reused[k] = True  # type: ignore[index]
+                        cls.reused[k] = True  # type: ignore[union-attr]
                     else:
                         where.append(len(payloads))
                         payloads.append(payload)
@@ -146,11 +147,11 @@ def submit_chunk(batcher: MicroBatcher, prepared: list, recent: Recent | None = 
                     if key is not None:
                         recent.put(key, f)
         resolved: list[Slot] = []
-        first: dict[tuple[str, str], Slot] = {}  # each input's slot, for repeats later in the chunk
+        first: dict[Repeat, Slot] = {}  # each input's slot, for repeats later in the chunk
         for s, (p, k) in zip(where, ((p, k) for p in group for k in range(len(p.payloads)))):
             f = submitted[s] if isinstance(s, int) else s if isinstance(s, Slot) else first[s]
-            if p.shas is not None:
-                first.setdefault((p.mkey, p.shas[k]), f)
+            if p.inputs is not None:
+                first.setdefault(Repeat(p.inputs.model_key, p.inputs.sha256[k]), f)
             resolved.append(f)
         k = 0
         for p in group:
@@ -181,16 +182,15 @@ def _process_chunk(st: WorkerState, batch_id: str, chunk: int, raw_items: list[d
         else:
             code, msg = C.E_WORKER_CRASHED, (f"delivered {attempts} times without finishing; the worker "
                                              f"likely crashed on it")
-        lines = [(S.error_line(it.custom_id, code, msg, it.line), True) for it in items]
-        _write(st, batch_id, chunk, lines, [it.model for it in items])
-        return {"failed": len(lines)}
-    if attempts > 1:
-        lines, models, counts = _isolate(st, batch_id, chunk, items, policy)
-    else:
-        lines, models, counts = run_items(st, items, policy)
-    _write(st, batch_id, chunk, lines, models, counts)
-    failed = sum(1 for _, e in lines if e)
-    return {"completed": len(lines) - failed, "failed": failed}
+        failing = ChunkOutcome()
+        for it in items:
+            failing.add(S.error_line(it.custom_id, code, msg, it.line), True, it.model)
+        _write(st, batch_id, chunk, failing)
+        return {"failed": len(items)}
+    outcome = _isolate(st, batch_id, chunk, items, policy) if attempts > 1 else run_items(st, items, policy)
+    _write(st, batch_id, chunk, outcome)
+    failed = outcome.failed
+    return {"completed": len(outcome.lines) - failed, "failed": failed}
 
 
 def _prepare_apart(st: WorkerState, items: list[S.WorkItem]) -> list[Prepared | S.LineError]:
@@ -217,13 +217,11 @@ def _prepare_apart(st: WorkerState, items: list[S.WorkItem]) -> list[Prepared | 
     return out  # type: ignore[return-value]
 
 
-def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, tag: str = ""
-              ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], ChunkCounts]:
-    """(line, is_error) pairs for `items`, their models, and the classifier counters they add
-    (score-cache reuse, cascade escalations). A `tag` keeps these items out of other messages'
-    device batches (isolation)."""
-    lines: list[tuple[dict[str, Any], bool]] = []
-    models: list[str] = []
+def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, tag: str = "") -> ChunkOutcome:
+    """The lines of `items`, their models, and the classifier counters they add (score-cache
+    reuse, cascade escalations). A `tag` keeps these items out of other messages' device batches
+    (isolation)."""
+    out = ChunkOutcome()
     try:
         prepared = st.host.prepare(items)
     except Exception:  # noqa: BLE001 - a chunk-wide preparation failure must not fail the other items
@@ -232,28 +230,27 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
     waiting = submit_chunk(st.batcher, prepared, st.recent, tag)
     for it, p in zip(items, prepared):
         if isinstance(p, S.LineError):
-            lines.append((S.error_line(p.custom_id, p.code, p.message, p.line), True))
-            models.append(it.model)
+            out.add(S.error_line(p.custom_id, p.code, p.message, p.line), True, it.model)
     ran: list[tuple[Prepared, list[Any]]] = []
     for p, slots in waiting:
         it = p.item
         try:
             ran.append((p, [s.result() for s in slots]))
         except Exception as exc:  # noqa: BLE001 - one bad item fails alone
-            lines.append((item_error(it, exc), True))
-            models.append(it.model)
+            out.add(item_error(it, exc), True, it.model)
     done, inputs, reused = st.host.settle(ran)
-    counts = ChunkCounts(dedup_inputs=inputs, dedup_reused=reused, **cascade_counts(done))
+    out.counts = ChunkCounts(dedup_inputs=inputs, dedup_reused=reused, **cascade_counts(done))
     try:
-        lines += [(line, False) for line in st.host.format_many(done, policy, [p.shas for p, _ in ran])]
+        formatted = st.host.format_many(done, policy, [p.inputs.sha256 if p.inputs is not None else None for p, _ in ran])
+        for (it, _), line in zip(done, formatted):
+            out.add(line, False, it.model)
     except Exception:  # noqa: BLE001 - find the item that cannot be formatted; it fails alone
         for it, results in done:
             try:
-                lines.append((st.host.format(it, results, policy), False))
+                out.add(st.host.format(it, results, policy), False, it.model)
             except Exception as exc:  # noqa: BLE001
-                lines.append((item_error(it, exc), True))
-    models += [it.model for it, _ in done]
-    return lines, models, counts
+                out.add(item_error(it, exc), True, it.model)
+    return out
 
 
 def cascade_counts(done: list[tuple[S.WorkItem, list[Any]]]) -> dict[str, int]:
@@ -280,35 +277,31 @@ _ISOLATED = threading.Lock()
 
 
 def _isolate(st: WorkerState, batch_id: str, chunk: int, items: list[S.WorkItem], policy: Policy | None
-             ) -> tuple[list[tuple[dict[str, Any], bool]], list[str], ChunkCounts]:
+             ) -> ChunkOutcome:
     """A chunk delivered again: an earlier delivery did not finish, maybe because one of its lines
     kills the worker (a poison input). Run its items one at a time, each marked in Redis while it
     runs and its line kept once done; an item that was running at SUSPECT_DEATHS deaths fails
     alone with `worker_crashed`, and the others complete."""
     store, tag = st.store, f"{batch_id}:{chunk}"
-    lines: list[tuple[dict[str, Any], bool]] = []
-    models: list[str] = []
-    counts = ChunkCounts()
+    out = ChunkOutcome()
     kept = with_retry(store.kept_lines, batch_id, chunk)
     suspects = with_retry(store.suspects, batch_id, chunk)
     for it in items:
         if str(it.line) in kept:
             line, is_error = kept[str(it.line)]
-            lines.append((line, is_error))
+            out.add(line, is_error, it.model)
         elif suspects.get(str(it.line), 0) >= SUSPECT_DEATHS:
             log.error("line %d of %s was running at %d worker deaths; failing it alone", it.line, batch_id,
                       SUSPECT_DEATHS)
-            lines.append((S.error_line(it.custom_id, C.E_WORKER_CRASHED, f"the worker died {SUSPECT_DEATHS} times "
-                                       f"while running this line alone; it was not retried again", it.line), True))
+            out.add(S.error_line(it.custom_id, C.E_WORKER_CRASHED, f"the worker died {SUSPECT_DEATHS} times "
+                                 f"while running this line alone; it was not retried again", it.line), True, it.model)
         else:
             with _ISOLATED:
                 with_retry(store.mark_running, batch_id, chunk, it.line)
-                got, _, c = run_items(st, [it], policy, tag)
-                with_retry(store.keep_line, batch_id, chunk, it.line, *got[0])
-            lines += got
-            counts = counts + c
-        models.append(it.model)
-    return lines, models, counts
+                got = run_items(st, [it], policy, tag)
+                with_retry(store.keep_line, batch_id, chunk, it.line, *got.lines[0])
+            out.extend(got)
+    return out
 
 
 def register_tasks(app) -> None:

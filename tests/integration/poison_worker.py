@@ -8,6 +8,7 @@ import os
 import sys
 
 from gristmill.workers import host
+from gristmill.workers.records import Prepared
 
 _prepare, _run = host.EngineHost.prepare, host.EngineHost.run
 
@@ -15,10 +16,11 @@ _prepare, _run = host.EngineHost.prepare, host.EngineHost.run
 def prepare(self, items):
     out = _prepare(self, items)
     for it, p in zip(items, out):
-        if isinstance(p, host.Prepared) and "POISON" in json.dumps(it.body):
+        if isinstance(p, Prepared) and "POISON" in json.dumps(it.body):
             p.payloads = [[-1] for _ in p.payloads]
-            p.known = [None] * len(p.payloads) if p.known is not None else None
-            p.reused = [False] * len(p.payloads) if p.reused is not None else None
+            if p.inputs is not None:  # it runs, whatever the score cache knew
+                p.inputs.known = [None] * len(p.payloads)
+                p.inputs.reused = [False] * len(p.payloads)
     return out
 
 

@@ -59,10 +59,15 @@ def test_cli_submit_status_results_cancel_models(redis_url, tiny_worker, home, t
     assert "completed" in run(env, "cancel", batch_id).stdout  # a finished batch stays finished
     models = run(env, "models").stdout
     assert "tiny-chat" in models and "tiny-moderation" in models
-    # what the running worker serves, and why (no optimized artifact in its home: the torch engine)
-    served = json.loads(run(env, "models", "--json").stdout)["workers"]
-    assert served and any("no optimized artifact meets the floors" in how
-                          for w in served.values() for how in w.values()), served
+    # what the running worker serves, and why (no optimized artifact in its home: the torch engine);
+    # clean() above wiped the worker's registration: its next heartbeat (LEASE_TTL_S / 3) restores it
+    deadline = time.monotonic() + 30
+    while True:
+        served = json.loads(run(env, "models", "--json").stdout)["workers"]
+        if any("no optimized artifact meets the floors" in how for w in served.values() for how in w.values()):
+            break
+        assert time.monotonic() < deadline, served
+        time.sleep(1)
 
     bad = run(env, "status", "batch_missing", check=False)
     assert bad.returncode == 2 and "not found" in bad.stderr

@@ -28,7 +28,7 @@ import json, sys, importlib.util
 import transformers  # imports Hugging Face's `kernels` where transformers needs it
 import gristmill, gristmill.kernels.classify as classify
 from gristmill.producers.registry import DEFAULT_CLASSIFIER
-from gristmill.workers.host import classifier_kwargs
+from gristmill.workers.loading import classifier_kwargs
 engine = classify.ClassifierEngine(DEFAULT_CLASSIFIER.resolve_path(), device="cpu", **classifier_kwargs(DEFAULT_CLASSIFIER))
 scores = engine.run(engine.encode(["I will find you and kill you.", "Thank you for the lovely dinner."]))
 k = importlib.util.find_spec("kernels")

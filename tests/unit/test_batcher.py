@@ -205,7 +205,7 @@ def test_items_arriving_while_a_batch_runs_are_sorted_together():
 
 def test_a_chunk_submitted_per_model_returns_results_to_their_items():
     from gristmill.producers.schemas import LineError, WorkItem
-    from gristmill.workers.host import Prepared
+    from gristmill.workers.records import Prepared
     from gristmill.workers.tasks import submit_chunk
     calls = []
 
@@ -230,7 +230,7 @@ def test_a_chunk_submitted_per_model_returns_results_to_their_items():
 def test_repeated_inputs_share_one_run_within_and_across_chunks():
     from gristmill.producers.schemas import WorkItem
     from gristmill.workers.dedup import Recent
-    from gristmill.workers.host import Prepared
+    from gristmill.workers.records import ClassifierInputs, Prepared
     from gristmill.workers.tasks import submit_chunk
     calls = []
 
@@ -242,8 +242,8 @@ def test_repeated_inputs_share_one_run_within_and_across_chunks():
 
     def prep(i, shas, payloads, known=None):
         n = len(shas)
-        return Prepared(WorkItem(i, f"c{i}", "/v1/moderations", "m", {}, ""), payloads, [1] * n, shas,
-                        known or [None] * n, "mk", [p is None for p in payloads])
+        return Prepared(WorkItem(i, f"c{i}", "/v1/moderations", "m", {}, ""), payloads, [1] * n,
+                        ClassifierInputs("mk", shas, known or [None] * n, [p is None for p in payloads]))
 
     b = MicroBatcher(runner, BatchPolicy(max_batch_size=64, token_budget=10_000, max_wait_s=0.01))
     recent = Recent(capacity=8)
@@ -255,7 +255,7 @@ def test_repeated_inputs_share_one_run_within_and_across_chunks():
         got = [[f.result(timeout=5) for f in fs] for _, fs in one + two]
         assert got == [["X", "X"], [{"k": 1.0}], ["X"]]
         assert calls == [["x"]], "x ran once"
-        assert two[0][0].reused == [True] and one[0][0].reused == [False, True]
+        assert two[0][0].inputs.reused == [True] and one[0][0].inputs.reused == [False, True]
         # a failed run is not shared with later chunks: they run it again
         bad = submit_chunk(b, [prep(3, ["sb"], ["boom"])], recent)
         with pytest.raises(RuntimeError):

@@ -1,0 +1,64 @@
+"""Output lines: an item's engine results as the OpenAI response body of its url, with provenance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..producers import constants as C
+from ..producers import schemas as S
+from ..producers.policy import Policy, model_policy
+
+from .loading import EngineLoader, revision_of
+
+
+class Formatter:
+    """Builds output lines; per-model facts (spec, engine, revision, policy) looked up once a call."""
+
+    def __init__(self, loader: EngineLoader):
+        self.loader = loader
+
+    def format_many(self, done: list[tuple[S.WorkItem, list[Any]]], policy: Policy | None = None,
+                    shas: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
+        """Output lines for (item, engine results) pairs; per-model facts looked up once. A
+        classifier's scores pass through the batch's `policy` when it is the policy's model, else
+        through the model's own registered thresholds. `shas[i]`, where given, holds the SHA-256
+        of each input of `done[i]` (prepare computed them), else they are computed here."""
+        out = []
+        facts: dict[str, tuple] = {}
+        for k, (it, results) in enumerate(done):
+            f = facts.get(it.model)
+            if f is None:
+                spec = self.loader.registry.get(it.model)
+                eng = self.loader.engine(it.model)
+                pol = apply = None
+                if not spec.is_generator:
+                    pol = policy if policy is not None and policy.model == spec.name else model_policy(spec, eng.labels)
+                    apply = pol.applier(pol.sources(eng.labels))
+                f = facts[it.model] = (spec, eng, revision_of(spec, eng), pol, apply)
+            spec, eng, revision, pol, apply = f
+            if it.url in (C.CHAT_URL, C.COMPLETIONS_URL):
+                (r,) = results
+                build = S.chat_body if it.url == C.CHAT_URL else S.completion_body
+                body = build(spec.name, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, eng.variant)
+                prov = S.provenance(spec.name, revision, eng.variant, it.input_sha256)
+            else:
+                build = S.moderation_body if it.url == C.MODERATIONS_URL else S.classification_body
+                body = build(spec.name, [apply(r) for r in results], pol.resolved_thresholds(),
+                             pol.policy_version)
+                texts = it.body["input"]
+                hashes = shas[k] if shas is not None else None
+                if hashes is None:
+                    hashes = [S.text_sha256(t) for t in S.as_inputs(texts)]
+                prov = S.provenance(spec.name, revision, eng.variant, hashes[0] if isinstance(texts, str) else hashes,
+                                    pol, decided_by(results, isinstance(texts, str)))
+            out.append(S.output_line(it.custom_id, body, prov))
+        return out
+
+
+def decided_by(results: list[Any], single: bool) -> str | list[str] | None:
+    """For a cascade's results, which model decided each input ("student" or "full"); else None."""
+    from ..kernels.cascade import ESCALATED
+    if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:
+        return None
+    names = ["full" if r.get(ESCALATED) else "student" for r in results]
+    return names[0] if single else names

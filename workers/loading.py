@@ -1,0 +1,184 @@
+"""Loading engines: each registered model once per process, as the variant that suits the device.
+
+Engines load lazily on first use (or at worker start with `preload`), never at import. A model
+that fails to load fails its lines for LOAD_RETRY_S before a load is tried again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import gc
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..kernels.engine import Engine, check_engine
+from ..producers import constants as C
+from ..producers.errors import EngineError
+from ..producers.registry import NEUTRAL_PROTOTYPES, ModelSpec
+from ..producers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (the loaded models, torch, transformers: ~400k objects) out of
+    the cyclic collector's reach. They live as long as the process, yet each full collection
+    walked them all (~0.3 s on a 2-core machine, every few thousand items), charged to whichever per-item
+    allocation set it off (a worker's result dicts and lists). At exit they are handed back, so that
+    extensions' leak checks (nanobind's) see them go even where no host was shut down."""
+    gc.collect()
+    gc.freeze()
+    _unfreeze_at_exit()
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)
+
+
+# After a model fails to load, its lines fail at once for this long before a load is tried again.
+LOAD_RETRY_S = 30.0
+
+
+class EngineLoader:
+    """Loads each registered model once per process, on first use (or at worker start with
+    `preload`), as the variant workers/variants.py picks; keeps the engines and what it serves."""
+
+    def __init__(self, settings: Settings, device: str = "cpu"):
+        self.settings = settings
+        self.registry = settings.registry
+        self.device = device
+        self._engines: dict[str, Engine] = {}
+        self._failed: dict[str, tuple[float, Exception]] = {}  # model -> (when its load failed, the error)
+        # model -> the variant this process serves and why (workers/variants.py), for `gristmill models`
+        self.serving: dict[str, str] = {}
+        self.on_serving: Callable[[], None] | None = None  # told when `serving` changes
+        self._lock = threading.Lock()
+
+    # -- load / check_health / shutdown
+    def engine(self, name: str) -> Engine:
+        eng = self._engines.get(name)
+        if eng is None:
+            with self._lock:
+                eng = self._engines.get(name)
+                if eng is None:
+                    eng = self._load_or_explain(name)
+                    self._engines[name] = eng
+                    freeze_heap()
+        return eng
+
+    def _load_or_explain(self, name: str) -> Engine:
+        """Load a model; a failure names the model and is repeated without a new attempt for
+        LOAD_RETRY_S, so the chunks that follow fail their lines for it at once instead of each
+        paying a load (a corrupt or missing model directory, an out-of-memory device)."""
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() - failed[0] < LOAD_RETRY_S:
+            raise failed[1]
+        spec = self.registry.get(name)
+        try:
+            eng = self._load(spec)
+        except Exception as exc:
+            err = EngineError(f"model {name!r} failed to load from {spec.path or spec.package}: "
+                              f"{type(exc).__name__}: {exc}")
+            self._failed[name] = (time.monotonic(), err)
+            raise err from exc
+        self._failed.pop(name, None)
+        return eng
+
+    def _load(self, spec: ModelSpec) -> Engine:
+        return check_engine(self._build(spec), spec.is_generator)
+
+    def _build(self, spec: ModelSpec):
+        log.info("loading %s (%s) on %s", spec.name, spec.kind, self.device)
+        path = spec.resolve_path()
+        if spec.kind == "causal_lm":
+            from ..kernels.generate import GenerationEngine
+            return GenerationEngine(path, cache_dir=self.settings.model_cache_dir, device=self.device,
+                                    max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
+        from ..kernels.classify import ClassifierEngine
+        from ..kernels.onnx_engine import OnnxClassifierEngine, read_manifest
+        from .variants import choose
+        st = self.settings
+        choice = choose(spec, self.device, st)
+        kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache,
+                  fast_tokenizer=st.fast_tokenizer)
+        # a directory built by `gristmill optimize` runs on ONNX Runtime (and a cascade, on both)
+        manifest = read_manifest(choice.path) if choice.artifact else None
+        if manifest is not None and manifest.get("kind") == "cascade":
+            eng = self._load_cascade(spec, choice.path, manifest, kw)
+        elif manifest is not None:
+            eng = OnnxClassifierEngine(choice.path, **kw)
+        else:
+            eng = ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
+                                   sparsity=st.engine_sparsity, compile=st.engine_compile, **kw)
+        self.serving[spec.name] = f"{eng.variant}: {choice.reason}"
+        log.info("serving %s as %s", spec.name, self.serving[spec.name])
+        if self.on_serving is not None:
+            try:
+                self.on_serving()
+            except Exception:  # noqa: BLE001 - the next heartbeat publishes it
+                log.warning("could not publish what this worker serves", exc_info=True)
+        return eng
+
+    def _load_cascade(self, spec: ModelSpec, path, manifest: dict, kw: dict):
+        """The student artifact inside the cascade directory, and the full model (by its registered
+        name, else the weights' path) in the CPU precision setting: bf16 autocast where the CPU has
+        native bf16, which kept every flag of fp32, the reference the band was chosen against."""
+        from ..kernels.cascade import CascadeEngine
+        from ..kernels.classify import ClassifierEngine
+        from ..kernels.onnx_engine import OnnxClassifierEngine
+        teacher_spec = self.registry.specs.get(manifest["teacher_model"])
+        teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
+        student = OnnxClassifierEngine(Path(path) / manifest["student"], **kw)
+        teacher = ClassifierEngine(teacher_path, cpu_precision=self.settings.cpu_precision, **kw)
+        return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
+                             margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
+
+    def loaded(self) -> dict[str, Engine]:
+        """The engines loaded so far, by model name."""
+        return dict(self._engines)
+
+    def preload(self, queues: list[str]) -> None:
+        for url, name in self.registry.defaults.items():
+            if C.URL_QUEUE[url] in queues:
+                self.engine(name)
+
+    def check_health(self) -> dict[str, bool]:
+        return {name: bool(e.check_health()) for name, e in self._engines.items()}
+
+    def shutdown(self) -> None:
+        for e in self._engines.values():
+            e.shutdown()
+        self._engines.clear()
+        gc.unfreeze()  # the engines just dropped (and whatever was frozen with them) collectable again
+
+
+def revision_of(spec: ModelSpec, engine: Engine) -> str:
+    """The model's revision in provenance and cache keys: the registered one, else the weights'."""
+    return spec.revision or engine.revision
+
+
+def classifier_kwargs(spec: ModelSpec, cache_dir=None) -> dict[str, Any]:
+    """ClassifierEngine keyword arguments for a registered classifier. A head given as a seed set
+    is trained (once, then cached under `cache_dir`, default the settings' model cache) on the
+    encoder's weights: for an optimized artifact, those of the model it was built from, so that an
+    artifact and its source share one head."""
+    kw: dict[str, Any] = {"max_length": spec.max_input_tokens}
+    if spec.kind == "zero_shot":
+        kw.update(prototypes=spec.prototypes, neutral=NEUTRAL_PROTOTYPES)
+    elif spec.kind == "embedding_classifier":
+        head = spec.resolve_head()
+        if head is not None and head.suffix == ".jsonl":
+            from ..kernels.heads import ensure_head
+            from ..kernels.onnx_engine import read_manifest
+            encoder = spec.resolve_path()
+            manifest = read_manifest(encoder) if encoder.is_dir() else None
+            if manifest is not None:
+                encoder = Path(manifest["source"])
+            head = ensure_head(encoder, head, cache_dir or Settings().model_cache_dir)
+        kw.update(head=head)
+    return kw
