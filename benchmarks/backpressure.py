@@ -25,18 +25,9 @@ from pathlib import Path
 
 from gristmill.producers.runtime import python_module
 
-from .common import table, texts
-from .load import tiny_classifier
+from .common import table, write_classification_file
+from .load import tiny_models_file
 from .queue_overhead import ROOT, stop
-
-
-def write_file(path: Path, n: int, tag: str) -> int:
-    pool = texts(4096, 4, 24, seed=5)
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/classifications",
-                                "body": {"input": f"{pool[i % len(pool)]} {i} {tag}"}}) + "\n")
-    return path.stat().st_size
 
 
 class MemorySampler(threading.Thread):
@@ -93,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from gristmill.workers.launcher import wait_for_workers
     bound = args.bound if args.bound is not None else Settings.model_fields["max_queued_lines"].default
     work = Path(tempfile.mkdtemp(prefix="gristmill-backpressure-"))
-    model = tiny_classifier(work / "tiny")
-    mf = work / "models.json"
-    mf.write_text(json.dumps([{"name": "tiny", "kind": "sequence_classifier", "path": str(model),
-                               "max_input_tokens": 64}]))
+    mf = tiny_models_file(work)
     base = {k: v for k, v in os.environ.items() if not k.startswith("GRISTMILL_")}
     runs = []
     with EmbeddedRedis(work / "redis") as server, EmbeddedRedis(work / "redis-cache", cache_max_memory="1gb") as cache:
@@ -115,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, b in enumerate((0, bound)):
                 files = [work / f"run{k}-file{i}.jsonl" for i in range(args.files)]
                 for i, f in enumerate(files):
-                    size = write_file(f, n, f"run{k}-{i}")
+                    size = write_classification_file(f, n, f"run{k}-{i}")
                 run = one_run(files, env, r, b)
                 for f in files:
                     f.unlink()

@@ -34,6 +34,17 @@ def write_requests(path: Path, items: list[str], url: str, model: str | None = N
     return path
 
 
+def write_classification_file(path: Path, n: int, tag: str) -> int:
+    """`n` distinct /v1/classifications lines (texts made distinct by their number and `tag`, so a
+    run never hits another run's score cache); returns the file's size in bytes."""
+    pool = texts(4096, 4, 24, seed=5)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/classifications",
+                                "body": {"input": f"{pool[i % len(pool)]} {i} {tag}"}}) + "\n")
+    return path.stat().st_size
+
+
 def random_minilm_classifier(out: Path, num_labels: int = 2, tiny: bool = False) -> Path:
     """all-MiniLM-L6-v2's architecture and tokenizer with random weights and a classification head
     (the GPU host cannot take the weights package; throughput does not depend on the weights).

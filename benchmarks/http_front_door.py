@@ -29,20 +29,11 @@ import psutil
 
 from gristmill.producers.runtime import python_module
 
-from .common import table, texts
-from .load import tiny_classifier
+from .common import table, write_classification_file
+from .load import tiny_models_file
 from .queue_overhead import ROOT, stop
 
 KEY = "gm-bench-0123456789abcdefghijklmnop"
-
-
-def write_file(path: Path, n: int, tag: str) -> int:
-    pool = texts(4096, 4, 24, seed=5)
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/classifications",
-                                "body": {"input": f"{pool[i % len(pool)]} {i} {tag}"}}) + "\n")
-    return path.stat().st_size
 
 
 class RssSampler(threading.Thread):
@@ -141,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from gristmill.workers.launcher import wait_for_workers
 
     work = Path(tempfile.mkdtemp(prefix="gristmill-http-"))
-    model = tiny_classifier(work / "tiny")
-    mf = work / "models.json"
-    mf.write_text(json.dumps([{"name": "tiny", "kind": "sequence_classifier", "path": str(model),
-                               "max_input_tokens": 64}]))
+    mf = tiny_models_file(work)
     base = {k: v for k, v in os.environ.items() if not k.startswith("GRISTMILL_")}
     rows, figures = [], {"lines": n, "rounds": []}
     with EmbeddedRedis(work / "redis") as server, \
@@ -177,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             server_rss.start()
             for k in range(args.rounds):
                 f_cli, f_http = work / f"cli{k}.jsonl", work / f"http{k}.jsonl"
-                size = write_file(f_cli, n, f"cli{k}")
-                write_file(f_http, n, f"http{k}")
+                size = write_classification_file(f_cli, n, f"cli{k}")
+                write_classification_file(f_http, n, f"http{k}")
                 cli_s = via_cli(f_cli, work / "cli-out.jsonl", env)
                 cli_n, _ = count_lines(work / "cli-out.jsonl")
                 http_s, upload_s, upload_peak = via_http(client, f_http, work / "http-out.jsonl", serve.pid)

@@ -33,6 +33,15 @@ from .common import add_cache_redis_arg, cache_redis, redis_cpu_s, table, texts
 from .queue_overhead import ROOT, stop
 
 
+def tiny_models_file(work: Path) -> Path:
+    """A models file registering `tiny_classifier` as the model "tiny", under `work`."""
+    model = tiny_classifier(work / "tiny")
+    mf = work / "models.json"
+    mf.write_text(json.dumps([{"name": "tiny", "kind": "sequence_classifier", "path": str(model),
+                               "max_input_tokens": 64}]))
+    return mf
+
+
 def tiny_classifier(out: Path) -> Path:
     import shutil
 
@@ -108,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("GRISTMILL_REDIS_URL", None)
     os.environ.pop("GRISTMILL_DEDUP_REDIS_URL", None)
     os.environ["GRISTMILL_HOME"] = str(work / "home")
-    model = tiny_classifier(work / "tiny")
-    mf = work / "models.json"
-    mf.write_text(json.dumps([{"name": "tiny", "kind": "sequence_classifier", "path": str(model),
-                               "max_input_tokens": 64}]))
+    mf = tiny_models_file(work)
     os.environ.update(GRISTMILL_MODELS_FILE=str(mf), GRISTMILL_BUILTIN_MODELS="false",
                       GRISTMILL_MAX_BATCH_SIZE="256", GRISTMILL_TOKEN_BUDGET=str(256 * 64))
     f = work / "in.jsonl"

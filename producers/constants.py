@@ -59,7 +59,8 @@ def results_key(batch_id: str) -> str:
 
 
 def ids_key(batch_id: str) -> str:
-    """Set: custom_ids seen while validating (duplicate detection without client memory)."""
+    """Set: custom_ids seen while validating (duplicate detection without client memory); it goes
+    when validation ends."""
     return f"{PREFIX}:batch:{batch_id}:ids"
 
 

@@ -172,7 +172,6 @@ def main(argv: list[str]) -> int:
 
 def _pruned(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels import texts as builtin
-    from ..kernels.onnx_engine import read_manifest
     from ..kernels.optimize import artifact_digest, build_artifact
     from ..producers.registry import POOLED_KINDS
     calibration = read_texts(args.calibration) if args.calibration else builtin.sentences(256)
@@ -181,16 +180,24 @@ def _pruned(args, spec, src: Path, quantize: str | None) -> int:
     digest = artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                              calibration=calibration, max_length=spec.max_input_tokens,
                              distill_steps=args.distill_steps)
-    existing = read_manifest(args.out)
-    if existing and existing.get("digest") == digest and existing.get("report"):
-        print(f"{args.out}: up to date (digest {digest}); reusing it")
-        print(json.dumps(existing["report"]))
+    if _up_to_date(args.out, digest):
         return 0
     staging = _staging(args.out)
     manifest = build_artifact(src, staging, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                               calibration=calibration, max_length=spec.max_input_tokens,
                               distill_steps=args.distill_steps)
     return _finish(args, staging, manifest, judge(spec, src, staging, heldout), digest)
+
+
+def _up_to_date(out: Path, digest: str) -> bool:
+    """True, said with its report, where `out` already holds the artifact of these inputs."""
+    from ..kernels.onnx_engine import read_manifest
+    existing = read_manifest(out)
+    if not (existing and existing.get("digest") == digest and existing.get("report")):
+        return False
+    print(f"{out}: up to date (digest {digest}); reusing it")
+    print(json.dumps(existing["report"]))
+    return True
 
 
 def _staging(out: Path) -> Path:
@@ -204,15 +211,22 @@ def _finish(args, staging: Path, manifest: dict, report: dict, digest: str) -> i
     manifest["report"] = report
     (staging / "gristmill-artifact.json").write_text(json.dumps(manifest, indent=2))
     print(_describe(manifest["variant"], report))
+    refusal = None
     if report["agreement"]["flags"] < args.min_flags and not args.force:
+        refusal = (f"flag agreement {report['agreement']['flags']:.3%} is under the floor {args.min_flags:.3%}; "
+                   f"nothing written. Prune less, give text like your traffic, build a --cascade, or pass --force.")
+    return _install(args.out, staging, refusal, report, digest, "register it as a model path to use it")
+
+
+def _install(out: Path, staging: Path, refusal: str | None, report: dict, digest: str, use: str) -> int:
+    """Move the staged artifact to `out` (exit 0), or drop it and say why (`refusal`; exit 3)."""
+    if refusal is not None:
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"refused: flag agreement {report['agreement']['flags']:.3%} is under the floor {args.min_flags:.3%}; "
-              f"nothing written. Prune less, give text like your traffic, build a --cascade, or pass --force.",
-              file=sys.stderr)
+        print(f"refused: {refusal}", file=sys.stderr)
         return 3
-    shutil.rmtree(args.out, ignore_errors=True)
-    staging.rename(args.out)
-    print(f"wrote {args.out} (digest {digest}); register it as a model path to use it")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    print(f"wrote {out} (digest {digest}); {use}")
     print(json.dumps(report))
     return 0
 
@@ -221,7 +235,6 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels import corpus, heads
     from ..kernels.cascade import choose_band
     from ..kernels.loading import cpu_has_bf16
-    from ..kernels.onnx_engine import read_manifest
     from ..kernels.optimize import agreement, build_student, student_digest, write_cascade
     from .loading import classifier_kwargs
     vocab = src / "vocab.txt"
@@ -235,10 +248,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     digest = student_digest(src, transfer=transfer, fraction=args.prune, steps=args.steps, quantize=quantize,
                             max_length=spec.max_input_tokens, head=head, thresholds=focus)
     digest_out = digest + ("-cascade" if args.cascade else "")
-    existing = read_manifest(args.out)
-    if existing and existing.get("digest") == digest_out and existing.get("report"):
-        print(f"{args.out}: up to date (digest {digest_out}); reusing it")
-        print(json.dumps(existing["report"]))
+    if _up_to_date(args.out, digest_out):
         return 0
     staging = _staging(args.out)
     student_dir = staging / "student" if args.cascade else staging
@@ -273,13 +283,9 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
     write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,
                   thresholds=every, report=cascade_report, digest=digest_out)
+    refusal = None
     if (a["flags"] < args.cascade_flags or a["texts_identical"] < args.cascade_texts) and not args.force:
-        shutil.rmtree(staging, ignore_errors=True)
-        print(f"refused: the cascade misses its floors (flags {args.cascade_flags:.3%}, texts {args.cascade_texts:.2%}) "
-              f"on the held-out half; nothing written. Train longer, prune less, or pass --force.", file=sys.stderr)
-        return 3
-    shutil.rmtree(args.out, ignore_errors=True)
-    staging.rename(args.out)
-    print(f"wrote {args.out} (digest {digest_out}); register it as a model path to serve the cascade")
-    print(json.dumps(cascade_report))
-    return 0
+        refusal = (f"the cascade misses its floors (flags {args.cascade_flags:.3%}, texts {args.cascade_texts:.2%}) "
+                   f"on the held-out half; nothing written. Train longer, prune less, or pass --force.")
+    return _install(args.out, staging, refusal, cascade_report, digest_out,
+                    "register it as a model path to serve the cascade")

@@ -65,6 +65,7 @@ def test_ingest_waits_while_the_queue_is_over_the_bound_then_resumes(redis_url, 
             time.sleep(0.1)
         b = client.wait(batch_id, timeout=120)
         assert b.status == C.COMPLETED and b.request_counts.completed == n and not b.ingest_waiting_since
+        assert not r.exists(C.ids_key(batch_id)), "the custom_id set outlived validation"
         outs, errs = read_results(client, batch_id, tmp_path)
         assert sorted(o["custom_id"] for o in outs) == sorted(f"r{i}" for i in range(n)) and not errs
     finally:
