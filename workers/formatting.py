@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from ..kernels.engine import Engine
 from ..producers import constants as C
 from ..producers import schemas as S
 from ..producers.policy import Policy, model_policy
+from ..producers.registry import ModelSpec
 
 from .loading import EngineLoader, revision_of
+
+
+@dataclass
+class ModelFacts:
+    """What formatting a model's lines needs, looked up once per call."""
+    spec: ModelSpec
+    engine: Engine
+    revision: str
+    policy: Policy | None  # classifiers: the batch's policy where it governs this model, else the model's own
+    apply: Callable[[dict[str, float]], dict[str, float]] | None  # the policy's label mapping, bound
 
 
 class Formatter:
@@ -17,6 +30,15 @@ class Formatter:
     def __init__(self, loader: EngineLoader):
         self.loader = loader
 
+    def _facts(self, model: str, policy: Policy | None) -> "ModelFacts":
+        spec = self.loader.registry.get(model)
+        eng = self.loader.engine(model)
+        pol = apply = None
+        if not spec.is_generator:
+            pol = policy if policy is not None and policy.model == spec.name else model_policy(spec, eng.labels)
+            apply = pol.applier(pol.sources(eng.labels))
+        return ModelFacts(spec, eng, revision_of(spec, eng), pol, apply)
+
     def format_many(self, done: list[tuple[S.WorkItem, list[Any]]], policy: Policy | None = None,
                     shas: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
         """Output lines for (item, engine results) pairs; per-model facts looked up once. A
@@ -24,18 +46,12 @@ class Formatter:
         through the model's own registered thresholds. `shas[i]`, where given, holds the SHA-256
         of each input of `done[i]` (prepare computed them), else they are computed here."""
         out = []
-        facts: dict[str, tuple] = {}
+        facts: dict[str, ModelFacts] = {}
         for k, (it, results) in enumerate(done):
             f = facts.get(it.model)
             if f is None:
-                spec = self.loader.registry.get(it.model)
-                eng = self.loader.engine(it.model)
-                pol = apply = None
-                if not spec.is_generator:
-                    pol = policy if policy is not None and policy.model == spec.name else model_policy(spec, eng.labels)
-                    apply = pol.applier(pol.sources(eng.labels))
-                f = facts[it.model] = (spec, eng, revision_of(spec, eng), pol, apply)
-            spec, eng, revision, pol, apply = f
+                f = facts[it.model] = self._facts(it.model, policy)
+            spec, eng, revision, pol, apply = f.spec, f.engine, f.revision, f.policy, f.apply
             if it.url in (C.CHAT_URL, C.COMPLETIONS_URL):
                 (r,) = results
                 build = S.chat_body if it.url == C.CHAT_URL else S.completion_body
