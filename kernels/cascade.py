@@ -57,6 +57,13 @@ def combine(student_rows: list[dict[str, float]], teacher_of, thresholds: dict[s
     return out
 
 
+def escalations(results: list) -> list[bool] | None:
+    """For a cascade's rows, whether the full model decided each; None for any other engine's."""
+    if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:
+        return None
+    return [bool(r[ESCALATED]) for r in results]
+
+
 class CascadeEngine:
     """Two classifier engines over the same tokenizer and labels: `student` for every input,
     `teacher` for the escalated ones, in the same call (so in the same device batch's time)."""

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-
 from . import constants as C
 from .batches import Batch, BatchStore, new_batch_id
 from .errors import DuplicateCustomIds, SubmissionRejected

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..kernels.cascade import escalations
 from ..kernels.engine import Engine
 from ..producers import constants as C
 from ..producers import schemas as S
@@ -73,8 +74,8 @@ class Formatter:
 
 def decided_by(results: list[Any], single: bool) -> str | list[str] | None:
     """For a cascade's results, which model decided each input ("student" or "full"); else None."""
-    from ..kernels.cascade import ESCALATED
-    if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:
+    up = escalations(results)
+    if up is None:
         return None
-    names = ["full" if r.get(ESCALATED) else "student" for r in results]
+    names = ["full" if u else "student" for u in up]
     return names[0] if single else names

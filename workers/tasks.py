@@ -13,7 +13,6 @@ import threading
 import time
 from typing import Any
 
-
 from ..producers import constants as C
 from ..producers import schemas as S
 from ..producers.batches import BatchStore, ChunkCounts
@@ -255,15 +254,16 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
 
 def cascade_counts(done: list[tuple[S.WorkItem, list[Any]]]) -> dict[str, int]:
     """Inputs scored by a cascade and those it escalated, for the batch's counters and the metric."""
-    from ..kernels.cascade import ESCALATED
+    from ..kernels.cascade import escalations
     inputs = escalated = 0
     for it, results in done:
-        if results and isinstance(results[0], dict) and ESCALATED in results[0]:
-            up = sum(1 for r in results if r[ESCALATED])
-            inputs += len(results)
+        flags = escalations(results)
+        if flags is not None:
+            up = sum(flags)
+            inputs += len(flags)
             escalated += up
             metrics.CASCADE_INPUTS.labels(it.model, "full").inc(up)
-            metrics.CASCADE_INPUTS.labels(it.model, "student").inc(len(results) - up)
+            metrics.CASCADE_INPUTS.labels(it.model, "student").inc(len(flags) - up)
     return {"cascade_inputs": inputs, "escalated": escalated}
 
 
