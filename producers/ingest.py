@@ -208,20 +208,15 @@ class Backpressure:
     def write(self, fn, *args, **kwargs):
         """`fn(*args, **kwargs)`: waited out, and said so, as long as Redis is at its maxmemory
         (workers draining the queue free it); retried for 5 minutes while Redis is away."""
-        away_since: list[float] = []
-
         def on_retry(exc: BaseException) -> None:
             if not is_oom(exc):
-                away_since[:] = away_since or [time.monotonic()]
-                if time.monotonic() - away_since[0] > 300:
-                    raise exc
                 return
             try:
                 self.waiting("Redis is at its maxmemory and refuses writes")
             except Exception as again:  # noqa: BLE001 - the flag is itself a write
                 if not is_oom(again):
                     raise
-        out = with_retry(fn, *args, deadline_s=None, what="ingest", on_retry=on_retry, **kwargs)
+        out = with_retry(fn, *args, what="ingest", on_retry=on_retry, wait_out_oom=True, **kwargs)
         self.resumed()
         return out
 

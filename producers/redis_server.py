@@ -198,19 +198,25 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT) or is_oom(exc)
 
 
-def with_retry(fn, *args, deadline_s: float | None = 300.0, what: str = "redis call", on_retry=None, **kwargs):
+def with_retry(fn, *args, deadline_s: float = 300.0, what: str = "redis call", on_retry=None,
+               wait_out_oom: bool = False, **kwargs):
     """`fn(*args, **kwargs)`, retried with backoff (0.1 s doubling to 5 s) while Redis is down,
-    loading its AOF or at its maxmemory, for up to `deadline_s` (None: as long as it takes); then the
-    last error propagates. `on_retry(exc)` hears of each failure retried. For writes that are
-    idempotent (HSETNX parts, counters guarded by them), so a retry after an unseen success is safe."""
+    loading its AOF or at its maxmemory, for up to `deadline_s`; then the last error propagates.
+    `wait_out_oom`: a Redis at its maxmemory is waited out however long it takes (the deadline
+    counts from the last such refusal). `on_retry(exc)` hears of each failure retried. For writes
+    that are idempotent (HSETNX parts, counters guarded by them), so a retry after an unseen success
+    is safe."""
     import logging
-    delay = 0.1
-    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    delay, deadline = 0.1, time.monotonic() + deadline_s
     while True:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - redis-py's errors, or kombu's wrapping of them
-            if not _transient(e) or (deadline is not None and time.monotonic() + delay > deadline):
+            if not _transient(e):
+                raise
+            if wait_out_oom and is_oom(e):
+                deadline = time.monotonic() + deadline_s
+            elif time.monotonic() + delay > deadline:
                 raise
             if on_retry is not None:
                 on_retry(e)

@@ -89,7 +89,7 @@ class EngineHost:
                 except Exception:  # noqa: BLE001 - the cache is an optimisation: on a Redis error, run the inputs
                     metrics.CACHE_ERRORS.labels("lookup").inc()
                     log.warning("score cache lookup failed; running the inputs", exc_info=True)
-            fields = score_fields(eng)
+            fields = eng.score_fields
             known = [None if c is None else dedup.unpack(c, fields) for c in cached]
             if self.cache is not None and self.cache.enabled:
                 hits = len(known) - known.count(None)
@@ -111,7 +111,7 @@ class EngineHost:
     def model_key(self, model: str) -> str:
         """The score-cache namespace of a loaded classifier: what ran, down to the variant."""
         eng = self.engine(model)
-        return dedup.model_key(model, self.revision(self.registry.get(model), eng), eng.variant, score_fields(eng))
+        return dedup.model_key(model, self.revision(self.registry.get(model), eng), eng.variant, eng.score_fields)
 
     def settle(self, done: list[tuple[Prepared, list[Any]]]) -> tuple[list[tuple[S.WorkItem, list[Any]]], int, int]:
         """Classifier results made canonical: new scores go into the cache, and where another
@@ -134,7 +134,7 @@ class EngineHost:
         final: dict[str, dict[str, dict[str, float]]] = {}  # model -> sha -> another writer's scores
         caching = self.cache is not None and self.cache.enabled
         for model, by_sha in computed.items() if caching else ():
-            labels = score_fields(self.engine(model))
+            labels = self.engine(model).score_fields
             packed = [dedup.pack(v, labels) for v in by_sha.values()]
             try:
                 earlier = self.cache.publish(self.model_key(model), list(by_sha), packed)  # type: ignore[union-attr]
@@ -212,11 +212,6 @@ class EngineHost:
     def format_many(self, done: list[tuple[S.WorkItem, list[Any]]], policy: Policy | None = None,
                     shas: list[list[str] | None] | None = None) -> list[dict[str, Any]]:
         return self.formatter.format_many(done, policy, shas)
-
-
-def score_fields(engine) -> list[str]:
-    """What the score cache keeps per input: the labels, and for a cascade whether it escalated."""
-    return list(engine.score_fields)
 
 
 def item_error(it: S.WorkItem, exc: BaseException) -> dict[str, Any]:
