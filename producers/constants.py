@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 PREFIX = "gristmill"
+# The name Redis Sentinel knows the primary by unless GRISTMILL_REDIS_MASTER_NAME says otherwise
+# (Sentinel's conventional one).
+REDIS_MASTER_NAME = "mymaster"
 
 # Celery: one queue per task kind, so a host can run generation and classification workers apart.
 GENERATE_QUEUE = "gristmill.generate"

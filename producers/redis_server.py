@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import redis
 
+from . import constants as C
 from .errors import ConfigurationError, RedisUnavailable
 
 
@@ -38,9 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-DEFAULT_MASTER_NAME = "mymaster"  # Sentinel's conventional name; GRISTMILL_REDIS_MASTER_NAME
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def is_sentinel(url: str | None) -> bool:
 
 
 def master_name(name: str | None = None) -> str:
-    return name or os.environ.get("GRISTMILL_REDIS_MASTER_NAME") or DEFAULT_MASTER_NAME
+    return name or os.environ.get("GRISTMILL_REDIS_MASTER_NAME") or C.REDIS_MASTER_NAME
 
 
 def connect(url: str, *, master: str | None = None, **kwargs) -> redis.Redis:

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # With a Sentinel URL (sentinel://host:26379;sentinel://host2:26379/0, Celery's form), the name
     # the sentinels know the primary by.
-    redis_master_name: str = "mymaster"
+    redis_master_name: str = C.REDIS_MASTER_NAME
     # Replicas that must hold a chunk's results (and each message ingest sends) before they count
     # as written (Redis WAIT). Replication is asynchronous: without this, a failover can drop a
     # write the old primary acknowledged. Set 1 with a replica and Sentinel; 0 (no replica) keeps
