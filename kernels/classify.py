@@ -88,6 +88,7 @@ class ClassifierEngine:
             # quantize and rescale steps); the first batch of each new shape compiles (seconds).
             # A string is torch.compile's mode (e.g. "max-autotune-no-cudagraphs").
             self.model = torch.compile(self.model, **({} if self.compiled is True else {"mode": self.compiled}))
+            self._warm_compiled()
         self._head = None
         if head is not None:
             from .heads import load_head
@@ -115,6 +116,15 @@ class ClassifierEngine:
             id2label = self.config.id2label
             self.labels = [id2label[i] for i in range(len(id2label))]
             self.multi_label = self.config.problem_type == "multi_label_classification"
+
+    def _warm_compiled(self) -> None:
+        """Compile at load, not on the first batches of work: a first shape, then a second that
+        differs in batch and length, after which torch.compile traces both dimensions as dynamic
+        and later batches reuse that graph (a batch of one still gets its own, on first use)."""
+        for rows, length in ((2, 8), (3, 13)):
+            ids = torch.full((rows, length), self.pad_id or 1, dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                self._forward(ids, torch.ones_like(ids))
 
     def _load_backend(self, path: Path) -> None:
         """Sets model, tokenizer, config, revision and variant (the ONNX engine overrides this)."""

@@ -162,6 +162,44 @@ class Int8DynamicLinear(_QuantizedLinear):
         return y[:rows].to(x.dtype)
 
 
+class Int8RowsLinear(_QuantizedLinear):
+    """int8 x int8 -> int32 products with one asymmetric range per activation row: each row of x is
+    mapped onto all 256 int8 levels from its own minimum to its own maximum (both widened to hold
+    0), weights symmetric per output channel. A zero point of `lo` and a shift of 128 fold into one
+    rank-1 term of the epilogue:
+
+        x ~= s * (q + 128) + lo   =>   x @ W.T ~= w_scale * (s * (q @ Wq.T) + (128 s + lo) * Wq.sum(1))
+
+    Asymmetric rows matter after GELU, whose outputs sit in [-0.17, max]: a symmetric range spends
+    half its levels on values that never occur. Per-tensor ranges (ONNX Runtime's dynamic int8) are
+    set by a batch's outlier tokens and cost most of int8's disagreement with fp32 on the default
+    classifier; per row, asymmetric, it keeps 99.93% of flags (benchmarks/README.md). Eager, the
+    quantize and rescale steps are separate passes and the layer runs slower than fp32;
+    torch.compile fuses them around the int8 GEMM (oneDNN on CPUs with VNNI)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        q, scale = quantize_per_channel(linear.weight)
+        self.register_buffer("qt", q.t().contiguous())  # [K, N]
+        self.register_buffer("scale", scale)
+        self.register_buffer("qsum", q.float().sum(dim=1))  # [N]: the zero point's term
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.float()
+        rows = x2.shape[0]
+        if rows <= 16:  # torch._int_mm needs more than 16 rows
+            x2 = torch.nn.functional.pad(x2, (0, 0, 0, 17 - rows))
+        lo = x2.amin(dim=1, keepdim=True).clamp(max=0)
+        hi = x2.amax(dim=1, keepdim=True).clamp(min=0)
+        s = ((hi - lo) / 255.0).clamp(min=1e-12)
+        xq = (torch.round((x2 - lo) / s).clamp(0, 255) - 128).to(torch.int8)
+        acc = torch._int_mm(xq, self.qt).float()
+        y = (s * acc + (128 * s + lo) * self.qsum[None, :]) * self.scale[None, :]
+        if self.bias is not None:
+            y = y + self.bias
+        return y[:rows].to(x.dtype)
+
+
 def _fp8_native(x: torch.Tensor) -> bool:
     """torch._scaled_mm with row-wise scales: CUDA devices of compute capability 8.9 or newer."""
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
@@ -234,9 +272,17 @@ class Fp8StaticLinear(_Fp8Linear):
 QUANTIZED_LAYERS: dict[str, tuple[type[_QuantizedLinear], str]] = {
     "int8-weight-only": (Int8WeightOnlyLinear, "int8wo"),
     "int8-dynamic": (Int8DynamicLinear, "w8a8"),
+    "int8-rows": (Int8RowsLinear, "w8a8rows"),
     "fp8-dynamic": (Fp8DynamicLinear, "fp8"),
     "fp8-static": (Fp8StaticLinear, "fp8s"),
 }
+
+
+# Linears a quantize mode leaves in the model's precision (bf16 under autocast), by attribute name.
+# int8-rows keeps q/k/v: their error passes through softmax, and on the default classifier q/k/v
+# alone in int8 (the rest fp32) lost as many flags as either FFN product alone, for three quarters
+# of its FLOPs (benchmarks/README.md).
+KEPT_LINEARS: dict[str, tuple[str, ...]] = {"int8-rows": ("query", "key", "value", "q_proj", "k_proj", "v_proj")}
 
 
 def calibrate_fp8(model: nn.Module, run) -> int:
@@ -290,7 +336,10 @@ def apply_variant(model: nn.Module, quantize: str = "none", sparsity: str = "non
     if quantize != "none" and sparsity != "none":
         raise ValueError(f"quantization ({quantize}) and 2:4 sparsity do not combine here; pick one")
     n = 0
+    kept = KEPT_LINEARS.get(quantize, ())
     for parent, attr, lin in list(_encoder_linears(model)):
+        if attr in kept:
+            continue
         if sparsity == "2:4":
             w = mask_2to4(lin.weight.data)
             if w.is_cuda and w.dtype in (torch.float16, torch.bfloat16):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gristmill.kernels.classify import ClassifierEngine
-from gristmill.kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8WeightOnlyLinear, apply_variant,
-                           int8_weight_only_matmul, mask_2to4, quantize_per_channel)
+from gristmill.kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8RowsLinear, Int8WeightOnlyLinear,
+                                     apply_variant, int8_weight_only_matmul, mask_2to4, quantize_per_channel)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_per_channel_int8_round_trip_is_within_half_a_step():
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("cls,tol", [(Int8WeightOnlyLinear, 0.02), (Int8DynamicLinear, 0.02),
+@pytest.mark.parametrize("cls,tol", [(Int8WeightOnlyLinear, 0.02), (Int8DynamicLinear, 0.02), (Int8RowsLinear, 0.02),
                                      (Fp8DynamicLinear, 0.06)])  # e4m3 keeps 3 mantissa bits
 @pytest.mark.parametrize("rows", [3, 40])  # _int_mm needs > 16 rows: the dynamic layer pads
 def test_quantized_linears_match_fp32(cls, tol, rows):
@@ -105,12 +105,17 @@ def test_apply_variant_rewrites_only_the_transformer_layers(encoder_path):
     assert type(model.classifier) is torch.nn.Linear
     with pytest.raises(ValueError, match="quantize must be one of"):
         apply_variant(model, quantize="int4")
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(encoder_path))
+    # int8-rows keeps q/k/v in the model's precision: 2 layers x (attention output, intermediate, output)
+    assert apply_variant(fresh, quantize="int8-rows") == 6
+    assert type(fresh.base_model.encoder.layer[0].attention.self.query) is torch.nn.Linear
     with pytest.raises(ValueError, match="do not combine"):
         apply_variant(model, quantize="int8-dynamic", sparsity="2:4")
 
 
 @pytest.mark.parametrize("kw,suffix", [({"quantize": "int8-weight-only"}, "+int8wo"),
                                        ({"quantize": "int8-dynamic"}, "+w8a8"),
+                                       ({"quantize": "int8-rows"}, "+w8a8rows"),
                                        ({"quantize": "fp8-dynamic"}, "+fp8"),
                                        ({"sparsity": "2:4"}, "+sparse24")])
 def test_engine_variants_name_themselves_and_score_near_fp32(encoder_path, kw, suffix):
@@ -121,7 +126,7 @@ def test_engine_variants_name_themselves_and_score_near_fp32(encoder_path, kw, s
     a, b = ref.run(ref.encode(texts)), eng.run(eng.encode(texts))
     assert [list(r) for r in a] == [list(r) for r in b]
     # random tiny weights: int8 stays close; 2:4 without retraining only keeps a valid distribution
-    tol = {"int8-weight-only": 0.05, "int8-dynamic": 0.05, "fp8-dynamic": 0.15}.get(kw.get("quantize"), 1.0)
+    tol = {"int8-weight-only": 0.05, "int8-dynamic": 0.05, "int8-rows": 0.05, "fp8-dynamic": 0.15}.get(kw.get("quantize"), 1.0)
     assert max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in x) < tol
     assert all(abs(sum(r.values()) - 1) < 1e-4 for r in b)
 
@@ -150,3 +155,29 @@ def test_fp8_static_engine_calibrates_itself_and_stays_near_fp32(encoder_path):
     assert len(scales) == 12 and all(s != 1.0 and s > 0 for s in scales)
     a, b = ref.run(ref.encode(texts)), eng.run(eng.encode(texts))
     assert max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in x) < 0.15
+
+
+def test_int8_rows_uses_each_rows_own_asymmetric_range():
+    """Against the same weights' exact product, a row's error scales with that row's own range, not
+    the batch's: a row of small values beside a row of huge ones keeps its precision; and an
+    all-positive (post-GELU-like) row is as precise as the symmetric per-row layer on half its range."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    layer, sym = Int8RowsLinear(lin), Int8DynamicLinear(lin)
+    q, scale = quantize_per_channel(lin.weight)
+    exact_w = q.float() * scale[:, None]  # weight rounding is common to every scheme: judge activations
+
+    def act_err(m, x):
+        with torch.no_grad():
+            return _rel_err(m(x), x @ exact_w.T + lin.bias)
+    x = torch.randn(40, 256)
+    x[0] *= 1000.0  # an outlier token: per tensor, it would take every other row's levels
+    small = act_err(layer, x[1:2].repeat(20, 1))
+    assert act_err(layer, x) < 0.02 and abs(act_err(layer, x[1:]) - small) < 0.01
+    with torch.no_grad():  # each row alone: the outlier row does not change the others' results
+        assert torch.allclose(layer(x)[1:], layer(x[1:]), atol=1e-5)
+    gelu = torch.nn.functional.gelu(torch.randn(40, 256) * 2)
+    assert act_err(layer, gelu) < 0.7 * act_err(sym, gelu)
+    # fewer than 17 rows (torch._int_mm's minimum) are padded and cut back
+    assert layer(x[:3]).shape == (3, 96)
+    assert torch.allclose(layer(x[:3]), layer(x)[:3], atol=1e-5)
