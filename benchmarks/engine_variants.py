@@ -3,8 +3,10 @@
     python -m benchmarks.engine_variants [--device cpu|cuda] [--quick] [--texts FILE] [--student-steps N]
 
 CPU: the real all-MiniLM-L6-v2 weights and the default moderation head. Variants: fp32 eager (the
-reference), bf16 autocast (on CPUs with native bf16), ONNX Runtime fp32 (fused), `int8` (dynamic
-int8), `int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned`
+reference), bf16 autocast (on CPUs with native bf16), `int8_rows` (the torch engine compiled, int8
+with an asymmetric range per activation row, q/k/v in bf16 where the CPU has it: kernels/quant.py),
+ONNX Runtime fp32 (fused), `int8` (ONNX Runtime dynamic int8: one activation range per tensor),
+`int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned`
 (a student with half the layers removed, distilled on the built-in transfer set
 (kernels/corpus.py), int8) and `cascade` (that student for every input, the full model in bf16
 autocast, else fp32, for inputs near a threshold; the band chosen on half the held-out texts,
@@ -85,7 +87,7 @@ def cpu_variants(args) -> dict[str, dict]:
     from gristmill.kernels import corpus, heads
     from gristmill.kernels.cascade import CascadeEngine, choose_band, near
     from gristmill.kernels.classify import ClassifierEngine
-    from gristmill.kernels.loading import cpu_has_bf16
+    from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
     from gristmill.kernels.optimize import agreement, build_artifact, build_student, student_digest, throughput
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
@@ -116,6 +118,8 @@ def cpu_variants(args) -> dict[str, dict]:
 
     if cpu_has_bf16():
         add("bf16", ClassifierEngine(src, cpu_precision="bf16", **kw))
+    if cpu_compiler() is not None:  # torch.compile's CPU backend builds C++
+        add("int8_rows", ClassifierEngine(src, cpu_precision="auto", quantize="int8-rows", compile=True, **kw))
     work = Path(tempfile.mkdtemp(prefix="gristmill-variants-"))
     for name, quantize in [("ort_fp32", None), ("int8", "int8"), ("int8_block", "int8-block")]:
         m = build_artifact(src, work / name, zero_shot=True, quantize=quantize, calibration=calibration,

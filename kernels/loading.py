@@ -40,6 +40,17 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (Inductor) builds its kernels with: $CXX, else
+    g++ or clang++ on the PATH; None where there is none (compiled CPU engines cannot run there)."""
+    import os
+    import shutil
+    for name in (os.environ.get("CXX"), "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """Mixed precision for CPU engines: 'auto' (bf16 where the CPU has native bf16), 'bf16', 'fp32'.
     Autocast runs matmuls in bf16 and keeps LayerNorm and softmax in fp32."""

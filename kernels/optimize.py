@@ -104,6 +104,42 @@ def write_onnx_artifact(model, src: Path, out: Path, *, zero_shot: bool, quantiz
     return full
 
 
+# The manifest kind of an artifact that is a recipe for the torch engine (a quantize mode, compiled,
+# over the source weights), not an ONNX file: the CPU's int8-rows runs there, through Inductor.
+TORCH_RECIPE = "torch"
+TORCH_QUANTIZE = ("int8-rows",)
+
+
+def torch_recipe_digest(src: Path, *, quantize: str, compile: bool) -> str:
+    return hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "kind": TORCH_RECIPE, "src": weights_revision(src),
+                                      "q": quantize, "compile": compile}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_torch_recipe(src: Path, out: Path, *, quantize: str, compile: bool = True) -> dict:
+    """A torch-engine artifact at `out`: the manifest alone, naming the source weights and how the
+    engine runs them. Returns its manifest (the caller adds the report)."""
+    if quantize not in TORCH_QUANTIZE:
+        raise ValueError(f"a torch recipe quantizes with {', '.join(TORCH_QUANTIZE)}, not {quantize!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT_VERSION, "kind": TORCH_RECIPE, "variant": f"torch-{quantize}" + ("-compiled" * compile),
+                "source": str(src), "source_revision": weights_revision(src), "quantize": quantize,
+                "engine": {"quantize": quantize, "compile": compile},
+                "digest": torch_recipe_digest(src, quantize=quantize, compile=compile)}
+    (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def artifact_engine(path: Path, **kw):
+    """The engine of an artifact directory (not a cascade): ONNX Runtime over its model.onnx, or,
+    for a torch recipe, the torch engine over the source weights as the recipe says."""
+    manifest = onnx_engine.read_manifest(path)
+    if manifest is not None and manifest.get("kind") == TORCH_RECIPE:
+        from .classify import ClassifierEngine
+        engine = manifest["engine"]
+        return ClassifierEngine(Path(manifest["source"]), quantize=engine["quantize"], compile=engine["compile"], **kw)
+    return onnx_engine.OnnxClassifierEngine(path, **kw)
+
+
 STUDENT_RECIPE = 2  # bumped when distill_student's losses or sampling change
 
 

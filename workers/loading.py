@@ -100,18 +100,20 @@ class EngineLoader:
             return GenerationEngine(path, cache_dir=self.settings.model_cache_dir, device=self.device,
                                     max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
         from ..kernels.classify import ClassifierEngine
-        from ..kernels.onnx_engine import OnnxClassifierEngine, read_manifest
+        from ..kernels.onnx_engine import read_manifest
+        from ..kernels.optimize import artifact_engine
         from .variants import choose
         st = self.settings
         choice = choose(spec, self.device, st)
         kw = dict(classifier_kwargs(spec, st.model_cache_dir), device=self.device, chunk_cache=st.tokenizer_cache,
                   fast_tokenizer=st.fast_tokenizer)
-        # a directory built by `gristmill optimize` runs on ONNX Runtime (and a cascade, on both)
+        # a directory built by `gristmill optimize` runs on ONNX Runtime or, for a torch recipe, the
+        # compiled torch engine (and a cascade, on both)
         manifest = read_manifest(choice.path) if choice.artifact else None
         if manifest is not None and manifest.get("kind") == "cascade":
             eng = self._load_cascade(spec, choice.path, manifest, kw)
         elif manifest is not None:
-            eng = OnnxClassifierEngine(choice.path, **kw)
+            eng = artifact_engine(choice.path, cpu_precision=st.cpu_precision, **kw)
         else:
             eng = ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
                                    sparsity=st.engine_sparsity, compile=st.engine_compile, **kw)

@@ -1,7 +1,8 @@
-"""`gristmill optimize MODEL [--quantize int8|int8-block|none] [--prune F] [--distill FILE|builtin
+"""`gristmill optimize MODEL [--quantize int8|int8-block|int8-rows|none] [--prune F] [--distill FILE|builtin
 [--cascade]] --out DIR`.
 
-Builds an ONNX Runtime artifact of a registered classifier, then judges it against the fp32 eager
+Builds an ONNX Runtime artifact of a registered classifier (or, for int8-rows, a recipe for the
+compiled torch engine over the same weights), then judges it against the fp32 eager
 reference on held-out text as a moderation team would: per-label flag agreement at the model's
 thresholds, the share of texts whose flags are all identical, score deltas, and (secondary)
 top-label agreement. Under the floor nothing is written unless --force. An artifact whose digest
@@ -81,16 +82,16 @@ def reference_scores(spec, src: Path, heldout: list[str]):
 
 
 def judge(spec, src: Path, artifact: Path, heldout: list[str], reference=None) -> dict:
-    from ..kernels.onnx_engine import OnnxClassifierEngine
-    from ..kernels.optimize import agreement, throughput
+    from ..kernels.optimize import agreement, artifact_engine, throughput
     from .loading import classifier_kwargs
     ref, ref_ips, ref_scores = reference or reference_scores(spec, src, heldout)
-    new = OnnxClassifierEngine(artifact, **classifier_kwargs(spec))
+    new = artifact_engine(artifact, **classifier_kwargs(spec))
     new_ips, new_scores = throughput(new, heldout)
     size_ref = sum(f.stat().st_size for f in Path(src).glob("*.safetensors")) or None
+    onnx_file = artifact / "model.onnx"
     return {"heldout_texts": len(heldout), "fp32_items_per_s": round(ref_ips, 1),
             "items_per_s": round(new_ips, 1), "speedup": round(new_ips / ref_ips, 2),
-            "size_bytes": (artifact / "model.onnx").stat().st_size, "fp32_size_bytes": size_ref,
+            "size_bytes": onnx_file.stat().st_size if onnx_file.is_file() else None, "fp32_size_bytes": size_ref,
             "agreement": agreement(ref_scores, new_scores, decision_thresholds(spec, ref.labels)),
             "scores": new_scores}
 
@@ -122,9 +123,11 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="gristmill optimize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a registered classifier (name or alias)")
-    ap.add_argument("--quantize", choices=["int8", "int8-block", "none"], default="int8",
-                    help="int8: dynamic int8 (fastest); int8-block: 8-bit weights and activations per block of 128 "
-                         "(closer to fp32, slower); none: fp32")
+    ap.add_argument("--quantize", choices=["int8", "int8-block", "int8-rows", "none"], default="int8",
+                    help="int8: ONNX Runtime dynamic int8 (fastest, least faithful); int8-block: 8-bit weights and "
+                         "activations per block of 128 (closer to fp32, slower); int8-rows: the torch engine, "
+                         "compiled, int8 with a range per activation row and q/k/v in bf16 (close to fp32 and "
+                         "fast; needs a C++ compiler); none: fp32")
     ap.add_argument("--prune", type=float, default=0.0,
                     help="without --distill: fraction of FFN neurons to remove (half as many heads); with --distill: "
                          "fraction of the encoder's layers to remove")
@@ -159,15 +162,34 @@ def main(argv: list[str]) -> int:
     src = spec.resolve_path()
     quantize = None if args.quantize == "none" else args.quantize
     if args.out is None:
-        from ..kernels.optimize import variant_name
+        from ..kernels.optimize import TORCH_QUANTIZE, variant_name
         from ..producers.settings import Settings
         from .variants import optimized_dir
-        kind = "cascade" if args.cascade else "student" if args.distill else variant_name(quantize, args.prune)
+        kind = "cascade" if args.cascade else "student" if args.distill else \
+            f"torch-{quantize}" if quantize in TORCH_QUANTIZE else variant_name(quantize, args.prune)
         args.out = optimized_dir(Settings(), spec.name) / kind
         args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.distill:
         return _student(args, spec, src, quantize)
+    if quantize == "int8-rows":
+        return _torch_recipe(args, spec, src, quantize)
     return _pruned(args, spec, src, quantize)
+
+
+def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
+    from ..kernels.loading import cpu_compiler
+    from ..kernels.optimize import torch_recipe_digest, write_torch_recipe
+    if args.prune:
+        raise SystemExit(f"--quantize {quantize} runs the full model: --prune needs --quantize int8, int8-block or none")
+    if cpu_compiler() is None:
+        raise SystemExit(f"--quantize {quantize} runs through torch.compile, which needs a C++ compiler on a CPU: "
+                         "install g++ (Debian: build-essential) or set CXX")
+    digest = torch_recipe_digest(src, quantize=quantize, compile=True)
+    if _up_to_date(args.out, digest):
+        return 0
+    staging = _staging(args.out)
+    manifest = write_torch_recipe(src, staging, quantize=quantize, compile=True)
+    return _finish(args, staging, manifest, judge(spec, src, staging, heldout_texts(args.texts)), digest)
 
 
 def _pruned(args, spec, src: Path, quantize: str | None) -> int:

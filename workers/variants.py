@@ -3,7 +3,8 @@
 With no configuration a worker serves the fastest variant whose stored agreement with the fp32
 model meets the floor on its device:
 - on a CPU, an artifact that `gristmill optimize MODEL` kept in the model's optimized directory
-  ($GRISTMILL_HOME/models/optimized/<model>: a cascade, or a plain student or int8 artifact) when the
+  ($GRISTMILL_HOME/models/optimized/<model>: a cascade, a plain student or int8 artifact, or a torch
+  recipe such as compiled int8-rows, which needs a C++ compiler on the host) when the
   agreement it measured on held-out text meets GRISTMILL_VARIANT_MIN_FLAGS and
   GRISTMILL_VARIANT_MIN_TEXTS; the fastest of those that do;
 - else the torch engine in bf16 where the device has native bf16 (every GPU; CPUs with AVX-512
@@ -34,10 +35,15 @@ def optimized_dir(settings: Settings, model: str) -> Path:
 
 
 def _stored(manifest_file: Path) -> tuple[float, float, float] | None:
-    """(flags, texts identical, speedup) an artifact's build measured, or None."""
+    """(flags, texts identical, speedup) an artifact's build measured, or None (also for a compiled
+    torch recipe on a host without the C++ compiler that torch.compile needs on a CPU)."""
+    from ..kernels.loading import cpu_compiler
+    from ..kernels.optimize import TORCH_RECIPE
     try:
         m = json.loads(manifest_file.read_text())
     except (OSError, ValueError):
+        return None
+    if m.get("kind") == TORCH_RECIPE and (m.get("engine") or {}).get("compile") and cpu_compiler() is None:
         return None
     report = m.get("report") or {}
     a = report.get("agreement") or {}

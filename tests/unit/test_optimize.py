@@ -224,3 +224,53 @@ def test_the_sensitivity_study_simulates_onnx_runtimes_dynamic_int8_exactly():
     x = torch.tensor([[0.5, 1.0, 2.0], [-3.0, 100.0, 200.0]])  # per row: each row on its own grid
     assert torch.equal(fake_act(x, per_row=True), torch.cat([fake_act(r[None], per_row=False) for r in x]))
     assert (fake_act(x, per_row=True)[0] - x[0]).abs().max() < (fake_act(x, per_row=False)[0] - x[0]).abs().max()
+
+
+def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_compile(tiny_models_file, tmp_path,
+                                                                                       monkeypatch):
+    """`optimize --quantize int8-rows` writes a torch recipe (a manifest over the source weights,
+    no ONNX file) with its measured report into the model's optimized directory; a worker's loader
+    then serves it, compiled, and says why; on a host without a C++ compiler it serves the torch
+    engine instead."""
+    import json
+    import os
+    import subprocess
+
+    from gristmill.kernels import loading as kloading
+    from gristmill.producers import schemas as S
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.host import EngineHost
+    from tests.commands import GRISTMILL, ROOT as root
+    if kloading.cpu_compiler() is None:
+        pytest.skip("torch.compile on a CPU needs a C++ compiler (g++)")
+    home = tmp_path / "home"
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
+           "GRISTMILL_HOME": str(home)}
+    texts = tmp_path / "heldout.txt"
+    texts.write_text("\n".join(["i will hurt you", "have a lovely day", "hello world", "the quick brown fox"] * 20))
+    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--quantize", "int8-rows", "--texts", str(texts),
+                        "--force"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    art = home / "models" / "optimized" / "tiny-moderation" / "torch-int8-rows"
+    manifest = read_manifest(art)
+    assert manifest["kind"] == "torch" and manifest["engine"] == {"quantize": "int8-rows", "compile": True}
+    assert not list(art.glob("*.onnx")) and manifest["report"]["size_bytes"] is None
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == manifest["report"]
+    bad = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--quantize", "int8-rows", "--prune", "0.5"],
+                         env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--prune needs" in bad.stderr
+
+    settings = Settings(models_file=tiny_models_file, builtin_models=False, home=home, variant_min_flags=0.0,
+                        variant_min_texts=0.0, dedup_ttl_s=0)
+    host = EngineHost(settings)
+    item = S.WorkItem(1, "c1", "/v1/moderations", "tiny-moderation", {"input": ["i will hurt you", "hello"]}, "0" * 64)
+    (prep,) = host.prepare([item])
+    line = host.format(item, host.run("tiny-moderation", prep.payloads))
+    assert line["provenance"]["engine_variant"].endswith("+w8a8rows+compiled")
+    assert "torch-int8-rows: its build measured" in host.serving["tiny-moderation"]
+    host.shutdown()
+    monkeypatch.setattr(kloading, "cpu_compiler", lambda: None)
+    host = EngineHost(settings)
+    assert "+w8a8rows" not in host.engine("tiny-moderation").variant
+    assert "no optimized artifact meets the floors" in host.serving["tiny-moderation"]
+    host.shutdown()
