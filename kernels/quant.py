@@ -173,7 +173,8 @@ class Int8RowsLinear(_QuantizedLinear):
     Asymmetric rows matter after GELU, whose outputs sit in [-0.17, max]: a symmetric range spends
     half its levels on values that never occur. Per-tensor ranges (ONNX Runtime's dynamic int8) are
     set by a batch's outlier tokens and cost most of int8's disagreement with fp32 on the default
-    classifier; per row, asymmetric, it keeps 99.93% of flags (benchmarks/README.md). Eager, the
+    classifier; per row and asymmetric on every product it keeps 99.93% of flags, and 99.95% with
+    q/k/v left out as int8-rows leaves them (benchmarks/README.md). Eager, the
     quantize and rescale steps are separate passes and the layer runs slower than fp32;
     torch.compile fuses them around the int8 GEMM (oneDNN on CPUs with VNNI)."""
 
