@@ -202,6 +202,7 @@ GPU_VARIANTS = {
     "int8wo": {"quantize": "int8-weight-only"},
     "w8a8": {"quantize": "int8-dynamic"},
     "w8a8_compiled": {"quantize": "int8-dynamic", "compile": True},
+    "w8a8rows_compiled": {"quantize": "int8-rows", "compile": True},
     "fp8": {"quantize": "fp8-dynamic"},
     "fp8_compiled": {"quantize": "fp8-dynamic", "compile": True},
     "fp8s": {"quantize": "fp8-static"},

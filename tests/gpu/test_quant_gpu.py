@@ -7,8 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-from gristmill.kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8WeightOnlyLinear,  # noqa: E402
-                           apply_variant, int8_weight_only_matmul, quantize_per_channel)
+from gristmill.kernels.quant import (Fp8DynamicLinear, Int8DynamicLinear, Int8RowsLinear,  # noqa: E402
+                                     Int8WeightOnlyLinear, apply_variant, int8_weight_only_matmul,
+                                     quantize_per_channel)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -28,7 +29,7 @@ def test_triton_int8_weight_only_kernel_matches_dequantized_reference(m, n, k):
     assert _rel(y, ref) < 1e-2  # bf16 operands and output
 
 
-@pytest.mark.parametrize("cls", [Int8WeightOnlyLinear, Int8DynamicLinear, Fp8DynamicLinear])
+@pytest.mark.parametrize("cls", [Int8WeightOnlyLinear, Int8DynamicLinear, Int8RowsLinear, Fp8DynamicLinear])
 def test_quantized_linears_stay_near_fp64(cls):
     if cls is Fp8DynamicLinear and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 tensor cores need compute capability 8.9+")
