@@ -113,6 +113,8 @@ class _QuantizedLinear(nn.Module):
     """What every quantized replacement of an nn.Linear shares: the fp32 bias, the feature counts,
     and flattening the leading dimensions; subclasses map [rows, in] to [rows, out] in `_matmul`."""
 
+    keeps: tuple[str, ...] = ()  # attribute names of the encoder linears this kind leaves as they are
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
@@ -177,6 +179,11 @@ class Int8RowsLinear(_QuantizedLinear):
     q/k/v left out as int8-rows leaves them (benchmarks/README.md). Eager, the
     quantize and rescale steps are separate passes and the layer runs slower than fp32;
     torch.compile fuses them around the int8 GEMM (oneDNN on CPUs with VNNI)."""
+
+    # q/k/v stay in the model's precision (bf16 under autocast): their error passes through softmax,
+    # and on the default classifier q/k/v alone in int8 (the rest fp32) lost as many flags as either
+    # FFN product alone, for three quarters of its FLOPs (benchmarks/README.md).
+    keeps = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
@@ -279,13 +286,6 @@ QUANTIZED_LAYERS: dict[str, tuple[type[_QuantizedLinear], str]] = {
 }
 
 
-# Linears a quantize mode leaves in the model's precision (bf16 under autocast), by attribute name.
-# int8-rows keeps q/k/v: their error passes through softmax, and on the default classifier q/k/v
-# alone in int8 (the rest fp32) lost as many flags as either FFN product alone, for three quarters
-# of its FLOPs (benchmarks/README.md).
-KEPT_LINEARS: dict[str, tuple[str, ...]] = {"int8-rows": ("query", "key", "value", "q_proj", "k_proj", "v_proj")}
-
-
 def calibrate_fp8(model: nn.Module, run) -> int:
     """Fixes every Fp8StaticLinear's activation scale from the largest |input| seen while `run()`
     drives the model over calibration inputs; returns how many layers were calibrated."""
@@ -337,7 +337,7 @@ def apply_variant(model: nn.Module, quantize: str = "none", sparsity: str = "non
     if quantize != "none" and sparsity != "none":
         raise ValueError(f"quantization ({quantize}) and 2:4 sparsity do not combine here; pick one")
     n = 0
-    kept = KEPT_LINEARS.get(quantize, ())
+    kept = QUANTIZED_LAYERS[quantize][0].keeps if quantize != "none" else ()
     for parent, attr, lin in list(_encoder_linears(model)):
         if attr in kept:
             continue

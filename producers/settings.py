@@ -71,11 +71,12 @@ class Settings(BaseSettings):
     # Torch classifier variants (benchmarks/README.md, "Classifier precision and engine variants"). engine_quantize:
     # int8-weight-only (int8 weights, bf16 activations, a Triton kernel), int8-dynamic (int8 weights
     # and activations, torch._int_mm), int8-rows (the CPU's: int8 with an asymmetric range per
-    # activation row, q/k/v kept in bf16/fp32; pays with engine_compile), fp8-dynamic (fp8 e4m3 weights and activations with row-wise
-    # scales, torch._scaled_mm; Hopper or newer), fp8-static (per-tensor scales, the activations' fixed
-    # by calibration on built-in sentences); engine_sparsity: 2:4 magnitude sparsity (no
-    # retraining: measure agreement first); engine_compile: torch.compile the model (fuses the
-    # elementwise work between matmuls; each new batch shape compiles first). Default: plain eager.
+    # activation row, q/k/v kept in bf16/fp32; pays with engine_compile), fp8-dynamic (fp8 e4m3
+    # weights and activations with row-wise scales, torch._scaled_mm; Hopper or newer), fp8-static
+    # (per-tensor scales, the activations' fixed by calibration on built-in sentences);
+    # engine_sparsity: 2:4 magnitude sparsity (no retraining: measure agreement first);
+    # engine_compile: torch.compile the model (fuses the elementwise work between matmuls; it
+    # compiles as it loads). Default: plain eager.
     engine_quantize: Literal["none", "int8-weight-only", "int8-dynamic", "int8-rows", "fp8-dynamic",
                              "fp8-static"] = "none"
     engine_sparsity: Literal["none", "2:4"] = "none"
