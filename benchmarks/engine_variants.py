@@ -10,7 +10,9 @@ ONNX Runtime fp32 (fused), `int8` (ONNX Runtime dynamic int8: one activation ran
 (a student with half the layers removed, distilled on the built-in transfer set
 (kernels/corpus.py), int8) and `cascade` (that student for every input, the full model in bf16
 autocast, else fp32, for inputs near a threshold; the band chosen on half the held-out texts,
-everything reported on the other half). The student is built once and cached under
+everything reported on the other half; at each of a range of bands, what it escalates and keeps, and
+what the fp32 model's own scores put within the band; and every variant as a cascade's first stage).
+The student is built once and cached under
 $GRISTMILL_HOME/models/optimized (~20 min on 2 cores).
 
 Agreement with fp32 on held-out text (kernels/corpus.py's held-out set plus the seed set's texts,
@@ -158,6 +160,10 @@ def cpu_variants(args) -> dict[str, dict]:
                       "agreement": agreement(ref_half, [{k: v for k, v in r.items() if k in thresholds}
                                                         for r in c_scores], thresholds)}
     out["cascade"]["band_curve"] = band_curve(student_scores["int8_pruned"][check], ref_scores[check], thresholds)
+    full_speedup = out.get("bf16", out["fp32"])["speedup"]
+    for name, scores in student_scores.items():  # every variant as a cascade's first stage, the same way
+        out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, pick, check, args,
+                                                         speedup=out[name]["speedup"], full_speedup=full_speedup)
     if not args.quick:
         for name, extra in GPU_NUMERICS_ON_CPU.items():
             add(f"gpu_{name}", ClassifierEngine(src, cpu_precision="fp32", **extra, **kw), {"numerics_only": True})
@@ -177,11 +183,30 @@ def cpu_variants(args) -> dict[str, dict]:
     return out
 
 
+def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], pick: slice, check: slice,
+                     args, *, speedup: float, full_speedup: float) -> dict:
+    """A variant as the first stage of a cascade in front of the full model (bf16 where the CPU has
+    it): the band that meets the cascade's floors on one half of the held-out texts, and on the other
+    half what it escalates and keeps, with its speed estimated from the two stages' measured speeds
+    (every input through the variant, the escalated share again through the full model)."""
+    from gristmill.kernels.cascade import choose_band, near
+    from gristmill.kernels.optimize import agreement
+    band, picked = choose_band(scores[pick], ref[pick], thresholds, flags_floor=args.cascade_flags,
+                               texts_floor=args.cascade_texts)
+    up = [near(s, thresholds, band) for s in scores[check]]
+    a = agreement(ref[check], [r if u else s for s, r, u in zip(scores[check], ref[check], up)], thresholds)
+    escalated = sum(up) / len(up)
+    return {"band": band, "escalated": round(escalated, 4), "flags": a["flags"], "texts_identical": a["texts_identical"],
+            "floors_met_where_chosen": picked["flags"] >= args.cascade_flags and picked["texts_identical"] >= args.cascade_texts,
+            "speedup_estimate": round(1 / (1 / speedup + escalated / full_speedup), 2)}
+
+
 def band_curve(student: list[dict], full: list[dict], thresholds: dict[str, float],
                bands: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.55, 0.75, 1.0)) -> list[dict]:
     """What a cascade of `student` and `full` escalates and keeps at each band (the full model's
-    scores standing in for its answers on the escalated inputs)."""
-    from gristmill.kernels.cascade import near
+    scores standing in for its answers on the escalated inputs), and the share the full model's own
+    scores put within the band (what even a student without error would escalate there)."""
+    from gristmill.kernels.cascade import full_model_near, near
     from gristmill.kernels.optimize import agreement
     curve = []
     for band in bands:
@@ -189,7 +214,8 @@ def band_curve(student: list[dict], full: list[dict], thresholds: dict[str, floa
         rows = [f if u else s for s, f, u in zip(student, full, up)]
         a = agreement(full, rows, thresholds)
         curve.append({"band": band, "escalated": round(sum(up) / len(up), 4), "flags": a["flags"],
-                      "texts_identical": a["texts_identical"]})
+                      "texts_identical": a["texts_identical"],
+                      "full_model_near": round(full_model_near(full, thresholds, band), 4)})
     return curve
 
 
@@ -306,8 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     curve = variants.get("cascade", {}).get("band_curve")
     if curve:
         print("\nthe cascade at other bands (the student, and the fp32 model on what it escalates):")
-        print(table([(f"{c['band']:.2f}", f"{c['escalated']:.1%}", f"{c['flags']:.3%}", f"{c['texts_identical']:.2%}")
-                     for c in curve], ("band", "escalated", "flags", "texts identical")))
+        print(table([(f"{c['band']:.2f}", f"{c['escalated']:.1%}", f"{c['flags']:.3%}", f"{c['texts_identical']:.2%}",
+                      f"{c['full_model_near']:.1%}")
+                     for c in curve], ("band", "escalated", "flags", "texts identical", "full model's own near")))
+    fronts = [(name, v["as_cascade_front"]) for name, v in variants.items() if "as_cascade_front" in v]
+    if fronts:
+        print(f"\neach variant as a cascade's first stage, in front of {variants.get('bf16', variants['fp32'])['variant']} "
+              f"(band for flags >= {args.cascade_flags:.2%} and texts >= {args.cascade_texts:.1%} chosen on half the "
+              f"held-out texts, figures on the other half; speed from the two stages' measured speeds):")
+        print(table([(name, f"{f['band']:.2f}" + ("" if f["floors_met_where_chosen"] else " (floors not met)"),
+                      f"{f['escalated']:.1%}", f"{f['flags']:.3%}", f"{f['texts_identical']:.2%}",
+                      f"{f['speedup_estimate']:.2f}x") for name, f in fronts],
+                    ("first stage", "band", "escalated", "flags", "texts identical", "vs fp32 (estimate)")))
     summary: dict = {"device": args.device, "variants": variants, "wall_s": round(time.perf_counter() - t0, 1)}
     timed = {k: v for k, v in variants.items() if "speedup_vs_bf16" in v and k != "fp32"}
     if timed:

@@ -57,6 +57,17 @@ def combine(student_rows: list[dict[str, float]], teacher_of, thresholds: dict[s
     return out
 
 
+def full_model_near(reference: list[dict[str, float]], thresholds: dict[str, float | list[float]], band: float,
+                    margin: float = 0.0) -> float:
+    """The share of texts whose full-model scores already lie within `band` of a threshold: about
+    what a cascade at `band` escalates even with a student that matched the full model exactly. On
+    text dense with borderline cases it bounds what any cascade can save: a band narrower than the
+    student's errors loses decisions, a wider one escalates at least this much."""
+    if not reference:
+        return 0.0
+    return sum(near(r, thresholds, band, margin) for r in reference) / len(reference)
+
+
 def escalations(results: list) -> list[bool] | None:
     """For a cascade's rows, whether the full model decided each; None for any other engine's."""
     if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:

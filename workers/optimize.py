@@ -287,7 +287,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     pick, check = slice(0, None, 2), slice(1, None, 2)
     band, picked = choose_band(report["scores"][pick], ref_scores[pick], thresholds,
                                flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-    from ..kernels.cascade import near
+    from ..kernels.cascade import full_model_near, near
     student_scores = report["scores"][check]
     rows = [t if near(s, thresholds, band) else s for s, t in zip(student_scores, ref_scores[check])]
     escalated = sum(near(s, thresholds, band) for s in student_scores) / len(student_scores)
@@ -295,12 +295,14 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     speedup = 1 / (1 / report["speedup"] + escalated)
     cascade_report = {"band": band, "band_chosen_on": picked, "heldout_texts": len(student_scores),
                       "escalated": round(escalated, 4), "speedup_estimate": round(speedup, 2),
+                      "full_model_near": round(full_model_near(ref_scores[check], thresholds, band), 4),
                       "agreement": agreement(ref_scores[check], rows, thresholds),
                       "student": {k: v for k, v in report.items() if k != "scores"}}
     a = cascade_report["agreement"]
     print(_describe(manifest["variant"], {k: v for k, v in report.items() if k != "scores"}))
     print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {len(student_scores)} held-out texts to the "
-          f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; ~{speedup:.2f}x fp32")
+          f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; ~{speedup:.2f}x fp32. "
+          f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band")
     # escalate near the policy's thresholds (where the band was measured) and the model's own
     every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
     write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,

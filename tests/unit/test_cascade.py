@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from gristmill.kernels.cascade import ESCALATED, choose_band, combine, near  # noqa: E402
+from gristmill.kernels.cascade import ESCALATED, choose_band, combine, full_model_near, near  # noqa: E402
 from gristmill.kernels.distill import StudentShape, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
@@ -66,6 +66,17 @@ def test_choose_band_is_the_narrowest_that_meets_the_floors():
     assert 0 < band <= 0.25 and stats["escalated"] == pytest.approx(1 / 3, abs=1e-4)
 
 
+def test_full_model_near_is_what_a_flawless_student_would_escalate():
+    full = [{"a": 0.52, "b": 0.01}, {"a": 0.9, "b": 0.01}, {"a": 0.1, "b": 0.29}, {"a": 0.1, "b": 0.01}]
+    assert full_model_near(full, TH, band=0.1) == 0.5  # the first ("a") and the third ("b")
+    assert full_model_near(full, TH, band=0.0) == 0.0
+    assert full_model_near(full, TH, band=10.0) == 1.0
+    assert full_model_near([], TH, band=0.1) == 0.0
+    # a cascade whose student equals the full model escalates exactly that share
+    band, stats = choose_band(full, full, TH, flags_floor=1.0, texts_floor=1.0, bands=(0.1,))
+    assert stats["escalated"] == full_model_near(full, TH, band)
+
+
 def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_file, tmp_path):
     """--distill --cascade on the tiny encoder: the student has half the layers, the cascade's
     band meets its floors on the held-out half, and a worker's host serves it, naming in each
@@ -93,6 +104,7 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report == manifest["report"] and 0.0 <= report["escalated"] <= 1.0
     assert set(report["agreement"]) >= {"flags", "texts_identical"}
+    assert 0.0 <= report["full_model_near"] <= 1.0 and "The full model's own scores put" in p.stdout
 
     models = json.loads(tiny_models_file.read_text())
     spec = next(m for m in models if m["name"] == "tiny-moderation")
