@@ -127,15 +127,15 @@ class EngineLoader:
         return eng
 
     def _load_cascade(self, spec: ModelSpec, path, manifest: dict, kw: dict):
-        """The student artifact inside the cascade directory, and the full model (by its registered
+        """The first stage inside the cascade directory (a student, or a torch recipe), and the full model (by its registered
         name, else the weights' path) in the CPU precision setting: bf16 autocast where the CPU has
         native bf16, which kept every flag of fp32, the reference the band was chosen against."""
         from ..kernels.cascade import CascadeEngine
         from ..kernels.classify import ClassifierEngine
-        from ..kernels.onnx_engine import OnnxClassifierEngine
+        from ..kernels.optimize import artifact_engine
         teacher_spec = self.registry.specs.get(manifest["teacher_model"])
         teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
-        student = OnnxClassifierEngine(Path(path) / manifest["student"], **kw)
+        student = artifact_engine(Path(path) / manifest["student"], cpu_precision=self.settings.cpu_precision, **kw)
         teacher = ClassifierEngine(teacher_path, cpu_precision=self.settings.cpu_precision, **kw)
         return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
                              margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])

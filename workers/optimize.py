@@ -1,5 +1,5 @@
-"""`gristmill optimize MODEL [--quantize int8|int8-block|int8-rows|none] [--prune F] [--distill FILE|builtin
-[--cascade]] --out DIR`.
+"""`gristmill optimize MODEL [--quantize int8|int8-block|int8-rows|none] [--prune F] [--distill FILE|builtin]
+[--cascade] [--out DIR]`.
 
 Builds an ONNX Runtime artifact of a registered classifier (or, for int8-rows, a recipe for the
 compiled torch engine over the same weights), then judges it against the fp32 eager
@@ -11,8 +11,9 @@ matches is reused, not rebuilt. Register the directory as a model's `path` and w
 Without --distill, --prune removes FFN neurons and heads by importance on the calibration text.
 With --distill, --prune removes that fraction of the encoder's layers and the smaller student is
 trained against the full model on the transfer text (a file of your own traffic, or `builtin`,
-kernels/corpus.py). --cascade then also writes a cascade: the student for every input, the full
-model for inputs near a threshold, with the band chosen on held-out text to meet the cascade floors.
+kernels/corpus.py). --cascade then also writes a cascade: the student (or, with --quantize int8-rows
+and no --distill, int8-rows) for every input, the full model for inputs near a threshold, with the
+band chosen on held-out text to meet the cascade floors.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main(argv: list[str]) -> int:
                     help="train a smaller student on these unlabelled texts (your input JSONL, plain lines, or "
                          "'builtin': kernels/corpus.py's transfer set)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
-    ap.add_argument("--cascade", action="store_true", help="also write a cascade of the student and the full model")
+    ap.add_argument("--cascade", action="store_true", help="also write a cascade: the student (or int8-rows) in front of the full model")
     ap.add_argument("--distill-steps", type=int, default=0,
                     help="without --distill: train the neuron-pruned model this many steps on the calibration text")
     ap.add_argument("--calibration", type=Path, help="texts for pruning importance (default: built-in sentences)")
@@ -155,8 +156,9 @@ def main(argv: list[str]) -> int:
     spec = _resolve(args.model)
     if not 0 <= args.prune < 1:
         raise SystemExit(f"--prune must be in [0, 1), got {args.prune}")
-    if args.cascade and not args.distill:
-        raise SystemExit("--cascade needs a student: give --distill FILE (or builtin) and --prune F")
+    if args.cascade and not args.distill and args.quantize != "int8-rows":
+        raise SystemExit("--cascade needs a first stage: a student (--distill FILE or builtin, and --prune F) "
+                         "or --quantize int8-rows")
     if args.distill and spec.kind not in POOLED_KINDS:
         raise SystemExit(f"--distill trains sentence-encoder students; {spec.name} is a {spec.kind}")
     src = spec.resolve_path()
@@ -165,7 +167,7 @@ def main(argv: list[str]) -> int:
         from ..kernels.optimize import TORCH_QUANTIZE, variant_name
         from ..producers.settings import Settings
         from .variants import optimized_dir
-        kind = "cascade" if args.cascade else "student" if args.distill else \
+        kind = ("cascade" if args.distill else f"cascade-{quantize}") if args.cascade else "student" if args.distill else \
             f"torch-{quantize}" if quantize in TORCH_QUANTIZE else variant_name(quantize, args.prune)
         args.out = optimized_dir(Settings(), spec.name) / kind
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,11 +187,19 @@ def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
         raise SystemExit(f"--quantize {quantize} runs through torch.compile, which needs a C++ compiler on a CPU: "
                          "install g++ (Debian: build-essential) or set CXX")
     digest = torch_recipe_digest(src, quantize=quantize, compile=True)
-    if _up_to_date(args.out, digest):
+    digest_out = digest + ("-cascade" if args.cascade else "")
+    if _up_to_date(args.out, digest_out):
         return 0
     staging = _staging(args.out)
-    manifest = write_torch_recipe(src, staging, quantize=quantize, compile=True)
-    return _finish(args, staging, manifest, judge(spec, src, staging, heldout_texts(args.texts)), digest)
+    heldout = heldout_texts(args.texts)
+    if not args.cascade:
+        manifest = write_torch_recipe(src, staging, quantize=quantize, compile=True)
+        return _finish(args, staging, manifest, judge(spec, src, staging, heldout), digest)
+    # int8-rows for every input, the full model again for those near a threshold
+    manifest = write_torch_recipe(src, staging / "student", quantize=quantize, compile=True)
+    reference = reference_scores(spec, src, heldout)
+    return _cascade(args, spec, src, staging, manifest, judge(spec, src, staging / "student", heldout, reference),
+                    reference, digest_out)
 
 
 def _pruned(args, spec, src: Path, quantize: str | None) -> int:
@@ -255,9 +265,8 @@ def _install(out: Path, staging: Path, refusal: str | None, report: dict, digest
 
 def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels import corpus, heads
-    from ..kernels.cascade import choose_band
     from ..kernels.loading import cpu_has_bf16
-    from ..kernels.optimize import agreement, build_student, student_digest, write_cascade
+    from ..kernels.optimize import build_student, student_digest
     from .loading import classifier_kwargs
     vocab = src / "vocab.txt"
     transfer = (corpus.transfer_set(BUILTIN_TRANSFER_LINES, vocab_file=vocab if vocab.is_file() else None)
@@ -281,13 +290,19 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     report = judge(spec, src, student_dir, heldout, reference)
     if not args.cascade:
         return _finish(args, staging, manifest, report, digest)
-    # the band is chosen on half the held-out texts and judged on the other half
+    return _cascade(args, spec, src, staging, manifest, report, reference, digest_out)
+
+
+def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict, reference, digest_out: str) -> int:
+    """Around the first stage judged in `staging/student` (`report`, with its scores): the band,
+    chosen on half the held-out texts and judged on the other half, and the cascade's manifest."""
+    from ..kernels.cascade import choose_band, full_model_near, near
+    from ..kernels.optimize import agreement, write_cascade
     ref_engine, ref_ips, ref_scores = reference
     thresholds = decision_thresholds(spec, ref_engine.labels)
     pick, check = slice(0, None, 2), slice(1, None, 2)
     band, picked = choose_band(report["scores"][pick], ref_scores[pick], thresholds,
                                flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-    from ..kernels.cascade import full_model_near, near
     student_scores = report["scores"][check]
     rows = [t if near(s, thresholds, band) else s for s, t in zip(student_scores, ref_scores[check])]
     escalated = sum(near(s, thresholds, band) for s in student_scores) / len(student_scores)

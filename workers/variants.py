@@ -34,17 +34,31 @@ def optimized_dir(settings: Settings, model: str) -> Path:
     return settings.model_cache_dir / "optimized" / model
 
 
-def _stored(manifest_file: Path) -> tuple[float, float, float] | None:
-    """(flags, texts identical, speedup) an artifact's build measured, or None (also for a compiled
-    torch recipe on a host without the C++ compiler that torch.compile needs on a CPU)."""
-    from ..kernels.loading import cpu_compiler
-    from ..kernels.optimize import TORCH_RECIPE
+def _read(manifest_file: Path) -> dict | None:
     try:
         m = json.loads(manifest_file.read_text())
     except (OSError, ValueError):
         return None
-    if m.get("kind") == TORCH_RECIPE and (m.get("engine") or {}).get("compile") and cpu_compiler() is None:
+    return m if isinstance(m, dict) else None
+
+
+def _cannot_compile_here(m: dict) -> bool:
+    """A compiled torch recipe on a host without the C++ compiler that torch.compile needs on a CPU."""
+    from ..kernels.loading import cpu_compiler
+    from ..kernels.optimize import TORCH_RECIPE
+    return m.get("kind") == TORCH_RECIPE and bool((m.get("engine") or {}).get("compile")) and cpu_compiler() is None
+
+
+def _stored(manifest_file: Path) -> tuple[float, float, float] | None:
+    """(flags, texts identical, speedup) an artifact's build measured, or None (also for a compiled
+    torch recipe, or a cascade in front of one, on a host that cannot compile it)."""
+    m = _read(manifest_file)
+    if m is None or _cannot_compile_here(m):
         return None
+    if m.get("kind") == "cascade":  # a cascade runs where its first stage can
+        first = _read(manifest_file.parent / str(m.get("student")) / manifest_file.name)
+        if first is None or _cannot_compile_here(first):
+            return None
     report = m.get("report") or {}
     a = report.get("agreement") or {}
     speed = report.get("speedup_estimate") or report.get("speedup")

@@ -234,6 +234,7 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     engine instead."""
     import json
     import os
+    import shutil
     import subprocess
 
     from gristmill.kernels import loading as kloading
@@ -273,4 +274,27 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     host = EngineHost(settings)
     assert "+w8a8rows" not in host.engine("tiny-moderation").variant
     assert "no optimized artifact meets the floors" in host.serving["tiny-moderation"]
+    host.shutdown()
+    monkeypatch.undo()
+
+    # int8-rows as a cascade's first stage, the full model again near a threshold
+    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--quantize", "int8-rows", "--cascade",
+                        "--texts", str(texts), "--force"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cascade = home / "models" / "optimized" / "tiny-moderation" / "cascade-int8-rows"
+    manifest = read_manifest(cascade)
+    assert manifest["kind"] == "cascade" and read_manifest(cascade / manifest["student"])["kind"] == "torch"
+    assert 0.0 <= manifest["report"]["escalated"] <= 1.0 and "full_model_near" in manifest["report"]
+    shutil.rmtree(art)  # the plain recipe out of the way: the cascade is the one artifact left
+    host = EngineHost(settings)
+    eng = host.engine("tiny-moderation")
+    assert eng.variant.startswith("cascade(") and "+w8a8rows+compiled>" in eng.variant
+    assert "cascade-int8-rows: its build measured" in host.serving["tiny-moderation"]
+    eng.band = 100.0  # every input escalates
+    line = host.format(item, host.run("tiny-moderation", prep.payloads))
+    assert line["provenance"]["decided_by"] == ["full", "full"]
+    host.shutdown()
+    monkeypatch.setattr(kloading, "cpu_compiler", lambda: None)  # no compiler: not its first stage either
+    host = EngineHost(settings)
+    assert not host.engine("tiny-moderation").variant.startswith("cascade(")
     host.shutdown()
