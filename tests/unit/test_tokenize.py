@@ -215,6 +215,7 @@ def test_ascii_path_refuses_other_tokenizers_and_needs_its_library(tiny_models_f
 def test_the_engine_uses_the_ascii_path_by_setting(monkeypatch):
     from gristmill.producers.settings import Settings
     from gristmill.workers.host import EngineHost
+    monkeypatch.setenv("GRISTMILL_AUTO_VARIANTS", "false")  # the torch engine, whatever the home has built
     on = EngineHost(Settings()).engine("all-MiniLM-L6-v2-moderation")
     monkeypatch.setenv("GRISTMILL_FAST_TOKENIZER", "false")
     off = EngineHost(Settings()).engine("all-MiniLM-L6-v2-moderation")
