@@ -189,16 +189,13 @@ def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, 
     it): the band that meets the cascade's floors on one half of the held-out texts, and on the other
     half what it escalates and keeps, with its speed estimated from the two stages' measured speeds
     (every input through the variant, the escalated share again through the full model)."""
-    from gristmill.kernels.cascade import choose_band, near
-    from gristmill.kernels.optimize import agreement
+    from gristmill.kernels.cascade import choose_band
     band, picked = choose_band(scores[pick], ref[pick], thresholds, flags_floor=args.cascade_flags,
                                texts_floor=args.cascade_texts)
-    up = [near(s, thresholds, band) for s in scores[check]]
-    a = agreement(ref[check], [r if u else s for s, r, u in zip(scores[check], ref[check], up)], thresholds)
-    escalated = sum(up) / len(up)
-    return {"band": band, "escalated": round(escalated, 4), "flags": a["flags"], "texts_identical": a["texts_identical"],
+    (at,) = band_curve(scores[check], ref[check], thresholds, bands=(band,))
+    return {"band": band, "escalated": at["escalated"], "flags": at["flags"], "texts_identical": at["texts_identical"],
             "floors_met_where_chosen": picked["flags"] >= args.cascade_flags and picked["texts_identical"] >= args.cascade_texts,
-            "speedup_estimate": round(1 / (1 / speedup + escalated / full_speedup), 2)}
+            "speedup_estimate": round(1 / (1 / speedup + at["escalated"] / full_speedup), 2)}
 
 
 def band_curve(student: list[dict], full: list[dict], thresholds: dict[str, float],

@@ -127,9 +127,10 @@ class EngineLoader:
         return eng
 
     def _load_cascade(self, spec: ModelSpec, path, manifest: dict, kw: dict):
-        """The first stage inside the cascade directory (a student, or a torch recipe), and the full model (by its registered
-        name, else the weights' path) in the CPU precision setting: bf16 autocast where the CPU has
-        native bf16, which kept every flag of fp32, the reference the band was chosen against."""
+        """The first stage inside the cascade directory (a student, or a torch recipe), and the full
+        model (by its registered name, else the weights' path) in the CPU precision setting: bf16
+        autocast where the CPU has native bf16, which kept every flag of fp32, the reference the band
+        was chosen against."""
         from ..kernels.cascade import CascadeEngine
         from ..kernels.classify import ClassifierEngine
         from ..kernels.optimize import artifact_engine

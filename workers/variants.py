@@ -52,10 +52,11 @@ def _cannot_compile_here(m: dict) -> bool:
 def _stored(manifest_file: Path) -> tuple[float, float, float] | None:
     """(flags, texts identical, speedup) an artifact's build measured, or None (also for a compiled
     torch recipe, or a cascade in front of one, on a host that cannot compile it)."""
+    from ..kernels.cascade import MANIFEST_KIND as CASCADE
     m = _read(manifest_file)
     if m is None or _cannot_compile_here(m):
         return None
-    if m.get("kind") == "cascade":  # a cascade runs where its first stage can
+    if m.get("kind") == CASCADE:  # a cascade runs where its first stage can
         first = _read(manifest_file.parent / str(m.get("student")) / manifest_file.name)
         if first is None or _cannot_compile_here(first):
             return None
