@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     auto_variants: bool = True
     variant_min_flags: float = Field(default=0.9995, ge=0.0, le=1.0)
     variant_min_texts: float = Field(default=0.995, ge=0.0, le=1.0)
+    # ... and whose build measured it at least this many times as fast as the engine a worker serves
+    # without it (bf16 where the CPU has it; measured in the same build): 1.0 = not slower; 0 = any.
+    variant_min_gain: float = Field(default=1.0, ge=0.0)
     # Pure-ASCII classifier inputs tokenized by flash-tokenizer's C++ BERT tokenizer where it gives
     # the Rust tokenizer's ids (kernels/tokenize.py, AsciiWordPiece): ~6 us a text against ~100 us on
     # one core of the 2-core test machine. It holds the GIL for those ~6 us per text, beside the

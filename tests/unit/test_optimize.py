@@ -262,7 +262,7 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     assert bad.returncode != 0 and "--prune needs" in bad.stderr
 
     settings = Settings(models_file=tiny_models_file, builtin_models=False, home=home, variant_min_flags=0.0,
-                        variant_min_texts=0.0, dedup_ttl_s=0)
+                        variant_min_texts=0.0, variant_min_gain=0.0, dedup_ttl_s=0)  # tiny: speeds are noise
     host = EngineHost(settings)
     item = S.WorkItem(1, "c1", "/v1/moderations", "tiny-moderation", {"input": ["i will hurt you", "hello"]}, "0" * 64)
     (prep,) = host.prepare([item])
@@ -298,3 +298,37 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     host = EngineHost(settings)
     assert not host.engine("tiny-moderation").variant.startswith("cascade(")
     host.shutdown()
+
+
+def test_a_worker_serves_the_fastest_artifact_that_meets_the_floors_and_beats_the_default(tiny_models_file, tmp_path):
+    """The choice reads each artifact's stored report: an artifact under a floor, or one its build
+    measured slower than the engine served without it, is passed over, and the reason says so."""
+    import json
+
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.variants import choose, optimized_dir
+    settings = Settings(models_file=tiny_models_file, builtin_models=False, home=tmp_path)
+    spec = settings.registry.specs["tiny-moderation"]
+    bf16 = {"variant": "torch-bf16-autocast-cpu", "speedup": 1.7}
+
+    def artifact(name: str, flags: float, texts: float, speedup: float, default: dict | None) -> None:
+        d = optimized_dir(settings, spec.name) / name
+        d.mkdir(parents=True)
+        report = {"speedup": speedup, "agreement": {"flags": flags, "texts_identical": texts}}
+        if default is not None:
+            report["default"] = default
+        (d / "gristmill-artifact.json").write_text(json.dumps({"kind": "onnx", "report": report}))
+
+    artifact("int8", 0.997, 0.96, 2.6, bf16)  # fast, under the floors
+    artifact("slow", 0.99999, 0.9999, 1.5, bf16)  # meets the floors, slower than bf16
+    choice = choose(spec, "cpu", settings)
+    assert not choice.artifact
+    assert "slow (1.50x fp32) is slower than torch-bf16-autocast-cpu (1.70x)" in choice.reason
+    assert choose(spec, "cpu", settings.model_copy(update={"variant_min_gain": 0.0})).path.name == "slow"
+    artifact("good", 0.9999, 0.999, 2.0, bf16)
+    artifact("older", 0.9999, 0.999, 1.9, None)  # built before the default was timed: judged on its floors
+    choice = choose(spec, "cpu", settings)
+    assert choice.artifact and choice.path.name == "good"
+    assert "2.00x fp32 (torch-bf16-autocast-cpu 1.70x)" in choice.reason
+    assert choose(spec, "cpu", settings.model_copy(update={"variant_min_gain": 1.2})).path.name == "older"
+    assert not choose(spec, "cuda:0", settings).artifact  # artifacts are for CPU workers
