@@ -106,6 +106,11 @@ def session(path: Path, device: str = "cpu", threads: int | None = None):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ONNX Runtime's intra-op threads otherwise spin for a while after each run, on cores the
+    # process needs next: in a cascade, the torch full model that follows an ONNX student ran at
+    # half its speed (the cascade 1.46x faster without spinning, benchmarks/README.md); alone, the
+    # session's own speed did not change measurably.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
