@@ -258,6 +258,8 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     manifest = read_manifest(art)
     assert manifest["kind"] == "torch" and manifest["engine"] == {"quantize": "int8-rows", "compile": True}
     assert not list(art.glob("*.onnx")) and manifest["report"]["size_bytes"] is None
+    # timed beside it: the engine a worker serves without an artifact, which it must beat
+    assert manifest["report"]["default"]["variant"].startswith("torch-") and manifest["report"]["default"]["speedup"] > 0
     assert json.loads(p.stdout.strip().splitlines()[-1]) == manifest["report"]
     bad = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--quantize", "int8-rows", "--prune", "0.5"],
                          env=env, cwd=root, capture_output=True, text=True, timeout=120)
@@ -287,6 +289,7 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     manifest = read_manifest(cascade)
     assert manifest["kind"] == "cascade" and read_manifest(cascade / manifest["student"])["kind"] == "torch"
     assert 0.0 <= manifest["report"]["escalated"] <= 1.0 and "full_model_near" in manifest["report"]
+    assert manifest["report"]["default"]["variant"].startswith("torch-")
     shutil.rmtree(art)  # the plain recipe out of the way: the cascade is the one artifact left
     host = EngineHost(settings)
     eng = host.engine("tiny-moderation")
