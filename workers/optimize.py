@@ -83,12 +83,13 @@ class Reference:
     engine: Any
     items_per_s: float
     scores: list[dict[str, float]]
-    default_variant: str
+    default_engine: Any
     default_items_per_s: float
 
     @property
     def default(self) -> dict:
-        return {"variant": self.default_variant, "speedup": round(self.default_items_per_s / self.items_per_s, 2)}
+        return {"variant": self.default_engine.variant,
+                "speedup": round(self.default_items_per_s / self.items_per_s, 2)}
 
 
 def reference_scores(spec, src: Path, heldout: list[str]) -> Reference:
@@ -99,8 +100,9 @@ def reference_scores(spec, src: Path, heldout: list[str]) -> Reference:
     ref = ClassifierEngine(src, cpu_precision="fp32", **classifier_kwargs(spec))
     ips, scores = throughput(ref, heldout)
     default = ClassifierEngine(src, cpu_precision=Settings().cpu_precision, **classifier_kwargs(spec))
-    default_ips = ips if default.variant == ref.variant else throughput(default, heldout)[0]
-    return Reference(ref, ips, scores, default.variant, default_ips)
+    if default.variant == ref.variant:
+        return Reference(ref, ips, scores, ref, ips)
+    return Reference(ref, ips, scores, default, throughput(default, heldout)[0])
 
 
 def judge(spec, src: Path, artifact: Path, heldout: list[str], reference: Reference | None = None) -> dict:
@@ -115,7 +117,12 @@ def judge(spec, src: Path, artifact: Path, heldout: list[str], reference: Refere
             "items_per_s": round(new_ips, 1), "speedup": round(new_ips / ref.items_per_s, 2), "default": ref.default,
             "size_bytes": onnx_file.stat().st_size if onnx_file.is_file() else None, "fp32_size_bytes": size_ref,
             "agreement": agreement(ref.scores, new_scores, decision_thresholds(spec, ref.engine.labels)),
-            "scores": new_scores}
+            "scores": new_scores, "engine": new}
+
+
+def _stored(report: dict) -> dict:
+    """A judge's report as it is stored and printed: without the scores and the engine it judged."""
+    return {k: v for k, v in report.items() if k not in ("scores", "engine")}
 
 
 def _describe(name: str, report: dict) -> str:
@@ -222,7 +229,7 @@ def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
     manifest = write_torch_recipe(src, staging / "student", quantize=quantize, compile=True)
     reference = reference_scores(spec, src, heldout)
     return _cascade(args, spec, src, staging, manifest, judge(spec, src, staging / "student", heldout, reference),
-                    reference, digest_out)
+                    reference, heldout, digest_out)
 
 
 def _pruned(args, spec, src: Path, quantize: str | None) -> int:
@@ -262,7 +269,7 @@ def _staging(out: Path) -> Path:
 
 
 def _finish(args, staging: Path, manifest: dict, report: dict, digest: str) -> int:
-    report = {k: v for k, v in report.items() if k != "scores"}
+    report = _stored(report)
     manifest["report"] = report
     (staging / "gristmill-artifact.json").write_text(json.dumps(manifest, indent=2))
     print(_describe(manifest["variant"], report))
@@ -313,38 +320,48 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     report = judge(spec, src, student_dir, heldout, reference)
     if not args.cascade:
         return _finish(args, staging, manifest, report, digest)
-    return _cascade(args, spec, src, staging, manifest, report, reference, digest_out)
+    return _cascade(args, spec, src, staging, manifest, report, reference, heldout, digest_out)
 
 
 def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict, reference: Reference,
-             digest_out: str) -> int:
-    """Around the first stage judged in `staging/student` (`report`, with its scores): the band,
-    chosen on half the held-out texts and judged on the other half, and the cascade's manifest."""
-    from ..kernels.cascade import choose_band, full_model_near, near
-    from ..kernels.optimize import agreement, write_cascade
+             heldout: list[str], digest_out: str) -> int:
+    """Around the first stage judged in `staging/student` (`report`, with its scores and engine):
+    the band, chosen on half the held-out texts and judged on the other half, the cascade's speed
+    measured end to end on that half, and the cascade's manifest."""
+    from ..kernels.cascade import CascadeEngine, choose_band, full_model_near, near
+    from ..kernels.optimize import agreement, throughput, write_cascade
     ref_scores = reference.scores
     thresholds = decision_thresholds(spec, reference.engine.labels)
     pick, check = slice(0, None, 2), slice(1, None, 2)
     band, picked = choose_band(report["scores"][pick], ref_scores[pick], thresholds,
                                flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-    student_scores = report["scores"][check]
-    rows = [t if near(s, thresholds, band) else s for s, t in zip(student_scores, ref_scores[check])]
-    escalated = sum(near(s, thresholds, band) for s in student_scores) / len(student_scores)
-    # what the cascade costs: the first stage on every input plus, on the escalated share, the full
-    # model as a worker runs it (bf16 where the CPU has it)
-    speedup = 1 / (1 / report["speedup"] + escalated / reference.default["speedup"])
-    cascade_report = {"band": band, "band_chosen_on": picked, "heldout_texts": len(student_scores),
-                      "escalated": round(escalated, 4), "speedup_estimate": round(speedup, 2), "default": reference.default,
-                      "full_model_near": round(full_model_near(ref_scores[check], thresholds, band), 4),
-                      "agreement": agreement(ref_scores[check], rows, thresholds),
-                      "student": {k: v for k, v in report.items() if k != "scores"}}
-    a = cascade_report["agreement"]
-    print(_describe(manifest["variant"], {k: v for k, v in report.items() if k != "scores"}))
-    print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {len(student_scores)} held-out texts to the "
-          f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; ~{speedup:.2f}x fp32. "
-          f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band")
-    # escalate near the policy's thresholds (where the band was measured) and the model's own
+    # escalate near the policy's thresholds (where the band was chosen) and the model's own: the
+    # figures below are of the cascade as workers serve it
     every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
+    student_scores = report["scores"][check]
+    rows = [t if near(s, every, band) else s for s, t in zip(student_scores, ref_scores[check])]
+    escalated = sum(near(s, every, band) for s in student_scores) / len(student_scores)
+    # what the cascade costs, estimated: the first stage on every input plus, on the escalated
+    # share, the full model as a worker runs it (bf16 where the CPU has it) ...
+    estimate = 1 / (1 / report["speedup"] + escalated / reference.default["speedup"])
+    # ... and measured, as a worker runs it (a split batch costs more than its parts)
+    cascade = CascadeEngine(report["engine"], reference.default_engine, band=band, thresholds=every)
+    half = heldout[check]
+    fp32_ips = throughput(reference.engine, half)[0]
+    ips = throughput(cascade, half)[0]
+    cascade_report = {"band": band, "band_chosen_on": picked, "heldout_texts": len(student_scores),
+                      "escalated": round(escalated, 4), "items_per_s": round(ips, 1),
+                      "fp32_items_per_s": round(fp32_ips, 1), "speedup": round(ips / fp32_ips, 2),
+                      "speedup_estimate": round(estimate, 2), "default": reference.default,
+                      "full_model_near": round(full_model_near(ref_scores[check], every, band), 4),
+                      "agreement": agreement(ref_scores[check], rows, thresholds),
+                      "student": _stored(report)}
+    a = cascade_report["agreement"]
+    print(_describe(manifest["variant"], _stored(report)))
+    print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {len(student_scores)} held-out texts to the "
+          f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; "
+          f"{cascade_report['speedup']:.2f}x fp32 measured end to end (estimate {estimate:.2f}x). "
+          f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band")
     write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,
                   thresholds=every, report=cascade_report, digest=digest_out)
     refusal = None

@@ -105,6 +105,7 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     assert report == manifest["report"] and 0.0 <= report["escalated"] <= 1.0
     assert set(report["agreement"]) >= {"flags", "texts_identical"}
     assert 0.0 <= report["full_model_near"] <= 1.0 and "The full model's own scores put" in p.stdout
+    assert report["speedup"] > 0 and report["speedup_estimate"] > 0 and "measured end to end" in p.stdout
 
     models = json.loads(tiny_models_file.read_text())
     spec = next(m for m in models if m["name"] == "tiny-moderation")

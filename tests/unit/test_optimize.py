@@ -290,6 +290,8 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     assert manifest["kind"] == "cascade" and read_manifest(cascade / manifest["student"])["kind"] == "torch"
     assert 0.0 <= manifest["report"]["escalated"] <= 1.0 and "full_model_near" in manifest["report"]
     assert manifest["report"]["default"]["variant"].startswith("torch-")
+    assert manifest["report"]["speedup"] > 0 and manifest["report"]["items_per_s"] > 0  # timed end to end
+    assert "measured end to end" in p.stdout
     shutil.rmtree(art)  # the plain recipe out of the way: the cascade is the one artifact left
     host = EngineHost(settings)
     eng = host.engine("tiny-moderation")
