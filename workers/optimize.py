@@ -120,7 +120,7 @@ def judge(spec, src: Path, artifact: Path, heldout: list[str], reference: Refere
             "scores": new_scores, "engine": new}
 
 
-def _stored(report: dict) -> dict:
+def _report_to_store(report: dict) -> dict:
     """A judge's report as it is stored and printed: without the scores and the engine it judged."""
     return {k: v for k, v in report.items() if k not in ("scores", "engine")}
 
@@ -269,7 +269,7 @@ def _staging(out: Path) -> Path:
 
 
 def _finish(args, staging: Path, manifest: dict, report: dict, digest: str) -> int:
-    report = _stored(report)
+    report = _report_to_store(report)
     manifest["report"] = report
     (staging / "gristmill-artifact.json").write_text(json.dumps(manifest, indent=2))
     print(_describe(manifest["variant"], report))
@@ -339,8 +339,9 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     # figures below are of the cascade as workers serve it
     every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
     student_scores = report["scores"][check]
-    rows = [t if near(s, every, band) else s for s, t in zip(student_scores, ref_scores[check])]
-    escalated = sum(near(s, every, band) for s in student_scores) / len(student_scores)
+    up = [near(s, every, band) for s in student_scores]
+    rows = [t if u else s for s, t, u in zip(student_scores, ref_scores[check], up)]
+    escalated = sum(up) / len(up)
     # what the cascade costs, estimated: the first stage on every input plus, on the escalated
     # share, the full model as a worker runs it (bf16 where the CPU has it) ...
     estimate = 1 / (1 / report["speedup"] + escalated / reference.default["speedup"])
@@ -355,9 +356,9 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
                       "speedup_estimate": round(estimate, 2), "default": reference.default,
                       "full_model_near": round(full_model_near(ref_scores[check], every, band), 4),
                       "agreement": agreement(ref_scores[check], rows, thresholds),
-                      "student": _stored(report)}
+                      "student": _report_to_store(report)}
     a = cascade_report["agreement"]
-    print(_describe(manifest["variant"], _stored(report)))
+    print(_describe(manifest["variant"], _report_to_store(report)))
     print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {len(student_scores)} held-out texts to the "
           f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; "
           f"{cascade_report['speedup']:.2f}x fp32 measured end to end (estimate {estimate:.2f}x). "

@@ -78,7 +78,7 @@ def _stored(manifest_file: Path) -> StoredFigures | None:
     speed = report.get("speedup") or report.get("speedup_estimate")  # cascades built before it was measured: the estimate
     if "flags" not in a or "texts_identical" not in a or not speed:
         return None
-    default = report.get("default") or (report.get("student") or {}).get("default") or {}
+    default = report.get("default") or {}
     return StoredFigures(float(a["flags"]), float(a["texts_identical"]), float(speed),
                          float(default["speedup"]) if default.get("speedup") else None, str(default.get("variant", "")))
 
