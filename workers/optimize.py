@@ -136,6 +136,13 @@ def _describe(name: str, report: dict) -> str:
 
 
 def _resolve(model: str):
+    spec = _lookup(model)
+    if spec.is_generator:
+        raise SystemExit(f"{spec.name} is a generator; optimize handles classifiers")
+    return spec
+
+
+def _lookup(model: str):
     from ..producers.errors import GristmillError
     from ..producers.settings import Settings
     try:
@@ -145,8 +152,6 @@ def _resolve(model: str):
     spec = specs.get(model) or next((s for s in specs.values() if model in s.aliases), None)
     if spec is None:
         raise SystemExit(f"no model {model!r}; registered: {', '.join(specs)}")
-    if spec.is_generator:
-        raise SystemExit(f"{spec.name} is a generator; optimize handles classifiers")
     return spec
 
 
@@ -165,6 +170,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--distill", metavar="FILE|builtin",
                     help="train a smaller student on these unlabelled texts (your input JSONL, plain lines, or "
                          "'builtin': kernels/corpus.py's transfer set)")
+    ap.add_argument("--sample-lines", type=int, default=0, metavar="N",
+                    help="with --distill builtin: also sample N messages from a chat model (--sampler) on prompts "
+                         "over the moderation categories and everyday topics, cached, as up to half the transfer set "
+                         "(default 0; ~6.6 lines/s on 2 CPU cores)")
+    ap.add_argument("--sampler", default="SmolLM2-135M-Instruct",
+                    help="the registered chat model --sample-lines samples from (default: the built-in generator)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
     ap.add_argument("--cascade", action="store_true", help="also write a cascade: the student (or int8-rows) in front of the full model")
     ap.add_argument("--distill-steps", type=int, default=0,
@@ -189,6 +200,8 @@ def main(argv: list[str]) -> int:
     if args.cascade and not args.distill and args.quantize != "int8-rows":
         raise SystemExit("--cascade needs a first stage: a student (--distill FILE or builtin, and --prune F) "
                          "or --quantize int8-rows")
+    if args.sample_lines and args.distill != "builtin":
+        raise SystemExit("--sample-lines adds to the built-in transfer set: use it with --distill builtin")
     if args.distill and spec.kind not in POOLED_KINDS:
         raise SystemExit(f"--distill trains sentence-encoder students; {spec.name} is a {spec.kind}")
     src = spec.resolve_path()
@@ -299,7 +312,8 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels.optimize import build_student, student_digest
     from .loading import classifier_kwargs
     vocab = src / "vocab.txt"
-    transfer = (corpus.transfer_set(BUILTIN_TRANSFER_LINES, vocab_file=vocab if vocab.is_file() else None)
+    transfer = (corpus.transfer_set(BUILTIN_TRANSFER_LINES, vocab_file=vocab if vocab.is_file() else None,
+                                    sampled=_sampled_transfer(args))
                 if args.distill == "builtin" else read_texts(Path(args.distill)))
     heldout = heldout_texts(args.texts)
     kw = classifier_kwargs(spec)
@@ -321,6 +335,21 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     if not args.cascade:
         return _finish(args, staging, manifest, report, digest)
     return _cascade(args, spec, src, staging, manifest, report, reference, heldout, digest_out)
+
+
+def _sampled_transfer(args) -> list[str]:
+    if not args.sample_lines:
+        return []
+    from ..kernels import sampled
+    from ..producers.settings import Settings
+    gen = _lookup(args.sampler)
+    if not gen.is_generator:
+        raise SystemExit(f"--sampler needs a chat model; {gen.name} is a {gen.kind}")
+    import torch
+    lines = sampled.sample_lines(args.sample_lines, generator=gen.resolve_path(), cache_dir=Settings().model_cache_dir,
+                                 device="cuda" if torch.cuda.is_available() else "cpu",
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    return sampled.transfer_texts(lines)
 
 
 def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict, reference: Reference,

@@ -339,3 +339,36 @@ def test_a_worker_serves_the_fastest_artifact_that_meets_the_floors_and_beats_th
     assert "2.00x fp32 (torch-bf16-autocast-cpu 1.70x)" in choice.reason
     assert choose(spec, "cpu", settings.model_copy(update={"variant_min_gain": 1.2})).path.name == "older"
     assert not choose(spec, "cuda:0", settings).artifact  # artifacts are for CPU workers
+
+
+def test_sampled_transfer_text_is_cached_and_its_held_out_lines_stay_out(weights, tmp_path):
+    from gristmill.kernels import corpus, sampled
+    lines = sampled.sample_lines(40, generator=weights / "chat", cache_dir=tmp_path, seed=3)
+    assert len(lines) == 40 and all(len(line.split()) >= 3 for line in lines)
+    assert len(list(tmp_path.glob("sampled-*.txt"))) == 1
+    assert sampled.sample_lines(40, generator=weights / "chat", cache_dir=tmp_path, seed=3) == lines
+    assert sampled.cache_name(weights / "chat", 40, 4) != sampled.cache_name(weights / "chat", 40, 3)
+
+    made = [f"Message number {i} is short. It has two sentences here." for i in range(60)]
+    held = sampled.heldout_texts(made)
+    assert held and len(held) < len(made)
+    transfer = sampled.transfer_texts(made)
+    assert not set(held) & set(transfer)
+    assert "It has two sentences here." in transfer and len(transfer) == 3 * (len(made) - len(held))
+    mixed = corpus.transfer_set(100, sampled=transfer)
+    assert len(mixed) == 100 and sum(t in set(transfer) for t in mixed) == min(50, len(transfer))
+
+
+def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_models_file, tmp_path):
+    import os
+    import subprocess
+    from tests.commands import GRISTMILL, ROOT as root
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
+           "GRISTMILL_HOME": str(tmp_path / "home")}
+    base = [*GRISTMILL, "optimize", "tiny-moderation", "--out", str(tmp_path / "art"), "--prune", "0.5"]
+    own = subprocess.run([*base, "--distill", str(tmp_path / "mine.txt"), "--sample-lines", "10"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert own.returncode != 0 and "use it with --distill builtin" in own.stderr
+    wrong = subprocess.run([*base, "--distill", "builtin", "--sample-lines", "10", "--sampler", "tiny-classifier"],
+                           env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "--sampler needs a chat model" in wrong.stderr

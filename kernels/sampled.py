@@ -1,0 +1,117 @@
+"""Transfer text sampled from a chat model: moderation-like and everyday messages written by the
+built-in generator (SmolLM2-135M-Instruct) on prompts over the default categories and benign
+topics. It widens what a distilled student sees beyond `corpus.py`'s few template cores, offline.
+
+Lines are cached under `cache_dir`, named by the generator's weights and every sampling setting,
+so a second build reads them back. 1 line in 10 is held out by `corpus`'s text hash;
+`transfer_texts` gives the rest, each line whole and each of its sentences alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from . import corpus
+
+TOPICS = [
+    "insults someone personally", "mocks a classmate cruelly", "tells someone they are worthless",
+    "bullies a coworker", "expresses hatred of a religious group", "says immigrants are less than human",
+    "insults people for their race", "demeans people for their sexuality", "threatens to hurt a neighbour",
+    "warns someone they will be attacked", "threatens to kill someone", "says the writer wants to hurt themselves",
+    "says the writer wants to end their life", "asks about ways to self-harm", "describes feeling hopeless and suicidal",
+    "describes two adults having sex explicitly", "asks someone for nude photos", "is a sexual come-on",
+    "describes a bloody fight in detail", "describes a shooting with injuries", "describes a brutal murder",
+    "asks how to buy drugs online", "asks how to make a weapon at home", "asks how to steal a car",
+    "explains how to commit fraud",
+    "is about cooking dinner", "is about a football match", "is about a software bug", "is about a trip to the mountains",
+    "is about gardening", "is about a new job", "asks for a book recommendation", "complains about a late train",
+    "is about a pet dog", "is about a history lesson", "is about a video game", "reviews a restaurant",
+    "discusses a news story about an election", "discusses a war documentary", "is about a doctor visit",
+    "discusses a crime novel",
+]
+STYLES = ["a short social media post", "a one-sentence forum comment", "a text message", "a short chat message",
+          "a one-line review", "a tweet"]
+SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 36, "batch": 128, "version": 1}
+
+
+def prompt(rng: random.Random) -> str:
+    return f"Write {rng.choice(STYLES)} that {rng.choice(TOPICS)}. Reply with the message only."
+
+
+def cache_name(generator: Path, n: int, seed: int) -> str:
+    from .loading import weights_revision
+    key = json.dumps({"w": weights_revision(generator), "n": n, "seed": seed, "sampling": SAMPLING,
+                      "topics": TOPICS, "styles": STYLES}, sort_keys=True)
+    return f"sampled-{hashlib.sha256(key.encode()).hexdigest()[:16]}.txt"
+
+
+def sample_lines(n: int, *, generator: Path, cache_dir: Path, seed: int = 0, device: str = "cpu",
+                 log=None) -> list[str]:
+    """`n` messages sampled from the chat model at `generator` (a Hugging Face directory or GGUF
+    file), one per line, whitespace collapsed; read from `cache_dir` when sampled before."""
+    if n <= 0:
+        return []
+    cache_dir = Path(cache_dir)
+    path = cache_dir / cache_name(generator, n, seed)
+    if path.is_file():
+        return path.read_text(encoding="utf-8").splitlines()
+    import torch
+
+    from .loading import cpu_has_bf16, default_dtype, load_causal_lm, resolve_device
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" or cpu_has_bf16() else default_dtype(dev)
+    model, tok, _ = load_causal_lm(Path(generator), cache_dir, dev, dtype)
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    lines: list[str] = []
+    t0 = time.monotonic()
+    batches = 0
+    while len(lines) < n:
+        batches += 1
+        if batches > 4 * (n // SAMPLING["batch"] + 1):
+            raise RuntimeError(f"{generator}: {len(lines)} usable lines of {n} after {batches - 1} batches; "
+                               "is it a chat model?")
+        chats = [tok.apply_chat_template([{"role": "user", "content": prompt(rng)}], tokenize=False,
+                                         add_generation_prompt=True) for _ in range(SAMPLING["batch"])]
+        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=True, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
+                                 max_new_tokens=SAMPLING["max_new_tokens"], pad_token_id=pad)
+        for row in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True):
+            text = " ".join(row.replace('"', " ").split())
+            if len(text.split()) >= 3:
+                lines.append(text)
+        if log:
+            log(f"sampled {min(len(lines), n)}/{n} transfer lines ({time.monotonic() - t0:.0f} s)")
+    lines = lines[:n]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".sampled-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return lines
+
+
+def transfer_texts(lines: list[str]) -> list[str]:
+    """The lines not held out, each whole and each of its sentences (three words or more) alone."""
+    out = []
+    for line in lines:
+        if corpus._held_out(line):
+            continue
+        out.append(line)
+        parts = [s for s in corpus._SENTENCE_END.split(line) if len(s.split()) >= 3]
+        if len(parts) > 1:
+            out += parts
+    return out
+
+
+def heldout_texts(lines: list[str]) -> list[str]:
+    return [line for line in lines if corpus._held_out(line)]
