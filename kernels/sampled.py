@@ -63,9 +63,9 @@ def sample_lines(n: int, *, generator: Path, cache_dir: Path, seed: int = 0, dev
         return path.read_text(encoding="utf-8").splitlines()
     import torch
 
-    from .loading import cpu_has_bf16, default_dtype, load_causal_lm, resolve_device
+    from .loading import autocast_dtype, default_dtype, load_causal_lm, resolve_device
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" or cpu_has_bf16() else default_dtype(dev)
+    dtype = autocast_dtype(dev, "auto") or default_dtype(dev)  # bf16 on GPUs and on CPUs with native bf16
     model, tok, _ = load_causal_lm(Path(generator), cache_dir, dev, dtype)
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -156,6 +156,7 @@ def _lookup(model: str):
 
 
 def main(argv: list[str]) -> int:
+    from ..producers.registry import DEFAULT_GENERATOR
     ap = argparse.ArgumentParser(prog="gristmill optimize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a registered classifier (name or alias)")
@@ -174,7 +175,7 @@ def main(argv: list[str]) -> int:
                     help="with --distill builtin: also sample N messages from a chat model (--sampler) on prompts "
                          "over the moderation categories and everyday topics, cached, as up to half the transfer set "
                          "(default 0; ~6.6 lines/s on 2 CPU cores)")
-    ap.add_argument("--sampler", default="SmolLM2-135M-Instruct",
+    ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name,
                     help="the registered chat model --sample-lines samples from (default: the built-in generator)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
     ap.add_argument("--cascade", action="store_true", help="also write a cascade: the student (or int8-rows) in front of the full model")

@@ -356,7 +356,8 @@ def test_sampled_transfer_text_is_cached_and_its_held_out_lines_stay_out(weights
     assert not set(held) & set(transfer)
     assert "It has two sentences here." in transfer and len(transfer) == 3 * (len(made) - len(held))
     mixed = corpus.transfer_set(100, sampled=transfer)
-    assert len(mixed) == 100 and sum(t in set(transfer) for t in mixed) == min(50, len(transfer))
+    sampled_set = set(transfer)
+    assert len(mixed) == 100 and sum(t in sampled_set for t in mixed) == min(50, len(transfer))
 
 
 def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_models_file, tmp_path):
