@@ -98,7 +98,7 @@ def cpu_variants(args) -> dict[str, dict]:
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.producers.settings import Settings
     from gristmill.workers.loading import classifier_kwargs
-    from gristmill.workers.optimize import decision_thresholds, heldout_texts
+    from gristmill.workers.optimize import decision_thresholds, heldout_texts, sampled_transfer
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
@@ -133,7 +133,8 @@ def cpu_variants(args) -> dict[str, dict]:
     # the distilled student, built once per recipe and kept
     w, b, head_labels, _ = heads.load_head(kw["head"])
     head = (w, b)
-    transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt")
+    sampled = sampled_transfer(args.sample_lines, args.sampler)
+    transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt", sampled=sampled)
     focus = [thresholds[k] for k in head_labels]
     digest = student_digest(src, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
                             quantize="int8", max_length=spec.max_input_tokens, head=head, thresholds=focus)
@@ -145,7 +146,9 @@ def cpu_variants(args) -> dict[str, dict]:
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     student = OnnxClassifierEngine(student_dir, **kw)
     add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],
-                                 "transfer_set": {"texts": len(transfer), "source": "kernels/corpus.py transfer_set"}})
+                                 "transfer_set": {"texts": len(transfer), "source": "kernels/corpus.py transfer_set",
+                                                  "sampled_lines": args.sample_lines,
+                                                  "sampled_texts": min(len(sampled), len(transfer) // 2)}})
     # the full model as workers run it in a cascade: bf16 autocast where the CPU has native bf16
     teacher = engines.get("bf16", ref)
     half = heldout[check]
@@ -312,6 +315,7 @@ def cuda_variants(args) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gristmill.producers.registry import DEFAULT_GENERATOR
     ap = argparse.ArgumentParser(prog="python -m benchmarks.engine_variants", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -319,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--texts", type=Path, help="held-out texts (plain lines or batch JSONL) for agreement")
     ap.add_argument("--student-steps", type=int, default=2000, help="distillation steps of the student (default 2000)")
     ap.add_argument("--transfer-lines", type=int, default=30_000, help="built-in transfer texts (default 30,000)")
+    ap.add_argument("--sample-lines", type=int, default=0, metavar="N",
+                    help="also sample N transfer lines from --sampler (kernels/sampled.py, cached), as up to half the "
+                         "transfer set (default 0)")
+    ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name, help="the chat model --sample-lines samples from")
     ap.add_argument("--cascade-flags", type=float, default=0.9995, help="the cascade's flag floor (default 0.9995)")
     ap.add_argument("--cascade-texts", type=float, default=0.995, help="its identical-texts floor (default 0.995)")
     ap.add_argument("--repeats", type=int, default=2)

@@ -2,9 +2,11 @@
 built-in generator (SmolLM2-135M-Instruct) on prompts over the default categories and benign
 topics. It widens what a distilled student sees beyond `corpus.py`'s few template cores, offline.
 
-Lines are cached under `cache_dir`, named by the generator's weights and every sampling setting,
-so a second build reads them back. 1 line in 10 is held out by `corpus`'s text hash;
-`transfer_texts` gives the rest, each line whole and each of its sentences alone.
+Lines are cached under `cache_dir` in chunks of 1,000, named by the generator's weights, the seed,
+the chunk and every sampling setting, so a second build reads them back, a larger sample reuses a
+smaller one's lines, and an interrupted run resumes at its first missing chunk. 1 line in 10 is
+held out by `corpus`'s text hash; `transfer_texts` gives the rest, each line whole and each of its
+sentences alone.
 """
 
 from __future__ import annotations
@@ -44,60 +46,86 @@ def prompt(rng: random.Random) -> str:
     return f"Write {rng.choice(STYLES)} that {rng.choice(TOPICS)}. Reply with the message only."
 
 
-def cache_name(generator: Path, n: int, seed: int) -> str:
+CHUNK = 1000  # lines per cache file: a larger sample reuses a smaller one's chunks, and an interrupted run resumes
+
+
+def cache_name(generator: Path, index: int, seed: int, chunk: int = CHUNK) -> str:
+    """The file that holds chunk `index` (lines index*chunk onward) of the sample seeded `seed`."""
     from .loading import weights_revision
-    key = json.dumps({"w": weights_revision(generator), "n": n, "seed": seed, "sampling": SAMPLING,
-                      "topics": TOPICS, "styles": STYLES}, sort_keys=True)
+    key = json.dumps({"w": weights_revision(generator), "chunk": index, "size": chunk, "seed": seed,
+                      "sampling": SAMPLING, "topics": TOPICS, "styles": STYLES}, sort_keys=True)
     return f"sampled-{hashlib.sha256(key.encode()).hexdigest()[:16]}.txt"
 
 
 def sample_lines(n: int, *, generator: Path, cache_dir: Path, seed: int = 0, device: str = "cpu",
-                 log=None) -> list[str]:
+                 chunk: int = CHUNK, log=None) -> list[str]:
     """`n` messages sampled from the chat model at `generator` (a Hugging Face directory or GGUF
-    file), one per line, whitespace collapsed; read from `cache_dir` when sampled before."""
-    if n <= 0:
-        return []
+    file), one per line, whitespace collapsed. They are made and cached in chunks of `chunk` lines,
+    each with its own seed, so the first `n` lines are the same whatever else was asked before."""
+    if n < 0:
+        raise ValueError(f"a sample of {n} lines: give 0 or more")
     cache_dir = Path(cache_dir)
-    path = cache_dir / cache_name(generator, n, seed)
-    if path.is_file():
-        return path.read_text(encoding="utf-8").splitlines()
-    import torch
+    paths = [cache_dir / cache_name(generator, k, seed, chunk) for k in range(-(-n // chunk))]
+    missing = [k for k, path in enumerate(paths) if not path.is_file()]
+    if missing:
+        sampler = _Sampler(generator, cache_dir, device)
+        t0 = time.monotonic()
+        for done, k in enumerate(missing):
+            _write(paths[k], sampler.lines(chunk, seed=_chunk_seed(seed, k)))
+            if log:
+                log(f"sampled chunk {done + 1}/{len(missing)} ({chunk} lines) of the {n}-line transfer sample "
+                    f"({time.monotonic() - t0:.0f} s)")
+    lines = [line for path in paths for line in path.read_text(encoding="utf-8").splitlines()]
+    return lines[:n]
 
-    from .loading import autocast_dtype, default_dtype, load_causal_lm, resolve_device
-    dev = resolve_device(device)
-    dtype = autocast_dtype(dev, "auto") or default_dtype(dev)  # bf16 on GPUs and on CPUs with native bf16
-    model, tok, _ = load_causal_lm(Path(generator), cache_dir, dev, dtype)
-    tok.padding_side = "left"
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    lines: list[str] = []
-    t0 = time.monotonic()
-    batches = 0
-    while len(lines) < n:
-        batches += 1
-        if batches > 4 * (n // SAMPLING["batch"] + 1):
-            raise RuntimeError(f"{generator}: {len(lines)} usable lines of {n} after {batches - 1} batches; "
-                               "is it a chat model?")
-        chats = [tok.apply_chat_template([{"role": "user", "content": prompt(rng)}], tokenize=False,
-                                         add_generation_prompt=True) for _ in range(SAMPLING["batch"])]
-        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
-                                 max_new_tokens=SAMPLING["max_new_tokens"], pad_token_id=pad)
-        for row in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True):
-            text = " ".join(row.replace('"', " ").split())
-            if len(text.split()) >= 3:
-                lines.append(text)
-        if log:
-            log(f"sampled {min(len(lines), n)}/{n} transfer lines ({time.monotonic() - t0:.0f} s)")
-    lines = lines[:n]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".sampled-")
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{chunk}".encode()).digest()[:4], "little")
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sampled-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
-    return lines
+
+
+class _Sampler:
+    """The chat model, loaded once, writing messages for random prompts."""
+
+    def __init__(self, generator: Path, cache_dir: Path, device: str):
+        from .loading import autocast_dtype, default_dtype, load_causal_lm, resolve_device
+        self.generator = generator
+        self.dev = resolve_device(device)
+        dtype = autocast_dtype(self.dev, "auto") or default_dtype(self.dev)  # bf16 on GPUs and on CPUs with native bf16
+        self.model, self.tok, _ = load_causal_lm(Path(generator), cache_dir, self.dev, dtype)
+        self.tok.padding_side = "left"
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
+    def lines(self, n: int, *, seed: int) -> list[str]:
+        import torch
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        lines: list[str] = []
+        batches = 0
+        while len(lines) < n:
+            batches += 1
+            if batches > 4 * (n // SAMPLING["batch"] + 1):
+                raise RuntimeError(f"{self.generator}: {len(lines)} usable lines of {n} after {batches - 1} "
+                                   "batches; is it a chat model?")
+            chats = [self.tok.apply_chat_template([{"role": "user", "content": prompt(rng)}], tokenize=False,
+                                                  add_generation_prompt=True) for _ in range(SAMPLING["batch"])]
+            enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.dev)
+            with torch.no_grad():
+                out = self.model.generate(**enc, do_sample=True, temperature=SAMPLING["temperature"],
+                                          top_p=SAMPLING["top_p"], max_new_tokens=SAMPLING["max_new_tokens"],
+                                          pad_token_id=self.pad)
+            for row in self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True):
+                text = " ".join(row.replace('"', " ").split())
+                if len(text.split()) >= 3:
+                    lines.append(text)
+        return lines[:n]
 
 
 def transfer_texts(lines: list[str]) -> list[str]:

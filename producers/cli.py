@@ -208,12 +208,11 @@ def up(gpus: str = typer.Option("all", help="all | none | 0,1,..."),
                   *([] if serve_ else ["--no-serve"]))
 
 
-@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def optimize(ctx: typer.Context, model: str = typer.Argument(..., help="a registered classifier")):
-    """Build an int8 / pruned ONNX Runtime artifact of MODEL and report its speed and agreement
-    (options: --quantize int8|none --prune F --calibration FILE --texts FILE --out DIR
-    --min-agreement X --force)."""
-    _exec_workers("optimize", model, *ctx.args)
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def optimize(ctx: typer.Context, model: Optional[str] = typer.Argument(None, help="a registered classifier")):
+    """Build a faster artifact of MODEL (int8, pruned, a distilled student, a cascade) and report its
+    speed and agreement with the full model; `gristmill optimize --help` lists every option."""
+    _exec_workers("optimize", *([model] if model else []), *ctx.args)
 
 
 @cli.command("flower")

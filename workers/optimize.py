@@ -201,6 +201,8 @@ def main(argv: list[str]) -> int:
     if args.cascade and not args.distill and args.quantize != "int8-rows":
         raise SystemExit("--cascade needs a first stage: a student (--distill FILE or builtin, and --prune F) "
                          "or --quantize int8-rows")
+    if args.sample_lines < 0:
+        raise SystemExit(f"--sample-lines must be 0 or more, got {args.sample_lines}")
     if args.sample_lines and args.distill != "builtin":
         raise SystemExit("--sample-lines adds to the built-in transfer set: use it with --distill builtin")
     if args.distill and spec.kind not in POOLED_KINDS:
@@ -314,7 +316,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from .loading import classifier_kwargs
     vocab = src / "vocab.txt"
     transfer = (corpus.transfer_set(BUILTIN_TRANSFER_LINES, vocab_file=vocab if vocab.is_file() else None,
-                                    sampled=_sampled_transfer(args))
+                                    sampled=sampled_transfer(args.sample_lines, args.sampler))
                 if args.distill == "builtin" else read_texts(Path(args.distill)))
     heldout = heldout_texts(args.texts)
     kw = classifier_kwargs(spec)
@@ -338,16 +340,18 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     return _cascade(args, spec, src, staging, manifest, report, reference, heldout, digest_out)
 
 
-def _sampled_transfer(args) -> list[str]:
-    if not args.sample_lines:
+def sampled_transfer(n: int, sampler: str) -> list[str]:
+    """Transfer texts from `n` lines sampled from the registered chat model `sampler` (cached under
+    the model cache; on CUDA where there is one), held-out lines left out."""
+    if not n:
         return []
     from ..kernels import sampled
     from ..producers.settings import Settings
-    gen = _lookup(args.sampler)
+    gen = _lookup(sampler)
     if not gen.is_generator:
         raise SystemExit(f"--sampler needs a chat model; {gen.name} is a {gen.kind}")
     import torch
-    lines = sampled.sample_lines(args.sample_lines, generator=gen.resolve_path(), cache_dir=Settings().model_cache_dir,
+    lines = sampled.sample_lines(n, generator=gen.resolve_path(), cache_dir=Settings().model_cache_dir,
                                  device="cuda" if torch.cuda.is_available() else "cpu",
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     return sampled.transfer_texts(lines)

@@ -343,11 +343,20 @@ def test_a_worker_serves_the_fastest_artifact_that_meets_the_floors_and_beats_th
 
 def test_sampled_transfer_text_is_cached_and_its_held_out_lines_stay_out(weights, tmp_path):
     from gristmill.kernels import corpus, sampled
-    lines = sampled.sample_lines(40, generator=weights / "chat", cache_dir=tmp_path, seed=3)
+    chat = weights / "chat"
+    lines = sampled.sample_lines(40, generator=chat, cache_dir=tmp_path, seed=3, chunk=16)
     assert len(lines) == 40 and all(len(line.split()) >= 3 for line in lines)
-    assert len(list(tmp_path.glob("sampled-*.txt"))) == 1
-    assert sampled.sample_lines(40, generator=weights / "chat", cache_dir=tmp_path, seed=3) == lines
-    assert sampled.cache_name(weights / "chat", 40, 4) != sampled.cache_name(weights / "chat", 40, 3)
+    chunks = [tmp_path / sampled.cache_name(chat, k, 3, 16) for k in range(3)]
+    assert sorted(chunks) == sorted(tmp_path.glob("sampled-*.txt"))
+    assert [line for p in chunks for line in p.read_text().splitlines()][:40] == lines
+    assert sampled.sample_lines(40, generator=chat, cache_dir=tmp_path, seed=3, chunk=16) == lines
+    assert sampled.cache_name(chat, 0, 4) != sampled.cache_name(chat, 0, 3) != sampled.cache_name(chat, 1, 3)
+    # a larger sample begins with the smaller one; a lost chunk is sampled again, the same
+    chunks[1].unlink()
+    more = sampled.sample_lines(70, generator=chat, cache_dir=tmp_path, seed=3, chunk=16)
+    assert more[:40] == lines and len(more) == 70 and len(list(tmp_path.glob("sampled-*.txt"))) == 5
+    with pytest.raises(ValueError, match="-1 lines"):
+        sampled.sample_lines(-1, generator=chat, cache_dir=tmp_path)
 
     made = [f"Message number {i} is short. It has two sentences here." for i in range(60)]
     held = sampled.heldout_texts(made)
@@ -373,3 +382,9 @@ def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_
     wrong = subprocess.run([*base, "--distill", "builtin", "--sample-lines", "10", "--sampler", "tiny-classifier"],
                            env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0 and "--sampler needs a chat model" in wrong.stderr
+    negative = subprocess.run([*base, "--distill", "builtin", "--sample-lines", "-5"], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=120)
+    assert negative.returncode != 0 and "--sample-lines must be 0 or more, got -5" in negative.stderr
+    usage = subprocess.run([*GRISTMILL, "optimize", "--help"], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=120)
+    assert usage.returncode == 0 and "--sample-lines N" in usage.stdout and "--cascade-flags" in usage.stdout
