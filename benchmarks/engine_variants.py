@@ -1,6 +1,7 @@
 """Engine variants of the default classifier against fp32 eager, in one run: speed and agreement.
 
     python -m benchmarks.engine_variants [--device cpu|cuda] [--quick] [--texts FILE] [--student-steps N]
+        [--transfer-lines N] [--sample-lines N]
 
 CPU: the real all-MiniLM-L6-v2 weights and the default moderation head. Variants: fp32 eager (the
 reference), bf16 autocast (on CPUs with native bf16), `int8_rows` (the torch engine compiled, int8
@@ -16,7 +17,9 @@ estimated) and `cascade_int8_rows` (int8_rows as the first stage, timed end to e
 Where the CPU has bf16, every variant's speed is also given against bf16 (`speedup_vs_bf16`), the
 engine a worker serves without an artifact.
 The student is built once and cached under
-$GRISTMILL_HOME/models/optimized (~20 min on 2 cores).
+$GRISTMILL_HOME/models/optimized (~20 min on 2 cores). `--sample-lines N` adds N lines sampled from
+the built-in chat model (kernels/sampled.py, cached) as up to half of its transfer set; the
+student's agreement is also given by held-out source, and on the sample's own held-out lines.
 
 Agreement with fp32 on held-out text (kernels/corpus.py's held-out set plus the seed set's texts,
 unless --texts), as a moderation team reads it: per-label flag agreement at the policy's thresholds
@@ -89,7 +92,7 @@ def labelled_quality(embed_fns: dict, ref_name: str = "fp32") -> dict[str, dict]
 def cpu_variants(args) -> dict[str, dict]:
     import torch
 
-    from gristmill.kernels import corpus, heads
+    from gristmill.kernels import corpus, heads, sampled as sampling
     from gristmill.kernels.cascade import CascadeEngine, choose_band, near
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16
@@ -98,7 +101,7 @@ def cpu_variants(args) -> dict[str, dict]:
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.producers.settings import Settings
     from gristmill.workers.loading import classifier_kwargs
-    from gristmill.workers.optimize import decision_thresholds, heldout_texts, sampled_transfer
+    from gristmill.workers.optimize import decision_thresholds, heldout_texts, sampled_lines
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
@@ -133,7 +136,8 @@ def cpu_variants(args) -> dict[str, dict]:
     # the distilled student, built once per recipe and kept
     w, b, head_labels, _ = heads.load_head(kw["head"])
     head = (w, b)
-    sampled = sampled_transfer(args.sample_lines, args.sampler)
+    sample = sampled_lines(args.sample_lines, args.sampler)
+    sampled = sampling.transfer_texts(sample)
     transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt", sampled=sampled)
     focus = [thresholds[k] for k in head_labels]
     digest = student_digest(src, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
@@ -149,6 +153,13 @@ def cpu_variants(args) -> dict[str, dict]:
                                  "transfer_set": {"texts": len(transfer), "source": "kernels/corpus.py transfer_set",
                                                   "sampled_lines": args.sample_lines,
                                                   "sampled_texts": min(len(sampled), len(transfer) // 2)}})
+    out["int8_pruned"]["by_source"] = by_source(ref_scores, student_scores["int8_pruned"], heldout, thresholds,
+                                                args.texts is None)
+    if sample:  # the sample's own held-out lines: moderation-like text nearer real messages
+        held = sampling.heldout_texts(sample)
+        out["int8_pruned"]["by_source"]["sampled held-out lines"] = {
+            "texts": len(held), **agreement(throughput(ref, held, repeats=1)[1], throughput(student, held, repeats=1)[1],
+                                            thresholds)}
     # the full model as workers run it in a cascade: bf16 autocast where the CPU has native bf16
     teacher = engines.get("bf16", ref)
     half = heldout[check]
@@ -314,6 +325,24 @@ def cuda_variants(args) -> dict[str, dict]:
     return out
 
 
+def by_source(ref: list[dict], new: list[dict], heldout: list[str], thresholds: dict, builtin: bool) -> dict:
+    """Agreement on each source of the held-out texts: the built-in set's three (standard-library
+    sentences, held-out template sentences, the seed set), else the user's file as one."""
+    from gristmill.kernels import corpus, heads
+    from gristmill.kernels.optimize import agreement
+    if builtin:
+        docs, seed = set(corpus.stdlib_sentences()), {e.text for e in heads.load_seed()}
+        source = ["seed set" if t in seed else "standard-library sentences" if t in docs else "template sentences"
+                  for t in heldout]
+    else:
+        source = ["--texts"] * len(heldout)
+    out = {}
+    for name in dict.fromkeys(source):
+        idx = [i for i, s in enumerate(source) if s == name]
+        out[name] = {"texts": len(idx), **agreement([ref[i] for i in idx], [new[i] for i in idx], thresholds)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from gristmill.producers.registry import DEFAULT_GENERATOR
     ap = argparse.ArgumentParser(prog="python -m benchmarks.engine_variants", description=__doc__,
@@ -359,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table([(f"{c['band']:.2f}", f"{c['escalated']:.1%}", f"{c['flags']:.3%}", f"{c['texts_identical']:.2%}",
                       f"{c['full_model_near']:.1%}")
                      for c in curve], ("band", "escalated", "flags", "texts identical", "full model's own near")))
+    sources = variants.get("int8_pruned", {}).get("by_source")
+    if sources:
+        print("\nthe student by held-out source:")
+        print(table([(name, f"{a['texts']:,}", f"{a['flags']:.3%}", f"{a['texts_identical']:.2%}")
+                     for name, a in sources.items()], ("source", "texts", "flags", "texts identical")))
     fronts = [(name, v["as_cascade_front"]) for name, v in variants.items() if "as_cascade_front" in v]
     if fronts:
         print(f"\neach variant as a cascade's first stage, in front of {variants.get('bf16', variants['fp32'])['variant']} "

@@ -341,8 +341,15 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
 
 
 def sampled_transfer(n: int, sampler: str) -> list[str]:
-    """Transfer texts from `n` lines sampled from the registered chat model `sampler` (cached under
-    the model cache; on CUDA where there is one), held-out lines left out."""
+    """Transfer texts from `n` lines sampled from the registered chat model `sampler`, held-out
+    lines left out."""
+    from ..kernels import sampled
+    return sampled.transfer_texts(sampled_lines(n, sampler))
+
+
+def sampled_lines(n: int, sampler: str) -> list[str]:
+    """`n` lines sampled from the registered chat model `sampler` (cached under the model cache; on
+    CUDA where there is one)."""
     if not n:
         return []
     from ..kernels import sampled
@@ -351,10 +358,9 @@ def sampled_transfer(n: int, sampler: str) -> list[str]:
     if not gen.is_generator:
         raise SystemExit(f"--sampler needs a chat model; {gen.name} is a {gen.kind}")
     import torch
-    lines = sampled.sample_lines(n, generator=gen.resolve_path(), cache_dir=Settings().model_cache_dir,
-                                 device="cuda" if torch.cuda.is_available() else "cpu",
-                                 log=lambda m: print(m, file=sys.stderr, flush=True))
-    return sampled.transfer_texts(lines)
+    return sampled.sample_lines(n, generator=gen.resolve_path(), cache_dir=Settings().model_cache_dir,
+                                device="cuda" if torch.cuda.is_available() else "cpu",
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict, reference: Reference,
