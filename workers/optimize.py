@@ -174,7 +174,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sample-lines", type=int, default=0, metavar="N",
                     help="with --distill builtin: also sample N messages from a chat model (--sampler) on prompts "
                          "over the moderation categories and everyday topics, cached, as up to half the transfer set "
-                         "(default 0; ~6.6 lines/s on 2 CPU cores)")
+                         "(default 0; ~6.4 lines/s on 2 CPU cores)")
+    ap.add_argument("--transfer-lines", type=int, default=BUILTIN_TRANSFER_LINES, metavar="N",
+                    help=f"with --distill builtin: the transfer set's size, sampled texts included "
+                         f"(default {BUILTIN_TRANSFER_LINES:,})")
     ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name,
                     help="the registered chat model --sample-lines samples from (default: the built-in generator)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
@@ -203,6 +206,10 @@ def main(argv: list[str]) -> int:
                          "or --quantize int8-rows")
     if args.sample_lines < 0:
         raise SystemExit(f"--sample-lines must be 0 or more, got {args.sample_lines}")
+    if args.transfer_lines < 1:
+        raise SystemExit(f"--transfer-lines must be 1 or more, got {args.transfer_lines}")
+    if args.transfer_lines != BUILTIN_TRANSFER_LINES and args.distill != "builtin":
+        raise SystemExit("--transfer-lines sizes the built-in transfer set: use it with --distill builtin")
     if args.sample_lines and args.distill != "builtin":
         raise SystemExit("--sample-lines adds to the built-in transfer set: use it with --distill builtin")
     if args.distill and spec.kind not in POOLED_KINDS:
@@ -315,7 +322,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels.optimize import build_student, student_digest
     from .loading import classifier_kwargs
     vocab = src / "vocab.txt"
-    transfer = (corpus.transfer_set(BUILTIN_TRANSFER_LINES, vocab_file=vocab if vocab.is_file() else None,
+    transfer = (corpus.transfer_set(args.transfer_lines, vocab_file=vocab if vocab.is_file() else None,
                                     sampled=sampled_transfer(args.sample_lines, args.sampler))
                 if args.distill == "builtin" else read_texts(Path(args.distill)))
     heldout = heldout_texts(args.texts)

@@ -385,6 +385,9 @@ def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_
     negative = subprocess.run([*base, "--distill", "builtin", "--sample-lines", "-5"], env=env, cwd=root,
                               capture_output=True, text=True, timeout=120)
     assert negative.returncode != 0 and "--sample-lines must be 0 or more, got -5" in negative.stderr
+    sized = subprocess.run([*base, "--distill", str(tmp_path / "mine.txt"), "--transfer-lines", "500"], env=env,
+                           cwd=root, capture_output=True, text=True, timeout=120)
+    assert sized.returncode != 0 and "use it with --distill builtin" in sized.stderr
     usage = subprocess.run([*GRISTMILL, "optimize", "--help"], env=env, cwd=root, capture_output=True, text=True,
                            timeout=120)
     assert usage.returncode == 0 and "--sample-lines N" in usage.stdout and "--cascade-flags" in usage.stdout
