@@ -79,8 +79,9 @@ def sample_lines(n: int, *, generator: Path, cache_dir: Path, seed: int = 0, dev
     return lines[:n]
 
 
-def _chunk_seed(seed: int, chunk: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{chunk}".encode()).digest()[:4], "little")
+def _chunk_seed(seed: int, index: int) -> int:
+    """Chunk `index`'s own seed: chunks differ from each other, and from another seed's."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:4], "little")
 
 
 def _write(path: Path, lines: list[str]) -> None:
