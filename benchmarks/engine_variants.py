@@ -152,7 +152,7 @@ def cpu_variants(args) -> dict[str, dict]:
     add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],
                                  "transfer_set": {"texts": len(transfer), "source": "kernels/corpus.py transfer_set",
                                                   "sampled_lines": args.sample_lines,
-                                                  "sampled_texts": min(len(sampled), len(transfer) // 2)}})
+                                                  "sampled_texts": min(len(sampled), corpus.sampled_share(len(transfer)))}})
     out["int8_pruned"]["by_source"] = by_source(ref_scores, student_scores["int8_pruned"], heldout, thresholds,
                                                 args.texts is None)
     if sample:  # the sample's own held-out lines: moderation-like text nearer real messages

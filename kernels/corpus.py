@@ -102,13 +102,18 @@ def _word_salad(rng: random.Random, words: list[str], glue: list[str]) -> str:
     return " ".join(out)
 
 
+def sampled_share(n: int) -> int:
+    """The most sampled texts a transfer set of `n` takes: half, the rest built in."""
+    return n // 2
+
+
 def transfer_set(n: int, *, seed: int = 0, vocab_file: Path | None = None, sampled: list[str] | None = None) -> list[str]:
     """`n` transfer sentences, none of them held out: half from the standard library's docstrings,
     a fifth moderation-like (template sentences and their variations), and, given the model's
     WordPiece vocabulary, the rest word sequences over it (else more of the first two). `sampled`
-    texts (`sampled.transfer_texts`, up to half of `n`) take the place of as many of those."""
+    texts (`sampled.transfer_texts`, up to `sampled_share(n)`) take the place of as many of those."""
     if sampled:
-        first = list(sampled[: n // 2])
+        first = list(sampled[: sampled_share(n)])
         out = first + transfer_set(n - len(first), seed=seed, vocab_file=vocab_file)
         random.Random(seed + 1).shuffle(out)
         return out

@@ -376,18 +376,17 @@ def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_
     env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
            "GRISTMILL_HOME": str(tmp_path / "home")}
     base = [*GRISTMILL, "optimize", "tiny-moderation", "--out", str(tmp_path / "art"), "--prune", "0.5"]
-    own = subprocess.run([*base, "--distill", str(tmp_path / "mine.txt"), "--sample-lines", "10"], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=120)
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(argv), env=env, cwd=root, capture_output=True, text=True, timeout=120)
+
+    own = run(*base, "--distill", str(tmp_path / "mine.txt"), "--sample-lines", "10")
     assert own.returncode != 0 and "use it with --distill builtin" in own.stderr
-    wrong = subprocess.run([*base, "--distill", "builtin", "--sample-lines", "10", "--sampler", "tiny-classifier"],
-                           env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    wrong = run(*base, "--distill", "builtin", "--sample-lines", "10", "--sampler", "tiny-classifier")
     assert wrong.returncode != 0 and "--sampler needs a chat model" in wrong.stderr
-    negative = subprocess.run([*base, "--distill", "builtin", "--sample-lines", "-5"], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=120)
+    negative = run(*base, "--distill", "builtin", "--sample-lines", "-5")
     assert negative.returncode != 0 and "--sample-lines must be 0 or more, got -5" in negative.stderr
-    sized = subprocess.run([*base, "--distill", str(tmp_path / "mine.txt"), "--transfer-lines", "500"], env=env,
-                           cwd=root, capture_output=True, text=True, timeout=120)
+    sized = run(*base, "--distill", str(tmp_path / "mine.txt"), "--transfer-lines", "500")
     assert sized.returncode != 0 and "use it with --distill builtin" in sized.stderr
-    usage = subprocess.run([*GRISTMILL, "optimize", "--help"], env=env, cwd=root, capture_output=True, text=True,
-                           timeout=120)
+    usage = run(*GRISTMILL, "optimize", "--help")
     assert usage.returncode == 0 and "--sample-lines N" in usage.stdout and "--cascade-flags" in usage.stdout
