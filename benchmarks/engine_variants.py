@@ -93,7 +93,7 @@ def cpu_variants(args) -> dict[str, dict]:
     import torch
 
     from gristmill.kernels import corpus, heads, sampled as sampling
-    from gristmill.kernels.cascade import CascadeEngine, choose_band, near
+    from gristmill.kernels.cascade import CHECK, CascadeEngine, judge_on_halves, near
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
@@ -110,7 +110,6 @@ def cpu_variants(args) -> dict[str, dict]:
     kw = classifier_kwargs(spec)
     ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
     thresholds = decision_thresholds(spec, ref.labels)  # the shipped policy's
-    pick, check = slice(0, None, 2), slice(1, None, 2)  # the cascade's band is chosen on one half
     ref_ips, ref_scores = throughput(ref, heldout, repeats=args.repeats)
     out = {"fp32": {"variant": ref.variant, "items_per_s": round(ref_ips, 1), "speedup": 1.0,
                     "agreement": agreement(ref_scores, ref_scores, thresholds)}}
@@ -162,33 +161,31 @@ def cpu_variants(args) -> dict[str, dict]:
                                             thresholds)}
     # the full model as workers run it in a cascade: bf16 autocast where the CPU has native bf16
     teacher = engines.get("bf16", ref)
-    half = heldout[check]
+    half = heldout[CHECK]  # the cascade's band is chosen on the other half
     ref_half_ips, ref_half = throughput(ref, half, repeats=args.repeats)
     bands = {}
 
     def add_cascade(name: str, first: str) -> None:
         """`first` for every input, `teacher` for those near a threshold, timed end to end on the
         check half with the band chosen on the pick half."""
-        band, picked = choose_band(student_scores[first][pick], ref_scores[pick], thresholds,
-                                   flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-        cascade = CascadeEngine(engines[first], teacher, band=band, thresholds=thresholds)
+        judged = judge_on_halves(student_scores[first], ref_scores, thresholds,
+                                 flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
+        cascade = CascadeEngine(engines[first], teacher, band=judged.band, thresholds=thresholds)
         c_ips, c_scores = throughput(cascade, half, repeats=args.repeats)
-        engines[name], bands[name] = cascade, (first, band)
+        engines[name], bands[name] = cascade, (first, judged.band)
         out[name] = {"variant": cascade.variant, "items_per_s": round(c_ips, 1),
-                     "speedup": round(c_ips / ref_half_ips, 2), "band": band, "band_chosen_on": picked,
-                     "escalated": round(sum(near(s, thresholds, band) for s in student_scores[first][check])
-                                        / len(half), 4),
-                     "heldout_texts": len(half),
+                     "speedup": round(c_ips / ref_half_ips, 2), "band": judged.band, "band_chosen_on": judged.chosen_on,
+                     "escalated": judged.escalated, "heldout_texts": len(half),
                      "agreement": agreement(ref_half, [{k: v for k, v in r.items() if k in thresholds}
                                                        for r in c_scores], thresholds)}
-        out[name]["band_curve"] = band_curve(student_scores[first][check], ref_scores[check], thresholds)
+        out[name]["band_curve"] = band_curve(student_scores[first][CHECK], ref_scores[CHECK], thresholds)
 
     add_cascade("cascade", "int8_pruned")
     if "int8_rows" in engines:
         add_cascade("cascade_int8_rows", "int8_rows")
     full_speedup = out.get("bf16", out["fp32"])["speedup"]
     for name, scores in student_scores.items():  # every variant as a cascade's first stage, the same way
-        out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, pick, check, args,
+        out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, args,
                                                          speedup=out[name]["speedup"], full_speedup=full_speedup)
     if "bf16" in out:  # bf16 is what a worker serves without an artifact: the floor to beat
         for name, v in out.items():
@@ -216,19 +213,18 @@ def cpu_variants(args) -> dict[str, dict]:
     return out
 
 
-def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], pick: slice, check: slice,
-                     args, *, speedup: float, full_speedup: float) -> dict:
+def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], args, *, speedup: float,
+                     full_speedup: float) -> dict:
     """A variant as the first stage of a cascade in front of the full model (bf16 where the CPU has
     it): the band that meets the cascade's floors on one half of the held-out texts, and on the other
     half what it escalates and keeps, with its speed estimated from the two stages' measured speeds
     (every input through the variant, the escalated share again through the full model)."""
-    from gristmill.kernels.cascade import choose_band
-    band, picked = choose_band(scores[pick], ref[pick], thresholds, flags_floor=args.cascade_flags,
-                               texts_floor=args.cascade_texts)
-    (at,) = band_curve(scores[check], ref[check], thresholds, bands=(band,))
-    return {"band": band, "escalated": at["escalated"], "flags": at["flags"], "texts_identical": at["texts_identical"],
-            "floors_met_where_chosen": picked["flags"] >= args.cascade_flags and picked["texts_identical"] >= args.cascade_texts,
-            "speedup_estimate": round(1 / (1 / speedup + at["escalated"] / full_speedup), 2)}
+    from gristmill.kernels.cascade import judge_on_halves
+    judged = judge_on_halves(scores, ref, thresholds, flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
+    return {"band": judged.band, "escalated": judged.escalated, "flags": judged.agreement["flags"],
+            "texts_identical": judged.agreement["texts_identical"],
+            "floors_met_where_chosen": judged.floors_met_where_chosen(args.cascade_flags, args.cascade_texts),
+            "speedup_estimate": round(1 / (1 / speedup + judged.escalated / full_speedup), 2)}
 
 
 def band_curve(student: list[dict], full: list[dict], thresholds: dict[str, float],
@@ -236,12 +232,11 @@ def band_curve(student: list[dict], full: list[dict], thresholds: dict[str, floa
     """What a cascade of `student` and `full` escalates and keeps at each band (the full model's
     scores standing in for its answers on the escalated inputs), and the share the full model's own
     scores put within the band (what even a student without error would escalate there)."""
-    from gristmill.kernels.cascade import full_model_near, near
+    from gristmill.kernels.cascade import escalate, full_model_near
     from gristmill.kernels.optimize import agreement
     curve = []
     for band in bands:
-        up = [near(s, thresholds, band) for s in student]
-        rows = [f if u else s for s, f, u in zip(student, full, up)]
+        rows, up = escalate(student, full, thresholds, band)
         a = agreement(full, rows, thresholds)
         curve.append({"band": band, "escalated": round(sum(up) / len(up), 4), "flags": a["flags"],
                       "texts_identical": a["texts_identical"],

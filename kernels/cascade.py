@@ -14,6 +14,7 @@ cache keeps it with the scores.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 ESCALATED = "_escalated"
@@ -119,6 +120,14 @@ class CascadeEngine:
         self.teacher.shutdown()
 
 
+def escalate(student: list[dict[str, float]], full: list[dict[str, float]], thresholds: dict[str, float | list[float]],
+             band: float, margin: float = 0.0) -> tuple[list[dict[str, float]], list[bool]]:
+    """A cascade's rows judged offline, with the full model's scores of the same texts standing in
+    for its answers: (rows, which were escalated)."""
+    up = [near(s, thresholds, band, margin) for s in student]
+    return [f if u else s for s, f, u in zip(student, full, up)], up
+
+
 def choose_band(student: list[dict[str, float]], teacher: list[dict[str, float]], thresholds: dict[str, float],
                 *, flags_floor: float, texts_floor: float, margin: float = 0.0,
                 bands: tuple[float, ...] = tuple(b / 20 for b in range(0, 161))) -> tuple[float, dict]:
@@ -128,10 +137,42 @@ def choose_band(student: list[dict[str, float]], teacher: list[dict[str, float]]
     from .optimize import agreement
     stats: dict = {}
     for band in bands:
-        rows = [t if near(s, thresholds, band, margin) else s for s, t in zip(student, teacher)]
+        rows, up = escalate(student, teacher, thresholds, band, margin)
         a = agreement(teacher, rows, thresholds)
-        escalated = sum(near(s, thresholds, band, margin) for s in student) / len(student)
-        stats = {"flags": a["flags"], "texts_identical": a["texts_identical"], "escalated": round(escalated, 5)}
+        stats = {"flags": a["flags"], "texts_identical": a["texts_identical"], "escalated": round(sum(up) / len(up), 5)}
         if a["flags"] >= flags_floor and a["texts_identical"] >= texts_floor:
             return band, stats
     return bands[-1], stats
+
+
+# Held-out texts split in two: the band is chosen on one half and judged on the other.
+PICK, CHECK = slice(0, None, 2), slice(1, None, 2)
+
+
+@dataclass(frozen=True)
+class HalvesJudgement:
+    """A cascade's band chosen on the PICK half of some held-out texts, and what it escalates and
+    keeps on the CHECK half."""
+    band: float
+    chosen_on: dict  # the PICK half's {flags, texts_identical, escalated} at that band
+    texts: int  # in the CHECK half
+    escalated: float
+    agreement: dict  # kernels.optimize.agreement of the cascade's rows against the full model's
+    full_model_near: float  # the share the full model's own scores put within the band
+
+    def floors_met_where_chosen(self, flags_floor: float, texts_floor: float) -> bool:
+        return self.chosen_on["flags"] >= flags_floor and self.chosen_on["texts_identical"] >= texts_floor
+
+
+def judge_on_halves(student: list[dict[str, float]], full: list[dict[str, float]], thresholds: dict[str, float],
+                    *, flags_floor: float, texts_floor: float,
+                    escalate_at: dict[str, float | list[float]] | None = None) -> HalvesJudgement:
+    """Choose the band on the PICK half of `student`'s and `full`'s scores of the same texts (to the
+    floors, at `thresholds`), and judge it on the CHECK half; `escalate_at`: the thresholds the
+    served cascade escalates near, where they are more than the ones judged (default the same)."""
+    from .optimize import agreement
+    band, picked = choose_band(student[PICK], full[PICK], thresholds, flags_floor=flags_floor, texts_floor=texts_floor)
+    at = escalate_at or thresholds
+    rows, up = escalate(student[CHECK], full[CHECK], at, band)
+    return HalvesJudgement(band, picked, len(up), round(sum(up) / len(up), 4), agreement(full[CHECK], rows, thresholds),
+                           round(full_model_near(full[CHECK], at, band), 4))

@@ -375,38 +375,32 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     """Around the first stage judged in `staging/student` (`report`, with its scores and engine):
     the band, chosen on half the held-out texts and judged on the other half, the cascade's speed
     measured end to end on that half, and the cascade's manifest."""
-    from ..kernels.cascade import CascadeEngine, choose_band, full_model_near, near
-    from ..kernels.optimize import agreement, throughput, write_cascade
-    ref_scores = reference.scores
+    from ..kernels.cascade import CHECK, CascadeEngine, judge_on_halves
+    from ..kernels.optimize import throughput, write_cascade
     thresholds = decision_thresholds(spec, reference.engine.labels)
-    pick, check = slice(0, None, 2), slice(1, None, 2)
-    band, picked = choose_band(report["scores"][pick], ref_scores[pick], thresholds,
-                               flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-    # escalate near the policy's thresholds (where the band was chosen) and the model's own: the
+    # escalate near the policy's thresholds (where the band is chosen) and the model's own: the
     # figures below are of the cascade as workers serve it
     every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
-    student_scores = report["scores"][check]
-    up = [near(s, every, band) for s in student_scores]
-    rows = [t if u else s for s, t, u in zip(student_scores, ref_scores[check], up)]
-    escalated = sum(up) / len(up)
+    judged = judge_on_halves(report["scores"], reference.scores, thresholds, flags_floor=args.cascade_flags,
+                             texts_floor=args.cascade_texts, escalate_at=every)
+    band, escalated = judged.band, judged.escalated
     # what the cascade costs, estimated: the first stage on every input plus, on the escalated
     # share, the full model as a worker runs it (bf16 where the CPU has it) ...
     estimate = 1 / (1 / report["speedup"] + escalated / reference.default["speedup"])
     # ... and measured, as a worker runs it (a split batch costs more than its parts)
     cascade = CascadeEngine(report["engine"], reference.default_engine, band=band, thresholds=every)
-    half = heldout[check]
+    half = heldout[CHECK]
     fp32_ips = throughput(reference.engine, half)[0]
     ips = throughput(cascade, half)[0]
-    cascade_report = {"band": band, "band_chosen_on": picked, "heldout_texts": len(student_scores),
-                      "escalated": round(escalated, 4), "items_per_s": round(ips, 1),
+    cascade_report = {"band": band, "band_chosen_on": judged.chosen_on, "heldout_texts": judged.texts,
+                      "escalated": escalated, "items_per_s": round(ips, 1),
                       "fp32_items_per_s": round(fp32_ips, 1), "speedup": round(ips / fp32_ips, 2),
                       "speedup_estimate": round(estimate, 2), "default": reference.default,
-                      "full_model_near": round(full_model_near(ref_scores[check], every, band), 4),
-                      "agreement": agreement(ref_scores[check], rows, thresholds),
+                      "full_model_near": judged.full_model_near, "agreement": judged.agreement,
                       "student": _report_to_store(report)}
     a = cascade_report["agreement"]
     print(_describe(manifest["variant"], _report_to_store(report)))
-    print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {len(student_scores)} held-out texts to the "
+    print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {judged.texts} held-out texts to the "
           f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; "
           f"{cascade_report['speedup']:.2f}x fp32 measured end to end (estimate {estimate:.2f}x). "
           f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band")

@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from gristmill.kernels.cascade import ESCALATED, choose_band, combine, full_model_near, near  # noqa: E402
+from gristmill.kernels.cascade import (  # noqa: E402
+    ESCALATED, choose_band, combine, full_model_near, judge_on_halves, near)
 from gristmill.kernels.distill import StudentShape, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
@@ -64,6 +65,25 @@ def test_choose_band_is_the_narrowest_that_meets_the_floors():
     band, stats = choose_band(student, teacher, TH, flags_floor=1.0, texts_floor=1.0)
     assert near(student[0], TH, band) and stats["flags"] == 1.0 and stats["texts_identical"] == 1.0
     assert 0 < band <= 0.25 and stats["escalated"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_a_band_is_chosen_on_one_half_and_judged_on_the_other():
+    """Even-indexed texts choose the band; odd-indexed ones are judged, and their own errors show
+    there: the band was not fitted to them."""
+    full = [{"a": 0.6, "b": 0.0}, {"a": 0.6, "b": 0.0}, {"a": 0.2, "b": 0.0}, {"a": 0.7, "b": 0.0}]
+    student = [{"a": 0.45, "b": 0.0},  # picked: flips near the threshold, so the band must reach it
+               {"a": 0.45, "b": 0.0},  # checked: the same, escalated at that band
+               {"a": 0.2, "b": 0.0},  # picked: right
+               {"a": 0.2, "b": 0.0}]  # checked: flips far from the threshold, which no band chosen above catches
+    judged = judge_on_halves(student, full, TH, flags_floor=1.0, texts_floor=1.0)
+    assert 0 < judged.band <= 0.25 and judged.floors_met_where_chosen(1.0, 1.0)
+    assert judged.texts == 2 and judged.escalated == 0.5
+    assert judged.agreement["flags"] == 0.75 and judged.agreement["texts_identical"] == 0.5
+    assert judged.full_model_near == 0.0
+    # escalating near more thresholds than the ones judged (another policy's 0.2 for "a") catches the second
+    wider = judge_on_halves(student, full, TH, flags_floor=1.0, texts_floor=1.0,
+                            escalate_at={"a": [0.2, 0.5], "b": [0.3]})
+    assert wider.escalated == 1.0 and wider.agreement["texts_identical"] == 1.0
 
 
 def test_full_model_near_is_what_a_flawless_student_would_escalate():
