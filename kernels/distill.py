@@ -23,11 +23,23 @@ from torch import nn
 
 from .prune import _layers, _pooled
 
-LOGIT_WEIGHT = 1.0  # a head logit's squared error against the embedding's (1 - cosine), per label
 # Texts whose teacher logit for some label lies within this of its threshold's logit (where a
-# student's error flips a decision) are drawn FOCUS_WEIGHT times as often.
+# student's error flips a decision) are drawn FOCUS_WEIGHT times as often. On the default
+# moderation head this is nearly every text: half the transfer set lies within 0.72 logit of some
+# label's threshold (benchmarks/README.md).
 FOCUS_BAND, FOCUS_WEIGHT = 2.0, 4
-LAYER_WEIGHT = 1.0  # per kept layer: mean squared error of its token states against the teacher layer's
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """The weights of the student's loss terms, beside the pooled embedding's (1 - cosine), 1."""
+    logit: float = 1.0  # a head logit's squared error, per label
+    layer: float = 1.0  # per kept layer: mean squared error of its token states against the teacher layer's
+    # > 0: a (text, label) logit's squared error weighs 1 + boundary * exp(-|teacher logit -
+    # threshold logit| / boundary_tau), more where an error flips a decision (the default recipe
+    # leaves it off: on the default head it changed the student's agreement by less than noise)
+    boundary: float = 0.0
+    boundary_tau: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,20 +102,25 @@ def teacher_targets(teacher: nn.Module, tokenizer, texts: list[str], max_length:
 def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *, steps: int,
                     max_length: int, head: tuple[torch.Tensor, torch.Tensor] | None = None,
                     thresholds: list[float] | None = None, batch: int = 64, lr: float = 3e-4, seed: int = 0,
-                    bf16: bool = False, keep_layers: tuple[int, ...] | None = None, log=None) -> DistillReport:
+                    bf16: bool = False, keep_layers: tuple[int, ...] | None = None,
+                    loss_weights: DistillLoss = DistillLoss(), on_step=None, log=None) -> DistillReport:
     """Train `student` in place toward `teacher` on `texts` for `steps` batches (length-bucketed,
     so little padding), AdamW with a cosine schedule. With the head and its per-label `thresholds`,
     texts near a decision are drawn more often (FOCUS_*). `bf16`: autocast the student's matmuls (on
-    CPUs with native bf16; its weights and the targets stay fp32)."""
+    CPUs with native bf16; its weights and the targets stay fp32). `on_step(step)`, called after
+    each step (counted from 1), may look at the student; it returns True to stop training there
+    (the schedule stays the one for `steps`)."""
     t0 = time.perf_counter()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     targets = teacher_targets(teacher, tokenizer, [texts[i] for i in order], max_length)
     sorted_texts = [texts[i] for i in order]
     buckets = [range(s, min(s + batch, len(texts))) for s in range(0, len(texts), batch)]
     w, b = head if head is not None else (None, None)
+    z_threshold = None
     if w is not None and thresholds is not None:
         t = torch.tensor(thresholds).clamp(1e-6, 1 - 1e-6)
-        gap = ((targets @ w.T + b) - torch.log(t / (1 - t))).abs().min(1).values
+        z_threshold = torch.log(t / (1 - t))
+        gap = ((targets @ w.T + b) - z_threshold).abs().min(1).values
         near = [i for i in range(len(texts)) if gap[i] < FOCUS_BAND]
         for s in range(0, len(near), batch):  # the near texts again, in buckets of their own
             buckets += [near[s: s + batch]] * (FOCUS_WEIGHT - 1)
@@ -117,6 +134,7 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
     student.train()
     losses: list[float] = []
     running = 0.0
+    done = 0
     for step in range(steps):
         idx = list(rng.choice(buckets))
         ids, mask = _encode(tokenizer, [sorted_texts[i] for i in idx], max_length)
@@ -131,9 +149,12 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
             m = mask.unsqueeze(-1).float()
             for j, i in enumerate(keep_layers):
                 d = out.hidden_states[j + 1].float() - th[i + 1]
-                loss = loss + LAYER_WEIGHT * (d.pow(2) * m).sum() / (m.sum() * d.shape[-1])
+                loss = loss + loss_weights.layer * (d.pow(2) * m).sum() / (m.sum() * d.shape[-1])
         if w is not None:
-            loss = loss + LOGIT_WEIGHT * ((e @ w.T + b) - (t @ w.T + b)).pow(2).mean()
+            z_teacher = t @ w.T + b
+            weight = 1.0 if z_threshold is None or not loss_weights.boundary else (
+                1 + loss_weights.boundary * torch.exp(-(z_teacher - z_threshold).abs() / loss_weights.boundary_tau))
+            loss = loss + loss_weights.logit * (weight * ((e @ w.T + b) - z_teacher).pow(2)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -145,6 +166,9 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
             running = 0.0
             if log is not None:
                 log(f"distill step {step + 1}/{steps}: loss {losses[-1]:.5f} ({time.perf_counter() - t0:.0f} s)")
+        done = step + 1
+        if on_step is not None and on_step(done):
+            break
     student.eval()
-    return DistillReport(len(texts), steps, round(time.perf_counter() - t0, 1), losses,
+    return DistillReport(len(texts), done, round(time.perf_counter() - t0, 1), losses,
                          len(_layers(teacher)), len(_layers(student)))

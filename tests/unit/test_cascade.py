@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 
 from gristmill.kernels.cascade import (  # noqa: E402
     ESCALATED, choose_band, combine, full_model_near, judge_on_halves, near)
-from gristmill.kernels.distill import StudentShape, make_student  # noqa: E402
+from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
 
@@ -34,6 +34,35 @@ def test_make_student_drops_layers_and_says_so_in_its_config(weights):
     assert len(teacher.encoder.layer) == 2  # the teacher is untouched
     ids = torch.tensor([[1, 5, 7, 2]])
     assert student(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape == (1, 4, 32)
+
+
+def _tiny_student(weights):
+    from transformers import AutoModel, AutoTokenizer
+    teacher = AutoModel.from_pretrained(str(weights / "encoder"), attn_implementation="eager").eval()
+    return teacher, make_student(teacher, StudentShape.for_fraction(0.5, 2)), AutoTokenizer.from_pretrained(
+        str(weights / "encoder"))
+
+
+def test_distill_stops_where_on_step_says_and_reports_the_steps_run(weights):
+    teacher, student, tok = _tiny_student(weights)
+    seen = []
+    report = distill_student(teacher, student, tok, [f"text number {i}" for i in range(40)], steps=10, max_length=16,
+                             batch=8, on_step=lambda step: seen.append(step) or step >= 3)
+    assert seen == [1, 2, 3] and report.steps == 3 and not student.training
+
+
+def test_the_boundary_weight_weighs_logit_errors_near_a_threshold(weights):
+    """Off by default (the default recipe's student is unchanged); on, it changes what is learnt."""
+    head = (torch.randn(3, 32), torch.zeros(3))
+    texts = [f"text number {i}" for i in range(40)]
+    trained = []
+    for loss in (DistillLoss(), DistillLoss(boundary=0.0, boundary_tau=0.1), DistillLoss(boundary=50.0)):
+        teacher, student, tok = _tiny_student(weights)
+        distill_student(teacher, student, tok, texts, steps=4, max_length=16, batch=8, head=head,
+                        thresholds=[0.5, 0.5, 0.5], loss_weights=loss)
+        trained.append(student.encoder.layer[0].output.dense.weight.detach().clone())
+    assert torch.equal(trained[0], trained[1])  # tau alone does nothing while the weight is 0
+    assert not torch.equal(trained[0], trained[2])
 
 
 def test_near_a_threshold_in_logit_space():

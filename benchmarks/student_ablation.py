@@ -1,0 +1,137 @@
+"""The distilled student's recipe, one change at a time: its agreement with the fp32 model as it trains.
+
+    python -m benchmarks.student_ablation [--prune 0.5] [--steps 2000] [--stop N] [--eval-every 500]
+        [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W] [--lr LR]
+        [--sample-lines 20000] [--transfer-lines 60000] [--threads N]
+
+The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
+all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
+given loss weights (`DistillLoss`) and learning rate on the built-in transfer set plus, with
+--sample-lines, lines sampled from the built-in chat model (cached). Every --eval-every steps the fp32
+student is judged against the fp32 model on two held-out sets: the benchmark table's (kernels/corpus.py's
+held-out sentences and the seed set) and the sample's held-out lines. Figures: per-label flag
+agreement at the policy's thresholds, texts whose flags are all identical, and the mean cosine of the
+pooled embeddings. `--stop N` ends training after step N of a schedule of --steps (to compare recipes
+early, on the same schedule); at the end of a full schedule the student is also exported as the
+ONNX int8 artifact workers serve and judged by the benchmark's code. Prints a table, then one JSON
+line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "int8": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.student_ablation", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prune", type=float, default=0.5, help="share of the layers removed (default 0.5: 3 of 6 kept)")
+    ap.add_argument("--steps", type=int, default=2000, help="the schedule's length in steps (default 2000)")
+    ap.add_argument("--stop", type=int, default=0, help="stop after this step (default: the whole schedule)")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--boundary", type=float, default=0.0, help="DistillLoss.boundary (default 0: off)")
+    ap.add_argument("--boundary-tau", type=float, default=0.5)
+    ap.add_argument("--layer-weight", type=float, default=1.0)
+    ap.add_argument("--logit-weight", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--sample-lines", type=int, default=20000)
+    ap.add_argument("--sampler", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--transfer-lines", type=int, default=60000)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
+        ap.error("--steps and --eval-every must be at least 1, --stop at least 0")
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from gristmill.kernels import corpus, heads, sampled
+    from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student, teacher_targets
+    from gristmill.kernels.loading import cpu_has_bf16
+    from gristmill.kernels.onnx_engine import OnnxClassifierEngine
+    from gristmill.kernels.optimize import agreement, throughput, write_onnx_artifact
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.workers.loading import classifier_kwargs
+    from gristmill.workers.optimize import decision_thresholds, heldout_texts, sampled_lines
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = DEFAULT_CLASSIFIER
+    src = spec.resolve_path()
+    kw = classifier_kwargs(spec)
+    w, b, labels, _ = heads.load_head(kw["head"])
+    thresholds = decision_thresholds(spec, labels)
+    t = torch.tensor([thresholds[k] for k in labels]).clamp(1e-6, 1 - 1e-6)
+    z_threshold = torch.log(t / (1 - t))
+    teacher = AutoModel.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    shape = StudentShape.for_fraction(args.prune, teacher.config.num_hidden_layers)
+    student = make_student(teacher, shape)
+    sample = sampled_lines(args.sample_lines, args.sampler)
+    transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt",
+                                   sampled=sampled.transfer_texts(sample))
+    held = {"table": heldout_texts(None)}
+    if sample:
+        held["sampled"] = sampled.heldout_texts(sample)
+    length = spec.max_input_tokens
+    reference = {name: teacher_targets(teacher, tok, texts, length) for name, texts in held.items()}
+    curve: list[dict] = []
+
+    def judge(step: int) -> None:
+        student.eval()
+        row: dict = {"step": step}
+        for name, texts in held.items():
+            e = teacher_targets(student, tok, texts, length)
+            same = ((e @ w.T + b) >= z_threshold) == ((reference[name] @ w.T + b) >= z_threshold)
+            row[name] = {"flags": round(same.float().mean().item(), 5),
+                         "texts_identical": round(same.all(1).float().mean().item(), 5),
+                         "cosine": round((e * reference[name]).sum(-1).mean().item(), 4)}
+        student.train()
+        curve.append(row)
+        print(f"step {step}: " + "; ".join(f"{k} {v['flags']:.3%} / {v['texts_identical']:.2%} (cos {v['cosine']:.3f})"
+                                          for k, v in row.items() if k != "step"), file=sys.stderr, flush=True)
+
+    def on_step(step: int) -> bool:
+        if step % args.eval_every == 0 or step == args.steps or step == args.stop:
+            judge(step)
+        return bool(args.stop) and step >= args.stop
+
+    t0 = time.perf_counter()
+    judge(0)
+    loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
+                       boundary_tau=args.boundary_tau)
+    report = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
+                             thresholds=[thresholds[k] for k in labels], lr=args.lr, bf16=cpu_has_bf16(),
+                             keep_layers=shape.keep_layers, loss_weights=loss, on_step=on_step,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    out: dict = {"args": vars(args), "transfer_texts": len(transfer), "steps_run": report.steps,
+                 "train_s": round(time.perf_counter() - t0, 1), "curve": curve}
+    if report.steps == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
+        ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
+        with tempfile.TemporaryDirectory(prefix="gristmill-ablation-") as tmp:
+            write_onnx_artifact(student, src, Path(tmp) / "student", zero_shot=True, quantize="int8",
+                                manifest={"variant": "ablation", "digest": "ablation"})
+            engine = OnnxClassifierEngine(Path(tmp) / "student", **kw)
+            out["int8"] = {name: agreement(throughput(ref, texts, repeats=1)[1],
+                                           throughput(engine, texts, repeats=1)[1], thresholds)
+                           for name, texts in held.items()}
+    print(f"\nstudent {len(shape.keep_layers)} of {shape.teacher_layers} layers, {len(transfer):,} transfer texts, "
+          f"loss {loss}, lr {args.lr}")
+    print("| step | " + " | ".join(f"{k}: flags / texts identical / cosine" for k in held) + " |")
+    print("| --- |" + " --- |" * len(held))
+    for row in curve:
+        print(f"| {row['step']} | " + " | ".join(f"{row[k]['flags']:.3%} / {row[k]['texts_identical']:.2%} / "
+                                               f"{row[k]['cosine']:.3f}" for k in held) + " |")
+    for name, a in out.get("int8", {}).items():
+        print(f"ONNX int8 artifact, {name}: flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
