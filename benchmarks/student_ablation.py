@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from gristmill.kernels import corpus, heads, sampled
     from gristmill.kernels.classify import ClassifierEngine
-    from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student, teacher_targets
+    from gristmill.kernels.distill import (DistillLoss, StudentShape, distill_student, make_student, teacher_targets,
+                                          threshold_logits)
     from gristmill.kernels.loading import cpu_has_bf16
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine
     from gristmill.kernels.optimize import agreement, throughput, write_onnx_artifact
@@ -66,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = classifier_kwargs(spec)
     w, b, labels, _ = heads.load_head(kw["head"])
     thresholds = decision_thresholds(spec, labels)
-    t = torch.tensor([thresholds[k] for k in labels]).clamp(1e-6, 1 - 1e-6)
-    z_threshold = torch.log(t / (1 - t))
+    z_threshold = threshold_logits([thresholds[k] for k in labels])
     teacher = AutoModel.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(src))
     shape = StudentShape.for_fraction(args.prune, teacher.config.num_hidden_layers)

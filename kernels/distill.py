@@ -99,6 +99,12 @@ def teacher_targets(teacher: nn.Module, tokenizer, texts: list[str], max_length:
     return torch.cat(out)
 
 
+def threshold_logits(thresholds: list[float]) -> torch.Tensor:
+    """Per-label score thresholds as logits, where the head's outputs are compared with them."""
+    t = torch.tensor(thresholds).clamp(1e-6, 1 - 1e-6)
+    return torch.log(t / (1 - t))
+
+
 def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *, steps: int,
                     max_length: int, head: tuple[torch.Tensor, torch.Tensor] | None = None,
                     thresholds: list[float] | None = None, batch: int = 64, lr: float = 3e-4, seed: int = 0,
@@ -118,8 +124,7 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
     w, b = head if head is not None else (None, None)
     z_threshold = None
     if w is not None and thresholds is not None:
-        t = torch.tensor(thresholds).clamp(1e-6, 1 - 1e-6)
-        z_threshold = torch.log(t / (1 - t))
+        z_threshold = threshold_logits(thresholds)
         gap = ((targets @ w.T + b) - z_threshold).abs().min(1).values
         near = [i for i in range(len(texts)) if gap[i] < FOCUS_BAND]
         for s in range(0, len(near), batch):  # the near texts again, in buckets of their own
