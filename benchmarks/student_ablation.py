@@ -2,7 +2,7 @@
 
     python -m benchmarks.student_ablation [--prune 0.5] [--steps 2000] [--stop N] [--eval-every 500]
         [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W] [--lr LR]
-        [--sample-lines 20000] [--transfer-lines 60000] [--threads N]
+        [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--save FILE]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -11,7 +11,8 @@ given loss weights (`DistillLoss`) and learning rate on the built-in transfer se
 student is judged against the fp32 model on two held-out sets: the benchmark table's (kernels/corpus.py's
 held-out sentences and the seed set) and the sample's held-out lines. Figures: per-label flag
 agreement at the policy's thresholds, texts whose flags are all identical, and the mean cosine of the
-pooled embeddings. `--stop N` ends training after step N of a schedule of --steps (to compare recipes
+pooled embeddings. `--neurons F` trains a student of another shape: every layer kept, F of each layer's FFN
+neurons (and --heads of its heads) removed by importance on calibration text (kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare recipes
 early, on the same schedule); at the end of a full schedule the student is also exported as the
 ONNX int8 artifact workers serve and judged by the benchmark's code. Prints a table, then one JSON
 line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "int8": {...}}.
@@ -30,6 +31,10 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.student_ablation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prune", type=float, default=0.5, help="share of the layers removed (default 0.5: 3 of 6 kept)")
+    ap.add_argument("--neurons", type=float, default=0.0,
+                    help="keep every layer and remove this share of each layer's FFN neurons instead (--prune ignored)")
+    ap.add_argument("--heads", type=float, default=None, help="with --neurons: share of each layer's heads removed "
+                    "(default: half the --neurons share)")
     ap.add_argument("--steps", type=int, default=2000, help="the schedule's length in steps (default 2000)")
     ap.add_argument("--stop", type=int, default=0, help="stop after this step (default: the whole schedule)")
     ap.add_argument("--eval-every", type=int, default=500)
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-lines", type=int, default=20000)
     ap.add_argument("--sampler", default="SmolLM2-135M-Instruct")
     ap.add_argument("--transfer-lines", type=int, default=60000)
+    ap.add_argument("--save", type=Path, default=None, help="write the trained fp32 student's state_dict here")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
@@ -70,11 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     z_threshold = threshold_logits([thresholds[k] for k in labels])
     teacher = AutoModel.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(src))
-    shape = StudentShape.for_fraction(args.prune, teacher.config.num_hidden_layers)
+    shape = StudentShape.for_fraction(0.0 if args.neurons else args.prune, teacher.config.num_hidden_layers)
     student = make_student(teacher, shape)
     sample = sampled_lines(args.sample_lines, args.sampler)
     transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt",
                                    sampled=sampled.transfer_texts(sample))
+    if args.neurons:
+        from gristmill.kernels.distill import _encode
+        from gristmill.kernels.prune import prune
+        calibration = corpus.transfer_set(512, seed=1)
+        print(prune(student, [_encode(tok, calibration[i:i + 64], spec.max_input_tokens)
+                              for i in range(0, len(calibration), 64)], args.neurons, args.heads), file=sys.stderr)
     held = {"table": heldout_texts(None)}
     if sample:
         held["sampled"] = sampled.heldout_texts(sample)
@@ -111,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     out: dict = {"args": vars(args), "transfer_texts": len(transfer), "steps_run": report.steps,
                  "train_s": round(time.perf_counter() - t0, 1), "curve": curve}
+    if args.save is not None:
+        torch.save(student.state_dict(), args.save)
     if report.steps == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
         ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
         with tempfile.TemporaryDirectory(prefix="gristmill-ablation-") as tmp:
@@ -120,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             out["int8"] = {name: agreement(throughput(ref, texts, repeats=1)[1],
                                            throughput(engine, texts, repeats=1)[1], thresholds)
                            for name, texts in held.items()}
-    print(f"\nstudent {len(shape.keep_layers)} of {shape.teacher_layers} layers, {len(transfer):,} transfer texts, "
+    kept = (f"every layer, {args.neurons:.0%} of FFN neurons removed" if args.neurons
+            else f"{len(shape.keep_layers)} of {shape.teacher_layers} layers")
+    print(f"\nstudent {kept}, {len(transfer):,} transfer texts, "
           f"loss {loss}, lr {args.lr}")
     print("| step | " + " | ".join(f"{k}: flags / texts identical / cosine" for k in held) + " |")
     print("| --- |" + " --- |" * len(held))
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                                f"{row[k]['cosine']:.3f}" for k in held) + " |")
     for name, a in out.get("int8", {}).items():
         print(f"ONNX int8 artifact, {name}: flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}")
-    print(json.dumps(out))
+    print(json.dumps(out, default=str))
     return 0
 
 
