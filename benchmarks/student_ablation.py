@@ -11,9 +11,10 @@ given loss weights (`DistillLoss`) and learning rate on the built-in transfer se
 student is judged against the fp32 model on two held-out sets: the benchmark table's (kernels/corpus.py's
 held-out sentences and the seed set) and the sample's held-out lines. Figures: per-label flag
 agreement at the policy's thresholds, texts whose flags are all identical, and the mean cosine of the
-pooled embeddings. `--neurons F` trains a student of another shape: every layer kept, F of each layer's FFN
-neurons (and --heads of its heads) removed by importance on calibration text (kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare recipes
-early, on the same schedule); at the end of a full schedule the student is also exported as the
+pooled embeddings. `--neurons F` trains a student of another shape: every layer kept, F of each
+layer's FFN neurons (and --heads of its heads) removed by importance on calibration text
+(kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare
+recipes early, on the same schedule); at the end of a full schedule the student is also exported as the
 ONNX int8 artifact workers serve and judged by the benchmark's code. Prints a table, then one JSON
 line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "int8": {...}}.
 """
@@ -82,11 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt",
                                    sampled=sampled.transfer_texts(sample))
     if args.neurons:
-        from gristmill.kernels.distill import _encode
-        from gristmill.kernels.prune import prune
-        calibration = corpus.transfer_set(512, seed=1)
-        print(prune(student, [_encode(tok, calibration[i:i + 64], spec.max_input_tokens)
-                              for i in range(0, len(calibration), 64)], args.neurons, args.heads), file=sys.stderr)
+        from gristmill.kernels.prune import calibration_batches, prune
+        batches = calibration_batches(tok, corpus.transfer_set(512, seed=1), spec.max_input_tokens, batch=64)
+        print(prune(student, batches, args.neurons, args.heads), file=sys.stderr)
     held = {"table": heldout_texts(None)}
     if sample:
         held["sampled"] = sampled.heldout_texts(sample)

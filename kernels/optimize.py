@@ -54,11 +54,9 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
     if prune:
         import copy
 
-        from .prune import distill
+        from .prune import calibration_batches, distill
         from .prune import prune as prune_model
-        enc = [tok(calibration[i: i + 32], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-               for i in range(0, len(calibration), 32)]
-        batches = [(e["input_ids"], e["attention_mask"]) for e in enc]
+        batches = calibration_batches(tok, calibration, max_length)
         teacher = copy.deepcopy(model) if distill_steps else None
         pruned = prune_model(model, batches, prune)
         if teacher is not None:

@@ -32,6 +32,15 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(enc.layer)
 
 
+def calibration_batches(tokenizer, texts: list[str], max_length: int,
+                        batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`texts` as padded (input_ids, attention_mask) batches of `batch`, what importance, prune and
+    distill take."""
+    enc = [tokenizer(texts[i: i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+           for i in range(0, len(texts), batch)]
+    return [(e["input_ids"], e["attention_mask"]) for e in enc]
+
+
 def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear keeping output rows (dim=0) or input columns (dim=1) `keep`."""
     w = layer.weight.detach().index_select(dim, keep).clone()
