@@ -65,6 +65,27 @@ def test_the_boundary_weight_weighs_logit_errors_near_a_threshold(weights):
     assert not torch.equal(trained[0], trained[2])
 
 
+def test_cached_teacher_states_train_the_student_the_per_step_teacher_would(weights, monkeypatch):
+    """The kept layers' teacher states, computed once (fp16), stand in for a teacher forward per step."""
+    from gristmill.kernels import distill
+    texts = [f"text number {i}" + " with some words" * (i % 4) for i in range(40)]
+    trained, losses = [], []
+    for cache in (0, distill.STATE_CACHE_BYTES):
+        monkeypatch.setattr(distill, "STATE_CACHE_BYTES", cache)
+        teacher, student, tok = _tiny_student(weights)
+        shape = StudentShape.for_fraction(0.5, 2)
+        report = distill_student(teacher, student, tok, texts, steps=6, max_length=16, batch=8,
+                                 keep_layers=shape.keep_layers)
+        trained.append(student.encoder.layer[0].output.dense.weight.detach().clone())
+        losses.append(report.losses[-1])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    assert torch.allclose(trained[0], trained[1], atol=1e-4)
+    teacher, _, tok = _tiny_student(weights)
+    cached = distill._teacher_pass(teacher, tok, texts[:5], 16, layers=(1,), cache_bytes=1 << 20)
+    assert [s.shape[:2] for s in cached.states] == [(min(16, len(tok(t)["input_ids"])), 1) for t in texts[:5]]
+    assert distill._teacher_pass(teacher, tok, texts[:5], 16, layers=(1,), cache_bytes=10).states is None
+
+
 def test_near_a_threshold_in_logit_space():
     assert near({"a": 0.51, "b": 0.01}, TH, band=0.1)
     assert not near({"a": 0.9, "b": 0.01}, TH, band=1.0)
@@ -176,3 +197,4 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     assert host.format(item, host.run("tiny-cascade", prep.payloads))["provenance"]["decided_by"] == ["student",
                                                                                                        "student"]
     host.shutdown()
+
