@@ -2,7 +2,7 @@
 
     python -m benchmarks.student_ablation [--prune 0.5] [--steps 2000] [--stop N] [--eval-every 500]
         [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W] [--lr LR]
-        [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--save FILE]
+        [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F] [--save FILE]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-lines", type=int, default=20000)
     ap.add_argument("--sampler", default="SmolLM2-135M-Instruct")
     ap.add_argument("--transfer-lines", type=int, default=60000)
+    ap.add_argument("--substituted", type=float, default=None,
+                    help="share of the transfer set made of template sentences with words swapped for their "
+                    "embedding neighbours, in place of as many word sequences (default: corpus.SUBSTITUTED_SHARE)")
     ap.add_argument("--save", type=Path, default=None, help="write the trained fp32 student's state_dict here")
+    ap.add_argument("--load", type=Path, default=None,
+                    help="judge a student --save wrote (of the same shape) instead of training one")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
@@ -57,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModel, AutoTokenizer
 
     from gristmill.kernels import corpus, heads, sampled
+    if args.substituted is None:
+        args.substituted = corpus.SUBSTITUTED_SHARE
     from gristmill.kernels.classify import ClassifierEngine
-    from gristmill.kernels.distill import (DistillLoss, StudentShape, distill_student, make_student, teacher_targets,
-                                          threshold_logits)
+    from gristmill.kernels.distill import (DistillLoss, StudentShape, distill_student, make_student, refit_head,
+                                          teacher_targets, threshold_logits)
     from gristmill.kernels.loading import cpu_has_bf16
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine
-    from gristmill.kernels.optimize import agreement, throughput, write_onnx_artifact
+    from gristmill.kernels.optimize import agreement, own_artifact_head, throughput, write_onnx_artifact
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.workers.loading import classifier_kwargs
     from gristmill.workers.optimize import decision_thresholds, heldout_texts, sampled_lines
@@ -80,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = StudentShape.for_fraction(0.0 if args.neurons else args.prune, teacher.config.num_hidden_layers)
     student = make_student(teacher, shape)
     sample = sampled_lines(args.sample_lines, args.sampler)
-    transfer = corpus.transfer_set(args.transfer_lines, vocab_file=src / "vocab.txt",
-                                   sampled=sampled.transfer_texts(sample))
+    transfer = corpus.builtin_transfer_set(args.transfer_lines, src, sampled=sampled.transfer_texts(sample),
+                                           substituted=args.substituted)
     if args.neurons:
         from gristmill.kernels.prune import calibration_batches, prune
         batches = calibration_batches(tok, corpus.transfer_set(512, seed=1), spec.max_input_tokens, batch=64)
@@ -93,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     reference = {name: teacher_targets(teacher, tok, texts, length) for name, texts in held.items()}
     curve: list[dict] = []
 
-    def judge(step: int) -> None:
+    def judge(step: int | str, head: tuple = (w, b)) -> None:
         student.eval()
         row: dict = {"step": step}
         for name, texts in held.items():
             e = teacher_targets(student, tok, texts, length)
-            same = ((e @ w.T + b) >= z_threshold) == ((reference[name] @ w.T + b) >= z_threshold)
+            same = ((e @ head[0].T + head[1]) >= z_threshold) == ((reference[name] @ w.T + b) >= z_threshold)
             row[name] = {"flags": round(same.float().mean().item(), 5),
                          "texts_identical": round(same.all(1).float().mean().item(), 5),
                          "cosine": round((e * reference[name]).sum(-1).mean().item(), 4)}
@@ -113,26 +120,41 @@ def main(argv: list[str] | None = None) -> int:
         return bool(args.stop) and step >= args.stop
 
     t0 = time.perf_counter()
-    judge(0)
-    loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
-                       boundary_tau=args.boundary_tau)
-    report = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
-                             thresholds=[thresholds[k] for k in labels], lr=args.lr, bf16=cpu_has_bf16(),
-                             keep_layers=shape.keep_layers, loss_weights=loss, on_step=on_step,
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
-    out: dict = {"args": vars(args), "transfer_texts": len(transfer), "steps_run": report.steps,
+    focus = [thresholds[k] for k in labels]
+    if args.load is not None:  # a student trained before (--save): judged as at the end of its schedule
+        student.load_state_dict(torch.load(args.load))
+        judge(0)
+        steps_run = args.steps
+    else:
+        judge(0)
+        loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
+                           boundary_tau=args.boundary_tau)
+        steps_run = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
+                                    thresholds=focus, lr=args.lr, bf16=cpu_has_bf16(), keep_layers=shape.keep_layers,
+                                    loss_weights=loss, on_step=on_step,
+                                    log=lambda m: print(m, file=sys.stderr, flush=True)).steps
+    out: dict = {"args": vars(args), "transfer_texts": len(transfer), "steps_run": steps_run,
                  "train_s": round(time.perf_counter() - t0, 1), "curve": curve}
     if args.save is not None:
         torch.save(student.state_dict(), args.save)
-    if report.steps == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
+    if steps_run == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
+        refit = refit_head(teacher, student, tok, transfer, max_length=length, head=(w, b), thresholds=focus)
+        out["own_head"] = {"kept": refit.kept, "fit_texts": refit.fit_texts, "check_texts": refit.check_texts,
+                           "check_flags": {"teacher_head": refit.flags_teacher_head, "own_head": refit.flags_refit}}
+        judge("own head", (refit.weight, refit.bias))
         ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
         with tempfile.TemporaryDirectory(prefix="gristmill-ablation-") as tmp:
             write_onnx_artifact(student, src, Path(tmp) / "student", zero_shot=True, quantize="int8",
                                 manifest={"variant": "ablation", "digest": "ablation"})
+            ref_scores = {name: throughput(ref, texts, repeats=1)[1] for name, texts in held.items()}
             engine = OnnxClassifierEngine(Path(tmp) / "student", **kw)
-            out["int8"] = {name: agreement(throughput(ref, texts, repeats=1)[1],
-                                           throughput(engine, texts, repeats=1)[1], thresholds)
+            out["int8"] = {name: agreement(ref_scores[name], throughput(engine, texts, repeats=1)[1], thresholds)
                            for name, texts in held.items()}
+            # the same artifact with the student's own head, as build_student writes it where it is kept
+            own_artifact_head(Path(tmp) / "student", refit, (w, b), labels)
+            engine = OnnxClassifierEngine(Path(tmp) / "student", **kw)
+            out["int8_own_head"] = {name: agreement(ref_scores[name], throughput(engine, texts, repeats=1)[1],
+                                                    thresholds) for name, texts in held.items()}
     kept = (f"every layer, {args.neurons:.0%} of FFN neurons removed" if args.neurons
             else f"{len(shape.keep_layers)} of {shape.teacher_layers} layers")
     print(f"\nstudent {kept}, {len(transfer):,} transfer texts, "
@@ -142,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in curve:
         print(f"| {row['step']} | " + " | ".join(f"{row[k]['flags']:.3%} / {row[k]['texts_identical']:.2%} / "
                                                f"{row[k]['cosine']:.3f}" for k in held) + " |")
-    for name, a in out.get("int8", {}).items():
-        print(f"ONNX int8 artifact, {name}: flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}")
+    for key, what in (("int8", "the full model's head"), ("int8_own_head", "its own head")):
+        for name, a in out.get(key, {}).items():
+            print(f"ONNX int8 artifact with {what}, {name}: flags {a['flags']:.3%}, "
+                  f"texts identical {a['texts_identical']:.2%}")
     print(json.dumps(out, default=str))
     return 0
 

@@ -96,6 +96,9 @@ class ClassifierEngine:
             if w.shape[1] != self.config.hidden_size:
                 raise ValueError(f"head {head} expects {w.shape[1]}-wide embeddings; the encoder gives "
                                  f"{self.config.hidden_size}")
+            own = self._own_head(w)
+            if own is not None:
+                w, b = own
             self._head = (w.to(self.device), b.to(self.device))
             # a head built from a seed set is named by what it was built from, so that every
             # machine reports the same revision for it
@@ -125,6 +128,10 @@ class ClassifierEngine:
             ids = torch.full((rows, length), self.pad_id or 1, dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 self._forward(ids, torch.ones_like(ids))
+
+    def _own_head(self, registered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A head the loaded weights carry in place of the `registered` one (a student's own)."""
+        return None
 
     def _load_backend(self, path: Path) -> None:
         """Sets model, tokenizer, config, revision and variant (the ONNX engine overrides this)."""

@@ -222,3 +222,65 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
     return DistillReport(len(texts), done, round(time.perf_counter() - t0, 1), losses,
                          len(_layers(teacher)), len(_layers(student)))
 
+
+def fit_head(embeddings: torch.Tensor, teacher_logits: torch.Tensor, z_threshold: torch.Tensor | None = None, *,
+             ridge: float = 1e-2, boundary: float = 8.0, boundary_tau: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear head of the student's own: per label, the weighted ridge regression (closed form, in
+    fp64) from the student's pooled embeddings [n, hidden] to the teacher's logits [n, labels]
+    through the teacher's head. With `z_threshold`, a (text, label) weighs 1 + boundary *
+    exp(-|teacher logit - threshold logit| / boundary_tau), so the fit is best where an error flips
+    a decision. Returns (weight [labels, hidden], bias [labels])."""
+    x = torch.cat([embeddings.double(), torch.ones(len(embeddings), 1, dtype=torch.float64)], 1)
+    y = teacher_logits.double()
+    weight = (torch.ones_like(y) if z_threshold is None
+              else 1 + boundary * torch.exp(-(y - z_threshold.double()).abs() / boundary_tau))
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    eye[-1, -1] = 0.0  # the bias is not shrunk
+    cols = [torch.linalg.solve(x.T @ (x * weight[:, k: k + 1]) + ridge * eye, x.T @ (y[:, k] * weight[:, k]))
+            for k in range(y.shape[1])]
+    solved = torch.stack(cols, 1)  # [hidden + 1, labels]
+    return solved[:-1].T.float().contiguous(), solved[-1].float().contiguous()
+
+
+# A student's own head is fit on up to HEAD_FIT_TEXTS of its transfer texts and kept where it
+# agrees with the teacher's flags better than the teacher's head on HEAD_CHECK_TEXTS others.
+HEAD_FIT_TEXTS, HEAD_CHECK_TEXTS = 20_000, 5_000
+
+
+@dataclass
+class HeadRefit:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    fit_texts: int
+    check_texts: int
+    flags_teacher_head: float  # flag agreement with the teacher on the check texts, through the teacher's head
+    flags_refit: float  # ... and through the refit head
+
+    @property
+    def kept(self) -> bool:
+        return self.flags_refit > self.flags_teacher_head
+
+
+def refit_head(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *, max_length: int,
+               head: tuple[torch.Tensor, torch.Tensor], thresholds: list[float], seed: int = 0) -> HeadRefit:
+    """Fit the student a head of its own (`fit_head`, weighted near the `thresholds`) on some of
+    `texts` and check it on others: the teacher's head reads the teacher's embedding space, which
+    the student only approximates, and a linear map from the student's own embeddings to the
+    teacher's logits takes out the part of its error that is linear."""
+    if len(texts) < 10:
+        raise ValueError(f"a head refit needs at least 10 texts, got {len(texts)}")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_check = min(HEAD_CHECK_TEXTS, len(texts) // 5)
+    check = [texts[i] for i in order[:n_check]]
+    fit = [texts[i] for i in order[n_check: n_check + HEAD_FIT_TEXTS]]
+    w, b = head
+    z_threshold = threshold_logits(thresholds)
+    z_fit = teacher_targets(teacher, tokenizer, fit, max_length) @ w.T + b
+    new_w, new_b = fit_head(teacher_targets(student, tokenizer, fit, max_length), z_fit, z_threshold)
+    z_check = teacher_targets(teacher, tokenizer, check, max_length) @ w.T + b
+    e_check = teacher_targets(student, tokenizer, check, max_length)
+
+    def flags(hw: torch.Tensor, hb: torch.Tensor) -> float:
+        return ((e_check @ hw.T + hb >= z_threshold) == (z_check >= z_threshold)).float().mean().item()
+    return HeadRefit(new_w, new_b, len(fit), len(check), round(flags(w, b), 5), round(flags(new_w, new_b), 5))

@@ -14,6 +14,7 @@ attention unfused and ran int8 slower.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from .classify import ZS_BIAS, ZS_SCALE, ClassifierEngine
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "gristmill-artifact.json"
 ONNX_FILE = "model.onnx"
@@ -137,9 +140,25 @@ class OnnxClassifierEngine(ClassifierEngine):
         on = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.revision = manifest["digest"]
         self.variant = f"{manifest['variant']}-{on}"
+        self._manifest, self._path = manifest, Path(path)
         self.model = None
         self.device = torch.device("cpu")  # ONNX Runtime copies inputs to its own device
         self.autocast = None
+
+    def _own_head(self, registered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A student's own head (kernels/optimize.build_student), where it was fit against the
+        registered head the engine is given; else None, and the registered head scores."""
+        own = self._manifest.get("head") or {}
+        if not own.get("file"):
+            return None
+        from .heads import load_head
+        from .optimize import head_digest
+        if own.get("replaces") != head_digest(registered):
+            log.warning("artifact %s: its own head was fit against another head than the registered one; "
+                        "scoring with the registered head", self._path)
+            return None
+        w, b, _, _ = load_head(self._path / own["file"])
+        return w, b
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._session_run(ids.numpy(), mask.numpy())).float()

@@ -138,7 +138,13 @@ def artifact_engine(path: Path, **kw):
     return onnx_engine.OnnxClassifierEngine(path, **kw)
 
 
-STUDENT_RECIPE = 2  # bumped when distill_student's losses or sampling change
+STUDENT_RECIPE = 3  # bumped when distill_student's losses or sampling, or the head refit, change
+STUDENT_HEAD_FILE = "head.safetensors"
+
+
+def head_digest(weight: torch.Tensor) -> str:
+    """Names a linear head by its weights: what a student's own head says it replaces."""
+    return hashlib.sha256(weight.float().contiguous().numpy().tobytes()).hexdigest()[:12]
 
 
 def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: int, quantize: str | None,
@@ -146,10 +152,10 @@ def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: in
                    thresholds: list[float] | None = None) -> str:
     """Names a student by everything that shapes it: the source weights, the head it is trained
     through and the thresholds it focuses on, the transfer texts and the recipe."""
-    head_digest = "" if head is None else hashlib.sha256(head[0].numpy().tobytes()).hexdigest()[:12]
     h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "kind": "student", "recipe": STUDENT_RECIPE,
                                    "src": weights_revision(src), "p": fraction, "steps": steps, "q": quantize,
-                                   "len": max_length, "head": head_digest, "th": thresholds},
+                                   "len": max_length, "head": "" if head is None else head_digest(head[0]),
+                                   "th": thresholds},
                                   sort_keys=True).encode())
     for t in transfer:
         h.update(t.encode() + b"\n")
@@ -158,13 +164,17 @@ def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: in
 
 def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float, steps: int,
                   head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None = None,
-                  quantize: str | None = "int8", max_length: int = 128, bf16: bool = False, log=None) -> dict:
+                  labels: list[str] | None = None, quantize: str | None = "int8", max_length: int = 128,
+                  bf16: bool = False, log=None) -> dict:
     """Distill a student with `fraction` of the encoder's layers removed on the `transfer` texts
     (kernels/distill.py; `thresholds`, per head row, focus it on texts near a decision), then write
-    it as an ONNX artifact at `out`. Returns its manifest."""
+    it as an ONNX artifact at `out`. With the head and thresholds, the student gets a head of its
+    own (`refit_head`), kept in the artifact where it agrees better with the teacher on transfer
+    texts it was not fit on; engines use it in place of the registered head it names. Returns its
+    manifest."""
     from transformers import AutoModel, AutoTokenizer
 
-    from .distill import StudentShape, distill_student, make_student
+    from .distill import StudentShape, distill_student, make_student, refit_head
     teacher = AutoModel.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(src))
     shape = StudentShape.for_fraction(fraction, teacher.config.num_hidden_layers)
@@ -172,13 +182,36 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
     report = distill_student(teacher, student, tok, transfer, steps=steps, max_length=max_length, head=head,
                              thresholds=thresholds, keep_layers=shape.keep_layers, bf16=bf16, log=log)
     kept = f"{len(shape.keep_layers)}of{shape.teacher_layers}"
-    return write_onnx_artifact(student, src, out, zero_shot=True, quantize=quantize, manifest={
+    refit = None
+    if head is not None and thresholds is not None and len(transfer) >= 10:
+        refit = refit_head(teacher, student, tok, transfer, max_length=max_length, head=head, thresholds=thresholds)
+        if log is not None:
+            log(f"student head refit: flags on {refit.check_texts} transfer texts it was not fit on "
+                f"{refit.flags_teacher_head:.3%} through the full model's head, {refit.flags_refit:.3%} through "
+                f"its own; {'kept' if refit.kept else 'not kept'}")
+    write_onnx_artifact(student, src, out, zero_shot=True, quantize=quantize, manifest={
         "variant": f"ort-{quantize or 'fp32'}-student{kept}", "prune": fraction, "max_length": max_length,
         "digest": student_digest(src, transfer=transfer, fraction=fraction, steps=steps, quantize=quantize,
                                  max_length=max_length, head=head, thresholds=thresholds),
         "student": {"keep_layers": list(shape.keep_layers), "teacher_layers": shape.teacher_layers,
                     "transfer_texts": report.texts, "steps": report.steps, "train_s": report.seconds,
                     "losses": report.losses}})
+    return own_artifact_head(out, refit, head, labels) if refit is not None else onnx_engine.read_manifest(out)
+
+
+def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor], labels: list[str] | None) -> dict:
+    """Record a student's head refit (kernels/distill.HeadRefit) in the artifact at `out`, with the
+    head file where it was kept, naming the registered `head` it replaces. Returns the manifest."""
+    manifest = onnx_engine.read_manifest(out)
+    manifest["head"] = {"file": STUDENT_HEAD_FILE if refit.kept else None, "replaces": head_digest(head[0]),
+                        "kept": refit.kept, "fit_texts": refit.fit_texts, "check_texts": refit.check_texts,
+                        "check_flags": {"teacher_head": refit.flags_teacher_head, "own_head": refit.flags_refit}}
+    if refit.kept:
+        from .heads import save_head
+        save_head(out / STUDENT_HEAD_FILE, refit.weight, refit.bias,
+                  labels or [f"row{i}" for i in range(len(refit.bias))], {"replaces": manifest["head"]["replaces"]})
+    (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def write_cascade(out: Path, *, student_dir: str, teacher_model: str, source: Path, band: float,

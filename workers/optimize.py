@@ -321,9 +321,8 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels.loading import cpu_has_bf16
     from ..kernels.optimize import build_student, student_digest
     from .loading import classifier_kwargs
-    vocab = src / "vocab.txt"
-    transfer = (corpus.transfer_set(args.transfer_lines, vocab_file=vocab if vocab.is_file() else None,
-                                    sampled=sampled_transfer(args.sample_lines, args.sampler))
+    transfer = (corpus.builtin_transfer_set(args.transfer_lines, src,
+                                            sampled=sampled_transfer(args.sample_lines, args.sampler))
                 if args.distill == "builtin" else read_texts(Path(args.distill)))
     heldout = heldout_texts(args.texts)
     kw = classifier_kwargs(spec)
@@ -338,7 +337,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     staging = _staging(args.out)
     student_dir = staging / "student" if args.cascade else staging
     manifest = build_student(src, student_dir, transfer=transfer, fraction=args.prune, steps=args.steps, head=head,
-                             thresholds=focus, quantize=quantize, max_length=spec.max_input_tokens, bf16=cpu_has_bf16(),
+                             thresholds=focus, labels=loaded[2] if loaded is not None else None, quantize=quantize, max_length=spec.max_input_tokens, bf16=cpu_has_bf16(),
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     reference = reference_scores(spec, src, heldout)
     report = judge(spec, src, student_dir, heldout, reference)

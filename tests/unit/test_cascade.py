@@ -198,3 +198,53 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
                                                                                                        "student"]
     host.shutdown()
 
+
+def test_fit_head_recovers_a_linear_map_and_weighs_the_boundary():
+    from gristmill.kernels.distill import fit_head
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    w_true, b_true = torch.randn(3, 8, generator=g), torch.tensor([0.5, -1.0, 2.0])
+    w, b = fit_head(x, x @ w_true.T + b_true, ridge=1e-6)
+    assert torch.allclose(w, w_true, atol=1e-4) and torch.allclose(b, b_true, atol=1e-4)
+    # a target no line fits: near the threshold (logit 0) the weighted fit is the closer one
+    y = (x[:, :1] * 2).pow(3)
+    plain = fit_head(x, y)
+    near = fit_head(x, y, torch.zeros(1), boundary=50.0, boundary_tau=0.5)
+    close = y[:, 0].abs() < 0.5
+    err = [((x @ h[0].T + h[1]) - y)[close].abs().mean() for h in (plain, near)]
+    assert err[1] < err[0]
+
+
+def test_a_student_artifact_carries_its_own_head_and_engines_use_it_for_the_head_it_replaces(weights, tmp_path):
+    from gristmill.kernels import heads
+    from gristmill.kernels.onnx_engine import OnnxClassifierEngine
+    from gristmill.kernels.optimize import STUDENT_HEAD_FILE, build_student, head_digest
+    g = torch.Generator().manual_seed(1)
+    registered = (torch.randn(3, 32, generator=g), torch.zeros(3))
+    labels = ["x", "y", "z"]
+    head_file = tmp_path / "registered.safetensors"
+    heads.save_head(head_file, *registered, labels, {})
+    texts = [f"message {i} about the fox and the dog" + " again" * (i % 5) for i in range(80)]
+    out = tmp_path / "student"
+    manifest = build_student(weights / "encoder", out, transfer=texts, fraction=0.5, steps=3, head=registered,
+                             thresholds=[0.5, 0.4, 0.6], labels=labels, quantize=None, max_length=32)
+    own = manifest["head"]
+    assert own["replaces"] == head_digest(registered[0]) and own["check_texts"] == 16 and own["fit_texts"] == 64
+    assert own["kept"] == (own["check_flags"]["own_head"] > own["check_flags"]["teacher_head"])
+    assert (out / STUDENT_HEAD_FILE).exists() == own["kept"]
+    # whatever this tiny run decided, an engine scores with the artifact's own head when there is one
+    mine = (torch.randn(3, 32, generator=g), torch.tensor([0.1, 0.2, 0.3]))
+    heads.save_head(out / STUDENT_HEAD_FILE, *mine, labels, {})
+    path = out / "gristmill-artifact.json"
+    path.write_text(json.dumps({**manifest, "head": {**own, "file": STUDENT_HEAD_FILE}}))
+    engine = OnnxClassifierEngine(out, head=head_file)
+    batch = engine.encode(["the fox", "a dog and a fox"])
+    emb = engine.embed(batch)
+    expect = torch.sigmoid(emb @ mine[0].T + mine[1])
+    got = torch.tensor([[r[k] for k in labels] for r in engine.run(batch)])
+    assert torch.allclose(got, expect, atol=1e-5)
+    # ... but not when it was fit against another head than the one registered now
+    path.write_text(json.dumps({**manifest, "head": {**own, "file": STUDENT_HEAD_FILE, "replaces": "0" * 12}}))
+    engine = OnnxClassifierEngine(out, head=head_file)
+    got = torch.tensor([[r[k] for k in labels] for r in engine.run(batch)])
+    assert torch.allclose(got, torch.sigmoid(emb @ registered[0].T + registered[1]), atol=1e-5)

@@ -390,3 +390,28 @@ def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_
     assert sized.returncode != 0 and "use it with --distill builtin" in sized.stderr
     usage = run(*GRISTMILL, "optimize", "--help")
     assert usage.returncode == 0 and "--sample-lines N" in usage.stdout and "--cascade-flags" in usage.stdout
+
+
+def test_template_sentences_with_embedding_neighbours_swapped_in(tmp_path):
+    import random
+
+    from gristmill.kernels import corpus
+    words = ["[PAD]", "kill", "murder", "slay", "bread", "cake", "##s", "a"]  # "a" and "##s": not whole words
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n")
+    emb = torch.tensor([[0, 0, 0], [1, 0.1, 0], [1, 0.2, 0], [1, 0.3, 0], [0, 1, 0.1], [0, 1, 0.2], [0, 0, 1],
+                        [0, 0, 1]], dtype=torch.float32)
+    near = corpus.embedding_neighbours(vocab, emb, k=2)
+    assert set(near) == {"kill", "murder", "slay", "bread", "cake"}
+    assert set(near["kill"]) == {"murder", "slay"} and near["bread"][0] == "cake"
+    rng = random.Random(0)
+    swapped = corpus.substitute_words(rng, "Kill the bread, now!", near, p=1.0)
+    first, _, rest = swapped.partition(" the ")
+    assert first in near["kill"] and rest.split(",")[0] in near["bread"] and swapped.endswith(", now!")
+    assert corpus.substitute_words(rng, "Kill the bread", near, p=0.0) == "Kill the bread"
+    # a share of the transfer set, in place of as many word sequences; nothing held out gets in
+    plain = corpus.transfer_set(400, vocab_file=vocab)
+    mixed = corpus.transfer_set(400, vocab_file=vocab, neighbours=near, substituted=0.1)
+    assert len(mixed) == len(plain) == 400 and mixed != plain
+    held = set(corpus.heldout_set(200))
+    assert not held & set(mixed)
