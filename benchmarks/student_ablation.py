@@ -2,7 +2,7 @@
 
     python -m benchmarks.student_ablation [--prune 0.5] [--steps 2000] [--stop N] [--eval-every 500]
         [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W] [--lr LR]
-        [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F] [--save FILE]
+        [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F] [--save FILE | --load FILE]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -15,8 +15,11 @@ pooled embeddings. `--neurons F` trains a student of another shape: every layer 
 layer's FFN neurons (and --heads of its heads) removed by importance on calibration text
 (kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare
 recipes early, on the same schedule); at the end of a full schedule the student is also exported as the
-ONNX int8 artifact workers serve and judged by the benchmark's code. Prints a table, then one JSON
-line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "int8": {...}}.
+ONNX int8 artifact workers serve and judged by the benchmark's code, through the full model's
+head and through a head of the student's own (kernels/distill.py refit_head). `--load FILE` judges
+a student an earlier `--save FILE` kept, in place of training one. Prints a table, then one JSON
+line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
+"int8_own_head": {...}}.
 """
 
 from __future__ import annotations
@@ -121,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     focus = [thresholds[k] for k in labels]
+    loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
+                       boundary_tau=args.boundary_tau)
     if args.load is not None:  # a student trained before (--save): judged as at the end of its schedule
         student.load_state_dict(torch.load(args.load))
         judge(0)
         steps_run = args.steps
     else:
         judge(0)
-        loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
-                           boundary_tau=args.boundary_tau)
         steps_run = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
                                     thresholds=focus, lr=args.lr, bf16=cpu_has_bf16(), keep_layers=shape.keep_layers,
                                     loss_weights=loss, on_step=on_step,
