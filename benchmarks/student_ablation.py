@@ -126,24 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     focus = [thresholds[k] for k in labels]
     loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
                        boundary_tau=args.boundary_tau)
+    teacher_pooled = None  # of the transfer texts, from training
     if args.load is not None:  # a student trained before (--save): judged as at the end of its schedule
         student.load_state_dict(torch.load(args.load))
         judge(0)
         steps_run = args.steps
     else:
         judge(0)
-        steps_run = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
-                                    thresholds=focus, lr=args.lr, bf16=cpu_has_bf16(), keep_layers=shape.keep_layers,
-                                    loss_weights=loss, on_step=on_step,
-                                    log=lambda m: print(m, file=sys.stderr, flush=True)).steps
+        report = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
+                                 thresholds=focus, lr=args.lr, bf16=cpu_has_bf16(), keep_layers=shape.keep_layers,
+                                 loss_weights=loss, on_step=on_step, log=lambda m: print(m, file=sys.stderr, flush=True))
+        steps_run, teacher_pooled = report.steps, report.teacher_pooled
     out: dict = {"args": vars(args), "transfer_texts": len(transfer), "steps_run": steps_run,
                  "train_s": round(time.perf_counter() - t0, 1), "curve": curve}
     if args.save is not None:
         torch.save(student.state_dict(), args.save)
     if steps_run == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
-        refit = refit_head(teacher, student, tok, transfer, max_length=length, head=(w, b), thresholds=focus)
-        out["own_head"] = {"kept": refit.kept, "fit_texts": refit.fit_texts, "check_texts": refit.check_texts,
-                           "check_flags": {"teacher_head": refit.flags_teacher_head, "own_head": refit.flags_refit}}
+        refit = refit_head(teacher, student, tok, transfer, max_length=length, head=(w, b), thresholds=focus,
+                           teacher_pooled=teacher_pooled)
+        out["own_head"] = refit.summary()
         judge("own head", (refit.weight, refit.bias))
         ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
         with tempfile.TemporaryDirectory(prefix="gristmill-ablation-") as tmp:

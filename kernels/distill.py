@@ -81,6 +81,7 @@ class DistillReport:
     losses: list[float]
     teacher_layers: int
     student_layers: int
+    teacher_pooled: torch.Tensor | None = None  # the teacher's pooled embedding of each text, in input order
 
 
 def _encode(tokenizer, texts: list[str], max_length: int):
@@ -219,8 +220,10 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
         if on_step is not None and on_step(done):
             break
     student.eval()
+    pooled = torch.empty_like(targets)
+    pooled[order] = targets
     return DistillReport(len(texts), done, round(time.perf_counter() - t0, 1), losses,
-                         len(_layers(teacher)), len(_layers(student)))
+                         len(_layers(teacher)), len(_layers(student)), pooled)
 
 
 def fit_head(embeddings: torch.Tensor, teacher_logits: torch.Tensor, z_threshold: torch.Tensor | None = None, *,
@@ -260,25 +263,36 @@ class HeadRefit:
     def kept(self) -> bool:
         return self.flags_refit > self.flags_teacher_head
 
+    def summary(self) -> dict:
+        return {"kept": self.kept, "fit_texts": self.fit_texts, "check_texts": self.check_texts,
+                "check_flags": {"teacher_head": self.flags_teacher_head, "own_head": self.flags_refit}}
+
 
 def refit_head(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *, max_length: int,
-               head: tuple[torch.Tensor, torch.Tensor], thresholds: list[float], seed: int = 0) -> HeadRefit:
+               head: tuple[torch.Tensor, torch.Tensor], thresholds: list[float], seed: int = 0,
+               teacher_pooled: torch.Tensor | None = None) -> HeadRefit:
     """Fit the student a head of its own (`fit_head`, weighted near the `thresholds`) on some of
     `texts` and check it on others: the teacher's head reads the teacher's embedding space, which
     the student only approximates, and a linear map from the student's own embeddings to the
-    teacher's logits takes out the part of its error that is linear."""
+    teacher's logits takes out the part of its error that is linear. `teacher_pooled`: the teacher's
+    pooled embeddings of `texts` where already computed (`DistillReport.teacher_pooled`)."""
     if len(texts) < 10:
         raise ValueError(f"a head refit needs at least 10 texts, got {len(texts)}")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     n_check = min(HEAD_CHECK_TEXTS, len(texts) // 5)
-    check = [texts[i] for i in order[:n_check]]
-    fit = [texts[i] for i in order[n_check: n_check + HEAD_FIT_TEXTS]]
+    check_idx, fit_idx = order[:n_check], order[n_check: n_check + HEAD_FIT_TEXTS]
+    check, fit = [texts[i] for i in check_idx], [texts[i] for i in fit_idx]
     w, b = head
     z_threshold = threshold_logits(thresholds)
-    z_fit = teacher_targets(teacher, tokenizer, fit, max_length) @ w.T + b
+
+    def teacher_logits(idx: list[int], some: list[str]) -> torch.Tensor:
+        pooled = teacher_pooled[idx] if teacher_pooled is not None else teacher_targets(teacher, tokenizer, some,
+                                                                                        max_length)
+        return pooled @ w.T + b
+    z_fit = teacher_logits(fit_idx, fit)
     new_w, new_b = fit_head(teacher_targets(student, tokenizer, fit, max_length), z_fit, z_threshold)
-    z_check = teacher_targets(teacher, tokenizer, check, max_length) @ w.T + b
+    z_check = teacher_logits(check_idx, check)
     e_check = teacher_targets(student, tokenizer, check, max_length)
 
     def flags(hw: torch.Tensor, hb: torch.Tensor) -> float:

@@ -184,7 +184,8 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
     kept = f"{len(shape.keep_layers)}of{shape.teacher_layers}"
     refit = None
     if head is not None and thresholds is not None and len(transfer) >= 10:
-        refit = refit_head(teacher, student, tok, transfer, max_length=max_length, head=head, thresholds=thresholds)
+        refit = refit_head(teacher, student, tok, transfer, max_length=max_length, head=head, thresholds=thresholds,
+                           teacher_pooled=report.teacher_pooled)
         if log is not None:
             log(f"student head refit: flags on {refit.check_texts} transfer texts it was not fit on "
                 f"{refit.flags_teacher_head:.3%} through the full model's head, {refit.flags_refit:.3%} through "
@@ -204,8 +205,7 @@ def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor],
     head file where it was kept, naming the registered `head` it replaces. Returns the manifest."""
     manifest = onnx_engine.read_manifest(out)
     manifest["head"] = {"file": STUDENT_HEAD_FILE if refit.kept else None, "replaces": head_digest(head[0]),
-                        "kept": refit.kept, "fit_texts": refit.fit_texts, "check_texts": refit.check_texts,
-                        "check_flags": {"teacher_head": refit.flags_teacher_head, "own_head": refit.flags_refit}}
+                        **refit.summary()}
     if refit.kept:
         from .heads import save_head
         save_head(out / STUDENT_HEAD_FILE, refit.weight, refit.bias,

@@ -248,3 +248,17 @@ def test_a_student_artifact_carries_its_own_head_and_engines_use_it_for_the_head
     engine = OnnxClassifierEngine(out, head=head_file)
     got = torch.tensor([[r[k] for k in labels] for r in engine.run(batch)])
     assert torch.allclose(got, torch.sigmoid(emb @ registered[0].T + registered[1]), atol=1e-5)
+
+
+def test_a_head_refit_reuses_the_teachers_embeddings_from_training(weights):
+    from gristmill.kernels.distill import refit_head, teacher_targets
+    teacher, student, tok = _tiny_student(weights)
+    texts = [f"message {i} about the fox" + " again" * (i % 4) for i in range(60)]
+    head = (torch.randn(3, 32, generator=torch.Generator().manual_seed(2)), torch.zeros(3))
+    report = distill_student(teacher, student, tok, texts, steps=2, max_length=16, batch=8)
+    assert torch.allclose(report.teacher_pooled, teacher_targets(teacher, tok, texts, 16), atol=1e-5)
+    kw = dict(max_length=16, head=head, thresholds=[0.5, 0.4, 0.6])
+    again, reused = (refit_head(teacher, student, tok, texts, **kw, teacher_pooled=p)
+                     for p in (None, report.teacher_pooled))
+    assert again.summary() == reused.summary()
+    assert torch.allclose(again.weight, reused.weight, atol=1e-4)
