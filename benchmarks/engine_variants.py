@@ -139,13 +139,16 @@ def cpu_variants(args) -> dict[str, dict]:
     sampled = sampling.transfer_texts(sample)
     transfer = corpus.builtin_transfer_set(args.transfer_lines, src, sampled=sampled)
     focus = [thresholds[k] for k in head_labels]
+    head_texts = corpus.builtin_head_texts(src)
     digest = student_digest(src, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
-                            quantize="int8", max_length=spec.max_input_tokens, head=head, thresholds=focus)
+                            quantize="int8", max_length=spec.max_input_tokens, head=head, thresholds=focus,
+                            head_texts=head_texts)
     student_dir = Settings().model_cache_dir / "optimized" / f"bench-student-{digest}"
     manifest = read_manifest(student_dir)
     if manifest is None or manifest.get("digest") != digest:
         manifest = build_student(src, student_dir, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
-                                 head=head, thresholds=focus, labels=head_labels, quantize="int8", max_length=spec.max_input_tokens, bf16=cpu_has_bf16(),
+                                 head=head, thresholds=focus, labels=head_labels, quantize="int8",
+                                 max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     student = OnnxClassifierEngine(student_dir, **kw)
     add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],

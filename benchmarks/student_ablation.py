@@ -2,7 +2,8 @@
 
     python -m benchmarks.student_ablation [--prune 0.5] [--steps 2000] [--stop N] [--eval-every 500]
         [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W] [--lr LR]
-        [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F] [--save FILE | --load FILE]
+        [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F]
+        [--head-texts draw|transfer] [--save FILE | --load FILE]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -16,7 +17,8 @@ layer's FFN neurons (and --heads of its heads) removed by importance on calibrat
 (kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare
 recipes early, on the same schedule); at the end of a full schedule the student is also exported as the
 ONNX int8 artifact workers serve and judged by the benchmark's code, through the full model's
-head and through a head of the student's own (kernels/distill.py refit_head). `--load FILE` judges
+head and through a head of the student's own (kernels/distill.py refit_head; fit on a second draw of
+the built-in transfer set, or with --head-texts transfer on its own transfer texts). `--load FILE` judges
 a student an earlier `--save FILE` kept, in place of training one. Prints a table, then one JSON
 line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
 "int8_own_head": {...}}.
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", type=Path, default=None, help="write the trained fp32 student's state_dict here")
     ap.add_argument("--load", type=Path, default=None,
                     help="judge a student --save wrote (of the same shape) instead of training one")
+    ap.add_argument("--head-texts", choices=["draw", "transfer"], default="draw",
+                    help="what the student's own head is fit on: a second draw of the built-in transfer set, as "
+                    "gristmill optimize --distill builtin does (default), or the transfer texts it trained on")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
@@ -142,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.save is not None:
         torch.save(student.state_dict(), args.save)
     if steps_run == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
-        refit = refit_head(teacher, student, tok, transfer, max_length=length, head=(w, b), thresholds=focus,
-                           teacher_pooled=teacher_pooled)
+        if args.head_texts == "draw":
+            refit = refit_head(teacher, student, tok, corpus.builtin_head_texts(src), max_length=length, head=(w, b),
+                               thresholds=focus)
+        else:
+            refit = refit_head(teacher, student, tok, transfer, max_length=length, head=(w, b), thresholds=focus,
+                               teacher_pooled=teacher_pooled)
         out["own_head"] = refit.summary()
         judge("own head", (refit.weight, refit.bias))
         ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
@@ -155,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             out["int8"] = {name: agreement(ref_scores[name], throughput(engine, texts, repeats=1)[1], thresholds)
                            for name, texts in held.items()}
             # the same artifact with the student's own head, as build_student writes it where it is kept
-            own_artifact_head(Path(tmp) / "student", refit, (w, b), labels)
+            own_artifact_head(Path(tmp) / "student", refit, (w, b), labels,
+                              fit_on="other texts" if args.head_texts == "draw" else "transfer texts")
             engine = OnnxClassifierEngine(Path(tmp) / "student", **kw)
             out["int8_own_head"] = {name: agreement(ref_scores[name], throughput(engine, texts, repeats=1)[1],
                                                     thresholds) for name, texts in held.items()}

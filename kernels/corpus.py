@@ -139,19 +139,38 @@ SUBSTITUTED_SHARE = 0.15
 
 
 def builtin_transfer_set(n: int, model_dir: Path, *, sampled: list[str] | None = None,
-                         substituted: float = SUBSTITUTED_SHARE) -> list[str]:
+                         substituted: float = SUBSTITUTED_SHARE, seed: int = 0) -> list[str]:
     """`transfer_set` for the encoder at `model_dir`: with a WordPiece vocabulary (vocab.txt), its
     word sequences and, neighbours taken from the model's input embeddings, `substituted` template
     sentences with words swapped."""
     vocab = Path(model_dir) / "vocab.txt"
     if not vocab.is_file():
-        return transfer_set(n, sampled=sampled)
-    neighbours = None
-    if substituted:
-        from transformers import AutoModel
-        embeddings = AutoModel.from_pretrained(str(model_dir)).get_input_embeddings().weight.detach()
-        neighbours = embedding_neighbours(vocab, embeddings)
-    return transfer_set(n, vocab_file=vocab, sampled=sampled, neighbours=neighbours, substituted=substituted)
+        return transfer_set(n, seed=seed, sampled=sampled)
+    neighbours = _model_neighbours(str(model_dir)) if substituted else None
+    return transfer_set(n, seed=seed, vocab_file=vocab, sampled=sampled, neighbours=neighbours,
+                        substituted=substituted)
+
+
+@functools.lru_cache(maxsize=2)
+def _model_neighbours(model_dir: str) -> dict[str, list[str]]:
+    from transformers import AutoModel
+    embeddings = AutoModel.from_pretrained(model_dir).get_input_embeddings().weight.detach()
+    return embedding_neighbours(Path(model_dir) / "vocab.txt", embeddings)
+
+
+# A second draw of the built-in transfer set (this seed, the distillation's is 0) is what a student
+# distilled on the built-in set fits its own head on: sentences and word sequences it did not train
+# on, apart from the standard-library sentences, which every draw uses all of.
+HEAD_DRAW_SEED = 1
+
+
+def builtin_head_texts(model_dir: Path, n: int | None = None) -> list[str]:
+    """`n` texts (default: as many as a head refit fits and checks on) of a second draw of
+    `builtin_transfer_set` (HEAD_DRAW_SEED)."""
+    if n is None:
+        from .distill import HEAD_CHECK_TEXTS, HEAD_FIT_TEXTS
+        n = HEAD_FIT_TEXTS + HEAD_CHECK_TEXTS
+    return builtin_transfer_set(n, model_dir, seed=HEAD_DRAW_SEED)
 
 
 def sampled_share(n: int) -> int:

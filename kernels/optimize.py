@@ -149,9 +149,10 @@ def head_digest(weight: torch.Tensor) -> str:
 
 def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: int, quantize: str | None,
                    max_length: int, head: tuple[torch.Tensor, torch.Tensor] | None,
-                   thresholds: list[float] | None = None) -> str:
+                   thresholds: list[float] | None = None, head_texts: list[str] | None = None) -> str:
     """Names a student by everything that shapes it: the source weights, the head it is trained
-    through and the thresholds it focuses on, the transfer texts and the recipe."""
+    through and the thresholds it focuses on, the transfer texts (and those its own head is fit on)
+    and the recipe."""
     h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "kind": "student", "recipe": STUDENT_RECIPE,
                                    "src": weights_revision(src), "p": fraction, "steps": steps, "q": quantize,
                                    "len": max_length, "head": "" if head is None else head_digest(head[0]),
@@ -159,18 +160,23 @@ def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: in
                                   sort_keys=True).encode())
     for t in transfer:
         h.update(t.encode() + b"\n")
+    if head_texts is not None:
+        h.update(b"\0head texts\n")
+        for t in head_texts:
+            h.update(t.encode() + b"\n")
     return h.hexdigest()[:16]
 
 
 def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float, steps: int,
                   head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None = None,
                   labels: list[str] | None = None, quantize: str | None = "int8", max_length: int = 128,
-                  bf16: bool = False, log=None) -> dict:
+                  bf16: bool = False, head_texts: list[str] | None = None, log=None) -> dict:
     """Distill a student with `fraction` of the encoder's layers removed on the `transfer` texts
     (kernels/distill.py; `thresholds`, per head row, focus it on texts near a decision), then write
     it as an ONNX artifact at `out`. With the head and thresholds, the student gets a head of its
-    own (`refit_head`), kept in the artifact where it agrees better with the teacher on transfer
-    texts it was not fit on; engines use it in place of the registered head it names. Returns its
+    own (`refit_head`), fit on `head_texts` (best: text it did not train on; default: the transfer
+    texts) and kept in the artifact where it agrees better with the teacher on others of them than
+    the teacher's head does; engines use it in place of the registered head it names. Returns its
     manifest."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -183,29 +189,34 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
                              thresholds=thresholds, keep_layers=shape.keep_layers, bf16=bf16, log=log)
     kept = f"{len(shape.keep_layers)}of{shape.teacher_layers}"
     refit = None
-    if head is not None and thresholds is not None and len(transfer) >= 10:
-        refit = refit_head(teacher, student, tok, transfer, max_length=max_length, head=head, thresholds=thresholds,
-                           teacher_pooled=report.teacher_pooled)
+    own_texts = transfer if head_texts is None else head_texts
+    if head is not None and thresholds is not None and len(own_texts) >= 10:
+        refit = refit_head(teacher, student, tok, own_texts, max_length=max_length, head=head, thresholds=thresholds,
+                           teacher_pooled=report.teacher_pooled if head_texts is None else None)
         if log is not None:
-            log(f"student head refit: flags on {refit.check_texts} transfer texts it was not fit on "
+            log(f"student head refit: flags on {refit.check_texts} texts it was not fit on "
                 f"{refit.flags_teacher_head:.3%} through the full model's head, {refit.flags_refit:.3%} through "
                 f"its own; {'kept' if refit.kept else 'not kept'}")
     write_onnx_artifact(student, src, out, zero_shot=True, quantize=quantize, manifest={
         "variant": f"ort-{quantize or 'fp32'}-student{kept}", "prune": fraction, "max_length": max_length,
         "digest": student_digest(src, transfer=transfer, fraction=fraction, steps=steps, quantize=quantize,
-                                 max_length=max_length, head=head, thresholds=thresholds),
+                                 max_length=max_length, head=head, thresholds=thresholds, head_texts=head_texts),
         "student": {"keep_layers": list(shape.keep_layers), "teacher_layers": shape.teacher_layers,
                     "transfer_texts": report.texts, "steps": report.steps, "train_s": report.seconds,
                     "losses": report.losses}})
-    return own_artifact_head(out, refit, head, labels) if refit is not None else onnx_engine.read_manifest(out)
+    if refit is None:
+        return onnx_engine.read_manifest(out)
+    return own_artifact_head(out, refit, head, labels, fit_on="transfer texts" if head_texts is None else "other texts")
 
 
-def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor], labels: list[str] | None) -> dict:
+def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor], labels: list[str] | None, *,
+                      fit_on: str = "transfer texts") -> dict:
     """Record a student's head refit (kernels/distill.HeadRefit) in the artifact at `out`, with the
-    head file where it was kept, naming the registered `head` it replaces. Returns the manifest."""
+    head file where it was kept, naming the registered `head` it replaces and what it was `fit_on`.
+    Returns the manifest."""
     manifest = onnx_engine.read_manifest(out)
     manifest["head"] = {"file": STUDENT_HEAD_FILE if refit.kept else None, "replaces": head_digest(head[0]),
-                        **refit.summary()}
+                        "fit_on": fit_on, **refit.summary()}
     if refit.kept:
         from .heads import save_head
         save_head(out / STUDENT_HEAD_FILE, refit.weight, refit.bias,

@@ -329,15 +329,18 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     loaded = heads.load_head(kw["head"]) if kw.get("head") is not None else None
     head = loaded[:2] if loaded is not None else None
     focus = list(decision_thresholds(spec, loaded[2]).values()) if loaded is not None else None
+    # a student of the built-in set fits its own head on a second draw of it; one of a file, on its lines
+    head_texts = corpus.builtin_head_texts(src) if args.distill == "builtin" and head is not None else None
     digest = student_digest(src, transfer=transfer, fraction=args.prune, steps=args.steps, quantize=quantize,
-                            max_length=spec.max_input_tokens, head=head, thresholds=focus)
+                            max_length=spec.max_input_tokens, head=head, thresholds=focus, head_texts=head_texts)
     digest_out = digest + ("-cascade" if args.cascade else "")
     if _up_to_date(args.out, digest_out):
         return 0
     staging = _staging(args.out)
     student_dir = staging / "student" if args.cascade else staging
     manifest = build_student(src, student_dir, transfer=transfer, fraction=args.prune, steps=args.steps, head=head,
-                             thresholds=focus, labels=loaded[2] if loaded is not None else None, quantize=quantize, max_length=spec.max_input_tokens, bf16=cpu_has_bf16(),
+                             thresholds=focus, labels=loaded[2] if loaded is not None else None, quantize=quantize,
+                             max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     reference = reference_scores(spec, src, heldout)
     report = judge(spec, src, student_dir, heldout, reference)

@@ -230,6 +230,7 @@ def test_a_student_artifact_carries_its_own_head_and_engines_use_it_for_the_head
                              thresholds=[0.5, 0.4, 0.6], labels=labels, quantize=None, max_length=32)
     own = manifest["head"]
     assert own["replaces"] == head_digest(registered[0]) and own["check_texts"] == 16 and own["fit_texts"] == 64
+    assert own["fit_on"] == "transfer texts"
     assert own["kept"] == (own["check_flags"]["own_head"] > own["check_flags"]["teacher_head"])
     assert (out / STUDENT_HEAD_FILE).exists() == own["kept"]
     # whatever this tiny run decided, an engine scores with the artifact's own head when there is one
@@ -248,6 +249,27 @@ def test_a_student_artifact_carries_its_own_head_and_engines_use_it_for_the_head
     engine = OnnxClassifierEngine(out, head=head_file)
     got = torch.tensor([[r[k] for k in labels] for r in engine.run(batch)])
     assert torch.allclose(got, torch.sigmoid(emb @ registered[0].T + registered[1]), atol=1e-5)
+
+
+def test_a_student_fits_its_own_head_on_other_texts_where_given(weights, tmp_path):
+    from gristmill.kernels import corpus
+    from gristmill.kernels.optimize import build_student, student_digest
+    registered = (torch.randn(3, 32, generator=torch.Generator().manual_seed(3)), torch.zeros(3))
+    texts = [f"message {i} about the fox and the dog" + " again" * (i % 5) for i in range(80)]
+    others = [f"a note {i} on cats" + " too" * (i % 3) for i in range(50)]
+    kw = dict(transfer=texts, fraction=0.5, steps=2, head=registered, thresholds=[0.5, 0.4, 0.6], quantize=None,
+              max_length=32)
+    manifest = build_student(weights / "encoder", tmp_path / "student", **kw, head_texts=others)
+    own = manifest["head"]
+    assert own["fit_on"] == "other texts" and own["check_texts"] == 10 and own["fit_texts"] == 40
+    digest = dict(src=weights / "encoder", transfer=texts, fraction=0.5, steps=2, quantize=None, max_length=32,
+                  head=registered, thresholds=[0.5, 0.4, 0.6])
+    assert manifest["digest"] == student_digest(**digest, head_texts=others) != student_digest(**digest)
+    # the built-in set's second draw: the same every time, another draw than the distillation's, nothing held out
+    draw = corpus.builtin_head_texts(weights / "encoder", 300)
+    assert draw == corpus.builtin_head_texts(weights / "encoder", 300) and len(draw) == 300
+    assert draw != corpus.builtin_transfer_set(300, weights / "encoder")
+    assert not set(corpus.heldout_set(200)) & set(draw)
 
 
 def test_a_head_refit_reuses_the_teachers_embeddings_from_training(weights):
