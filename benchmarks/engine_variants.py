@@ -19,7 +19,8 @@ engine a worker serves without an artifact.
 The student is built once and cached under
 $GRISTMILL_HOME/models/optimized (~20 min on 2 cores). `--sample-lines N` adds N lines sampled from
 the built-in chat model (kernels/sampled.py, cached) as up to half of its transfer set; the
-student's agreement is also given by held-out source, and on the sample's own held-out lines.
+student's agreement is also given by held-out source (on the built-in text, its flag errors by template
+core sentence too), and on the sample's own held-out lines.
 
 Agreement with fp32 on held-out text (kernels/corpus.py's held-out set plus the seed set's texts,
 unless --texts), as a moderation team reads it: per-label flag agreement at the policy's thresholds
@@ -157,6 +158,8 @@ def cpu_variants(args) -> dict[str, dict]:
                                                   "sampled_texts": min(len(sampled), corpus.sampled_share(len(transfer)))}})
     out["int8_pruned"]["by_source"] = by_source(ref_scores, student_scores["int8_pruned"], heldout, thresholds,
                                                 args.texts is None)
+    if args.texts is None:
+        out["int8_pruned"]["by_core"] = by_core(ref_scores, student_scores["int8_pruned"], heldout, thresholds)
     if sample:  # the sample's own held-out lines: moderation-like text nearer real messages
         held = sampling.heldout_texts(sample)
         out["int8_pruned"]["by_source"]["sampled held-out lines"] = {
@@ -341,6 +344,35 @@ def by_source(ref: list[dict], new: list[dict], heldout: list[str], thresholds: 
     return out
 
 
+CORE_NEAR_BAND = 0.5  # logits: about the student's largest errors on held-out text
+
+
+def by_core(ref: list[dict], new: list[dict], heldout: list[str], thresholds: dict) -> dict:
+    """Flag errors (a label whose flag differs from the reference's) in all, and on the held-out
+    template sentences by the core sentence each was built from (kernels/texts.py), most first. That
+    set is 16 cores in many framings, so a few cores the full model scores near a threshold can hold
+    most of a variant's errors, and its figure moves with them. `full_model_near`: the share of a
+    core's texts the reference scores within CORE_NEAR_BAND logit of some threshold."""
+    from gristmill.kernels import texts as builtin
+    from gristmill.kernels.cascade import near
+    cores = builtin.cores(heldout=True)
+    rows: dict[str, dict] = {}
+    total = 0
+    for r, n, text in zip(ref, new, heldout):
+        wrong = sum((r[k] >= t) != (n[k] >= t) for k, t in thresholds.items())
+        total += wrong
+        core = next((c for c in cores if c in text), None)
+        if core is not None:
+            row = rows.setdefault(core, {"core": core, "texts": 0, "flag_errors": 0, "full_model_near": 0})
+            row["texts"] += 1
+            row["flag_errors"] += wrong
+            row["full_model_near"] += near(r, thresholds, CORE_NEAR_BAND)
+    for row in rows.values():
+        row["full_model_near"] = round(row["full_model_near"] / row["texts"], 4)
+    return {"flag_errors": total, "labels": len(thresholds), "texts": len(heldout), "near_band": CORE_NEAR_BAND,
+            "cores": sorted(rows.values(), key=lambda row: -row["flag_errors"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     from gristmill.producers.registry import DEFAULT_GENERATOR
     ap = argparse.ArgumentParser(prog="python -m benchmarks.engine_variants", description=__doc__,
@@ -391,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\nthe student by held-out source:")
         print(table([(name, f"{a['texts']:,}", f"{a['flags']:.3%}", f"{a['texts_identical']:.2%}")
                      for name, a in sources.items()], ("source", "texts", "flags", "texts identical")))
+    cores = variants.get("int8_pruned", {}).get("by_core")
+    if cores:
+        print(f"\nthe student's flag errors on held-out template sentences, by core sentence ({cores['flag_errors']:,} "
+              f"errors in all, of {cores['texts']:,} texts x {cores['labels']} labels):")
+        print(table([(c["core"], f"{c['texts']:,}", f"{c['flag_errors']:,}", f"{c['flag_errors'] / cores['flag_errors']:.1%}",
+                      f"{c['full_model_near']:.0%}") for c in cores["cores"] if c["flag_errors"]],
+                    ("core", "texts", "flag errors", "share of all", f"fp32 within {cores['near_band']} of a threshold")))
     fronts = [(name, v["as_cascade_front"]) for name, v in variants.items() if "as_cascade_front" in v]
     if fronts:
         print(f"\neach variant as a cascade's first stage, in front of {variants.get('bf16', variants['fp32'])['variant']} "

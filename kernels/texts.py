@@ -35,14 +35,20 @@ _SUFFIX = ["", ".", "!", " ...", " - posted in the forum", " #thoughts", " to be
            " (edited)", " right now", " and that's it"]
 
 
+def cores(*, heldout: bool = False) -> list[str]:
+    """The core sentences of the calibration (heldout=False) or held-out set: alternate ones, so
+    both hold everyday and harmful sentences."""
+    return CORES[int(heldout)::2]
+
+
 def sentences(n: int, *, heldout: bool = False, seed: int = 0) -> list[str]:
-    """`n` sentences; calibration (heldout=False) and held-out sets use disjoint cores (alternate
-    ones, so both sets hold everyday and harmful sentences) and disjoint prefix/suffix pairs."""
+    """`n` sentences; calibration (heldout=False) and held-out sets use disjoint cores (`cores`)
+    and disjoint prefix/suffix pairs."""
     rng = random.Random(seed + (1_000_003 if heldout else 0))
     pairs = [(p, s) for i, p in enumerate(_PREFIX) for j, s in enumerate(_SUFFIX) if (i + j) % 2 == int(heldout)]
-    cores = CORES[int(heldout)::2]
+    cores_ = cores(heldout=heldout)
     out = []
     for _ in range(n):
         p, s = rng.choice(pairs)
-        out.append(f"{p}{rng.choice(cores)}{s}")
+        out.append(f"{p}{rng.choice(cores_)}{s}")
     return out

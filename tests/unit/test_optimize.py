@@ -415,3 +415,26 @@ def test_template_sentences_with_embedding_neighbours_swapped_in(tmp_path):
     assert len(mixed) == len(plain) == 400 and mixed != plain
     held = set(corpus.heldout_set(200))
     assert not held & set(mixed)
+
+
+def test_flag_errors_are_counted_by_the_template_core_they_came_from():
+    from benchmarks.engine_variants import by_core
+    from gristmill.kernels import texts as builtin
+    cores = builtin.cores(heldout=True)
+    assert not set(cores) & set(builtin.cores()) and len(cores) == len(builtin.CORES) // 2
+    held = builtin.sentences(40, heldout=True) + ["a docstring sentence with no core in it"]
+    thresholds = {"a": 0.5, "b": 0.3}
+    ref = [{"a": 0.8, "b": 0.1} for _ in held]
+    new = [dict(r) for r in ref]
+    first = next(i for i, t in enumerate(held) if cores[0] in t)
+    new[first] = {"a": 0.4, "b": 0.35}  # both flags flip
+    new[-1] = {"a": 0.4, "b": 0.1}  # one flips, on a text of no core
+    out = by_core(ref, new, held, thresholds)
+    assert out["flag_errors"] == 3 and out["labels"] == 2 and out["texts"] == len(held)
+    top = out["cores"][0]
+    assert top["core"] == cores[0] and top["flag_errors"] == 2
+    assert top["texts"] == sum(cores[0] in t for t in held)
+    assert top["full_model_near"] == 0.0  # 0.8 and 0.1 lie over 0.5 logit from 0.5 and 0.3
+    ref[first] = {"a": 0.55, "b": 0.1}
+    assert by_core(ref, new, held, thresholds)["cores"][0]["full_model_near"] == round(1 / top["texts"], 4)
+    assert sum(c["texts"] for c in out["cores"]) == 40 and sum(c["flag_errors"] for c in out["cores"]) == 2
