@@ -344,7 +344,7 @@ def by_source(ref: list[dict], new: list[dict], heldout: list[str], thresholds: 
     return out
 
 
-CORE_NEAR_BAND = 0.5  # logits: about the student's largest errors on held-out text
+CORE_NEAR_BAND = 0.5  # logits: about the band the student's cascade needs to keep 99.95% of flags
 
 
 def by_core(ref: list[dict], new: list[dict], heldout: list[str], thresholds: dict) -> dict:
