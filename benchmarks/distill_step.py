@@ -54,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeats):
         for mode, cache in modes.items():  # alternated, so drift on a shared machine hits both
-            distill.STATE_CACHE_BYTES = cache
             student = distill.make_student(teacher, shape)
             stamps: list[float] = []
             t0 = time.perf_counter()
             report = distill.distill_student(
                 teacher, student, tok, texts, steps=args.steps, max_length=spec.max_input_tokens, head=(w, b),
                 thresholds=[thresholds[k] for k in labels], bf16=cpu_has_bf16(), keep_layers=shape.keep_layers,
-                on_step=lambda step: stamps.append(time.perf_counter()) and False)
+                state_cache_bytes=cache, on_step=lambda step: stamps.append(time.perf_counter()) and False)
             runs[mode].append({"step_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
                                "setup_s": stamps[0] - t0, "loss": report.losses[-1]})
     best = {m: min(r["step_s"] for r in rs) for m, rs in runs.items()}

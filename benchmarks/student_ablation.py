@@ -134,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher_pooled = None  # of the transfer texts, from training
     if args.load is not None:  # a student trained before (--save): judged as at the end of its schedule
         student.load_state_dict(torch.load(args.load))
-        judge(0)
-        steps_run = args.steps
-    else:
-        judge(0)
+    judge(0)
+    steps_run = args.steps
+    if args.load is None:
         report = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
                                  thresholds=focus, lr=args.lr, bf16=cpu_has_bf16(), keep_layers=shape.keep_layers,
                                  loss_weights=loss, on_step=on_step, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -147,12 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.save is not None:
         torch.save(student.state_dict(), args.save)
     if steps_run == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
-        if args.head_texts == "draw":
-            refit = refit_head(teacher, student, tok, corpus.builtin_head_texts(src), max_length=length, head=(w, b),
-                               thresholds=focus)
-        else:
-            refit = refit_head(teacher, student, tok, transfer, max_length=length, head=(w, b), thresholds=focus,
-                               teacher_pooled=teacher_pooled)
+        draw = args.head_texts == "draw"
+        refit = refit_head(teacher, student, tok, corpus.builtin_head_texts(src) if draw else transfer,
+                           max_length=length, head=(w, b), thresholds=focus,
+                           teacher_pooled=None if draw else teacher_pooled)
         out["own_head"] = refit.summary()
         judge("own head", (refit.weight, refit.bias))
         ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
@@ -165,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                            for name, texts in held.items()}
             # the same artifact with the student's own head, as build_student writes it where it is kept
             own_artifact_head(Path(tmp) / "student", refit, (w, b), labels,
-                              fit_on="other texts" if args.head_texts == "draw" else "transfer texts")
+                              fit_on="other texts" if draw else "transfer texts")
             engine = OnnxClassifierEngine(Path(tmp) / "student", **kw)
             out["int8_own_head"] = {name: agreement(ref_scores[name], throughput(engine, texts, repeats=1)[1],
                                                     thresholds) for name, texts in held.items()}

@@ -115,13 +115,11 @@ def _teacher_pass(teacher: nn.Module, tokenizer, texts: list[str], max_length: i
     """One fp32 teacher forward over `texts`: their pooled embeddings and, where `layers` are
     given and their token states fit in `cache_bytes`, those states (hidden_states[i + 1] per i)."""
     teacher.eval()
-    keep = bool(layers)
-    if keep:
-        tokens = sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
-        keep = tokens * len(layers) * teacher.config.hidden_size * 2 <= cache_bytes
+    batches = [_encode(tokenizer, texts[s: s + batch], max_length) for s in range(0, len(texts), batch)]
+    tokens = sum(int(mask.sum()) for _, mask in batches)
+    keep = bool(layers) and tokens * len(layers) * teacher.config.hidden_size * 2 <= cache_bytes
     pooled, states = [], []
-    for s in range(0, len(texts), batch):
-        ids, mask = _encode(tokenizer, texts[s: s + batch], max_length)
+    for ids, mask in batches:
         out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=keep)
         pooled.append(_pooled(out.last_hidden_state.float(), mask))
         if keep:
@@ -148,18 +146,21 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
                     max_length: int, head: tuple[torch.Tensor, torch.Tensor] | None = None,
                     thresholds: list[float] | None = None, batch: int = 64, lr: float = 3e-4, seed: int = 0,
                     bf16: bool = False, keep_layers: tuple[int, ...] | None = None,
-                    loss_weights: DistillLoss = DistillLoss(), on_step=None, log=None) -> DistillReport:
+                    loss_weights: DistillLoss = DistillLoss(), state_cache_bytes: int | None = None,
+                    on_step=None, log=None) -> DistillReport:
     """Train `student` in place toward `teacher` on `texts` for `steps` batches (length-bucketed,
     so little padding), AdamW with a cosine schedule. With the head and its per-label `thresholds`,
     texts near a decision are drawn more often (FOCUS_*). `bf16`: autocast the student's matmuls (on
-    CPUs with native bf16; its weights and the targets stay fp32). `on_step(step)`, called after
-    each step (counted from 1), may look at the student; it returns True to stop training there
-    (the schedule stays the one for `steps`)."""
+    CPUs with native bf16; its weights and the targets stay fp32). `state_cache_bytes` (default
+    STATE_CACHE_BYTES; 0: a teacher forward every step) bounds the teacher states kept. `on_step(step)`,
+    called after each step (counted from 1), may look at the student; it returns True to stop training
+    there (the schedule stays the one for `steps`)."""
     t0 = time.perf_counter()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     sorted_texts = [texts[i] for i in order]
+    cap = STATE_CACHE_BYTES if state_cache_bytes is None else state_cache_bytes
     teacher_pass = _teacher_pass(teacher, tokenizer, sorted_texts, max_length, layers=keep_layers or (),
-                                 cache_bytes=STATE_CACHE_BYTES if loss_weights.layer else 0)
+                                 cache_bytes=cap if loss_weights.layer else 0)
     targets = teacher_pass.pooled
     buckets = [range(s, min(s + batch, len(texts))) for s in range(0, len(texts), batch)]
     w, b = head if head is not None else (None, None)
@@ -245,8 +246,9 @@ def fit_head(embeddings: torch.Tensor, teacher_logits: torch.Tensor, z_threshold
     return solved[:-1].T.float().contiguous(), solved[-1].float().contiguous()
 
 
-# A student's own head is fit on up to HEAD_FIT_TEXTS of its transfer texts and kept where it
-# agrees with the teacher's flags better than the teacher's head on HEAD_CHECK_TEXTS others.
+# A student's own head is fit on up to HEAD_FIT_TEXTS texts (its transfer texts, or others given)
+# and kept where it agrees with the teacher's flags better than the teacher's head on
+# HEAD_CHECK_TEXTS others.
 HEAD_FIT_TEXTS, HEAD_CHECK_TEXTS = 20_000, 5_000
 
 

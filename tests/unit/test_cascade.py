@@ -65,17 +65,16 @@ def test_the_boundary_weight_weighs_logit_errors_near_a_threshold(weights):
     assert not torch.equal(trained[0], trained[2])
 
 
-def test_cached_teacher_states_train_the_student_the_per_step_teacher_would(weights, monkeypatch):
+def test_cached_teacher_states_train_the_student_the_per_step_teacher_would(weights):
     """The kept layers' teacher states, computed once (fp16), stand in for a teacher forward per step."""
     from gristmill.kernels import distill
     texts = [f"text number {i}" + " with some words" * (i % 4) for i in range(40)]
     trained, losses = [], []
     for cache in (0, distill.STATE_CACHE_BYTES):
-        monkeypatch.setattr(distill, "STATE_CACHE_BYTES", cache)
         teacher, student, tok = _tiny_student(weights)
         shape = StudentShape.for_fraction(0.5, 2)
         report = distill_student(teacher, student, tok, texts, steps=6, max_length=16, batch=8,
-                                 keep_layers=shape.keep_layers)
+                                 keep_layers=shape.keep_layers, state_cache_bytes=cache)
         trained.append(student.encoder.layer[0].output.dense.weight.detach().clone())
         losses.append(report.losses[-1])
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
