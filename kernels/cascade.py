@@ -107,10 +107,24 @@ class CascadeEngine:
         return self.teacher.ascii_tokenizer
 
     def run(self, batch: list[list[int]]) -> list[dict[str, Any]]:
+        """Both stages in one call: the escalated inputs of this batch alone go to the full model.
+        A worker runs the stages apart instead (`screen`, then `decide` on escalated inputs batched
+        among themselves: workers/host.py), so that a few escalated inputs per batch do not each
+        pay a call of the full model."""
         if not batch:
             return []
         return combine(self.student.run(batch), lambda idx: self.teacher.run([batch[i] for i in idx]),
                        self.thresholds, self.band, self.margin)
+
+    def screen(self, batch: list[list[int]]) -> list[dict[str, Any] | None]:
+        """The first stage: the student's rows (ESCALATED 0.0), None where an input is near a
+        threshold and the full model must decide it."""
+        return [None if near(r, self.thresholds, self.band, self.margin) else {**r, ESCALATED: 0.0}
+                for r in self.student.run(batch)] if batch else []
+
+    def decide(self, batch: list[list[int]]) -> list[dict[str, Any]]:
+        """The second stage, for inputs `screen` escalated: the full model's rows (ESCALATED 1.0)."""
+        return [{**r, ESCALATED: 1.0} for r in self.teacher.run(batch)] if batch else []
 
     def check_health(self) -> bool:
         return len(self.run(self.encode(["health check"]))) == 1

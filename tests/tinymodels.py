@@ -4,6 +4,8 @@ a BERT sequence classifier and a BERT encoder, sharing one small BPE tokenizer."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 from gristmill.producers.registry import DEFAULT_PROTOTYPES
@@ -74,3 +76,26 @@ def models_file(root: Path) -> Path:
     f = root / "models.json"
     f.write_text(json.dumps(specs, indent=1))
     return f
+
+
+def build_cascade(models: Path, work: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """`gristmill optimize tiny-moderation --prune 0.5 --distill ... --cascade` into work/cascade:
+    (the finished command, the artifact, a models file that adds it as "tiny-cascade")."""
+    from tests.commands import GRISTMILL, ROOT
+    transfer = work / "traffic.txt"
+    transfer.write_text("\n".join(f"message {i}: the quick brown fox and the lazy dog, or i will hurt you"
+                                  for i in range(300)) + "\n")
+    texts = work / "heldout.txt"
+    texts.write_text("\n".join(["i will hurt you", "have a lovely day", "hello world", "the quick brown fox"] * 30))
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(models), "GRISTMILL_BUILTIN_MODELS": "false",
+           "GRISTMILL_HOME": str(work / "home")}
+    out = work / "cascade"
+    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--prune", "0.5", "--distill", str(transfer),
+                        "--steps", "20", "--cascade", "--texts", str(texts), "--out", str(out), "--force"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    specs = json.loads(models.read_text())
+    spec = next(m for m in specs if m["name"] == "tiny-moderation")
+    with_cascade = work / "models.json"
+    with_cascade.write_text(json.dumps(specs + [{**spec, "name": "tiny-cascade", "path": str(out)}]))
+    return p, out, with_cascade

@@ -49,6 +49,13 @@ class BatchPolicy:
             raise ConfigurationError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
 
 
+class Requeue(NamedTuple):
+    """A runner's result for an item that a second stage must finish: the item goes back in the
+    queue under `key`, keeping its payload and its slot, and batches with that key's other items
+    like any new work (a cascade's escalated inputs: workers/host.py)."""
+    key: str
+
+
 class Pending(NamedTuple):
     key: str  # items batch together only with the same key (the model)
     cost: int  # tokens this item occupies in a padded row
@@ -114,7 +121,8 @@ class BatchStats:
     real_tokens: int = 0
     splits: int = 0
     busy_s: float = 0.0  # time inside the runner
-    by_key: dict[str, int] = field(default_factory=dict)
+    by_key: dict[str, int] = field(default_factory=dict)  # items
+    batches_by_key: dict[str, int] = field(default_factory=dict)
 
     @property
     def mean_batch_size(self) -> float:
@@ -354,7 +362,20 @@ class MicroBatcher:
             return
         padded = max(e.pending.cost for e in batch) * len(batch)
         self._record(key, len(batch), sum(e.pending.cost for e in batch), padded, time.perf_counter() - t0)
-        finish((e.slot, r, None) for e, r in zip(batch, results))
+        finish((e.slot, r, None) for e, r in zip(batch, results) if not isinstance(r, Requeue))
+        again = [(e, r.key) for e, r in zip(batch, results) if isinstance(r, Requeue)]
+        if again:
+            self._requeue(key, again)
+
+    def _requeue(self, key: str, items: list[tuple[_Entry, str]]) -> None:
+        now = time.monotonic()  # a partial batch of them waits max_wait_s for more, as new work does
+        entries = [_Entry(Pending(to, e.pending.cost, now), e.payload, e.slot) for e, to in items if to != key]
+        with self._cv:
+            self._entries += entries
+            self._dirty = True
+            self._cv.notify()
+        finish((e.slot, None, RuntimeError(f"the runner for {key!r} requeued an item under its own key; a second "
+                                           f"stage needs a key of its own")) for e, to in items if to == key)
 
     def _record(self, key: str, size: int, real: int, padded: int, seconds: float) -> None:
         self.stats.busy_s += seconds
@@ -363,5 +384,6 @@ class MicroBatcher:
         self.stats.padded_tokens += padded
         self.stats.real_tokens += real
         self.stats.by_key[key] = self.stats.by_key.get(key, 0) + size
+        self.stats.batches_by_key[key] = self.stats.batches_by_key.get(key, 0) + 1
         if self.on_batch:
             self.on_batch(key, size, real, padded, seconds)

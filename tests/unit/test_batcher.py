@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gristmill.producers.errors import ConfigurationError
-from gristmill.workers.batcher import BatchPolicy, MicroBatcher, Pending, Slot, _Group, finish, pack, plan
+from gristmill.workers.batcher import (BatchPolicy, MicroBatcher, Pending, Requeue, Slot, _Group, finish, pack,
+                                      plan)
 
 policies = st.builds(BatchPolicy, max_batch_size=st.integers(1, 64), token_budget=st.integers(1, 4096),
                      max_wait_s=st.floats(0, 1))
@@ -166,6 +167,36 @@ def test_wrong_result_count_is_an_error_not_a_silent_misalignment():
     mb = MicroBatcher(lambda k, p: p[:-1], BatchPolicy(4, 100, 0.0))
     fs = mb.submit("m", [1], [1])
     assert "returned 0 results for 1" in str(fs[0].exception(timeout=5))
+    mb.shutdown()
+
+
+def test_requeued_items_batch_among_themselves_across_batches():
+    """A two-stage runner: the first stage finishes even payloads and requeues odd ones to a second
+    key, where they batch together from many first-stage batches (the way a cascade's escalated
+    inputs reach the full model), each back to its own slot."""
+    log = []
+
+    def run(key, payloads):
+        log.append((key, list(payloads)))
+        if key == "m":
+            return [f"first:{p}" if p % 2 == 0 else Requeue("m\x00second") for p in payloads]
+        return [f"second:{p}" for p in payloads]
+    mb = MicroBatcher(run, BatchPolicy(4, 10_000, 0.01))
+    fs = mb.submit("m", list(range(16)), [1] * 16)
+    assert [f.result(timeout=5) for f in fs] == [f"{'first' if p % 2 == 0 else 'second'}:{p}" for p in range(16)]
+    first = [b for k, b in log if k == "m"]
+    second = [b for k, b in log if k != "m"]
+    assert len(first) == 4 and sorted(p for b in second for p in b) == list(range(1, 16, 2))
+    assert [len(b) for b in second] == [4, 4], "requeued items should fill the second stage's batches"
+    assert mb.stats.items == 16 + 8
+    mb.shutdown()
+
+
+def test_an_item_requeued_under_its_own_key_fails_alone():
+    mb = MicroBatcher(lambda k, p: [Requeue(k) if x == 2 else x for x in p], BatchPolicy(4, 100, 0.0))
+    fs = mb.submit("m", [1, 2, 3], [1] * 3)
+    assert fs[0].result(timeout=5) == 1 and fs[2].result(timeout=5) == 3
+    assert "requeued an item under its own key" in str(fs[1].exception(timeout=5))
     mb.shutdown()
 
 

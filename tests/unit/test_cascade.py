@@ -4,8 +4,6 @@ host path on the tests' tiny encoder."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from gristmill.kernels.cascade import (  # noqa: E402
-    ESCALATED, choose_band, combine, full_model_near, judge_on_halves, near)
+    ESCALATED, CascadeEngine, choose_band, combine, full_model_near, judge_on_halves, near)
 from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
@@ -108,6 +106,33 @@ def test_combine_rescores_only_the_near_ones_in_one_call():
         combine(student, lambda idx: [], TH, band=0.2)
 
 
+class _Scored:
+    """An engine whose 'a' score is each input's first id / 100 (b: 0), counting its calls."""
+    labels = ["a", "b"]
+    variant, revision, device = "scored", "r", "cpu"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, batch):
+        self.calls.append(len(batch))
+        return [{"a": ids[0] / 100, "b": 0.0} for ids in batch]
+
+
+def test_a_cascade_screens_then_decides_in_two_stages_as_run_does_in_one():
+    student, full = _Scored(), _Scored()
+    cascade = CascadeEngine(student, full, band=0.2, thresholds=TH)
+    batch = [[90], [49], [10], [52]]
+    screened = cascade.screen(batch)
+    assert screened == [{"a": 0.9, "b": 0.0, ESCALATED: 0.0}, None, {"a": 0.1, "b": 0.0, ESCALATED: 0.0}, None]
+    assert full.calls == []
+    decided = cascade.decide([batch[1], batch[3]])
+    assert decided == [{"a": 0.49, "b": 0.0, ESCALATED: 1.0}, {"a": 0.52, "b": 0.0, ESCALATED: 1.0}]
+    whole = cascade.run(batch)
+    assert whole == [screened[0], decided[0], screened[2], decided[1]]
+    assert cascade.screen([]) == [] and cascade.decide([]) == [] and full.calls == [2, 2]
+
+
 def test_choose_band_is_the_narrowest_that_meets_the_floors():
     teacher = [{"a": 0.6, "b": 0.0}, {"a": 0.2, "b": 0.0}, {"a": 0.9, "b": 0.0}]
     student = [{"a": 0.45, "b": 0.0}, {"a": 0.25, "b": 0.0}, {"a": 0.95, "b": 0.0}]  # the first flips
@@ -152,20 +177,11 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     line's provenance which model decided."""
     from gristmill.producers import schemas as S
     from gristmill.producers.settings import Settings
-    from gristmill.workers.host import EngineHost
-    from tests.commands import GRISTMILL, ROOT
-    transfer = tmp_path / "traffic.txt"
-    transfer.write_text("\n".join(f"message {i}: the quick brown fox and the lazy dog, or i will hurt you"
-                                  for i in range(300)) + "\n")
+    from gristmill.workers.batcher import BatchPolicy, MicroBatcher, Requeue
+    from gristmill.workers.host import EngineHost, served_throughput
+    from tests.tinymodels import build_cascade
+    p, out, mf = build_cascade(tiny_models_file, tmp_path)
     texts = tmp_path / "heldout.txt"
-    texts.write_text("\n".join(["i will hurt you", "have a lovely day", "hello world", "the quick brown fox"] * 30))
-    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
-           "GRISTMILL_HOME": str(tmp_path / "home")}
-    out = tmp_path / "cascade"
-    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--prune", "0.5", "--distill", str(transfer),
-                        "--steps", "20", "--cascade", "--texts", str(texts), "--out", str(out), "--force"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
     manifest = json.loads((out / "gristmill-artifact.json").read_text())
     student = json.loads((out / "student" / "gristmill-artifact.json").read_text())
     assert manifest["kind"] == "cascade" and manifest["teacher_model"] == "tiny-moderation"
@@ -176,25 +192,34 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     assert 0.0 <= report["full_model_near"] <= 1.0 and "The full model's own scores put" in p.stdout
     assert report["speedup"] > 0 and report["speedup_estimate"] > 0 and "measured end to end" in p.stdout
 
-    models = json.loads(tiny_models_file.read_text())
-    spec = next(m for m in models if m["name"] == "tiny-moderation")
-    mf = tmp_path / "models.json"
-    mf.write_text(json.dumps(models + [{**spec, "name": "tiny-cascade", "path": str(out)}]))
     host = EngineHost(Settings(models_file=mf, builtin_models=False, home=tmp_path / "home", dedup_ttl_s=0))
     eng = host.engine("tiny-cascade")
     assert eng.variant.startswith("cascade(ort-int8-student1of2") and eng.band == manifest["band"]
     eng.band = 100.0  # every input escalates: the full model decides
     item = S.WorkItem(1, "c1", "/v1/moderations", "tiny-cascade", {"input": ["i will hurt you", "hello"]}, "0" * 64)
     (prep,) = host.prepare([item])
-    results = host.run("tiny-cascade", prep.payloads)
+    # the student's stage hands both back to the batcher, which runs them through the full model
+    assert host.run("tiny-cascade", prep.payloads) == [Requeue("tiny-cascade\x00escalated")] * 2
+    batcher = MicroBatcher(host.run, BatchPolicy(64, 100_000, 0.0))
+    results = [s.result(timeout=60) for s in batcher.submit("tiny-cascade", prep.payloads, [1, 1])]
     line = host.format(item, results)
     assert line["provenance"]["decided_by"] == ["full", "full"]
     # the full model's scores, as the same worker serves the model itself (its CPU precision)
     full = host.engine("tiny-moderation").run(prep.payloads)
-    assert [{k: v for k, v in r.items() if k != ESCALATED} for r in results] == full
+    assert [{k: v for k, v in r.items() if k != ESCALATED} for r in results] == full and results == eng.run(prep.payloads)
     eng.band = 0.0  # none does: the student decides
     assert host.format(item, host.run("tiny-cascade", prep.payloads))["provenance"]["decided_by"] == ["student",
                                                                                                        "student"]
+    # timed as a worker runs it, the cascade gives the rows it gives batch by batch
+    eng.band = 1.0
+    heldout = texts.read_text().splitlines()
+    ips, rows = served_throughput(eng, heldout, batch=16, repeats=1)
+    one_call = [r for i in range(0, len(heldout), 16) for r in eng.run(eng.encode(heldout[i:i + 16]))]
+    assert ips > 0 and [r[ESCALATED] for r in rows] == [r[ESCALATED] for r in one_call]
+    assert 0 < sum(r[ESCALATED] for r in rows) < len(rows)
+    # (int8 activation ranges are set per batch, and the batches differ: scores agree to rounding)
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(rows, one_call))
+    batcher.shutdown()
     host.shutdown()
 
 
