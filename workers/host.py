@@ -234,18 +234,19 @@ def run_stage(engine: Engine, key: str, payloads: list[Any]) -> list[Any]:
 
 
 def served_throughput(engine: Engine, texts: list[str], *, batch: int = 64, repeats: int = 2,
-                      max_wait_s: float = 0.005) -> tuple[float, list[dict[str, float]]]:
+                      max_wait_s: float = 0.005, stages: bool = True) -> tuple[float, list[dict[str, float]]]:
     """(items/s, scores in input order) of `engine` as a worker runs it: every text submitted to a
-    micro-batcher at once, batched by length up to `batch` (a cascade's escalated inputs batched
-    again among themselves), best of `repeats`. kernels/optimize.py `throughput` runs one batch
-    after another instead."""
+    micro-batcher at once, batched by token count up to `batch` (a cascade's escalated inputs
+    batched again among themselves; with `stages` False, each batch's own escalated inputs as one
+    call of the full model instead), best of `repeats`. kernels/optimize.py `throughput` runs one
+    batch after another, sorted by characters."""
     if not texts:
         return 0.0, []
     ids = engine.encode(texts)
     engine.run(ids[:batch])  # warm-up, both stages
     costs = [len(x) for x in ids]
-    batcher = MicroBatcher(lambda key, p: run_stage(engine, key, p), BatchPolicy(batch, batch * max(costs), max_wait_s),
-                           name="gristmill-served-throughput")
+    batcher = MicroBatcher((lambda key, p: run_stage(engine, key, p)) if stages else (lambda key, p: engine.run(p)),
+                           BatchPolicy(batch, batch * max(costs), max_wait_s), name="gristmill-served-throughput")
     best, rows = 0.0, []
     try:
         for _ in range(repeats):

@@ -378,7 +378,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     the band, chosen on half the held-out texts and judged on the other half, the cascade's speed
     measured end to end on that half, and the cascade's manifest."""
     from ..kernels.cascade import CHECK, CascadeEngine, judge_on_halves
-    from ..kernels.optimize import throughput, write_cascade
+    from ..kernels.optimize import write_cascade
     from .host import served_throughput
     thresholds = decision_thresholds(spec, reference.engine.labels)
     # escalate near the policy's thresholds (where the band is chosen) and the model's own: the
@@ -394,7 +394,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     # model's own batches (workers/host.py), though the last, partial one still costs a whole call
     cascade = CascadeEngine(report["engine"], reference.default_engine, band=band, thresholds=every)
     half = heldout[CHECK]
-    fp32_ips = throughput(reference.engine, half)[0]
+    fp32_ips = served_throughput(reference.engine, half)[0]  # timed the same way
     ips = served_throughput(cascade, half)[0]
     cascade_report = {"band": band, "band_chosen_on": judged.chosen_on, "heldout_texts": judged.texts,
                       "escalated": escalated, "items_per_s": round(ips, 1),

@@ -219,6 +219,9 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     assert 0 < sum(r[ESCALATED] for r in rows) < len(rows)
     # (int8 activation ranges are set per batch, and the batches differ: scores agree to rounding)
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(rows, one_call))
+    # the same, each batch's escalated inputs as their own call (the benchmark's comparison)
+    rows_apart = served_throughput(eng, heldout, batch=16, repeats=1, stages=False)[1]
+    assert [r[ESCALATED] for r in rows_apart] == [r[ESCALATED] for r in rows]
     batcher.shutdown()
     host.shutdown()
 
