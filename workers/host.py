@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from ..kernels.cascade import CascadeEngine
 from ..kernels.engine import Engine, Generator
 from ..producers import constants as C
 from ..producers import schemas as S
@@ -17,7 +18,6 @@ from ..producers.policy import Policy
 from ..producers.registry import ModelSpec
 from ..producers.settings import Settings
 
-from ..kernels.cascade import CascadeEngine
 from . import dedup, metrics
 from .batcher import KEY_TAG, BatchPolicy, MicroBatcher, Requeue, model_of, tagged
 from .dedup import ScoreCache
@@ -224,7 +224,8 @@ def run_stage(engine: Engine, key: str, payloads: list[Any]) -> list[Any]:
     """One device batch of batcher key `key` through `engine`. A cascade runs in two stages: its
     student screens every input, and those near a threshold come back as `Requeue`s to the same
     key tagged ESCALATED_TAG, where the batcher gathers them from many batches into the full
-    model's own batches (one call for a few escalated inputs per batch cost more than they did)."""
+    model's own batches (a call of the full model per batch, for its few escalated inputs, cost
+    more than those inputs themselves)."""
     if not isinstance(engine, CascadeEngine):
         return engine.run(payloads)
     if key.endswith(KEY_TAG + ESCALATED_TAG):
