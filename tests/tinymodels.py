@@ -99,3 +99,14 @@ def build_cascade(models: Path, work: Path) -> tuple[subprocess.CompletedProcess
     with_cascade = work / "models.json"
     with_cascade.write_text(json.dumps(specs + [{**spec, "name": "tiny-cascade", "path": str(out)}]))
     return p, out, with_cascade
+
+
+def through_batcher(host, key: str, payloads: list) -> list:
+    """`payloads` run as a worker runs them: through a micro-batcher around `host.run` (a cascade's
+    escalated inputs come back to it for the full model's stage)."""
+    from gristmill.workers.batcher import BatchPolicy, MicroBatcher
+    batcher = MicroBatcher(host.run, BatchPolicy(64, 1 << 20, 0.0))
+    try:
+        return [s.result(timeout=120) for s in batcher.submit(key, payloads, [len(p) for p in payloads])]
+    finally:
+        batcher.shutdown()

@@ -177,9 +177,9 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     line's provenance which model decided."""
     from gristmill.producers import schemas as S
     from gristmill.producers.settings import Settings
-    from gristmill.workers.batcher import BatchPolicy, MicroBatcher, Requeue
+    from gristmill.workers.batcher import Requeue
     from gristmill.workers.host import EngineHost, served_throughput
-    from tests.tinymodels import build_cascade
+    from tests.tinymodels import build_cascade, through_batcher
     p, out, mf = build_cascade(tiny_models_file, tmp_path)
     texts = tmp_path / "heldout.txt"
     manifest = json.loads((out / "gristmill-artifact.json").read_text())
@@ -200,8 +200,7 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     (prep,) = host.prepare([item])
     # the student's stage hands both back to the batcher, which runs them through the full model
     assert host.run("tiny-cascade", prep.payloads) == [Requeue("tiny-cascade\x00escalated")] * 2
-    batcher = MicroBatcher(host.run, BatchPolicy(64, 100_000, 0.0))
-    results = [s.result(timeout=60) for s in batcher.submit("tiny-cascade", prep.payloads, [1, 1])]
+    results = through_batcher(host, "tiny-cascade", prep.payloads)
     line = host.format(item, results)
     assert line["provenance"]["decided_by"] == ["full", "full"]
     # the full model's scores, as the same worker serves the model itself (its CPU precision)
@@ -222,7 +221,6 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     # the same, each batch's escalated inputs as their own call (the benchmark's comparison)
     rows_apart = served_throughput(eng, heldout, batch=16, repeats=1, stages=False)[1]
     assert [r[ESCALATED] for r in rows_apart] == [r[ESCALATED] for r in rows]
-    batcher.shutdown()
     host.shutdown()
 
 

@@ -244,6 +244,7 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     from gristmill.producers.settings import Settings
     from gristmill.workers.host import EngineHost
     from tests.commands import GRISTMILL, ROOT as root
+    from tests.tinymodels import through_batcher
     if kloading.cpu_compiler() is None:
         pytest.skip("torch.compile on a CPU needs a C++ compiler (g++)")
     home = tmp_path / "home"
@@ -298,7 +299,7 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     assert eng.variant.startswith("cascade(") and "+w8a8rows+compiled>" in eng.variant
     assert "cascade-int8-rows: its build measured" in host.serving["tiny-moderation"]
     eng.band = 100.0  # every input escalates
-    line = host.format(item, host.run("tiny-moderation", prep.payloads))
+    line = host.format(item, through_batcher(host, "tiny-moderation", prep.payloads))
     assert line["provenance"]["decided_by"] == ["full", "full"]
     host.shutdown()
     monkeypatch.setattr(kloading, "cpu_compiler", lambda: None)  # no compiler: not its first stage either
