@@ -1,7 +1,8 @@
 """The distilled student's recipe, one change at a time: its agreement with the fp32 model as it trains.
 
     python -m benchmarks.student_ablation [--prune 0.5] [--steps 2000] [--stop N] [--eval-every 500]
-        [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W] [--lr LR]
+        [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W]
+        [--attention-weight W] [--lr LR]
         [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F]
         [--head-texts draw|transfer] [--save FILE | --load FILE]
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boundary-tau", type=float, default=0.5)
     ap.add_argument("--layer-weight", type=float, default=1.0)
     ap.add_argument("--logit-weight", type=float, default=1.0)
+    ap.add_argument("--attention-weight", type=float, default=0.0,
+                    help="DistillLoss.attention: KL of each kept layer's attention from its teacher layer's (default 0: off)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--sample-lines", type=int, default=20000)
     ap.add_argument("--sampler", default="SmolLM2-135M-Instruct")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     focus = [thresholds[k] for k in labels]
     loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
-                       boundary_tau=args.boundary_tau)
+                       boundary_tau=args.boundary_tau, attention=args.attention_weight)
     teacher_pooled = None  # of the transfer texts, from training
     if args.load is not None:  # a student trained before (--save): judged as at the end of its schedule
         student.load_state_dict(torch.load(args.load))

@@ -41,6 +41,9 @@ class DistillLoss:
     # leaves it off: on the default head it changed the student's agreement by less than noise)
     boundary: float = 0.0
     boundary_tau: float = 0.5
+    # > 0: per kept layer, the KL divergence of its attention distributions from its teacher layer's
+    # (as MiniLM's own distillation matches self-attention); needs a teacher forward every step
+    attention: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,10 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
         idx = list(rng.choice(buckets))
         ids, mask = _encode(tokenizer, [sorted_texts[i] for i in idx], max_length)
         t = targets[idx]
+        attend = keep_layers is not None and loss_weights.attention > 0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = student(input_ids=ids, attention_mask=mask, output_hidden_states=keep_layers is not None)
+            out = student(input_ids=ids, attention_mask=mask, output_hidden_states=keep_layers is not None,
+                          output_attentions=attend)
         e = _pooled(out.last_hidden_state.float(), mask)
         loss = (1 - (e * t).sum(-1)).mean()
         if keep_layers is not None and loss_weights.layer:  # each kept layer's token states toward its teacher layer's
@@ -201,6 +206,8 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
             for j, t_layer in enumerate(th):
                 d = out.hidden_states[j + 1].float() - t_layer
                 loss = loss + loss_weights.layer * (d.pow(2) * m).sum() / (m.sum() * d.shape[-1])
+        if attend:
+            loss = loss + loss_weights.attention * _attention_kl(teacher, ids, mask, keep_layers, out.attentions)
         if w is not None:
             z_teacher = t @ w.T + b
             weight = 1.0 if z_threshold is None or not loss_weights.boundary else (
@@ -225,6 +232,21 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
     pooled[order] = targets
     return DistillReport(len(texts), done, round(time.perf_counter() - t0, 1), losses,
                          len(_layers(teacher)), len(_layers(student)), pooled)
+
+
+def _attention_kl(teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep_layers: tuple[int, ...],
+                  student_attentions) -> torch.Tensor:
+    """Mean over kept layers, heads and real query tokens of KL(teacher || student) between their
+    attention distributions."""
+    with torch.no_grad():
+        every = teacher(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    rows = mask[:, None, :, None].float()  # [b, 1, query, 1]
+    total = 0.0
+    for j, i in enumerate(keep_layers):
+        t, s = every[i].float(), student_attentions[j].float()
+        kl = (t * (t.clamp_min(1e-9).log() - s.clamp_min(1e-9).log())).sum(-1, keepdim=True)
+        total = total + (kl * rows).sum() / (rows.sum() * t.shape[1])
+    return total / len(keep_layers)
 
 
 def fit_head(embeddings: torch.Tensor, teacher_logits: torch.Tensor, z_threshold: torch.Tensor | None = None, *,

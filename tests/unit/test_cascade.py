@@ -63,6 +63,25 @@ def test_the_boundary_weight_weighs_logit_errors_near_a_threshold(weights):
     assert not torch.equal(trained[0], trained[2])
 
 
+def test_the_attention_term_is_zero_for_the_teacher_itself_and_trains_a_student_when_on(weights):
+    from gristmill.kernels import distill
+    teacher, student, tok = _tiny_student(weights)
+    enc = tok(["a short text", "a somewhat longer text with more words in it"], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    own = teacher(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert distill._attention_kl(teacher, ids, mask, (0, 1), own).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = student(input_ids=ids, attention_mask=mask, output_attentions=True).attentions  # layer 1's
+    assert distill._attention_kl(teacher, ids, mask, (0,), shifted).item() > 1e-4
+    texts = [f"text number {i}" + " with some words" * (i % 4) for i in range(40)]
+    trained = []
+    for loss in (DistillLoss(), DistillLoss(attention=1.0)):
+        teacher, student, tok = _tiny_student(weights)
+        distill_student(teacher, student, tok, texts, steps=4, max_length=16, batch=8,
+                        keep_layers=StudentShape.for_fraction(0.5, 2).keep_layers, loss_weights=loss)
+        trained.append(student.encoder.layer[0].attention.self.query.weight.detach().clone())
+    assert not torch.equal(trained[0], trained[1])
+
+
 def test_cached_teacher_states_train_the_student_the_per_step_teacher_would(weights):
     """The kept layers' teacher states, computed once (fp16), stand in for a teacher forward per step."""
     from gristmill.kernels import distill
