@@ -195,19 +195,24 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
                           output_attentions=attend)
         e = _pooled(out.last_hidden_state.float(), mask)
         loss = (1 - (e * t).sum(-1)).mean()
-        if keep_layers is not None and loss_weights.layer:  # each kept layer's token states toward its teacher layer's
-            if teacher_pass.states is not None:
-                th = _padded([teacher_pass.states[i] for i in idx], ids.shape[1]).unbind(2)
+        match_states = keep_layers is not None and bool(loss_weights.layer)
+        fresh_states = match_states and teacher_pass.states is None
+        if fresh_states or attend:  # one teacher forward gives whatever this step needs that was not cached
+            with torch.no_grad():
+                teacher_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=fresh_states,
+                                      output_attentions=attend)
+        if match_states:  # each kept layer's token states toward its teacher layer's
+            if fresh_states:
+                th = [teacher_out.hidden_states[i + 1] for i in keep_layers]
             else:
-                with torch.no_grad():
-                    every = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-                th = [every[i + 1] for i in keep_layers]
+                th = _padded([teacher_pass.states[i] for i in idx], ids.shape[1]).unbind(2)
             m = mask.unsqueeze(-1).float()
             for j, t_layer in enumerate(th):
                 d = out.hidden_states[j + 1].float() - t_layer
                 loss = loss + loss_weights.layer * (d.pow(2) * m).sum() / (m.sum() * d.shape[-1])
         if attend:
-            loss = loss + loss_weights.attention * _attention_kl(teacher, ids, mask, keep_layers, out.attentions)
+            loss = loss + loss_weights.attention * _attention_kl(
+                [teacher_out.attentions[i] for i in keep_layers], out.attentions, mask)
         if w is not None:
             z_teacher = t @ w.T + b
             weight = 1.0 if z_threshold is None or not loss_weights.boundary else (
@@ -234,19 +239,16 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
                          len(_layers(teacher)), len(_layers(student)), pooled)
 
 
-def _attention_kl(teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep_layers: tuple[int, ...],
-                  student_attentions) -> torch.Tensor:
-    """Mean over kept layers, heads and real query tokens of KL(teacher || student) between their
-    attention distributions."""
-    with torch.no_grad():
-        every = teacher(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+def _attention_kl(teacher_attentions, student_attentions, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers, heads and real query tokens of KL(teacher || student) between matched
+    layers' attention distributions ([b, heads, query, key] each)."""
     rows = mask[:, None, :, None].float()  # [b, 1, query, 1]
     total = 0.0
-    for j, i in enumerate(keep_layers):
-        t, s = every[i].float(), student_attentions[j].float()
+    for t, s in zip(teacher_attentions, student_attentions, strict=True):
+        t, s = t.float(), s.float()
         kl = (t * (t.clamp_min(1e-9).log() - s.clamp_min(1e-9).log())).sum(-1, keepdim=True)
         total = total + (kl * rows).sum() / (rows.sum() * t.shape[1])
-    return total / len(keep_layers)
+    return total / len(teacher_attentions)
 
 
 def fit_head(embeddings: torch.Tensor, teacher_logits: torch.Tensor, z_threshold: torch.Tensor | None = None, *,
