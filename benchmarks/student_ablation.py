@@ -4,7 +4,7 @@
         [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W]
         [--attention-weight W] [--lr LR]
         [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F]
-        [--head-texts draw|transfer] [--save FILE | --load FILE]
+        [--head-texts draw|transfer] [--save FILE | --load FILE] [--traffic-share F [--traffic-repeat K]]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -20,7 +20,11 @@ recipes early, on the same schedule); at the end of a full schedule the student 
 ONNX int8 artifact workers serve and judged by the benchmark's code, through the full model's
 head and through a head of the student's own (kernels/distill.py refit_head; fit on a second draw of
 the built-in transfer set, or with --head-texts transfer on its own transfer texts). `--load FILE` judges
-a student an earlier `--save FILE` kept, in place of training one. Prints a table, then one JSON
+a student an earlier `--save FILE` kept, in place of training one. `--traffic-share F` plays a user who
+distils on a sample of their own traffic (`gristmill optimize --distill FILE`): F of the table's texts,
+chosen by a hash of each text, join the transfer set (--traffic-repeat times each) and the student is
+judged on the rest only ("table" then names that rest; a student --load gives is judged on the same
+rest, without training). Prints a table, then one JSON
 line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
 "int8_own_head": {...}}.
 """
@@ -28,11 +32,19 @@ line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def traffic_split(texts: list[str], share: float) -> tuple[list[str], list[str]]:
+    """(about `share` of `texts`, the rest), by a hash of each text: copies of a text fall on one side."""
+    cut = round(share * 2**32)
+    side = [int.from_bytes(hashlib.sha256(b"traffic\0" + t.encode()).digest()[:4], "little") < cut for t in texts]
+    return [t for t, s in zip(texts, side) if s], [t for t, s in zip(texts, side) if not s]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-texts", choices=["draw", "transfer"], default="draw",
                     help="what the student's own head is fit on: a second draw of the built-in transfer set, as "
                     "gristmill optimize --distill builtin does (default), or the transfer texts it trained on")
+    ap.add_argument("--traffic-share", type=float, default=0.0,
+                    help="give this share of the table's texts (split by a hash of each) to the student as transfer "
+                    "text and judge it on the rest (default 0: the built-in transfer set alone)")
+    ap.add_argument("--traffic-repeat", type=int, default=8,
+                    help="with --traffic-share: how many times each of those texts joins the transfer set")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
         ap.error("--steps and --eval-every must be at least 1, --stop at least 0")
+    if not 0.0 <= args.traffic_share < 1.0 or args.traffic_repeat < 1:
+        ap.error("--traffic-share must be in [0, 1) and --traffic-repeat at least 1")
 
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -104,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         from gristmill.kernels.prune import calibration_batches, prune
         batches = calibration_batches(tok, corpus.transfer_set(512, seed=1), spec.max_input_tokens, batch=64)
         print(prune(student, batches, args.neurons, args.heads), file=sys.stderr)
-    held = {"table": heldout_texts(None)}
+    traffic, judged = traffic_split(heldout_texts(None), args.traffic_share)
+    if traffic:
+        transfer = transfer + traffic * args.traffic_repeat
+        print(f"{len(traffic)} of the table's texts join the transfer set ({args.traffic_repeat}x); "
+              f"judged on the other {len(judged)}", file=sys.stderr)
+    held = {"table": judged}
     if sample:
         held["sampled"] = sampled.heldout_texts(sample)
     length = spec.max_input_tokens

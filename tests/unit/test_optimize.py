@@ -439,3 +439,14 @@ def test_flag_errors_are_counted_by_the_template_core_they_came_from():
     ref[first] = {"a": 0.55, "b": 0.1}
     assert by_core(ref, new, held, thresholds)["cores"][0]["full_model_near"] == round(1 / top["texts"], 4)
     assert sum(c["texts"] for c in out["cores"]) == 40 and sum(c["flag_errors"] for c in out["cores"]) == 2
+
+
+def test_traffic_split_is_a_stable_disjoint_split_by_text():
+    from benchmarks.student_ablation import traffic_split
+    texts = [f"line {i}" for i in range(2000)] + ["a copy", "a copy"]
+    traffic, judged = traffic_split(texts, 0.5)
+    assert len(traffic) + len(judged) == len(texts) and not set(traffic) & set(judged)
+    assert 900 < len(traffic) < 1100 and (traffic, judged) == traffic_split(texts, 0.5)
+    assert texts.count("a copy") in (traffic.count("a copy"), judged.count("a copy"))  # copies on one side
+    assert traffic_split(texts, 0.0) == ([], texts)
+    assert set(traffic_split(texts, 0.2)[0]) <= set(traffic)  # a smaller share is a subset of a larger one
