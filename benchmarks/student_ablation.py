@@ -4,7 +4,7 @@
         [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W]
         [--attention-weight W] [--lr LR]
         [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F]
-        [--head-texts draw|transfer] [--save FILE | --load FILE] [--traffic-share F [--traffic-repeat K]]
+        [--head-texts draw|transfer] [--save FILE | --load FILE] [--traffic-share F]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -21,9 +21,9 @@ ONNX int8 artifact workers serve and judged by the benchmark's code, through the
 head and through a head of the student's own (kernels/distill.py refit_head; fit on a second draw of
 the built-in transfer set, or with --head-texts transfer on its own transfer texts). `--load FILE` judges
 a student an earlier `--save FILE` kept, in place of training one. `--traffic-share F` plays a user who
-distils on a sample of their own traffic (`gristmill optimize --distill FILE`): F of the table's texts,
-chosen by a hash of each text, join the transfer set (--traffic-repeat times each) and the student is
-judged on the rest only ("table" then names that rest; a student --load gives is judged on the same
+distils on a sample of their own traffic (`gristmill optimize --distill FILE --with-builtin N`): F of the
+table's texts, chosen by a hash of each text, join the built-in transfer set as that command mixes them
+(`corpus.with_traffic`) and the student is judged on the rest only ("table" then names that rest; a student --load gives is judged on the same
 rest, without training). Prints a table, then one JSON
 line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
 "int8_own_head": {...}}.
@@ -79,14 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traffic-share", type=float, default=0.0,
                     help="give this share of the table's texts (split by a hash of each) to the student as transfer "
                     "text and judge it on the rest (default 0: the built-in transfer set alone)")
-    ap.add_argument("--traffic-repeat", type=int, default=8,
-                    help="with --traffic-share: how many times each of those texts joins the transfer set")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
         ap.error("--steps and --eval-every must be at least 1, --stop at least 0")
-    if not 0.0 <= args.traffic_share < 1.0 or args.traffic_repeat < 1:
-        ap.error("--traffic-share must be in [0, 1) and --traffic-repeat at least 1")
+    if not 0.0 <= args.traffic_share < 1.0:
+        ap.error("--traffic-share must be in [0, 1)")
 
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -125,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         print(prune(student, batches, args.neurons, args.heads), file=sys.stderr)
     traffic, judged = traffic_split(heldout_texts(None), args.traffic_share)
     if traffic:
-        transfer = transfer + traffic * args.traffic_repeat
-        print(f"{len(traffic)} of the table's texts join the transfer set ({args.traffic_repeat}x); "
+        mixed = corpus.with_traffic(transfer, traffic)
+        print(f"{len(traffic)} of the table's texts join the transfer set ({(len(mixed) - len(transfer)) // len(traffic)}x); "
               f"judged on the other {len(judged)}", file=sys.stderr)
+        transfer = mixed
     held = {"table": judged}
     if sample:
         held["sampled"] = sampled.heldout_texts(sample)

@@ -173,6 +173,21 @@ def builtin_head_texts(model_dir: Path, n: int | None = None) -> list[str]:
     return builtin_transfer_set(n, model_dir, seed=HEAD_DRAW_SEED)
 
 
+# A file of the user's own traffic mixed into the built-in transfer set (`gristmill optimize
+# --distill FILE --with-builtin N`) is repeated to weigh about this share of the built-in texts.
+TRAFFIC_SHARE = 0.15
+
+
+def with_traffic(builtin_texts: list[str], lines: list[str], share: float = TRAFFIC_SHARE) -> list[str]:
+    """`builtin_texts`, then the traffic's `lines`, each repeated round(share * len(builtin_texts) /
+    len(lines)) times (at least once): a few thousand lines of the traffic still steer a student
+    that also learns from tens of thousands of built-in texts."""
+    if not lines:
+        return list(builtin_texts)
+    repeat = max(1, round(share * len(builtin_texts) / len(lines)))
+    return list(builtin_texts) + list(lines) * repeat
+
+
 def sampled_share(n: int) -> int:
     """The most sampled texts a transfer set of `n` takes: half, the rest built in."""
     return n // 2

@@ -11,7 +11,7 @@ matches is reused, not rebuilt. Register the directory as a model's `path` and w
 Without --distill, --prune removes FFN neurons and heads by importance on the calibration text.
 With --distill, --prune removes that fraction of the encoder's layers and the smaller student is
 trained against the full model on the transfer text (a file of your own traffic, or `builtin`,
-kernels/corpus.py). --cascade then also writes a cascade: the student (or, with --quantize int8-rows
+kernels/corpus.py, or the two mixed: --distill FILE --with-builtin N). --cascade then also writes a cascade: the student (or, with --quantize int8-rows
 and no --distill, int8-rows) for every input, the full model for inputs near a threshold, with the
 band chosen on held-out text to meet the cascade floors.
 """
@@ -178,6 +178,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--transfer-lines", type=int, default=BUILTIN_TRANSFER_LINES, metavar="N",
                     help=f"with --distill builtin: the transfer set's size, sampled texts included "
                          f"(default {BUILTIN_TRANSFER_LINES:,})")
+    ap.add_argument("--with-builtin", type=int, default=0, metavar="N",
+                    help="with --distill FILE: also N texts of the built-in transfer set, the file's lines repeated "
+                         "to weigh about 15%% of them (a few thousand lines of your traffic then steer a student that "
+                         "also learns from the built-in text; its own head is fit on a second built-in draw); "
+                         "default 0: the file alone")
     ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name,
                     help="the registered chat model --sample-lines samples from (default: the built-in generator)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
@@ -210,6 +215,11 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"--transfer-lines must be 1 or more, got {args.transfer_lines}")
     if args.transfer_lines != BUILTIN_TRANSFER_LINES and args.distill != "builtin":
         raise SystemExit("--transfer-lines sizes the built-in transfer set: use it with --distill builtin")
+    if args.with_builtin < 0:
+        raise SystemExit(f"--with-builtin must be 0 or more, got {args.with_builtin}")
+    if args.with_builtin and (not args.distill or args.distill == "builtin"):
+        raise SystemExit("--with-builtin mixes the built-in transfer set into a file's: use it with --distill FILE "
+                         "(with --distill builtin, --transfer-lines sizes the set)")
     if args.sample_lines and args.distill != "builtin":
         raise SystemExit("--sample-lines adds to the built-in transfer set: use it with --distill builtin")
     if args.distill and spec.kind not in POOLED_KINDS:
@@ -321,16 +331,22 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels.loading import cpu_has_bf16
     from ..kernels.optimize import build_student, student_digest
     from .loading import classifier_kwargs
-    transfer = (corpus.builtin_transfer_set(args.transfer_lines, src,
-                                            sampled=sampled_transfer(args.sample_lines, args.sampler))
-                if args.distill == "builtin" else read_texts(Path(args.distill)))
+    if args.distill == "builtin":
+        transfer = corpus.builtin_transfer_set(args.transfer_lines, src,
+                                               sampled=sampled_transfer(args.sample_lines, args.sampler))
+    else:
+        transfer = read_texts(Path(args.distill))
+        if args.with_builtin:
+            transfer = corpus.with_traffic(corpus.builtin_transfer_set(args.with_builtin, src), transfer)
     heldout = heldout_texts(args.texts)
     kw = classifier_kwargs(spec)
     loaded = heads.load_head(kw["head"]) if kw.get("head") is not None else None
     head = loaded[:2] if loaded is not None else None
     focus = list(decision_thresholds(spec, loaded[2]).values()) if loaded is not None else None
-    # a student of the built-in set fits its own head on a second draw of it; one of a file, on its lines
-    head_texts = corpus.builtin_head_texts(src) if args.distill == "builtin" and head is not None else None
+    # a student of the built-in set (a file's lines mixed in or not) fits its own head on a second
+    # draw of it; one of a file alone, on its lines
+    builtin = args.distill == "builtin" or args.with_builtin
+    head_texts = corpus.builtin_head_texts(src) if builtin and head is not None else None
     digest = student_digest(src, transfer=transfer, fraction=args.prune, steps=args.steps, quantize=quantize,
                             max_length=spec.max_input_tokens, head=head, thresholds=focus, head_texts=head_texts)
     digest_out = digest + ("-cascade" if args.cascade else "")

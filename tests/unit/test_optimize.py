@@ -389,8 +389,23 @@ def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_
     assert negative.returncode != 0 and "--sample-lines must be 0 or more, got -5" in negative.stderr
     sized = run(*base, "--distill", str(tmp_path / "mine.txt"), "--transfer-lines", "500")
     assert sized.returncode != 0 and "use it with --distill builtin" in sized.stderr
+    mixed = run(*base, "--distill", "builtin", "--with-builtin", "500")
+    assert mixed.returncode != 0 and "use it with --distill FILE" in mixed.stderr
+    below = run(*base, "--distill", str(tmp_path / "mine.txt"), "--with-builtin", "-1")
+    assert below.returncode != 0 and "--with-builtin must be 0 or more, got -1" in below.stderr
     usage = run(*GRISTMILL, "optimize", "--help")
     assert usage.returncode == 0 and "--sample-lines N" in usage.stdout and "--cascade-flags" in usage.stdout
+    assert "--with-builtin N" in usage.stdout
+
+
+def test_a_file_of_traffic_is_repeated_to_weigh_a_share_of_the_built_in_texts():
+    from gristmill.kernels import corpus
+    builtin = [f"built-in {i}" for i in range(60_000)]
+    lines = [f"traffic {i}" for i in range(1134)]
+    mixed = corpus.with_traffic(builtin, lines)
+    assert mixed[:60_000] == builtin and mixed[60_000:] == lines * 8  # 0.15 * 60,000 / 1,134 = 7.9
+    assert corpus.with_traffic(builtin[:100], lines) == builtin[:100] + lines  # a large file: each line once
+    assert corpus.with_traffic(builtin, []) == builtin
 
 
 def test_template_sentences_with_embedding_neighbours_swapped_in(tmp_path):
@@ -450,3 +465,22 @@ def test_traffic_split_is_a_stable_disjoint_split_by_text():
     assert texts.count("a copy") in (traffic.count("a copy"), judged.count("a copy"))  # copies on one side
     assert traffic_split(texts, 0.0) == ([], texts)
     assert set(traffic_split(texts, 0.2)[0]) <= set(traffic)  # a smaller share is a subset of a larger one
+
+
+def test_a_student_of_a_traffic_file_mixed_into_the_built_in_set(tiny_models_file, tmp_path):
+    import json
+    import os
+    import subprocess
+    from tests.commands import GRISTMILL, ROOT as root
+    traffic = tmp_path / "traffic.txt"
+    traffic.write_text("\n".join(f"message {i}: or i will hurt you" for i in range(40)) + "\n")
+    held = tmp_path / "heldout.txt"
+    held.write_text("\n".join(["i will hurt you", "have a lovely day", "hello world"] * 10) + "\n")
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
+           "GRISTMILL_HOME": str(tmp_path / "home")}
+    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--prune", "0.5", "--distill", str(traffic),
+                        "--with-builtin", "800", "--steps", "3", "--texts", str(held), "--out", str(tmp_path / "art"),
+                        "--force"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = json.loads((tmp_path / "art" / "gristmill-artifact.json").read_text())
+    assert manifest["student"]["transfer_texts"] == 800 + 40 * 3  # each line 3x: 0.15 * 800 / 40
