@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -14,6 +15,13 @@ WORDS = ("the a of to and in is it you that he was for on are with as his they b
          "thing see him two has look more day could go come did number sound no most people my over know "
          "water than call first who may down side been now find any new work part take get place made live "
          "where after back little only round man year came show every good me give our under name very").split()
+
+
+def traffic_split(texts: list[str], share: float) -> tuple[list[str], list[str]]:
+    """(about `share` of `texts`, the rest), by a hash of each text: copies of a text fall on one side."""
+    cut = round(share * 2**32)
+    side = [int.from_bytes(hashlib.sha256(b"traffic\0" + t.encode()).digest()[:4], "little") < cut for t in texts]
+    return [t for t, s in zip(texts, side) if s], [t for t, s in zip(texts, side) if not s]
 
 
 def texts(n: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:

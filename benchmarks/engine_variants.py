@@ -1,7 +1,7 @@
 """Engine variants of the default classifier against fp32 eager, in one run: speed and agreement.
 
     python -m benchmarks.engine_variants [--device cpu|cuda] [--quick] [--texts FILE] [--student-steps N]
-        [--transfer-lines N] [--sample-lines N]
+        [--transfer-lines N] [--sample-lines N] [--traffic-share F]
 
 CPU: the real all-MiniLM-L6-v2 weights and the default moderation head. Variants: fp32 eager (the
 reference), bf16 autocast (on CPUs with native bf16), `int8_rows` (the torch engine compiled, int8
@@ -24,7 +24,10 @@ The student is built once and cached under
 $GRISTMILL_HOME/models/optimized (~20 min on 2 cores). `--sample-lines N` adds N lines sampled from
 the built-in chat model (kernels/sampled.py, cached) as up to half of its transfer set; the
 student's agreement is also given by held-out source (on the built-in text, its flag errors by template
-core sentence too), and on the sample's own held-out lines.
+core sentence too), and on the sample's own held-out lines. `--traffic-share F` plays a user who distils
+on a sample of their own traffic (`gristmill optimize --distill FILE --with-builtin N`): F of the
+held-out texts, chosen by a hash of each text, join the student's transfer set as that command mixes
+them, and every variant is judged on the rest alone.
 
 Agreement with fp32 on held-out text (kernels/corpus.py's held-out set plus the seed set's texts,
 unless --texts), as a moderation team reads it: per-label flag agreement at the policy's thresholds
@@ -50,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import random_minilm_classifier, table, texts
+from .common import random_minilm_classifier, table, texts, traffic_split
 
 STUDENT_PRUNE = 0.5  # half of MiniLM-L6's layers: 3 of 6 stay
 
@@ -111,7 +114,7 @@ def cpu_variants(args) -> dict[str, dict]:
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
-    heldout = heldout_texts(args.texts)
+    traffic, heldout = traffic_split(heldout_texts(args.texts), args.traffic_share)
     calibration = corpus.transfer_set(256, seed=1)
     kw = classifier_kwargs(spec)
     ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
@@ -143,7 +146,7 @@ def cpu_variants(args) -> dict[str, dict]:
     head = (w, b)
     sample = sampled_lines(args.sample_lines, args.sampler)
     sampled = sampling.transfer_texts(sample)
-    transfer = corpus.builtin_transfer_set(args.transfer_lines, src, sampled=sampled)
+    transfer = corpus.with_traffic(corpus.builtin_transfer_set(args.transfer_lines, src, sampled=sampled), traffic)
     focus = [thresholds[k] for k in head_labels]
     head_texts = corpus.builtin_head_texts(src)
     digest = student_digest(src, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
@@ -160,6 +163,7 @@ def cpu_variants(args) -> dict[str, dict]:
     add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],
                                  "transfer_set": {"texts": len(transfer), "source": "kernels/corpus.py transfer_set",
                                                   "sampled_lines": args.sample_lines,
+                                                  "traffic_texts": len(traffic), "judged_texts": len(heldout),
                                                   "sampled_texts": min(len(sampled), corpus.sampled_share(len(transfer)))}})
     out["int8_pruned"]["by_source"] = by_source(ref_scores, student_scores["int8_pruned"], heldout, thresholds,
                                                 args.texts is None)
@@ -401,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also sample N transfer lines from --sampler (kernels/sampled.py, cached), as up to half the "
                          "transfer set (default 0)")
     ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name, help="the chat model --sample-lines samples from")
+    ap.add_argument("--traffic-share", type=float, default=0.0, metavar="F",
+                    help="give this share of the held-out texts (split by a hash of each) to the student as transfer "
+                         "text, mixed as `optimize --with-builtin` mixes a file, and judge every variant on the rest")
     ap.add_argument("--cascade-flags", type=float, default=0.9995, help="the cascade's flag floor (default 0.9995)")
     ap.add_argument("--cascade-texts", type=float, default=0.995, help="its identical-texts floor (default 0.995)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -408,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=50, help="cuda: timed batches")
     ap.add_argument("--only", help=f"cuda: comma-separated variants (default all: {', '.join(GPU_VARIANTS)})")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.traffic_share < 1.0:
+        ap.error("--traffic-share must be in [0, 1)")
     t0 = time.perf_counter()
     variants = cuda_variants(args) if args.device.startswith("cuda") else cpu_variants(args)
     rows = []

@@ -32,19 +32,13 @@ line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def traffic_split(texts: list[str], share: float) -> tuple[list[str], list[str]]:
-    """(about `share` of `texts`, the rest), by a hash of each text: copies of a text fall on one side."""
-    cut = round(share * 2**32)
-    side = [int.from_bytes(hashlib.sha256(b"traffic\0" + t.encode()).digest()[:4], "little") < cut for t in texts]
-    return [t for t, s in zip(texts, side) if s], [t for t, s in zip(texts, side) if not s]
+from .common import traffic_split
 
 
 def main(argv: list[str] | None = None) -> int:

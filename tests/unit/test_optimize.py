@@ -457,7 +457,7 @@ def test_flag_errors_are_counted_by_the_template_core_they_came_from():
 
 
 def test_traffic_split_is_a_stable_disjoint_split_by_text():
-    from benchmarks.student_ablation import traffic_split
+    from benchmarks.common import traffic_split
     texts = [f"line {i}" for i in range(2000)] + ["a copy", "a copy"]
     traffic, judged = traffic_split(texts, 0.5)
     assert len(traffic) + len(judged) == len(texts) and not set(traffic) & set(judged)
