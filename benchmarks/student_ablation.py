@@ -23,9 +23,8 @@ the built-in transfer set, or with --head-texts transfer on its own transfer tex
 a student an earlier `--save FILE` kept, in place of training one. `--traffic-share F` plays a user who
 distils on a sample of their own traffic (`gristmill optimize --distill FILE --with-builtin N`): F of the
 table's texts, chosen by a hash of each text, join the built-in transfer set as that command mixes them
-(`corpus.with_traffic`) and the student is judged on the rest only ("table" then names that rest; a student --load gives is judged on the same
-rest, without training). Prints a table, then one JSON
-line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
+(`corpus.with_traffic`), and the student is judged on the rest alone ("table" then names that rest; a
+student --load gives is judged on the same rest). Prints a table, then one JSON line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
 "int8_own_head": {...}}.
 """
 

@@ -11,9 +11,10 @@ matches is reused, not rebuilt. Register the directory as a model's `path` and w
 Without --distill, --prune removes FFN neurons and heads by importance on the calibration text.
 With --distill, --prune removes that fraction of the encoder's layers and the smaller student is
 trained against the full model on the transfer text (a file of your own traffic, or `builtin`,
-kernels/corpus.py, or the two mixed: --distill FILE --with-builtin N). --cascade then also writes a cascade: the student (or, with --quantize int8-rows
-and no --distill, int8-rows) for every input, the full model for inputs near a threshold, with the
-band chosen on held-out text to meet the cascade floors.
+kernels/corpus.py, or the two mixed: --distill FILE --with-builtin N). --cascade then also writes a
+cascade: the student (or, with --quantize int8-rows and no --distill, int8-rows) for every input,
+the full model for inputs near a threshold, with the band chosen on held-out text to meet the
+cascade floors.
 """
 
 from __future__ import annotations
