@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -99,6 +100,19 @@ def add_cache_redis_arg(ap) -> None:
     ap.add_argument("--cache-redis", metavar="MAXMEMORY", default=None,
                     help="the score cache on a second embedded Redis capped at MAXMEMORY (e.g. 1gb), as "
                          "`gristmill up` runs it (default: one Redis for both)")
+
+
+def add_traffic_share_arg(ap, judged: str) -> None:
+    """--traffic-share F: F of `judged` given to the student as a sample of the traffic (traffic_split)."""
+    def share(value: str) -> float:
+        f = float(value)
+        if not 0.0 <= f < 1.0:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+        return f
+    ap.add_argument("--traffic-share", type=share, default=0.0, metavar="F",
+                    help=f"give this share of {judged} (split by a hash of each) to the student as transfer text, "
+                         "mixed as `gristmill optimize --with-builtin` mixes a file, and judge on the rest "
+                         "(default 0: the built-in transfer set alone)")
 
 
 def cache_redis(work: Path, max_memory: str | None):

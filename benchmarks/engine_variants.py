@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import random_minilm_classifier, table, texts, traffic_split
+from .common import add_traffic_share_arg, random_minilm_classifier, table, texts, traffic_split
 
 STUDENT_PRUNE = 0.5  # half of MiniLM-L6's layers: 3 of 6 stay
 
@@ -405,9 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also sample N transfer lines from --sampler (kernels/sampled.py, cached), as up to half the "
                          "transfer set (default 0)")
     ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name, help="the chat model --sample-lines samples from")
-    ap.add_argument("--traffic-share", type=float, default=0.0, metavar="F",
-                    help="give this share of the held-out texts (split by a hash of each) to the student as transfer "
-                         "text, mixed as `optimize --with-builtin` mixes a file, and judge every variant on the rest")
+    add_traffic_share_arg(ap, "the held-out texts")
     ap.add_argument("--cascade-flags", type=float, default=0.9995, help="the cascade's flag floor (default 0.9995)")
     ap.add_argument("--cascade-texts", type=float, default=0.995, help="its identical-texts floor (default 0.995)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -415,8 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=50, help="cuda: timed batches")
     ap.add_argument("--only", help=f"cuda: comma-separated variants (default all: {', '.join(GPU_VARIANTS)})")
     args = ap.parse_args(argv)
-    if not 0.0 <= args.traffic_share < 1.0:
-        ap.error("--traffic-share must be in [0, 1)")
     t0 = time.perf_counter()
     variants = cuda_variants(args) if args.device.startswith("cuda") else cpu_variants(args)
     rows = []

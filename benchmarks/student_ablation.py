@@ -24,7 +24,8 @@ a student an earlier `--save FILE` kept, in place of training one. `--traffic-sh
 distils on a sample of their own traffic (`gristmill optimize --distill FILE --with-builtin N`): F of the
 table's texts, chosen by a hash of each text, join the built-in transfer set as that command mixes them
 (`corpus.with_traffic`), and the student is judged on the rest alone ("table" then names that rest; a
-student --load gives is judged on the same rest). Prints a table, then one JSON line: {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
+student --load gives is judged on the same rest). Prints a table, then one JSON line:
+{"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
 "int8_own_head": {...}}.
 """
 
@@ -37,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import traffic_split
+from .common import add_traffic_share_arg, traffic_split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-texts", choices=["draw", "transfer"], default="draw",
                     help="what the student's own head is fit on: a second draw of the built-in transfer set, as "
                     "gristmill optimize --distill builtin does (default), or the transfer texts it trained on")
-    ap.add_argument("--traffic-share", type=float, default=0.0,
-                    help="give this share of the table's texts (split by a hash of each) to the student as transfer "
-                    "text and judge it on the rest (default 0: the built-in transfer set alone)")
+    add_traffic_share_arg(ap, "the table's texts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
         ap.error("--steps and --eval-every must be at least 1, --stop at least 0")
-    if not 0.0 <= args.traffic_share < 1.0:
-        ap.error("--traffic-share must be in [0, 1)")
 
     import torch
     from transformers import AutoModel, AutoTokenizer
