@@ -148,7 +148,7 @@ def cpu_variants(args) -> dict[str, dict]:
     sampled = sampling.transfer_texts(sample)
     transfer = corpus.with_traffic(corpus.builtin_transfer_set(args.transfer_lines, src, sampled=sampled), traffic)
     focus = [thresholds[k] for k in head_labels]
-    head_texts = corpus.builtin_head_texts(src)
+    head_texts = corpus.builtin_head_texts(src, traffic=traffic)
     digest = student_digest(src, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
                             quantize="int8", max_length=spec.max_input_tokens, head=head, thresholds=focus,
                             head_texts=head_texts)
@@ -158,6 +158,7 @@ def cpu_variants(args) -> dict[str, dict]:
         manifest = build_student(src, student_dir, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
                                  head=head, thresholds=focus, labels=head_labels, quantize="int8",
                                  max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
+                                 head_fit_on="other texts and the traffic's sample" if traffic else "other texts",
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     student = OnnxClassifierEngine(student_dir, **kw)
     add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],

@@ -164,13 +164,14 @@ def _model_neighbours(model_dir: str) -> dict[str, list[str]]:
 HEAD_DRAW_SEED = 1
 
 
-def builtin_head_texts(model_dir: Path, n: int | None = None) -> list[str]:
+def builtin_head_texts(model_dir: Path, n: int | None = None, traffic: list[str] | None = None) -> list[str]:
     """`n` texts (default: as many as a head refit fits and checks on) of a second draw of
-    `builtin_transfer_set` (HEAD_DRAW_SEED)."""
+    `builtin_transfer_set` (HEAD_DRAW_SEED), then the lines of `traffic`, once each, where they
+    were mixed into the transfer set (`with_traffic`): the head is then fit on the traffic too."""
     if n is None:
         from .distill import HEAD_CHECK_TEXTS, HEAD_FIT_TEXTS
         n = HEAD_FIT_TEXTS + HEAD_CHECK_TEXTS
-    return builtin_transfer_set(n, model_dir, seed=HEAD_DRAW_SEED)
+    return builtin_transfer_set(n, model_dir, seed=HEAD_DRAW_SEED) + list(traffic or [])
 
 
 # A file of the user's own traffic mixed into the built-in transfer set (`gristmill optimize

@@ -170,14 +170,15 @@ def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: in
 def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float, steps: int,
                   head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None = None,
                   labels: list[str] | None = None, quantize: str | None = "int8", max_length: int = 128,
-                  bf16: bool = False, head_texts: list[str] | None = None, log=None) -> dict:
+                  bf16: bool = False, head_texts: list[str] | None = None, head_fit_on: str = "other texts",
+                  log=None) -> dict:
     """Distill a student with `fraction` of the encoder's layers removed on the `transfer` texts
     (kernels/distill.py; `thresholds`, per head row, focus it on texts near a decision), then write
     it as an ONNX artifact at `out`. With the head and thresholds, the student gets a head of its
-    own (`refit_head`), fit on `head_texts` (best: text it did not train on; default: the transfer
-    texts) and kept in the artifact where it agrees better with the teacher on others of them than
-    the teacher's head does; engines use it in place of the registered head it names. Returns its
-    manifest."""
+    own (`refit_head`), fit on `head_texts` (best: text it did not train on, named in the manifest
+    by `head_fit_on`; default: the transfer texts) and kept in the artifact where it agrees better
+    with the teacher on others of them than the teacher's head does; engines use it in place of the
+    registered head it names. Returns its manifest."""
     from transformers import AutoModel, AutoTokenizer
 
     from .distill import StudentShape, distill_student, make_student, refit_head
@@ -206,7 +207,7 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
                     "losses": report.losses}})
     if refit is None:
         return onnx_engine.read_manifest(out)
-    return own_artifact_head(out, refit, head, labels, fit_on="transfer texts" if head_texts is None else "other texts")
+    return own_artifact_head(out, refit, head, labels, fit_on="transfer texts" if head_texts is None else head_fit_on)
 
 
 def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor], labels: list[str] | None, *,

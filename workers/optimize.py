@@ -182,8 +182,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--with-builtin", type=int, default=0, metavar="N",
                     help="with --distill FILE: also N texts of the built-in transfer set, the file's lines repeated "
                          "to weigh about 15%% of them (a few thousand lines of your traffic then steer a student that "
-                         "also learns from the built-in text; its own head is fit on a second built-in draw); "
-                         "default 0: the file alone")
+                         "also learns from the built-in text; its own head is fit on a second built-in draw and the "
+                         "file's lines); default 0: the file alone")
     ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name,
                     help="the registered chat model --sample-lines samples from (default: the built-in generator)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
@@ -332,22 +332,24 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels.loading import cpu_has_bf16
     from ..kernels.optimize import build_student, student_digest
     from .loading import classifier_kwargs
+    lines: list[str] = []  # a file's lines mixed into the built-in set
     if args.distill == "builtin":
         transfer = corpus.builtin_transfer_set(args.transfer_lines, src,
                                                sampled=sampled_transfer(args.sample_lines, args.sampler))
     else:
         transfer = read_texts(Path(args.distill))
         if args.with_builtin:
-            transfer = corpus.with_traffic(corpus.builtin_transfer_set(args.with_builtin, src), transfer)
+            lines = transfer
+            transfer = corpus.with_traffic(corpus.builtin_transfer_set(args.with_builtin, src), lines)
     heldout = heldout_texts(args.texts)
     kw = classifier_kwargs(spec)
     loaded = heads.load_head(kw["head"]) if kw.get("head") is not None else None
     head = loaded[:2] if loaded is not None else None
     focus = list(decision_thresholds(spec, loaded[2]).values()) if loaded is not None else None
-    # a student of the built-in set (a file's lines mixed in or not) fits its own head on a second
-    # draw of it; one of a file alone, on its lines
+    # a student of the built-in set fits its own head on a second draw of it (and a file's lines
+    # mixed in, once each); one of a file alone, on its lines
     builtin = args.distill == "builtin" or args.with_builtin
-    head_texts = corpus.builtin_head_texts(src) if builtin and head is not None else None
+    head_texts = corpus.builtin_head_texts(src, traffic=lines) if builtin and head is not None else None
     digest = student_digest(src, transfer=transfer, fraction=args.prune, steps=args.steps, quantize=quantize,
                             max_length=spec.max_input_tokens, head=head, thresholds=focus, head_texts=head_texts)
     digest_out = digest + ("-cascade" if args.cascade else "")
@@ -358,6 +360,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     manifest = build_student(src, student_dir, transfer=transfer, fraction=args.prune, steps=args.steps, head=head,
                              thresholds=focus, labels=loaded[2] if loaded is not None else None, quantize=quantize,
                              max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
+                             head_fit_on="other texts and the file's lines" if lines else "other texts",
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     reference = reference_scores(spec, src, heldout)
     report = judge(spec, src, student_dir, heldout, reference)

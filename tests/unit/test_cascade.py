@@ -314,6 +314,8 @@ def test_a_student_fits_its_own_head_on_other_texts_where_given(weights, tmp_pat
     assert draw == corpus.builtin_head_texts(weights / "encoder", 300) and len(draw) == 300
     assert draw != corpus.builtin_transfer_set(300, weights / "encoder")
     assert not set(corpus.heldout_set(200)) & set(draw)
+    # where a file of traffic was mixed into the transfer set, its lines follow the draw, once each
+    assert corpus.builtin_head_texts(weights / "encoder", 300, traffic=["mine", "yours"]) == [*draw, "mine", "yours"]
 
 
 def test_a_head_refit_reuses_the_teachers_embeddings_from_training(weights):

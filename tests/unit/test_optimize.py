@@ -471,16 +471,29 @@ def test_a_student_of_a_traffic_file_mixed_into_the_built_in_set(tiny_models_fil
     import json
     import os
     import subprocess
+
+    import torch
+
+    from gristmill.kernels.heads import save_head
     from tests.commands import GRISTMILL, ROOT as root
+    # the tiny encoder with a trained head of its own, as the default moderation classifier has
+    specs = json.loads(tiny_models_file.read_text())
+    encoder = next(m for m in specs if m["name"] == "tiny-moderation")["path"]
+    save_head(tmp_path / "head.safetensors", torch.randn(3, 32, generator=torch.Generator().manual_seed(0)),
+              torch.zeros(3), ["a", "b", "c"], {})
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps(specs + [{"name": "tiny-headed", "kind": "embedding_classifier", "path": encoder,
+                                           "max_input_tokens": 64, "head": str(tmp_path / "head.safetensors")}]))
     traffic = tmp_path / "traffic.txt"
     traffic.write_text("\n".join(f"message {i}: or i will hurt you" for i in range(40)) + "\n")
     held = tmp_path / "heldout.txt"
     held.write_text("\n".join(["i will hurt you", "have a lovely day", "hello world"] * 10) + "\n")
-    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(models), "GRISTMILL_BUILTIN_MODELS": "false",
            "GRISTMILL_HOME": str(tmp_path / "home")}
-    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--prune", "0.5", "--distill", str(traffic),
+    p = subprocess.run([*GRISTMILL, "optimize", "tiny-headed", "--prune", "0.5", "--distill", str(traffic),
                         "--with-builtin", "800", "--steps", "3", "--texts", str(held), "--out", str(tmp_path / "art"),
                         "--force"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     manifest = json.loads((tmp_path / "art" / "gristmill-artifact.json").read_text())
     assert manifest["student"]["transfer_texts"] == 800 + 40 * 3  # each line 3x: 0.15 * 800 / 40
+    assert manifest["head"]["fit_on"] == "other texts and the file's lines"  # its own head: a built-in draw, the lines
