@@ -4,7 +4,7 @@
         [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W]
         [--attention-weight W] [--lr LR]
         [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F]
-        [--head-texts draw|transfer] [--save FILE | --load FILE] [--traffic-share F]
+        [--head-texts draw|draw-alone|transfer] [--save FILE | --load FILE] [--traffic-share F [--traffic-weight W]]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -19,12 +19,13 @@ layer's FFN neurons (and --heads of its heads) removed by importance on calibrat
 recipes early, on the same schedule); at the end of a full schedule the student is also exported as the
 ONNX int8 artifact workers serve and judged by the benchmark's code, through the full model's
 head and through a head of the student's own (kernels/distill.py refit_head; fit on a second draw of
-the built-in transfer set, or with --head-texts transfer on its own transfer texts). `--load FILE` judges
-a student an earlier `--save FILE` kept, in place of training one. `--traffic-share F` plays a user who
-distils on a sample of their own traffic (`gristmill optimize --distill FILE --with-builtin N`): F of the
-table's texts, chosen by a hash of each text, join the built-in transfer set as that command mixes them
-(`corpus.with_traffic`), and the student is judged on the rest alone ("table" then names that rest; a
-student --load gives is judged on the same rest). Prints a table, then one JSON line:
+the built-in transfer set and any --traffic-share texts, or with --head-texts transfer on its own
+transfer texts). `--load FILE` judges a student an earlier `--save FILE` kept, in place of training
+one. `--traffic-share F` plays a user who distils on a sample of their own traffic (`gristmill
+optimize --distill FILE --with-builtin N`): F of the table's texts, chosen by a hash of each text,
+join the built-in transfer set as that command mixes them (`corpus.with_traffic`; --traffic-weight
+sets the share of the built-in set's size they are repeated to weigh), and the student is judged on
+the rest alone ("table" then names that rest; a student --load gives is judged on the same rest). Prints a table, then one JSON line:
 {"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
 "int8_own_head": {...}}.
 """
@@ -67,14 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", type=Path, default=None, help="write the trained fp32 student's state_dict here")
     ap.add_argument("--load", type=Path, default=None,
                     help="judge a student --save wrote (of the same shape) instead of training one")
-    ap.add_argument("--head-texts", choices=["draw", "transfer"], default="draw",
-                    help="what the student's own head is fit on: a second draw of the built-in transfer set, as "
-                    "gristmill optimize --distill builtin does (default), or the transfer texts it trained on")
+    ap.add_argument("--head-texts", choices=["draw", "draw-alone", "transfer"], default="draw",
+                    help="what the student's own head is fit on: a second draw of the built-in transfer set and the "
+                    "--traffic-share texts once each, as gristmill optimize does (default); that draw alone; or the "
+                    "transfer texts it trained on")
     add_traffic_share_arg(ap, "the table's texts")
+    ap.add_argument("--traffic-weight", type=float, default=None, metavar="W",
+                    help="with --traffic-share: repeat the traffic to weigh W times the built-in set's size "
+                    "(default: corpus.TRAFFIC_SHARE, as gristmill optimize --with-builtin)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
         ap.error("--steps and --eval-every must be at least 1, --stop at least 0")
+    if args.traffic_weight is not None and (args.traffic_weight <= 0 or not args.traffic_share):
+        ap.error("--traffic-weight must be above 0, and needs --traffic-share")
 
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(prune(student, batches, args.neurons, args.heads), file=sys.stderr)
     traffic, judged = traffic_split(heldout_texts(None), args.traffic_share)
     if traffic:
-        mixed = corpus.with_traffic(transfer, traffic)
+        mixed = corpus.with_traffic(transfer, traffic, corpus.TRAFFIC_SHARE if args.traffic_weight is None
+                                    else args.traffic_weight)
         print(f"{len(traffic)} of the table's texts join the transfer set ({(len(mixed) - len(transfer)) // len(traffic)}x); "
               f"judged on the other {len(judged)}", file=sys.stderr)
         transfer = mixed
@@ -162,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.save is not None:
         torch.save(student.state_dict(), args.save)
     if steps_run == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
-        draw = args.head_texts == "draw"
-        refit = refit_head(teacher, student, tok, corpus.builtin_head_texts(src) if draw else transfer,
+        draw = args.head_texts != "transfer"
+        head_texts = corpus.builtin_head_texts(src, traffic=traffic if args.head_texts == "draw" else None)
+        refit = refit_head(teacher, student, tok, head_texts if draw else transfer,
                            max_length=length, head=(w, b), thresholds=focus,
                            teacher_pooled=None if draw else teacher_pooled)
         out["own_head"] = refit.summary()

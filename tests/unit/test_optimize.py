@@ -497,3 +497,15 @@ def test_a_student_of_a_traffic_file_mixed_into_the_built_in_set(tiny_models_fil
     manifest = json.loads((tmp_path / "art" / "gristmill-artifact.json").read_text())
     assert manifest["student"]["transfer_texts"] == 800 + 40 * 3  # each line 3x: 0.15 * 800 / 40
     assert manifest["head"]["fit_on"] == "other texts and the file's lines"  # its own head: a built-in draw, the lines
+
+
+def test_the_student_ablation_refuses_a_traffic_weight_without_a_traffic_share():
+    import subprocess
+    import sys
+    from tests.commands import ROOT as root
+    run = [sys.executable, "-m", "benchmarks.student_ablation"]
+    alone = subprocess.run([*run, "--traffic-weight", "0.5"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 2 and "--traffic-weight must be above 0, and needs --traffic-share" in alone.stderr
+    zero = subprocess.run([*run, "--traffic-share", "0.5", "--traffic-weight", "0"], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert zero.returncode == 2 and "--traffic-weight must be above 0" in zero.stderr
