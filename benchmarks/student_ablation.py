@@ -12,8 +12,9 @@ given loss weights (`DistillLoss`) and learning rate on the built-in transfer se
 --sample-lines, lines sampled from the built-in chat model (cached). Every --eval-every steps the fp32
 student is judged against the fp32 model on two held-out sets: the benchmark table's (kernels/corpus.py's
 held-out sentences and the seed set) and the sample's held-out lines. Figures: per-label flag
-agreement at the policy's thresholds, texts whose flags are all identical, and the mean cosine of the
-pooled embeddings. `--neurons F` trains a student of another shape: every layer kept, F of each
+agreement at the policy's thresholds, texts whose flags are all identical, the mean cosine of the
+pooled embeddings, and the student's median logit error where the full model's logit lies within
+NEAR_LOGITS of a threshold (what a cascade's band must cover). `--neurons F` trains a student of another shape: every layer kept, F of each
 layer's FFN neurons (and --heads of its heads) removed by importance on calibration text
 (kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare
 recipes early, on the same schedule); at the end of a full schedule the student is also exported as the
@@ -25,9 +26,9 @@ one. `--traffic-share F` plays a user who distils on a sample of their own traff
 optimize --distill FILE --with-builtin N`): F of the table's texts, chosen by a hash of each text,
 join the built-in transfer set as that command mixes them (`corpus.with_traffic`; --traffic-weight
 sets the share of the built-in set's size they are repeated to weigh), and the student is judged on
-the rest alone ("table" then names that rest; a student --load gives is judged on the same rest). Prints a table, then one JSON line:
-{"args": {...}, "curve": [{"step", "<set>": {"flags", "texts_identical", "cosine"}}], "own_head": {...}, "int8": {...},
-"int8_own_head": {...}}.
+the rest alone ("table" then names that rest; a student --load gives is judged on the same rest).
+Prints a table, then one JSON line: {"args": {...}, "curve": [{"step", "<set>": {"flags",
+"texts_identical", "cosine", "near_logit_error"}}], "own_head": {...}, "int8": {...}, "int8_own_head": {...}}.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ import time
 from pathlib import Path
 
 from .common import add_traffic_share_arg, traffic_split
+
+# `near_logit_error`: the median |student logit - full model's logit| over the (text, label) pairs
+# whose full-model logit lies within this of the label's threshold, where a cascade's band must
+# cover the student's error for the decision to be kept.
+NEAR_LOGITS = 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         row: dict = {"step": step}
         for name, texts in held.items():
             e = teacher_targets(student, tok, texts, length)
-            same = ((e @ head[0].T + head[1]) >= z_threshold) == ((reference[name] @ w.T + b) >= z_threshold)
+            z_student, z_full = e @ head[0].T + head[1], reference[name] @ w.T + b
+            same = (z_student >= z_threshold) == (z_full >= z_threshold)
+            near = (z_full - z_threshold).abs() < NEAR_LOGITS
             row[name] = {"flags": round(same.float().mean().item(), 5),
                          "texts_identical": round(same.all(1).float().mean().item(), 5),
-                         "cosine": round((e * reference[name]).sum(-1).mean().item(), 4)}
+                         "cosine": round((e * reference[name]).sum(-1).mean().item(), 4),
+                         "near_logit_error": round((z_student - z_full).abs()[near].median().item(), 4)
+                         if near.any() else None}
         student.train()
         curve.append(row)
         print(f"step {step}: " + "; ".join(f"{k} {v['flags']:.3%} / {v['texts_identical']:.2%} (cos {v['cosine']:.3f})"
@@ -195,11 +205,16 @@ def main(argv: list[str] | None = None) -> int:
             else f"{len(shape.keep_layers)} of {shape.teacher_layers} layers")
     print(f"\nstudent {kept}, {len(transfer):,} transfer texts, "
           f"loss {loss}, lr {args.lr}")
-    print("| step | " + " | ".join(f"{k}: flags / texts identical / cosine" for k in held) + " |")
+    print("| step | " + " | ".join(f"{k}: flags / texts identical / cosine / logit error near a threshold"
+                                   for k in held) + " |")
     print("| --- |" + " --- |" * len(held))
+
+    def near_error(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
     for row in curve:
         print(f"| {row['step']} | " + " | ".join(f"{row[k]['flags']:.3%} / {row[k]['texts_identical']:.2%} / "
-                                               f"{row[k]['cosine']:.3f}" for k in held) + " |")
+                                               f"{row[k]['cosine']:.3f} / {near_error(row[k]['near_logit_error'])}"
+                                               for k in held) + " |")
     for key, what in (("int8", "the full model's head"), ("int8_own_head", "its own head")):
         for name, a in out.get(key, {}).items():
             print(f"ONNX int8 artifact with {what}, {name}: flags {a['flags']:.3%}, "
