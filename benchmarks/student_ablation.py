@@ -14,9 +14,9 @@ student is judged against the fp32 model on two held-out sets: the benchmark tab
 held-out sentences and the seed set) and the sample's held-out lines. Figures: per-label flag
 agreement at the policy's thresholds, texts whose flags are all identical, the mean cosine of the
 pooled embeddings, and the student's median logit error where the full model's logit lies within
-NEAR_LOGITS of a threshold (what a cascade's band must cover). `--neurons F` trains a student of another shape: every layer kept, F of each
-layer's FFN neurons (and --heads of its heads) removed by importance on calibration text
-(kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare
+NEAR_LOGITS of a threshold (what a cascade's band must cover). `--neurons F` trains a student of
+another shape: every layer kept, F of each layer's FFN neurons (and --heads of its heads) removed by
+importance on calibration text (kernels/prune.py). `--stop N` ends training after step N of a schedule of --steps (to compare
 recipes early, on the same schedule); at the end of a full schedule the student is also exported as the
 ONNX int8 artifact workers serve and judged by the benchmark's code, through the full model's
 head and through a head of the student's own (kernels/distill.py refit_head; fit on a second draw of
@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(student.state_dict(), args.save)
     if steps_run == args.steps:  # the whole schedule: the artifact workers would serve, judged as the benchmark does
         draw = args.head_texts != "transfer"
-        head_texts = corpus.builtin_head_texts(src, traffic=traffic if args.head_texts == "draw" else None)
-        refit = refit_head(teacher, student, tok, head_texts if draw else transfer,
+        fit_texts = (corpus.builtin_head_texts(src, traffic=traffic if args.head_texts == "draw" else None) if draw
+                     else transfer)
+        refit = refit_head(teacher, student, tok, fit_texts,
                            max_length=length, head=(w, b), thresholds=focus,
                            teacher_pooled=None if draw else teacher_pooled)
         out["own_head"] = refit.summary()
