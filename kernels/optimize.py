@@ -15,9 +15,16 @@ from pathlib import Path
 import torch
 
 from . import onnx_engine
+from .onnx_rowwise import quantize_int8_rows
 from .loading import weights_revision
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "int8" artifacts quantize activations per token row (kernels/onnx_rowwise.py)
+# how each ONNX artifact mode quantizes (None: fp32)
+ONNX_QUANTIZE = {
+    "int8": "int8 with one activation range per token row: scores independent of the batch",
+    "int8-tensor": "ONNX Runtime dynamic int8, one activation range per tensor: scores depend on the batch",
+    "int8-block": "8-bit weights and activations per block of 128 (MatMulNBits), attention per tensor",
+}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                     "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 
@@ -42,8 +49,8 @@ def build_artifact(src: Path, out: Path, *, zero_shot: bool, quantize: str | Non
                    calibration: list[str] | None = None, max_length: int = 128, distill_steps: int = 0) -> dict:
     """Write an artifact directory at `out` (replaced if present). Returns its manifest."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-    if quantize not in (None, "int8", "int8-block"):
-        raise ValueError(f"quantize: 'int8', 'int8-block' or None, not {quantize!r}")
+    if quantize is not None and quantize not in ONNX_QUANTIZE:
+        raise ValueError(f"quantize: {', '.join(map(repr, ONNX_QUANTIZE))} or None, not {quantize!r}")
     calibration = calibration or []
     if prune and not calibration:
         raise ValueError("pruning needs calibration texts")
@@ -81,12 +88,11 @@ def write_onnx_artifact(model, src: Path, out: Path, *, zero_shot: bool, quantiz
         fused_ops = onnx_engine.fuse(raw, Path(tmp) / "fused.onnx", layer0.num_attention_heads,
                                      layer0.num_attention_heads * layer0.attention_head_size)
         final = Path(tmp) / "fused.onnx"
-        if quantize == "int8":
-            onnx_engine.quantize_int8(final, Path(tmp) / "int8.onnx")
-            final = Path(tmp) / "int8.onnx"
-        elif quantize == "int8-block":
-            onnx_engine.quantize_int8_blockwise(final, Path(tmp) / "int8.onnx")
-            final = Path(tmp) / "int8.onnx"
+        if quantize is not None:
+            quantized = Path(tmp) / "int8.onnx"
+            {"int8": quantize_int8_rows, "int8-tensor": onnx_engine.quantize_int8,
+             "int8-block": onnx_engine.quantize_int8_blockwise}[quantize](final, quantized)
+            final = quantized
         for f in out.glob("*.onnx*"):
             f.unlink()
         shutil.move(str(final), out / onnx_engine.ONNX_FILE)

@@ -1,4 +1,4 @@
-"""`gristmill optimize MODEL [--quantize int8|int8-block|int8-rows|none] [--prune F] [--distill FILE|builtin]
+"""`gristmill optimize MODEL [--quantize int8|int8-tensor|int8-block|int8-rows|none] [--prune F] [--distill FILE|builtin]
 [--cascade] [--out DIR]`.
 
 Builds an ONNX Runtime artifact of a registered classifier (or, for int8-rows, a recipe for the
@@ -161,8 +161,10 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="gristmill optimize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a registered classifier (name or alias)")
-    ap.add_argument("--quantize", choices=["int8", "int8-block", "int8-rows", "none"], default="int8",
-                    help="int8: ONNX Runtime dynamic int8 (fastest, least faithful); int8-block: 8-bit weights and "
+    ap.add_argument("--quantize", choices=["int8", "int8-tensor", "int8-block", "int8-rows", "none"], default="int8",
+                    help="int8: ONNX Runtime int8 with a range per activation row (a text's scores do not depend "
+                         "on its batch); int8-tensor: ONNX Runtime's dynamic int8, one range per activation "
+                         "tensor (fastest, least faithful, scores depend on the batch); int8-block: 8-bit weights and "
                          "activations per block of 128 (closer to fp32, slower); int8-rows: the torch engine, "
                          "compiled, int8 with a range per activation row and q/k/v in bf16 (close to fp32 and "
                          "fast; needs a C++ compiler); none: fp32")
@@ -246,7 +248,7 @@ def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
     from ..kernels.loading import cpu_compiler
     from ..kernels.optimize import torch_recipe_digest, write_torch_recipe
     if args.prune:
-        raise SystemExit(f"--quantize {quantize} runs the full model: --prune needs --quantize int8, int8-block or none")
+        raise SystemExit(f"--quantize {quantize} runs the full model: --prune needs --quantize int8, int8-tensor, int8-block or none")
     if cpu_compiler() is None:
         raise SystemExit(f"--quantize {quantize} runs through torch.compile, which needs a C++ compiler on a CPU: "
                          "install g++ (Debian: build-essential) or set CXX")

@@ -78,7 +78,7 @@ def test_onnx_fp32_artifact_matches_torch_and_int8_stays_close(weights, tmp_path
     kw = dict(max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"]) if zero_shot else dict(max_length=32)
     ref = ClassifierEngine(weights / name, cpu_precision="fp32", **kw).run(
         ClassifierEngine(weights / name, cpu_precision="fp32", **kw).encode(TEXTS))
-    for quantize, tol in [(None, 1e-4), ("int8", 0.2)]:
+    for quantize, tol in [(None, 1e-4), ("int8", 0.2), ("int8-tensor", 0.2)]:
         out = tmp_path / f"{name}-{quantize}"
         m = build_artifact(weights / name, out, zero_shot=zero_shot, quantize=quantize, max_length=32)
         assert read_manifest(out)["digest"] == m["digest"]
@@ -129,6 +129,7 @@ def test_digest_names_what_shapes_the_artifact(weights):
     base = artifact_digest(weights / "encoder", **d)
     assert base == artifact_digest(weights / "encoder", **d)
     assert base != artifact_digest(weights / "encoder", **{**d, "quantize": None})
+    assert base != artifact_digest(weights / "encoder", **{**d, "quantize": "int8-tensor"})
     assert base != artifact_digest(weights / "encoder", **{**d, "prune": 0.3, "calibration": ["x"]})
 
 
@@ -509,3 +510,4 @@ def test_the_student_ablation_refuses_a_traffic_weight_without_a_traffic_share()
     zero = subprocess.run([*run, "--traffic-share", "0.5", "--traffic-weight", "0"], cwd=root, capture_output=True,
                           text=True, timeout=60)
     assert zero.returncode == 2 and "--traffic-weight must be above 0" in zero.stderr
+
