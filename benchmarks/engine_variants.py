@@ -6,8 +6,8 @@
 CPU: the real all-MiniLM-L6-v2 weights and the default moderation head. Variants: fp32 eager (the
 reference), bf16 autocast (on CPUs with native bf16), `int8_rows` (the torch engine compiled, int8
 with an asymmetric range per activation row, q/k/v in bf16 where the CPU has it: kernels/quant.py),
-ONNX Runtime fp32 (fused), `int8` (ONNX Runtime dynamic int8: one activation range per tensor),
-`int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned`
+ONNX Runtime fp32 (fused), `int8` (ONNX Runtime int8 with one activation range per token row:
+kernels/onnx_rowwise.py), `int8_tensor` (ONNX Runtime's dynamic int8: one range per tensor), `int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned`
 (a student with half the layers removed, distilled on the built-in transfer set
 (kernels/corpus.py), int8) and `cascade` (that student for every input, the full model in bf16
 autocast, else fp32, for inputs near a threshold; the band chosen on half the held-out texts,
@@ -32,7 +32,9 @@ them, and every variant is judged on the rest alone.
 Agreement with fp32 on held-out text (kernels/corpus.py's held-out set plus the seed set's texts,
 unless --texts), as a moderation team reads it: per-label flag agreement at the policy's thresholds
 (`flags`), the share of texts whose flags are all identical (`texts_identical`), mean and max score
-delta; top-label agreement as a secondary figure. Quality on labelled text: the seed set in 4-fold
+delta; top-label agreement as a secondary figure. And whether a text's scores depend on its batch:
+each variant scores the same texts again in a shuffled order, 64 to a batch, and its flags are
+compared with its own first scores (`batch_independence`). Quality on labelled text: the seed set in 4-fold
 cross-validation (each text scored by a head trained, on fp32 embeddings, without its fold), the
 per-label precision, recall and F1 of each variant against fp32's.
 Without --quick it also measures, on the CPU and the real weights, the agreement of the GPU variants'
@@ -130,14 +132,16 @@ def cpu_variants(args) -> dict[str, dict]:
         student_scores[name] = scores
         engines[name] = engine
         out[name] = {"variant": engine.variant, "items_per_s": round(ips, 1), "speedup": round(ips / ref_ips, 2),
-                     "agreement": agreement(ref_scores, scores, thresholds), **(extra or {})}
+                     "agreement": agreement(ref_scores, scores, thresholds),
+                     "batch_independence": batch_independence(engine, heldout, scores, thresholds), **(extra or {})}
 
     if cpu_has_bf16():
         add("bf16", ClassifierEngine(src, cpu_precision="bf16", **kw))
     if cpu_compiler() is not None:  # torch.compile's CPU backend builds C++
         add("int8_rows", ClassifierEngine(src, cpu_precision="auto", quantize="int8-rows", compile=True, **kw))
     work = Path(tempfile.mkdtemp(prefix="gristmill-variants-"))
-    for name, quantize in [("ort_fp32", None), ("int8", "int8"), ("int8_block", "int8-block")]:
+    for name, quantize in [("ort_fp32", None), ("int8", "int8"), ("int8_tensor", "int8-tensor"),
+                           ("int8_block", "int8-block")]:
         m = build_artifact(src, work / name, zero_shot=True, quantize=quantize, calibration=calibration,
                            max_length=spec.max_input_tokens)
         add(name, OnnxClassifierEngine(work / name, **kw), {"size_mb": round(m["size_bytes"] / 1e6, 1)})
@@ -237,6 +241,25 @@ def cpu_variants(args) -> dict[str, dict]:
     for name, q in labelled_quality(fns).items():
         out[name]["labelled"] = q
     return out
+
+
+def batch_independence(engine, texts: list[str], scores: list[dict], thresholds: dict[str, float],
+                       batch: int = 64, seed: int = 0) -> dict:
+    """The same texts scored again in a shuffled order (other neighbours in each batch, other
+    padding), against `scores`: flag agreement and texts whose flags are all the same. 100% where a
+    text's scores do not depend on its batch."""
+    import random
+
+    from gristmill.kernels.optimize import agreement
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    ids = engine.encode([texts[i] for i in order])
+    rows = [r for s in range(0, len(ids), batch) for r in engine.run(ids[s: s + batch])]
+    again: list[dict] = [{}] * len(texts)
+    for pos, i in enumerate(order):
+        again[i] = rows[pos]
+    a = agreement(scores, again, thresholds)
+    return {"flags": a["flags"], "texts_identical": a["texts_identical"], "max_score_delta": a["max_score_delta"]}
 
 
 def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], args, *, speedup: float,
@@ -419,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, v in variants.items():
         if "error" in v:
-            rows.append((name, v["error"][:60], *["-"] * 9))
+            rows.append((name, v["error"][:60], *["-"] * 10))
             continue
         a = v.get("agreement") or {}
         lab = v.get("labelled") or {}
@@ -430,9 +453,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{a['mean_score_delta']:.4f} / {a['max_score_delta']:.3f}" if a else "-",
                      f"{a['top_label']:.1%}" if a else "-",
                      f"{lab['macro_f1_change']:+.3f} ({lab['worst_label_f1_change']:+.3f})" if lab else "-",
-                     f"{v['escalated']:.1%}" if "escalated" in v else "-"))
+                     f"{v['escalated']:.1%}" if "escalated" in v else "-",
+                     f"{v['batch_independence']['texts_identical']:.2%}" if "batch_independence" in v else "-"))
     print(table(rows, ("variant", "engine", "items/s", "vs fp32", "vs bf16", "flags", "texts identical",
-                       "score delta mean / max", "top label", "macro F1 change (worst label)", "escalated")))
+                       "score delta mean / max", "top label", "macro F1 change (worst label)", "escalated",
+                       "same texts, shuffled batches: texts identical")))
     curve = variants.get("cascade", {}).get("band_curve")
     if curve:
         print("\nthe cascade at other bands (the student, and the fp32 model on what it escalates):")

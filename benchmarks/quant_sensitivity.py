@@ -9,8 +9,9 @@ each scheme's numerics can be judged apart from any kernel's speed:
   weights only      int8 weights per output channel, fp32 activations
   per-tensor        + activations as uint8 with one scale and zero point per tensor, computed per
                     batch: the numerics of ONNX Runtime's dynamic int8 (DynamicQuantizeMatMul,
-                    QAttention), the engine's CPU int8 path
-  per-row           + one scale and zero point per token row instead
+                    QAttention), the `int8-tensor` artifacts
+  per-row           + one scale and zero point per token row instead: the `int8` artifacts
+                    (kernels/onnx_rowwise.py) and the torch engine's int8-rows
   smooth a          per-tensor after SmoothQuant-style rescaling (activation channel maxima from
                     the calibration text, migration strength a)
   only GROUP        per-tensor on one group of layers (qkv, attention output, FFN in, FFN out),

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --traffic-share: repeat the traffic to weigh W times the built-in set's size "
                     "(default: corpus.TRAFFIC_SHARE, as gristmill optimize --with-builtin)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--quantize", choices=["int8", "int8-tensor"], default="int8",
+                    help="how the ONNX artifact is quantized (kernels/optimize.ONNX_QUANTIZE; default int8, per row)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.stop < 0 or args.eval_every < 1:
         ap.error("--steps and --eval-every must be at least 1, --stop at least 0")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         judge("own head", (refit.weight, refit.bias))
         ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
         with tempfile.TemporaryDirectory(prefix="gristmill-ablation-") as tmp:
-            write_onnx_artifact(student, src, Path(tmp) / "student", zero_shot=True, quantize="int8",
+            write_onnx_artifact(student, src, Path(tmp) / "student", zero_shot=True, quantize=args.quantize,
                                 manifest={"variant": "ablation", "digest": "ablation"})
             ref_scores = {name: throughput(ref, texts, repeats=1)[1] for name, texts in held.items()}
             engine = OnnxClassifierEngine(Path(tmp) / "student", **kw)
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                                                for k in held) + " |")
     for key, what in (("int8", "the full model's head"), ("int8_own_head", "its own head")):
         for name, a in out.get(key, {}).items():
-            print(f"ONNX int8 artifact with {what}, {name}: flags {a['flags']:.3%}, "
+            print(f"ONNX {args.quantize} artifact with {what}, {name}: flags {a['flags']:.3%}, "
                   f"texts identical {a['texts_identical']:.2%}")
     print(json.dumps(out, default=str))
     return 0

@@ -511,3 +511,11 @@ def test_the_student_ablation_refuses_a_traffic_weight_without_a_traffic_share()
                           text=True, timeout=60)
     assert zero.returncode == 2 and "--traffic-weight must be above 0" in zero.stderr
 
+
+def test_the_artifact_timer_refuses_a_directory_that_is_not_an_artifact(tmp_path):
+    import subprocess
+    import sys
+    from tests.commands import ROOT as root
+    run = subprocess.run([sys.executable, "-m", "benchmarks.artifact_speed", str(tmp_path)], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and f"not an artifact directory (no gristmill-artifact.json): {tmp_path}" in run.stderr

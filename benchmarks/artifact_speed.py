@@ -1,0 +1,80 @@
+"""Artifacts against fp32 and each other, timed in turns in one process: speed and agreement.
+
+    python -m benchmarks.artifact_speed DIR [DIR ...] [--rounds N] [--texts FILE] [--traffic-share F]
+
+Each DIR is a `gristmill optimize` artifact of the default classifier (say, the same student
+quantized two ways). Every round times fp32 eager and then each artifact once over the held-out
+texts (workers/optimize.heldout_texts, or --texts; with --traffic-share, the part
+benchmarks.engine_variants judges on), batch 64, sorted by characters; the best round of each
+counts, so a burst of noise on a shared machine hits every engine alike. Also: flags and texts
+identical against fp32, and against the engine's own scores with the texts shuffled into other
+batches (benchmarks.engine_variants `batch_independence`).
+Prints a table, then one JSON line: {"fp32": {"items_per_s"}, "NAME": {"speedup", "agreement", ...}},
+each artifact named by its directory's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import add_traffic_share_arg, table, traffic_split
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.artifact_speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifacts", nargs="+", type=Path)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--texts", type=Path, help="held-out texts (plain lines or batch JSONL)")
+    add_traffic_share_arg(ap, "the held-out texts")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    missing = [str(p) for p in args.artifacts if not (p / "gristmill-artifact.json").is_file()]
+    if missing:
+        ap.error(f"not an artifact directory (no gristmill-artifact.json): {', '.join(missing)}")
+
+    from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.kernels.onnx_engine import OnnxClassifierEngine
+    from gristmill.kernels.optimize import agreement, throughput
+    from gristmill.producers.registry import DEFAULT_CLASSIFIER
+    from gristmill.workers.loading import classifier_kwargs
+    from gristmill.workers.optimize import decision_thresholds, heldout_texts
+
+    from .engine_variants import batch_independence
+    spec = DEFAULT_CLASSIFIER
+    kw = classifier_kwargs(spec)
+    heldout = traffic_split(heldout_texts(args.texts), args.traffic_share)[1]
+    engines = {"fp32": ClassifierEngine(spec.resolve_path(), cpu_precision="fp32", **kw)}
+    # named by their directories, the parent too where two share a name
+    names = [p.name if [q.name for q in args.artifacts].count(p.name) == 1 else f"{p.parent.name}/{p.name}"
+             for p in args.artifacts]
+    engines.update({name: OnnxClassifierEngine(p, **kw) for name, p in zip(names, args.artifacts)})
+    thresholds = decision_thresholds(spec, engines["fp32"].labels)
+    best = dict.fromkeys(engines, 0.0)
+    scores: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            ips, scores[name] = throughput(engine, heldout, repeats=1)
+            best[name] = max(best[name], ips)
+    out: dict[str, dict] = {"fp32": {"items_per_s": round(best["fp32"], 1)}}
+    rows = [("fp32", engines["fp32"].variant, f"{best['fp32']:,.0f}", "1.00x", "100%", "100%", "-")]
+    for name, engine in list(engines.items())[1:]:
+        a = agreement(scores["fp32"], scores[name], thresholds)
+        stable = batch_independence(engine, heldout, scores[name], thresholds)
+        out[name] = {"variant": engine.variant, "items_per_s": round(best[name], 1),
+                     "speedup": round(best[name] / best["fp32"], 2), "agreement": a, "batch_independence": stable}
+        rows.append((name, engine.variant, f"{best[name]:,.0f}", f"{best[name] / best['fp32']:.2f}x",
+                     f"{a['flags']:.3%}", f"{a['texts_identical']:.2%}", f"{stable['texts_identical']:.2%}"))
+    print(f"{len(heldout):,} held-out texts, best of {args.rounds} rounds")
+    print(table(rows, ("artifact", "engine", "items/s", "vs fp32", "flags", "texts identical",
+                       "shuffled batches: texts identical")))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
