@@ -6,8 +6,9 @@ depend on the texts it is batched with: scoring 1,222 built-in held-out texts ag
 order, 64 to a batch, changed 0.32% of flags and 3.7% of texts' decisions (benchmarks/README.md).
 Here each row (one token's activations) gets its own asymmetric uint8 range, so a row's result
 depends on that row alone, and most of the per-tensor range's error goes too (on the same texts,
-99.93% of flags and 99.18% of texts as fp32 against 99.74% and 96.81%), for about a fifth of the
-speed (1.78x fp32 against 2.35x, MiniLM on 2 AVX-512 VNNI cores).
+99.93% of flags and 99.18% of texts as fp32 against 99.74% and 96.81%), for a quarter of the speed
+(1.78x fp32 against 2.35x, MiniLM on 2 AVX-512 VNNI cores; the extra passes over each product's
+input and output are not fused into it).
 
 The rewrite works on ONNX Runtime's fused BERT graph (kernels/onnx_engine.fuse), for every
 `MatMul` whose weight is a constant, and every fused `Attention`:
