@@ -7,9 +7,10 @@ CPU: the real all-MiniLM-L6-v2 weights and the default moderation head. Variants
 reference), bf16 autocast (on CPUs with native bf16), `int8_rows` (the torch engine compiled, int8
 with an asymmetric range per activation row, q/k/v in bf16 where the CPU has it: kernels/quant.py),
 ONNX Runtime fp32 (fused), `int8` (ONNX Runtime int8 with one activation range per token row:
-kernels/onnx_rowwise.py), `int8_tensor` (ONNX Runtime's dynamic int8: one range per tensor), `int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned`
-(a student with half the layers removed, distilled on the built-in transfer set
-(kernels/corpus.py), int8) and `cascade` (that student for every input, the full model in bf16
+kernels/onnx_rowwise.py), `int8_tensor` (ONNX Runtime's dynamic int8: one range per tensor),
+`int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned` (a
+student with half the layers removed, distilled on the built-in transfer set (kernels/corpus.py),
+int8 per token row) and `cascade` (that student for every input, the full model in bf16
 autocast, else fp32, for inputs near a threshold; the band chosen on half the held-out texts,
 everything reported on the other half; at each of a range of bands, what it escalates and keeps, and
 what the fp32 model's own scores put within the band; and every variant as a cascade's first stage,
@@ -34,8 +35,8 @@ unless --texts), as a moderation team reads it: per-label flag agreement at the 
 (`flags`), the share of texts whose flags are all identical (`texts_identical`), mean and max score
 delta; top-label agreement as a secondary figure. And whether a text's scores depend on its batch:
 each variant scores the same texts again in a shuffled order, 64 to a batch, and its flags are
-compared with its own first scores (`batch_independence`). Quality on labelled text: the seed set in 4-fold
-cross-validation (each text scored by a head trained, on fp32 embeddings, without its fold), the
+compared with its own first scores (`batch_independence`). Quality on labelled text: the seed set
+in 4-fold cross-validation (each text scored by a head trained, on fp32 embeddings, without its fold), the
 per-label precision, recall and F1 of each variant against fp32's.
 Without --quick it also measures, on the CPU and the real weights, the agreement of the GPU variants'
 numerics (int8 weight-only, W8A8, fp8, 2:4), whose speed only counts on a GPU.

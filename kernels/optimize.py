@@ -19,7 +19,7 @@ from .onnx_rowwise import quantize_int8_rows
 from .loading import weights_revision
 
 FORMAT_VERSION = 2  # 2: "int8" artifacts quantize activations per token row (kernels/onnx_rowwise.py)
-# how each ONNX artifact mode quantizes (None: fp32)
+# how each ONNX artifact mode quantizes (None: fp32), as its manifest's quantize_scheme says
 ONNX_QUANTIZE = {
     "int8": "int8 with one activation range per token row: scores independent of the batch",
     "int8-tensor": "ONNX Runtime dynamic int8, one activation range per tensor: scores depend on the batch",
@@ -101,6 +101,7 @@ def write_onnx_artifact(model, src: Path, out: Path, *, zero_shot: bool, quantiz
             shutil.copy(Path(src) / name, out / name)
     model.config.save_pretrained(out)  # a student's config says its own layer count
     full = {"format": FORMAT_VERSION, "onnx": onnx_engine.ONNX_FILE, "zero_shot": zero_shot, "quantize": quantize,
+            "quantize_scheme": ONNX_QUANTIZE.get(quantize, "none: fp32"),
             "source": str(src), "source_revision": weights_revision(src), "fused_ops": fused_ops,
             "build_s": round(time.perf_counter() - t0, 1), "size_bytes": (out / onnx_engine.ONNX_FILE).stat().st_size,
             **manifest}

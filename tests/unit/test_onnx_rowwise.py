@@ -75,7 +75,8 @@ def test_an_int8_artifact_scores_a_text_the_same_in_any_batch(weights, tmp_path)
     spread = {}
     for quantize in ("int8", "int8-tensor"):
         out = tmp_path / quantize
-        build_artifact(weights / "encoder", out, zero_shot=True, quantize=quantize, max_length=32)
+        m = build_artifact(weights / "encoder", out, zero_shot=True, quantize=quantize, max_length=32)
+        assert m["quantize"] == quantize and ("per token row" in m["quantize_scheme"]) == (quantize == "int8")
         eng = OnnxClassifierEngine(out, **kw)
         ids = eng.encode(TEXTS)
         together = eng.run(ids)
