@@ -251,15 +251,12 @@ def batch_independence(engine, texts: list[str], scores: list[dict], thresholds:
     text's scores do not depend on its batch."""
     import random
 
-    from gristmill.kernels.optimize import agreement
+    from gristmill.kernels.optimize import agreement, input_order
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     ids = engine.encode([texts[i] for i in order])
     rows = [r for s in range(0, len(ids), batch) for r in engine.run(ids[s: s + batch])]
-    again: list[dict] = [{}] * len(texts)
-    for pos, i in enumerate(order):
-        again[i] = rows[pos]
-    a = agreement(scores, again, thresholds)
+    a = agreement(scores, input_order(rows, order), thresholds)
     return {"flags": a["flags"], "texts_identical": a["texts_identical"], "max_score_delta": a["max_score_delta"]}
 
 

@@ -36,7 +36,6 @@ class _Rewriter:
     def __init__(self, graph):
         from onnx import numpy_helper
         self._np = numpy_helper
-        self.graph = graph
         self.constants = {i.name: i for i in graph.initializer}
         self.nodes: list = []
         self.added: list = []

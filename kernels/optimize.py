@@ -10,21 +10,34 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from . import onnx_engine
-from .onnx_rowwise import quantize_int8_rows
 from .loading import weights_revision
+from .onnx_rowwise import quantize_int8_rows
 
 FORMAT_VERSION = 2  # 2: "int8" artifacts quantize activations per token row (kernels/onnx_rowwise.py)
-# how each ONNX artifact mode quantizes (None: fp32), as its manifest's quantize_scheme says
+
+
+class OnnxQuantizer(NamedTuple):
+    rewrite: Callable[[Path, Path], object]  # (fused fp32 model, quantized model out)
+    scheme: str  # what the artifact's manifest says of it (`quantize_scheme`)
+
+
+# each ONNX artifact mode (None: fp32)
 ONNX_QUANTIZE = {
-    "int8": "int8 with one activation range per token row: scores independent of the batch",
-    "int8-tensor": "ONNX Runtime dynamic int8, one activation range per tensor: scores depend on the batch",
-    "int8-block": "8-bit weights and activations per block of 128 (MatMulNBits), attention per tensor",
+    "int8": OnnxQuantizer(quantize_int8_rows,
+                          "int8 with one activation range per token row: scores independent of the batch"),
+    "int8-tensor": OnnxQuantizer(onnx_engine.quantize_int8, "ONNX Runtime dynamic int8, one activation range per "
+                                 "tensor: scores depend on the batch"),
+    "int8-block": OnnxQuantizer(onnx_engine.quantize_int8_blockwise, "8-bit weights and activations per block of "
+                                "128 (MatMulNBits), attention per tensor"),
 }
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                     "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 
@@ -90,8 +103,7 @@ def write_onnx_artifact(model, src: Path, out: Path, *, zero_shot: bool, quantiz
         final = Path(tmp) / "fused.onnx"
         if quantize is not None:
             quantized = Path(tmp) / "int8.onnx"
-            {"int8": quantize_int8_rows, "int8-tensor": onnx_engine.quantize_int8,
-             "int8-block": onnx_engine.quantize_int8_blockwise}[quantize](final, quantized)
+            ONNX_QUANTIZE[quantize].rewrite(final, quantized)
             final = quantized
         for f in out.glob("*.onnx*"):
             f.unlink()
@@ -101,7 +113,7 @@ def write_onnx_artifact(model, src: Path, out: Path, *, zero_shot: bool, quantiz
             shutil.copy(Path(src) / name, out / name)
     model.config.save_pretrained(out)  # a student's config says its own layer count
     full = {"format": FORMAT_VERSION, "onnx": onnx_engine.ONNX_FILE, "zero_shot": zero_shot, "quantize": quantize,
-            "quantize_scheme": ONNX_QUANTIZE.get(quantize, "none: fp32"),
+            "quantize_scheme": ONNX_QUANTIZE[quantize].scheme if quantize is not None else "none: fp32",
             "source": str(src), "source_revision": weights_revision(src), "fused_ops": fused_ops,
             "build_s": round(time.perf_counter() - t0, 1), "size_bytes": (out / onnx_engine.ONNX_FILE).stat().st_size,
             **manifest}
@@ -283,7 +295,12 @@ def throughput(engine, texts: list[str], batch: int = 64, repeats: int = 2) -> t
         rows = [r for s in range(0, len(ids), batch) for r in engine.run(ids[s: s + batch])]
         best = max(best, len(ids) / (time.perf_counter() - t))
         scores = rows
-    back: list[dict[str, float]] = [{}] * len(texts)
+    return best, input_order(scores, order)
+
+
+def input_order(rows: list, order: list[int]) -> list:
+    """`rows`, computed for the inputs in `order` (indexes into the inputs), back in input order."""
+    back: list = [None] * len(order)
     for pos, i in enumerate(order):
-        back[i] = scores[pos]
-    return best, back
+        back[i] = rows[pos]
+    return back
