@@ -20,7 +20,8 @@ from . import onnx_engine
 from .loading import weights_revision
 from .onnx_rowwise import quantize_int8_rows
 
-FORMAT_VERSION = 2  # 2: "int8" artifacts quantize activations per token row (kernels/onnx_rowwise.py)
+FORMAT_VERSION = 3  # 2: "int8" artifacts quantize activations per token row (kernels/onnx_rowwise.py); 3: and
+# symmetric rows where that costs no accuracy
 
 
 class OnnxQuantizer(NamedTuple):
@@ -31,7 +32,8 @@ class OnnxQuantizer(NamedTuple):
 # each ONNX artifact mode (None: fp32)
 ONNX_QUANTIZE = {
     "int8": OnnxQuantizer(quantize_int8_rows,
-                          "int8 with one activation range per token row: scores independent of the batch"),
+                          "int8 with one activation range per token row (asymmetric after GELU and for q/k/v, "
+                          "symmetric elsewhere): scores independent of the batch"),
     "int8-tensor": OnnxQuantizer(onnx_engine.quantize_int8, "ONNX Runtime dynamic int8, one activation range per "
                                  "tensor: scores depend on the batch"),
     "int8-block": OnnxQuantizer(onnx_engine.quantize_int8_blockwise, "8-bit weights and activations per block of "
