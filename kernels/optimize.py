@@ -168,19 +168,23 @@ def head_digest(weight: torch.Tensor) -> str:
     return hashlib.sha256(weight.float().contiguous().numpy().tobytes()).hexdigest()[:12]
 
 
+def _student_hash(src: Path, transfer: list[str], fields: dict) -> "hashlib._Hash":
+    h = hashlib.sha256(json.dumps({"kind": "student", "recipe": STUDENT_RECIPE, "src": weights_revision(src),
+                                   **fields}, sort_keys=True).encode())
+    for t in transfer:
+        h.update(t.encode() + b"\n")
+    return h
+
+
 def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: int, quantize: str | None,
                    max_length: int, head: tuple[torch.Tensor, torch.Tensor] | None,
                    thresholds: list[float] | None = None, head_texts: list[str] | None = None) -> str:
     """Names a student by everything that shapes it: the source weights, the head it is trained
     through and the thresholds it focuses on, the transfer texts (and those its own head is fit on)
     and the recipe."""
-    h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "kind": "student", "recipe": STUDENT_RECIPE,
-                                   "src": weights_revision(src), "p": fraction, "steps": steps, "q": quantize,
-                                   "len": max_length, "head": "" if head is None else head_digest(head[0]),
-                                   "th": thresholds},
-                                  sort_keys=True).encode())
-    for t in transfer:
-        h.update(t.encode() + b"\n")
+    h = _student_hash(src, transfer, {"v": FORMAT_VERSION, "p": fraction, "steps": steps, "q": quantize,
+                                      "len": max_length, "head": "" if head is None else head_digest(head[0]),
+                                      "th": thresholds})
     if head_texts is not None:
         h.update(b"\0head texts\n")
         for t in head_texts:
@@ -188,27 +192,77 @@ def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: in
     return h.hexdigest()[:16]
 
 
+def trained_student_digest(src: Path, *, transfer: list[str], fraction: float, steps: int, max_length: int,
+                           head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None,
+                           bf16: bool) -> str:
+    """Names a distilled fp32 student by what its training saw, and nothing of how it is exported
+    or quantized (nor the artifact format): another quantization of it reuses the training."""
+    return _student_hash(src, transfer, {"trained": 1, "p": fraction, "steps": steps, "len": max_length,
+                                         "head": "" if head is None else head_digest(head[0]), "th": thresholds,
+                                         "bf16": bf16}).hexdigest()[:16]
+
+
+TRAINED_REPORT = "distill-report.json"
+
+
+def _trained_student(*, cache: Path | None, digest: str, train, log=None) -> tuple[torch.nn.Module, "object"]:
+    """The distilled student kept under `cache`/`digest` (a Hugging Face model directory and its
+    training report), or `train()`'s (student, DistillReport), kept there when `cache` is given."""
+    from transformers import AutoModel
+
+    from .distill import DistillReport
+    kept = cache / digest if cache is not None else None
+    if kept is not None and (kept / TRAINED_REPORT).exists():
+        student = AutoModel.from_pretrained(str(kept), attn_implementation="eager", dtype=torch.float32).eval()
+        if log is not None:
+            log(f"distilled student reused from {kept}")
+        return student, DistillReport(**json.loads((kept / TRAINED_REPORT).read_text()))
+    student, report = train()
+    if kept is not None:
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=_mkdir(cache)))
+        student.save_pretrained(str(staging))
+        fields = {k: getattr(report, k) for k in ("texts", "steps", "seconds", "losses", "teacher_layers",
+                                                  "student_layers")}
+        (staging / TRAINED_REPORT).write_text(json.dumps(fields))
+        shutil.rmtree(kept, ignore_errors=True)
+        staging.rename(kept)
+    return student, report
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float, steps: int,
                   head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None = None,
                   labels: list[str] | None = None, quantize: str | None = "int8", max_length: int = 128,
                   bf16: bool = False, head_texts: list[str] | None = None, head_fit_on: str = "other texts",
-                  log=None) -> dict:
+                  trained_cache: Path | None = None, log=None) -> dict:
     """Distill a student with `fraction` of the encoder's layers removed on the `transfer` texts
     (kernels/distill.py; `thresholds`, per head row, focus it on texts near a decision), then write
     it as an ONNX artifact at `out`. With the head and thresholds, the student gets a head of its
     own (`refit_head`), fit on `head_texts` (best: text it did not train on, named in the manifest
     by `head_fit_on`; default: the transfer texts) and kept in the artifact where it agrees better
     with the teacher on others of them than the teacher's head does; engines use it in place of the
-    registered head it names. Returns its manifest."""
+    registered head it names. `trained_cache`: where distilled students are kept by what trained
+    them (`trained_student_digest`), so another quantization or artifact format of the same student
+    skips the distillation. Returns its manifest."""
     from transformers import AutoModel, AutoTokenizer
 
     from .distill import StudentShape, distill_student, make_student, refit_head
     teacher = AutoModel.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(src))
     shape = StudentShape.for_fraction(fraction, teacher.config.num_hidden_layers)
-    student = make_student(teacher, shape)
-    report = distill_student(teacher, student, tok, transfer, steps=steps, max_length=max_length, head=head,
-                             thresholds=thresholds, keep_layers=shape.keep_layers, bf16=bf16, log=log)
+
+    def train():
+        student = make_student(teacher, shape)
+        return student, distill_student(teacher, student, tok, transfer, steps=steps, max_length=max_length,
+                                        head=head, thresholds=thresholds, keep_layers=shape.keep_layers, bf16=bf16,
+                                        log=log)
+    trained = trained_student_digest(src, transfer=transfer, fraction=fraction, steps=steps, max_length=max_length,
+                                     head=head, thresholds=thresholds, bf16=bf16)
+    student, report = _trained_student(cache=trained_cache, digest=trained, train=train, log=log)
     kept = f"{len(shape.keep_layers)}of{shape.teacher_layers}"
     refit = None
     own_texts = transfer if head_texts is None else head_texts
@@ -225,7 +279,7 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
                                  max_length=max_length, head=head, thresholds=thresholds, head_texts=head_texts),
         "student": {"keep_layers": list(shape.keep_layers), "teacher_layers": shape.teacher_layers,
                     "transfer_texts": report.texts, "steps": report.steps, "train_s": report.seconds,
-                    "losses": report.losses}})
+                    "losses": report.losses, "trained": trained}})
     if refit is None:
         return onnx_engine.read_manifest(out)
     return own_artifact_head(out, refit, head, labels, fit_on="transfer texts" if head_texts is None else head_fit_on)

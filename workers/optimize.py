@@ -333,6 +333,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels import corpus, heads
     from ..kernels.loading import cpu_has_bf16
     from ..kernels.optimize import build_student, student_digest
+    from ..producers.settings import Settings
     from .loading import classifier_kwargs
     lines: list[str] = []  # a file's lines mixed into the built-in set
     if args.distill == "builtin":
@@ -363,6 +364,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
                              thresholds=focus, labels=loaded[2] if loaded is not None else None, quantize=quantize,
                              max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
                              head_fit_on="other texts and the file's lines" if lines else "other texts",
+                             trained_cache=Settings().model_cache_dir / "students",
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     reference = reference_scores(spec, src, heldout)
     report = judge(spec, src, student_dir, heldout, reference)

@@ -330,3 +330,30 @@ def test_a_head_refit_reuses_the_teachers_embeddings_from_training(weights):
                      for p in (None, report.teacher_pooled))
     assert again.summary() == reused.summary()
     assert torch.allclose(again.weight, reused.weight, atol=1e-4)
+
+
+def test_a_distilled_student_is_kept_and_reused_by_another_quantization(weights, tmp_path):
+    from gristmill.kernels.optimize import build_student, trained_student_digest
+    texts = [f"message {i} about the fox and the dog" + " again" * (i % 5) for i in range(40)]
+    kw = dict(transfer=texts, fraction=0.5, steps=2, head=None, max_length=32)
+    cache = tmp_path / "students"
+    logs: list[list[str]] = [[], []]
+    fp32 = build_student(weights / "encoder", tmp_path / "fp32", quantize=None, trained_cache=cache,
+                         log=logs[0].append, **kw)
+    int8 = build_student(weights / "encoder", tmp_path / "int8", quantize="int8", trained_cache=cache,
+                         log=logs[1].append, **kw)
+    digest = trained_student_digest(weights / "encoder", thresholds=None, bf16=False, **kw)
+    assert fp32["student"]["trained"] == int8["student"]["trained"] == digest
+    assert [p.name for p in cache.iterdir()] == [digest]
+    assert not any("reused" in m for m in logs[0]) and any("reused" in m for m in logs[1])
+    assert int8["student"]["losses"] == fp32["student"]["losses"] and int8["quantize"] == "int8"
+    # the same weights: the fp32 artifact of the reused student scores as the first one did
+    again = build_student(weights / "encoder", tmp_path / "again", quantize=None, trained_cache=cache, **kw)
+    from gristmill.kernels.onnx_engine import OnnxClassifierEngine
+    from gristmill.producers.registry import DEFAULT_PROTOTYPES
+    a, b = (OnnxClassifierEngine(d, max_length=32, prototypes=DEFAULT_PROTOTYPES, neutral=["ok"])
+            for d in (tmp_path / "fp32", tmp_path / "again"))
+    assert again["student"]["trained"] == digest
+    assert torch.allclose(a.embed(a.encode(texts[:4])), b.embed(b.encode(texts[:4])), atol=1e-5)
+    # what trains it names it; steps do, quantization does not (it is not an argument)
+    assert trained_student_digest(weights / "encoder", thresholds=None, bf16=False, **{**kw, "steps": 3}) != digest
