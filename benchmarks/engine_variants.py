@@ -164,7 +164,8 @@ def cpu_variants(args) -> dict[str, dict]:
                                  head=head, thresholds=focus, labels=head_labels, quantize="int8",
                                  max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
                                  head_fit_on="other texts and the traffic's sample" if traffic else "other texts",
-                                 trained_cache=Settings().model_cache_dir / "students", log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 trained_cache=Settings().model_cache_dir / "students",
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     student = OnnxClassifierEngine(student_dir, **kw)
     add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],
                                  "transfer_set": {"texts": len(transfer), "source": "kernels/corpus.py transfer_set",

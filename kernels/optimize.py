@@ -12,13 +12,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from . import onnx_engine
 from .loading import weights_revision
 from .onnx_rowwise import quantize_int8_rows
+
+if TYPE_CHECKING:
+    from .distill import DistillReport
 
 FORMAT_VERSION = 3  # 2: "int8" artifacts quantize activations per token row (kernels/onnx_rowwise.py); 3: and
 # symmetric rows where that costs no accuracy
@@ -205,7 +208,7 @@ def trained_student_digest(src: Path, *, transfer: list[str], fraction: float, s
 TRAINED_REPORT = "distill-report.json"
 
 
-def _trained_student(*, cache: Path | None, digest: str, train, log=None) -> tuple[torch.nn.Module, "object"]:
+def _trained_student(*, cache: Path | None, digest: str, train, log=None) -> tuple[torch.nn.Module, DistillReport]:
     """The distilled student kept under `cache`/`digest` (a Hugging Face model directory and its
     training report), or `train()`'s (student, DistillReport), kept there when `cache` is given."""
     from transformers import AutoModel
@@ -219,7 +222,8 @@ def _trained_student(*, cache: Path | None, digest: str, train, log=None) -> tup
         return student, DistillReport(**json.loads((kept / TRAINED_REPORT).read_text()))
     student, report = train()
     if kept is not None:
-        staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=_mkdir(cache)))
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=cache))
         student.save_pretrained(str(staging))
         fields = {k: getattr(report, k) for k in ("texts", "steps", "seconds", "losses", "teacher_layers",
                                                   "student_layers")}
@@ -227,11 +231,6 @@ def _trained_student(*, cache: Path | None, digest: str, train, log=None) -> tup
         shutil.rmtree(kept, ignore_errors=True)
         staging.rename(kept)
     return student, report
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float, steps: int,
