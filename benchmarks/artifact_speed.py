@@ -49,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = classifier_kwargs(spec)
     heldout = traffic_split(heldout_texts(args.texts), args.traffic_share)[1]
     engines = {"fp32": ClassifierEngine(spec.resolve_path(), cpu_precision="fp32", **kw)}
-    # named by their directories, the parent too where two share a name
-    names = [p.name if [q.name for q in args.artifacts].count(p.name) == 1 else f"{p.parent.name}/{p.name}"
-             for p in args.artifacts]
-    engines.update({name: OnnxClassifierEngine(p, **kw) for name, p in zip(names, args.artifacts)})
+    engines.update({name: OnnxClassifierEngine(p, **kw) for name, p in zip(artifact_names(args.artifacts),
+                                                                             args.artifacts)})
     thresholds = decision_thresholds(spec, engines["fp32"].labels)
     best = dict.fromkeys(engines, 0.0)
     scores: dict[str, list[dict]] = {}
@@ -74,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
                        "shuffled batches: texts identical")))
     print(json.dumps(out))
     return 0
+
+
+def artifact_names(paths: list[Path]) -> list[str]:
+    """Each artifact's row name: its directory's, with the parent's where two share it or it is the
+    reference's ("fp32"), and a count where the same directory is given again (timed again)."""
+    base = [p.name for p in paths]
+    names = [n if base.count(n) == 1 and n != "fp32" else f"{p.parent.name}/{n}" for n, p in zip(base, paths)]
+    return [n if names[:i].count(n) == 0 else f"{n} #{names[:i].count(n) + 1}" for i, n in enumerate(names)]
 
 
 if __name__ == "__main__":

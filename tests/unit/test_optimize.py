@@ -519,3 +519,11 @@ def test_the_artifact_timer_refuses_a_directory_that_is_not_an_artifact(tmp_path
     run = subprocess.run([sys.executable, "-m", "benchmarks.artifact_speed", str(tmp_path)], cwd=root,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and f"not an artifact directory (no gristmill-artifact.json): {tmp_path}" in run.stderr
+
+
+def test_artifact_speed_names_every_artifact_apart_from_the_reference():
+    from pathlib import Path
+
+    from benchmarks.artifact_speed import artifact_names
+    paths = [Path("/a/student/fp32"), Path("/a/x/int8"), Path("/a/y/int8"), Path("/a/mixed"), Path("/a/mixed")]
+    assert artifact_names(paths) == ["student/fp32", "x/int8", "y/int8", "a/mixed", "a/mixed #2"]
