@@ -25,8 +25,8 @@ and symmetric elsewhere (the attention's output and the FFN's input), where the 
 `Attention` (q/k/v from one packed weight) becomes the asymmetric product, split in three, into
 `MultiHeadAttention` with the same bias, mask and head count. Weights are int8 per output column,
 symmetric. Gemm and anything else stays fp32. On the moderation model (2 AVX-512 VNNI cores, the
-same texts): 99.94% of flags and 99.26% of texts as fp32 at 2.1x, against 99.93% / 99.18% at 1.9x
-with every row asymmetric and 99.74% / 96.81% at 2.35x per tensor.
+same texts, timed in turns): 99.94% of flags and 99.26% of texts as fp32 at 1.97-2.11x, against
+99.93% / 99.18% at 1.91-1.99x with every row asymmetric and 99.74% / 96.81% at 2.39x per tensor.
 """
 
 from __future__ import annotations
