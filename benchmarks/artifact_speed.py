@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
-    missing = [str(p) for p in args.artifacts if not (p / "gristmill-artifact.json").is_file()]
+    from gristmill.kernels.onnx_engine import MANIFEST, OnnxClassifierEngine
+    missing = [str(p) for p in args.artifacts if not (p / MANIFEST).is_file()]
     if missing:
-        ap.error(f"not an artifact directory (no gristmill-artifact.json): {', '.join(missing)}")
+        ap.error(f"not an artifact directory (no {MANIFEST}): {', '.join(missing)}")
 
     from gristmill.kernels.classify import ClassifierEngine
-    from gristmill.kernels.onnx_engine import OnnxClassifierEngine
     from gristmill.kernels.optimize import agreement, throughput
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.workers.loading import classifier_kwargs

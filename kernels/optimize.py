@@ -171,9 +171,11 @@ def head_digest(weight: torch.Tensor) -> str:
     return hashlib.sha256(weight.float().contiguous().numpy().tobytes()).hexdigest()[:12]
 
 
-def _student_hash(src: Path, transfer: list[str], fields: dict) -> "hashlib._Hash":
+def _student_hash(src: Path, transfer: list[str], head: tuple[torch.Tensor, torch.Tensor] | None,
+                  fields: dict) -> "hashlib._Hash":
     h = hashlib.sha256(json.dumps({"kind": "student", "recipe": STUDENT_RECIPE, "src": weights_revision(src),
-                                   **fields}, sort_keys=True).encode())
+                                   "head": "" if head is None else head_digest(head[0]), **fields},
+                                  sort_keys=True).encode())
     for t in transfer:
         h.update(t.encode() + b"\n")
     return h
@@ -185,9 +187,8 @@ def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: in
     """Names a student by everything that shapes it: the source weights, the head it is trained
     through and the thresholds it focuses on, the transfer texts (and those its own head is fit on)
     and the recipe."""
-    h = _student_hash(src, transfer, {"v": FORMAT_VERSION, "p": fraction, "steps": steps, "q": quantize,
-                                      "len": max_length, "head": "" if head is None else head_digest(head[0]),
-                                      "th": thresholds})
+    h = _student_hash(src, transfer, head, {"v": FORMAT_VERSION, "p": fraction, "steps": steps, "q": quantize,
+                                            "len": max_length, "th": thresholds})
     if head_texts is not None:
         h.update(b"\0head texts\n")
         for t in head_texts:
@@ -200,9 +201,8 @@ def trained_student_digest(src: Path, *, transfer: list[str], fraction: float, s
                            bf16: bool) -> str:
     """Names a distilled fp32 student by what its training saw, and nothing of how it is exported
     or quantized (nor the artifact format): another quantization of it reuses the training."""
-    return _student_hash(src, transfer, {"trained": 1, "p": fraction, "steps": steps, "len": max_length,
-                                         "head": "" if head is None else head_digest(head[0]), "th": thresholds,
-                                         "bf16": bf16}).hexdigest()[:16]
+    return _student_hash(src, transfer, head, {"trained": 1, "p": fraction, "steps": steps, "len": max_length,
+                                               "th": thresholds, "bf16": bf16}).hexdigest()[:16]
 
 
 TRAINED_REPORT = "distill-report.json"
