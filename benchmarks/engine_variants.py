@@ -14,9 +14,9 @@ int8 per token row) and `cascade` (that student for every input, the full model 
 autocast, else fp32, for inputs near a threshold; the band chosen on half the held-out texts,
 everything reported on the other half; at each of a range of bands, what it escalates and keeps, and
 what the fp32 model's own scores put within the band; and every variant as a cascade's first stage,
-estimated) and `cascade_int8_rows` (int8_rows as the first stage). Each cascade is timed end to end
-through a micro-batcher as a worker runs it (workers/host.py `served_throughput`: batches sorted by
-token count, the escalated inputs of many batches gathered into the full model's own batches),
+estimated, with the least share any escalation rule must send on to meet the floors) and
+`cascade_int8_rows` (int8_rows as the first stage). Each cascade is timed end to end through a
+micro-batcher as a worker runs it (workers/host.py `served_throughput`: batches sorted by token count, the escalated inputs of many batches gathered into the full model's own batches),
 against fp32 timed the same way, and, for comparison, with each batch's escalated inputs as their
 own call of the full model (`escalated_each_batch`).
 Where the CPU has bf16, every variant's speed is also given against bf16 (`speedup_vs_bf16`), the
@@ -206,7 +206,8 @@ def cpu_variants(args) -> dict[str, dict]:
                      "escalated_each_batch": {"items_per_s": round(per_batch_ips, 1),
                                               "speedup": round(per_batch_ips / ref_served_ips, 2)},
                      "band": judged.band, "band_chosen_on": judged.chosen_on,
-                     "escalated": judged.escalated, "heldout_texts": len(half),
+                     "escalated": judged.escalated, "least_escalation": judged.least_escalation,
+                     "heldout_texts": len(half),
                      "agreement": agreement(ref_half, [{k: v for k, v in r.items() if k in thresholds}
                                                        for r in c_scores], thresholds)}
         out[name]["band_curve"] = band_curve(student_scores[first][CHECK], ref_scores[CHECK], thresholds)
@@ -270,7 +271,7 @@ def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, 
     from gristmill.kernels.cascade import judge_on_halves
     judged = judge_on_halves(scores, ref, thresholds, flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
     return {"band": judged.band, "escalated": judged.escalated, "flags": judged.agreement["flags"],
-            "texts_identical": judged.agreement["texts_identical"],
+            "texts_identical": judged.agreement["texts_identical"], "least_escalation": judged.least_escalation,
             "floors_met_where_chosen": judged.floors_met_where_chosen(args.cascade_flags, args.cascade_texts),
             "speedup_estimate": round(1 / (1 / speedup + judged.escalated / full_speedup), 2)}
 
@@ -479,11 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     if fronts:
         print(f"\neach variant as a cascade's first stage, in front of {variants.get('bf16', variants['fp32'])['variant']} "
               f"(band for flags >= {args.cascade_flags:.2%} and texts >= {args.cascade_texts:.1%} chosen on half the "
-              f"held-out texts, figures on the other half; speed from the two stages' measured speeds):")
+              f"held-out texts, figures on the other half; speed from the two stages' measured speeds; least: what "
+              "any rule must escalate on that half to meet the floors, knowing the first stage's errors):")
         print(table([(name, f"{f['band']:.2f}" + ("" if f["floors_met_where_chosen"] else " (floors not met)"),
-                      f"{f['escalated']:.1%}", f"{f['flags']:.3%}", f"{f['texts_identical']:.2%}",
-                      f"{f['speedup_estimate']:.2f}x") for name, f in fronts],
-                    ("first stage", "band", "escalated", "flags", "texts identical", "vs fp32 (estimate)")))
+                      f"{f['escalated']:.1%}", f"{f['least_escalation']:.1%}", f"{f['flags']:.3%}",
+                      f"{f['texts_identical']:.2%}", f"{f['speedup_estimate']:.2f}x") for name, f in fronts],
+                    ("first stage", "band", "escalated", "least", "flags", "texts identical", "vs fp32 (estimate)")))
     served = [(name, v) for name, v in variants.items() if "escalated_each_batch" in v]
     if served:
         print("\nthe cascades end to end on the check half, through a micro-batcher as workers run them (fp32 timed the "

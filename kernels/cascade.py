@@ -69,6 +69,27 @@ def full_model_near(reference: list[dict[str, float]], thresholds: dict[str, flo
     return sum(near(r, thresholds, band, margin) for r in reference) / len(reference)
 
 
+def least_escalation(first: list[dict[str, float]], full: list[dict[str, float]], thresholds: dict[str, float],
+                     *, flags_floor: float, texts_floor: float) -> float:
+    """The smallest share of texts any escalation rule must send to the full model for `first`'s
+    rows to meet both floors against `full`'s: what a rule that knew `first`'s errors would send,
+    the texts with the most flag errors first. No band (nor any other rule) escalates less and meets
+    the floors, so where this exceeds a cap on escalation, the first stage itself must improve."""
+    if not first:
+        return 0.0
+    wrong = sorted((sum((f[k] >= t) != (s[k] >= t) for k, t in thresholds.items() if k in f)
+                    for s, f in zip(first, full)), reverse=True)
+    wrong = [w for w in wrong if w]
+    flags_allowed = (1 - flags_floor) * len(first) * len(thresholds)
+    texts_allowed = (1 - texts_floor) * len(first)
+    sent, flag_errors = 0, sum(wrong)
+    eps = 1e-9
+    while sent < len(wrong) and (len(wrong) - sent > texts_allowed + eps or flag_errors > flags_allowed + eps):
+        flag_errors -= wrong[sent]
+        sent += 1
+    return round(sent / len(first), 5)
+
+
 def escalations(results: list) -> list[bool] | None:
     """For a cascade's rows, whether the full model decided each; None for any other engine's."""
     if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:
@@ -173,6 +194,7 @@ class HalvesJudgement:
     escalated: float
     agreement: dict  # kernels.optimize.agreement of the cascade's rows against the full model's
     full_model_near: float  # the share the full model's own scores put within the band
+    least_escalation: float  # the share any rule must escalate to meet the floors (`least_escalation`)
 
     def floors_met_where_chosen(self, flags_floor: float, texts_floor: float) -> bool:
         return self.chosen_on["flags"] >= flags_floor and self.chosen_on["texts_identical"] >= texts_floor
@@ -189,4 +211,6 @@ def judge_on_halves(student: list[dict[str, float]], full: list[dict[str, float]
     at = escalate_at or thresholds
     rows, up = escalate(student[CHECK], full[CHECK], at, band)
     return HalvesJudgement(band, picked, len(up), round(sum(up) / len(up), 4), agreement(full[CHECK], rows, thresholds),
-                           round(full_model_near(full[CHECK], at, band), 4))
+                           round(full_model_near(full[CHECK], at, band), 4),
+                           least_escalation(student[CHECK], full[CHECK], thresholds, flags_floor=flags_floor,
+                                            texts_floor=texts_floor))

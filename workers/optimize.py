@@ -424,14 +424,16 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
                       "escalated": escalated, "items_per_s": round(ips, 1),
                       "fp32_items_per_s": round(fp32_ips, 1), "speedup": round(ips / fp32_ips, 2),
                       "speedup_estimate": round(estimate, 2), "default": reference.default,
-                      "full_model_near": judged.full_model_near, "agreement": judged.agreement,
+                      "full_model_near": judged.full_model_near, "least_escalation": judged.least_escalation,
+                      "agreement": judged.agreement,
                       "student": _report_to_store(report)}
     a = cascade_report["agreement"]
     print(_describe(manifest["variant"], _report_to_store(report)))
     print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {judged.texts} held-out texts to the "
           f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; "
           f"{cascade_report['speedup']:.2f}x fp32 measured end to end (estimate {estimate:.2f}x). "
-          f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band")
+          f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band; "
+          f"to meet the floors any rule would escalate at least {judged.least_escalation:.2%}, the first stage's errors")
     write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,
                   thresholds=every, report=cascade_report, digest=digest_out)
     refusal = None

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from gristmill.kernels.cascade import (  # noqa: E402
-    ESCALATED, CascadeEngine, choose_band, combine, full_model_near, judge_on_halves, near)
+    ESCALATED, CascadeEngine, choose_band, combine, escalate, full_model_near, judge_on_halves, least_escalation,
+    near)
 from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
@@ -190,6 +191,27 @@ def test_full_model_near_is_what_a_flawless_student_would_escalate():
     assert stats["escalated"] == full_model_near(full, TH, band)
 
 
+def test_least_escalation_is_what_a_rule_that_knew_the_errors_would_send():
+    """Texts with the most flag errors go first, until both floors hold; no band does better."""
+    full = [{"a": 0.9, "b": 0.9}, {"a": 0.9, "b": 0.0}, {"a": 0.9, "b": 0.0}, {"a": 0.0, "b": 0.0}]
+    first = [{"a": 0.1, "b": 0.1},  # two flags wrong
+             {"a": 0.1, "b": 0.0},  # one wrong
+             {"a": 0.9, "b": 0.0},  # right
+             {"a": 0.0, "b": 0.0}]  # right
+    assert least_escalation(first, full, TH, flags_floor=1.0, texts_floor=1.0) == 0.5
+    # a quarter of the texts may differ: the worst one still goes, to keep 7 of 8 flags
+    assert least_escalation(first, full, TH, flags_floor=0.875, texts_floor=0.75) == 0.25
+    assert least_escalation(first, full, TH, flags_floor=0.5, texts_floor=0.5) == 0.0
+    assert least_escalation(full, full, TH, flags_floor=1.0, texts_floor=1.0) == 0.0
+    assert least_escalation([], [], TH, flags_floor=1.0, texts_floor=1.0) == 0.0
+    for band in (0.0, 0.5, 1.0, 3.0, 10.0):  # every band that meets the floors escalates at least as much
+        rows, up = escalate(first, full, TH, band)
+        same = [all((r[k] >= t) == (f[k] >= t) for k, t in TH.items()) for r, f in zip(rows, full)]
+        assert not all(same) or sum(up) / len(up) >= 0.5
+    judged = judge_on_halves(first * 2, full * 2, TH, flags_floor=1.0, texts_floor=1.0)
+    assert judged.least_escalation == 0.5
+
+
 def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_file, tmp_path):
     """--distill --cascade on the tiny encoder: the student has half the layers, the cascade's
     band meets its floors on the held-out half, and a worker's host serves it, naming in each
@@ -209,6 +231,10 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     assert report == manifest["report"] and 0.0 <= report["escalated"] <= 1.0
     assert set(report["agreement"]) >= {"flags", "texts_identical"}
     assert 0.0 <= report["full_model_near"] <= 1.0 and "The full model's own scores put" in p.stdout
+    assert 0.0 <= report["least_escalation"] <= 1.0 and "any rule would escalate at least" in p.stdout
+    a = report["agreement"]
+    if a["flags"] >= 0.9995 and a["texts_identical"] >= 0.995:  # the band met the floors where judged
+        assert report["escalated"] >= report["least_escalation"]
     assert report["speedup"] > 0 and report["speedup_estimate"] > 0 and "measured end to end" in p.stdout
 
     host = EngineHost(Settings(models_file=mf, builtin_models=False, home=tmp_path / "home", dedup_ttl_s=0))
