@@ -156,12 +156,17 @@ def _lookup(model: str):
     return spec
 
 
+# kernels/optimize.py ONNX_QUANTIZE's modes, the torch recipe and fp32: spelt here so that --help
+# does not import torch (tests/unit/test_optimize.py keeps the two the same)
+QUANTIZE_CHOICES = ("int8", "int8-tensor", "int8-block", "int8-rows", "none")
+
+
 def main(argv: list[str]) -> int:
     from ..producers.registry import DEFAULT_GENERATOR
     ap = argparse.ArgumentParser(prog="gristmill optimize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a registered classifier (name or alias)")
-    ap.add_argument("--quantize", choices=["int8", "int8-tensor", "int8-block", "int8-rows", "none"], default="int8",
+    ap.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
                     help="int8: ONNX Runtime int8 with a range per activation row (a text's scores do not depend "
                          "on its batch); int8-tensor: ONNX Runtime's dynamic int8, one range per activation "
                          "tensor (fastest, least faithful, scores depend on the batch); int8-block: 8-bit weights and "
