@@ -10,8 +10,8 @@ ONNX Runtime fp32 (fused), `int8` (ONNX Runtime int8 with one activation range p
 kernels/onnx_rowwise.py), `int8_tensor` (ONNX Runtime's dynamic int8: one range per tensor),
 `int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned` (a
 student with half the layers removed, distilled on the built-in transfer set (kernels/corpus.py),
-int8 per token row) and `cascade` (that student for every input, the full model in bf16
-autocast, else fp32, for inputs near a threshold; the band chosen on half the held-out texts,
+int8 per token row) and `cascade` (that student for every input, the full model in fp32, as
+workers run it in a cascade, for inputs near a threshold; the band chosen on half the held-out texts,
 everything reported on the other half; at each of a range of bands, what it escalates and keeps, and
 what the fp32 model's own scores put within the band; and every variant as a cascade's first stage,
 estimated, with the least share any escalation rule must send on to meet the floors) and
@@ -181,8 +181,6 @@ def cpu_variants(args) -> dict[str, dict]:
         out["int8_pruned"]["by_source"]["sampled held-out lines"] = {
             "texts": len(held), **agreement(throughput(ref, held, repeats=1)[1], throughput(student, held, repeats=1)[1],
                                             thresholds)}
-    # the full model as workers run it in a cascade: bf16 autocast where the CPU has native bf16
-    teacher = engines.get("bf16", ref)
     half = heldout[CHECK]  # the cascade's band is chosen on the other half
     ref_half = ref_scores[CHECK]  # fp32's scores of that half, as every variant is judged against
     # the micro-batcher sorts by token count, where `throughput` sorts by characters: the cascades
@@ -191,11 +189,11 @@ def cpu_variants(args) -> dict[str, dict]:
     bands = {}
 
     def add_cascade(name: str, first: str) -> None:
-        """`first` for every input, `teacher` for those near a threshold, timed end to end on the
-        check half with the band chosen on the pick half."""
+        """`first` for every input, fp32 (as workers run the full model in a cascade) for those near
+        a threshold, timed end to end on the check half with the band chosen on the pick half."""
         judged = judge_on_halves(student_scores[first], ref_scores, thresholds,
                                  flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-        cascade = CascadeEngine(engines[first], teacher, band=judged.band, thresholds=thresholds)
+        cascade = CascadeEngine(engines[first], ref, band=judged.band, thresholds=thresholds)
         # as a worker runs it: escalated inputs batched among themselves; and, the baseline, each
         # batch's escalated inputs as their own call of the full model
         c_ips, c_scores = served_throughput(cascade, half, repeats=args.repeats)
@@ -215,10 +213,9 @@ def cpu_variants(args) -> dict[str, dict]:
     add_cascade("cascade", "int8_pruned")
     if "int8_rows" in engines:
         add_cascade("cascade_int8_rows", "int8_rows")
-    full_speedup = out.get("bf16", out["fp32"])["speedup"]
     for name, scores in student_scores.items():  # every variant as a cascade's first stage, the same way
         out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, args,
-                                                         speedup=out[name]["speedup"], full_speedup=full_speedup)
+                                                         speedup=out[name]["speedup"], full_speedup=1.0)
     if "bf16" in out:  # bf16 is what a worker serves without an artifact: the floor to beat
         for name, v in out.items():
             # a cascade: bf16 scaled to the half, timed as the cascade was
@@ -264,8 +261,8 @@ def batch_independence(engine, texts: list[str], scores: list[dict], thresholds:
 
 def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], args, *, speedup: float,
                      full_speedup: float) -> dict:
-    """A variant as the first stage of a cascade in front of the full model (bf16 where the CPU has
-    it): the band that meets the cascade's floors on one half of the held-out texts, and on the other
+    """A variant as the first stage of a cascade in front of the full model (fp32, as workers run
+    it in a cascade, at `full_speedup`): the band that meets the cascade's floors on one half of the held-out texts, and on the other
     half what it escalates and keeps, with its speed estimated from the two stages' measured speeds
     (every input through the variant, the escalated share again through the full model)."""
     from gristmill.kernels.cascade import judge_on_halves
@@ -478,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("core", "texts", "flag errors", "share of all", f"fp32 within {cores['near_band']} of a threshold")))
     fronts = [(name, v["as_cascade_front"]) for name, v in variants.items() if "as_cascade_front" in v]
     if fronts:
-        print(f"\neach variant as a cascade's first stage, in front of {variants.get('bf16', variants['fp32'])['variant']} "
+        print(f"\neach variant as a cascade's first stage, in front of {variants['fp32']['variant']} "
               f"(band for flags >= {args.cascade_flags:.2%} and texts >= {args.cascade_texts:.1%} chosen on half the "
               f"held-out texts, figures on the other half; speed from the two stages' measured speeds; least: what "
               "any rule must escalate on that half to meet the floors, knowing the first stage's errors):")

@@ -303,10 +303,12 @@ def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor],
 def write_cascade(out: Path, *, student_dir: str, teacher_model: str, source: Path, band: float,
                   thresholds: dict[str, list[float]], report: dict, digest: str) -> dict:
     """A cascade artifact at `out`: the student artifact in `out/student_dir`, the full model by
-    its registered name (and its weights' path, where the name is not registered), the band."""
-    from .cascade import MANIFEST_KIND
+    its registered name (and its weights' path, where the name is not registered) and the CPU
+    precision it runs in, the band."""
+    from .cascade import FULL_MODEL_PRECISION, MANIFEST_KIND
     manifest = {"format": FORMAT_VERSION, "kind": MANIFEST_KIND, "student": student_dir,
                 "teacher_model": teacher_model, "source": str(source), "source_revision": weights_revision(source),
+                "full_model_precision": FULL_MODEL_PRECISION,
                 "band": band, "thresholds": thresholds, "digest": digest, "variant": "cascade", "report": report}
     (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -128,16 +128,17 @@ class EngineLoader:
 
     def _load_cascade(self, spec: ModelSpec, path, manifest: dict, kw: dict):
         """The first stage inside the cascade directory (a student, or a torch recipe), and the full
-        model (by its registered name, else the weights' path) in the CPU precision setting: bf16
-        autocast where the CPU has native bf16, which kept every flag of fp32, the reference the band
-        was chosen against."""
-        from ..kernels.cascade import CascadeEngine
+        model (by its registered name, else the weights' path) in the CPU precision the manifest
+        names: fp32, the reference the band was chosen against, since the inputs it decides are the
+        ones near a threshold, where bf16 changes decisions (kernels/cascade.py)."""
+        from ..kernels.cascade import FULL_MODEL_PRECISION, CascadeEngine
         from ..kernels.classify import ClassifierEngine
         from ..kernels.optimize import artifact_engine
         teacher_spec = self.registry.specs.get(manifest["teacher_model"])
         teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
         student = artifact_engine(Path(path) / manifest["student"], cpu_precision=self.settings.cpu_precision, **kw)
-        teacher = ClassifierEngine(teacher_path, cpu_precision=self.settings.cpu_precision, **kw)
+        teacher = ClassifierEngine(teacher_path, cpu_precision=manifest.get("full_model_precision", FULL_MODEL_PRECISION),
+                                   **kw)
         return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
                              margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
 

@@ -417,11 +417,11 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
                              texts_floor=args.cascade_texts, escalate_at=every)
     band, escalated = judged.band, judged.escalated
     # what the cascade costs, estimated: the first stage on every input plus, on the escalated
-    # share, the full model as a worker runs it (bf16 where the CPU has it) ...
-    estimate = 1 / (1 / report["speedup"] + escalated / reference.default["speedup"])
+    # share, the full model as a worker runs it in a cascade (fp32: kernels/cascade.py) ...
+    estimate = 1 / (1 / report["speedup"] + escalated)
     # ... and measured, as a worker runs it: the micro-batcher gathers escalated inputs into the full
     # model's own batches (workers/host.py), though the last, partial one still costs a whole call
-    cascade = CascadeEngine(report["engine"], reference.default_engine, band=band, thresholds=every)
+    cascade = CascadeEngine(report["engine"], reference.engine, band=band, thresholds=every)
     half = heldout[CHECK]
     fp32_ips = served_throughput(reference.engine, half)[0]  # timed the same way
     ips = served_throughput(cascade, half)[0]

@@ -240,6 +240,8 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     host = EngineHost(Settings(models_file=mf, builtin_models=False, home=tmp_path / "home", dedup_ttl_s=0))
     eng = host.engine("tiny-cascade")
     assert eng.variant.startswith("cascade(ort-int8-student1of2") and eng.band == manifest["band"]
+    # the full model decides in the precision the band was judged against, whatever the CPU has
+    assert manifest["full_model_precision"] == "fp32" and eng.teacher.variant == "torch-float32-cpu"
     eng.band = 100.0  # every input escalates: the full model decides
     item = S.WorkItem(1, "c1", "/v1/moderations", "tiny-cascade", {"input": ["i will hurt you", "hello"]}, "0" * 64)
     (prep,) = host.prepare([item])
@@ -248,8 +250,11 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     results = through_batcher(host, "tiny-cascade", prep.payloads)
     line = host.format(item, results)
     assert line["provenance"]["decided_by"] == ["full", "full"]
-    # the full model's scores, as the same worker serves the model itself (its CPU precision)
-    full = host.engine("tiny-moderation").run(prep.payloads)
+    # the full model's scores in fp32, whatever the worker serves the model itself in
+    from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.workers.loading import classifier_kwargs
+    spec = host.registry.specs["tiny-moderation"]
+    full = ClassifierEngine(spec.resolve_path(), cpu_precision="fp32", **classifier_kwargs(spec)).run(prep.payloads)
     assert [{k: v for k, v in r.items() if k != ESCALATED} for r in results] == full and results == eng.run(prep.payloads)
     eng.band = 0.0  # none does: the student decides
     assert host.format(item, host.run("tiny-cascade", prep.payloads))["provenance"]["decided_by"] == ["student",
