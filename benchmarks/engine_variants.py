@@ -11,14 +11,15 @@ kernels/onnx_rowwise.py), `int8_tensor` (ONNX Runtime's dynamic int8: one range 
 `int8_block` (8-bit weights and activations per block of 128, attention int8), `int8_pruned` (a
 student with half the layers removed, distilled on the built-in transfer set (kernels/corpus.py),
 int8 per token row) and `cascade` (that student for every input, the full model in fp32, as
-workers run it in a cascade, for inputs near a threshold; the band chosen on half the held-out texts,
-everything reported on the other half; at each of a range of bands, what it escalates and keeps, and
-what the fp32 model's own scores put within the band; and every variant as a cascade's first stage,
-estimated, with the least share any escalation rule must send on to meet the floors) and
-`cascade_int8_rows` (int8_rows as the first stage). Each cascade is timed end to end through a
-micro-batcher as a worker runs it (workers/host.py `served_throughput`: batches sorted by token count, the escalated inputs of many batches gathered into the full model's own batches),
-against fp32 timed the same way, and, for comparison, with each batch's escalated inputs as their
-own call of the full model (`escalated_each_batch`).
+workers run it in a cascade, for inputs near a threshold; the band chosen on half the held-out
+texts, everything reported on the other half; at each of a range of bands, what it escalates and
+keeps, and what the fp32 model's own scores put within the band; and every variant as a cascade's
+first stage, estimated, with the least share any escalation rule must send on to meet the floors)
+and `cascade_int8_rows` (int8_rows as the first stage). Each cascade is timed end to end through a
+micro-batcher as a worker runs it (workers/host.py `served_throughput`: batches sorted by token
+count, the escalated inputs of many batches gathered into the full model's own batches), against fp32
+timed the same way, and, for comparison, with each batch's escalated inputs as their own call of the
+full model (`escalated_each_batch`).
 Where the CPU has bf16, every variant's speed is also given against bf16 (`speedup_vs_bf16`), the
 engine a worker serves without an artifact.
 The student is built once and cached under
@@ -262,8 +263,8 @@ def batch_independence(engine, texts: list[str], scores: list[dict], thresholds:
 def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], args, *, speedup: float,
                      full_speedup: float) -> dict:
     """A variant as the first stage of a cascade in front of the full model (fp32, as workers run
-    it in a cascade, at `full_speedup`): the band that meets the cascade's floors on one half of the held-out texts, and on the other
-    half what it escalates and keeps, with its speed estimated from the two stages' measured speeds
+    it in a cascade, at `full_speedup`): the band that meets the cascade's floors on one half of the
+    held-out texts, and on the other half what it escalates and keeps, with its speed estimated from the two stages' measured speeds
     (every input through the variant, the escalated share again through the full model)."""
     from gristmill.kernels.cascade import judge_on_halves
     judged = judge_on_halves(scores, ref, thresholds, flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)

@@ -21,9 +21,9 @@ ESCALATED = "_escalated"
 MANIFEST_KIND = "cascade"
 # The full model decides the escalated inputs in fp32 on a CPU, the precision the band is judged
 # against. Those inputs lie near a threshold by construction, which is where bf16's rounding flips
-# decisions: on half the built-in held-out text bf16 changed 3 of 611 texts' flags, all of them
-# among the student's escalated ones, and took its cascade from 99.51% of texts identical to 99.02%
-# (benchmarks/README.md).
+# decisions: on 611 built-in held-out texts bf16 changed 3 texts' flags, all of them among the
+# student's escalated ones, and took its cascade from 99.51% of texts identical to 99.02%
+# (benchmarks/README.md, "The full model decides the escalated inputs in fp32").
 FULL_MODEL_PRECISION = "fp32"
 
 

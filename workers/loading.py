@@ -137,8 +137,8 @@ class EngineLoader:
         teacher_spec = self.registry.specs.get(manifest["teacher_model"])
         teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
         student = artifact_engine(Path(path) / manifest["student"], cpu_precision=self.settings.cpu_precision, **kw)
-        teacher = ClassifierEngine(teacher_path, cpu_precision=manifest.get("full_model_precision", FULL_MODEL_PRECISION),
-                                   **kw)
+        precision = manifest.get("full_model_precision", FULL_MODEL_PRECISION)
+        teacher = ClassifierEngine(teacher_path, cpu_precision=precision, **kw)
         return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
                              margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
 
