@@ -15,7 +15,8 @@ workers run it in a cascade, for inputs near a threshold; the band chosen on hal
 texts, everything reported on the other half; at each of a range of bands, what it escalates and
 keeps, and what the fp32 model's own scores put within the band; and every variant as a cascade's
 first stage, estimated, with the least share any escalation rule must send on to meet the floors)
-and `cascade_int8_rows` (int8_rows as the first stage). Each cascade is timed end to end through a
+and `cascade_int8_rows` (int8_rows as the first stage), and `cascade_three_stage` (the student,
+then `cascade_int8_rows` for what it escalates). Each cascade is timed end to end through a
 micro-batcher as a worker runs it (workers/host.py `served_throughput`: batches sorted by token
 count, the escalated inputs of many batches gathered into the full model's own batches), against fp32
 timed the same way, and, for comparison, with each batch's escalated inputs as their own call of the
@@ -189,17 +190,21 @@ def cpu_variants(args) -> dict[str, dict]:
     ref_served_ips = served_throughput(ref, half, repeats=args.repeats)[0]
     bands = {}
 
-    def add_cascade(name: str, first: str) -> None:
-        """`first` for every input, fp32 (as workers run the full model in a cascade) for those near
-        a threshold, timed end to end on the check half with the band chosen on the pick half."""
+    def add_cascade(name: str, first: str, full=None) -> None:
+        """`first` for every input, `full` (default fp32, as workers run the full model in a
+        cascade) for those near a threshold, timed end to end on the check half with the band chosen
+        on the pick half. A `full` that is itself a cascade makes three stages; its own band was
+        chosen for it, and the figures are of the rows it gives."""
         judged = judge_on_halves(student_scores[first], ref_scores, thresholds,
                                  flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-        cascade = CascadeEngine(engines[first], ref, band=judged.band, thresholds=thresholds)
+        cascade = CascadeEngine(engines[first], full or ref, band=judged.band, thresholds=thresholds)
         # as a worker runs it: escalated inputs batched among themselves; and, the baseline, each
         # batch's escalated inputs as their own call of the full model
         c_ips, c_scores = served_throughput(cascade, half, repeats=args.repeats)
         per_batch_ips = served_throughput(cascade, half, repeats=args.repeats, stages=False)[0]
-        engines[name], bands[name] = cascade, (first, judged.band)
+        bands[name] = (first, judged.band)
+        if full is None:  # (three stages: no labelled-set figures, which embed through fp32)
+            engines[name] = cascade
         out[name] = {"variant": cascade.variant, "items_per_s": round(c_ips, 1),
                      "speedup": round(c_ips / ref_served_ips, 2), "fp32_items_per_s": round(ref_served_ips, 1),
                      "escalated_each_batch": {"items_per_s": round(per_batch_ips, 1),
@@ -214,6 +219,8 @@ def cpu_variants(args) -> dict[str, dict]:
     add_cascade("cascade", "int8_pruned")
     if "int8_rows" in engines:
         add_cascade("cascade_int8_rows", "int8_rows")
+        # the student's escalated inputs through that cascade in turn: most of them int8_rows decides
+        add_cascade("cascade_three_stage", "int8_pruned", full=engines["cascade_int8_rows"])
     for name, scores in student_scores.items():  # every variant as a cascade's first stage, the same way
         out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, args,
                                                          speedup=out[name]["speedup"], full_speedup=1.0)

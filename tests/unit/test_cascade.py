@@ -153,6 +153,26 @@ def test_a_cascade_screens_then_decides_in_two_stages_as_run_does_in_one():
     assert cascade.screen([]) == [] and cascade.decide([]) == [] and full.calls == [2, 2]
 
 
+def test_a_cascade_can_stand_in_for_the_full_model_making_three_stages():
+    """The student's escalated inputs go to a second cascade, which keeps its own first stage's rows
+    but for the inputs nearer still, which the full model decides."""
+    class _Tagged(_Scored):
+        def __init__(self, tag: float):
+            super().__init__()
+            self.tag = tag
+
+        def run(self, batch):
+            return [{**r, "a": r["a"] + self.tag} for r in super().run(batch)]
+
+    student, middle, full = _Tagged(0.0), _Tagged(0.001), _Tagged(0.002)
+    inner = CascadeEngine(middle, full, band=0.05, thresholds=TH)
+    outer = CascadeEngine(student, inner, band=0.25, thresholds=TH)
+    rows = outer.run([[90], [45], [49], [10]])
+    assert [round(r["a"], 3) for r in rows] == [0.9, 0.451, 0.492, 0.1]  # student, middle, full, student
+    assert [r[ESCALATED] for r in rows] == [0.0, 1.0, 1.0, 0.0]
+    assert middle.calls == [2] and full.calls == [1]
+
+
 def test_choose_band_is_the_narrowest_that_meets_the_floors():
     teacher = [{"a": 0.6, "b": 0.0}, {"a": 0.2, "b": 0.0}, {"a": 0.9, "b": 0.0}]
     student = [{"a": 0.45, "b": 0.0}, {"a": 0.25, "b": 0.0}, {"a": 0.95, "b": 0.0}]  # the first flips
