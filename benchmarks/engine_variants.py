@@ -223,7 +223,7 @@ def cpu_variants(args) -> dict[str, dict]:
         add_cascade("cascade_three_stage", "int8_pruned", full=engines["cascade_int8_rows"])
     for name, scores in student_scores.items():  # every variant as a cascade's first stage, the same way
         out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, args,
-                                                         speedup=out[name]["speedup"], full_speedup=1.0)
+                                                         speedup=out[name]["speedup"])
     if "bf16" in out:  # bf16 is what a worker serves without an artifact: the floor to beat
         for name, v in out.items():
             # a cascade: bf16 scaled to the half, timed as the cascade was
@@ -267,18 +267,19 @@ def batch_independence(engine, texts: list[str], scores: list[dict], thresholds:
     return {"flags": a["flags"], "texts_identical": a["texts_identical"], "max_score_delta": a["max_score_delta"]}
 
 
-def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], args, *, speedup: float,
-                     full_speedup: float) -> dict:
+def as_cascade_front(scores: list[dict], ref: list[dict], thresholds: dict[str, float], args, *,
+                     speedup: float) -> dict:
     """A variant as the first stage of a cascade in front of the full model (fp32, as workers run
-    it in a cascade, at `full_speedup`): the band that meets the cascade's floors on one half of the
-    held-out texts, and on the other half what it escalates and keeps, with its speed estimated from the two stages' measured speeds
-    (every input through the variant, the escalated share again through the full model)."""
-    from gristmill.kernels.cascade import judge_on_halves
+    it in a cascade): the band that meets the cascade's floors on one half of the held-out texts,
+    and on the other half what it escalates and keeps, with its speed estimated from the two stages'
+    measured speeds (every input through the variant, the escalated share again through the full
+    model: kernels/cascade.py `estimated_speedup`)."""
+    from gristmill.kernels.cascade import estimated_speedup, judge_on_halves
     judged = judge_on_halves(scores, ref, thresholds, flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
     return {"band": judged.band, "escalated": judged.escalated, "flags": judged.agreement["flags"],
             "texts_identical": judged.agreement["texts_identical"], "least_escalation": judged.least_escalation,
             "floors_met_where_chosen": judged.floors_met_where_chosen(args.cascade_flags, args.cascade_texts),
-            "speedup_estimate": round(1 / (1 / speedup + judged.escalated / full_speedup), 2)}
+            "speedup_estimate": round(estimated_speedup(speedup, judged.escalated), 2)}
 
 
 def band_curve(student: list[dict], full: list[dict], thresholds: dict[str, float],

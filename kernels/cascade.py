@@ -75,6 +75,13 @@ def full_model_near(reference: list[dict[str, float]], thresholds: dict[str, flo
     return sum(near(r, thresholds, band, margin) for r in reference) / len(reference)
 
 
+def estimated_speedup(first_speedup: float, escalated: float) -> float:
+    """A cascade's speed against fp32, estimated from its stages': the first stage (at
+    `first_speedup`) on every input, and the full model, in fp32 (FULL_MODEL_PRECISION), again on the
+    `escalated` share, in full batches."""
+    return 1 / (1 / first_speedup + escalated)
+
+
 def least_escalation(first: list[dict[str, float]], full: list[dict[str, float]], thresholds: dict[str, float],
                      *, flags_floor: float, texts_floor: float) -> float:
     """The smallest share of texts any escalation rule must send to the full model for `first`'s

@@ -406,7 +406,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     """Around the first stage judged in `staging/student` (`report`, with its scores and engine):
     the band, chosen on half the held-out texts and judged on the other half, the cascade's speed
     measured end to end on that half, and the cascade's manifest."""
-    from ..kernels.cascade import CHECK, CascadeEngine, judge_on_halves
+    from ..kernels.cascade import CHECK, CascadeEngine, estimated_speedup, judge_on_halves
     from ..kernels.optimize import write_cascade
     from .host import served_throughput
     thresholds = decision_thresholds(spec, reference.engine.labels)
@@ -416,9 +416,8 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     judged = judge_on_halves(report["scores"], reference.scores, thresholds, flags_floor=args.cascade_flags,
                              texts_floor=args.cascade_texts, escalate_at=every)
     band, escalated = judged.band, judged.escalated
-    # what the cascade costs, estimated: the first stage on every input plus, on the escalated
-    # share, the full model as a worker runs it in a cascade (fp32: kernels/cascade.py) ...
-    estimate = 1 / (1 / report["speedup"] + escalated)
+    # what the cascade costs, estimated from its stages' speeds ...
+    estimate = estimated_speedup(report["speedup"], escalated)
     # ... and measured, as a worker runs it: the micro-batcher gathers escalated inputs into the full
     # model's own batches (workers/host.py), though the last, partial one still costs a whole call
     cascade = CascadeEngine(report["engine"], reference.engine, band=band, thresholds=every)

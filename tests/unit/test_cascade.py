@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from gristmill.kernels.cascade import (  # noqa: E402
-    ESCALATED, CascadeEngine, choose_band, combine, escalate, full_model_near, judge_on_halves, least_escalation,
-    near)
+    ESCALATED, CascadeEngine, choose_band, combine, escalate, estimated_speedup, full_model_near, judge_on_halves,
+    least_escalation, near)
 from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
@@ -209,6 +209,12 @@ def test_full_model_near_is_what_a_flawless_student_would_escalate():
     # a cascade whose student equals the full model escalates exactly that share
     band, stats = choose_band(full, full, TH, flags_floor=1.0, texts_floor=1.0, bands=(0.1,))
     assert stats["escalated"] == full_model_near(full, TH, band)
+
+
+def test_the_estimated_speedup_prices_the_escalated_share_at_fp32():
+    assert estimated_speedup(4.0, 0.0) == pytest.approx(4.0)
+    assert estimated_speedup(4.0, 0.25) == pytest.approx(2.0)  # 1 / (0.25 + 0.25)
+    assert estimated_speedup(2.0, 1.0) == pytest.approx(2 / 3)
 
 
 def test_least_escalation_is_what_a_rule_that_knew_the_errors_would_send():

@@ -66,9 +66,9 @@ def test_distillation_brings_a_pruned_model_back_towards_the_original(weights):
 
 
 def test_the_command_offers_every_quantization_the_artifacts_build():
-    from gristmill.kernels.optimize import ONNX_QUANTIZE
+    from gristmill.kernels.optimize import ONNX_QUANTIZE, TORCH_QUANTIZE
     from gristmill.workers.optimize import QUANTIZE_CHOICES
-    assert set(QUANTIZE_CHOICES) == {*ONNX_QUANTIZE, "int8-rows", "none"}
+    assert set(QUANTIZE_CHOICES) == {*ONNX_QUANTIZE, *TORCH_QUANTIZE, "none"}
 
 
 def test_prune_rejects_a_bad_fraction(weights):
