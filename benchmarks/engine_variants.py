@@ -106,7 +106,7 @@ def cpu_variants(args) -> dict[str, dict]:
     import torch
 
     from gristmill.kernels import corpus, heads, sampled as sampling
-    from gristmill.kernels.cascade import CHECK, CascadeEngine, judge_on_halves, near
+    from gristmill.kernels.cascade import CHECK, CascadeEngine, deciders, escalate, judge_on_halves, near
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
@@ -190,13 +190,18 @@ def cpu_variants(args) -> dict[str, dict]:
     ref_served_ips = served_throughput(ref, half, repeats=args.repeats)[0]
     bands = {}
 
-    def add_cascade(name: str, first: str, full=None) -> None:
-        """`first` for every input, `full` (default fp32, as workers run the full model in a
-        cascade) for those near a threshold, timed end to end on the check half with the band chosen
-        on the pick half. A `full` that is itself a cascade makes three stages; its own band was
-        chosen for it, and the figures are of the rows it gives."""
-        judged = judge_on_halves(student_scores[first], ref_scores, thresholds,
+    def add_cascade(name: str, first: str, middle: str | None = None) -> None:
+        """`first` for every input, the full model (in fp32, as workers run it in a cascade) for
+        those near a threshold, timed end to end on the check half with the band chosen on the pick
+        half. A `middle` (a cascade added before) between them makes three stages, as `gristmill
+        optimize --middle` builds them: its own band was chosen for it, and `first`'s band is chosen
+        for the rows it gives."""
+        later = None
+        if middle is not None:
+            later = escalate(student_scores[bands[middle][0]], ref_scores, thresholds, bands[middle][1])[0]
+        judged = judge_on_halves(student_scores[first], ref_scores, thresholds, later=later,
                                  flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
+        full = engines[middle] if middle is not None else None
         cascade = CascadeEngine(engines[first], full or ref, band=judged.band, thresholds=thresholds)
         # as a worker runs it: escalated inputs batched among themselves; and, the baseline, each
         # batch's escalated inputs as their own call of the full model
@@ -215,12 +220,14 @@ def cpu_variants(args) -> dict[str, dict]:
                      "agreement": agreement(ref_half, [{k: v for k, v in r.items() if k in thresholds}
                                                        for r in c_scores], thresholds)}
         out[name]["band_curve"] = band_curve(student_scores[first][CHECK], ref_scores[CHECK], thresholds)
+        if middle is not None:  # of all inputs, the share the middle stage passed on to fp32
+            out[name]["to_full"] = round(deciders(c_scores).count("full") / len(c_scores), 4)
 
     add_cascade("cascade", "int8_pruned")
     if "int8_rows" in engines:
         add_cascade("cascade_int8_rows", "int8_rows")
         # the student's escalated inputs through that cascade in turn: most of them int8_rows decides
-        add_cascade("cascade_three_stage", "int8_pruned", full=engines["cascade_int8_rows"])
+        add_cascade("cascade_three_stage", "int8_pruned", middle="cascade_int8_rows")
     for name, scores in student_scores.items():  # every variant as a cascade's first stage, the same way
         out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, args,
                                                          speedup=out[name]["speedup"])

@@ -9,6 +9,11 @@ decisions agree with the full model's to a floor, and stores it with the artifac
 Each row of `run` carries, beside the label scores, `ESCALATED` = 1.0 when the full model decided
 it and 0.0 when the student did: provenance names the model that decided each input, and the score
 cache keeps it with the scores.
+
+The full model may itself be a cascade (three stages: the student, a middle stage such as int8-rows
+with a band of its own, the full model): the student's escalated inputs go to the middle stage, and
+only those near a threshold there reach the full model. Its rows carry `MIDDLE` too, 1.0 where the
+middle stage decided.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ESCALATED = "_escalated"
+MIDDLE = "_middle"  # a three-stage cascade's rows: 1.0 where the middle stage decided
 MANIFEST_KIND = "cascade"
 # The full model decides the escalated inputs in fp32 on a CPU, the precision the band is judged
 # against. Those inputs lie near a threshold by construction, which is where bf16's rounding flips
@@ -51,14 +57,15 @@ def near(scores: dict[str, float], thresholds: dict[str, float | list[float]], b
 
 
 def combine(student_rows: list[dict[str, float]], teacher_of, thresholds: dict[str, float | list[float]],
-            band: float, margin: float = 0.0) -> list[dict[str, float]]:
+            band: float, margin: float = 0.0, first_stage: dict[str, float] | None = None) -> list[dict[str, float]]:
     """The cascade's rows: the student's, except those near a threshold, which `teacher_of(indexes)`
-    scores again (one call, in order). Each row gains ESCALATED."""
+    scores again (one call, in order). Each row gains ESCALATED; the student's also `first_stage`."""
     redo = [i for i, r in enumerate(student_rows) if near(r, thresholds, band, margin)]
     again = teacher_of(redo) if redo else []
     if len(again) != len(redo):
         raise RuntimeError(f"the full model returned {len(again)} rows for {len(redo)} escalated inputs")
-    out = [{**r, ESCALATED: 0.0} for r in student_rows]
+    kept = first_stage or {ESCALATED: 0.0}
+    out = [{**r, **kept} for r in student_rows]
     for i, r in zip(redo, again):
         out[i] = {**r, ESCALATED: 1.0}
     return out
@@ -75,11 +82,15 @@ def full_model_near(reference: list[dict[str, float]], thresholds: dict[str, flo
     return sum(near(r, thresholds, band, margin) for r in reference) / len(reference)
 
 
-def estimated_speedup(first_speedup: float, escalated: float) -> float:
+def estimated_speedup(first_speedup: float, escalated: float, *, middle_speedup: float | None = None,
+                      to_full: float | None = None) -> float:
     """A cascade's speed against fp32, estimated from its stages': the first stage (at
     `first_speedup`) on every input, and the full model, in fp32 (FULL_MODEL_PRECISION), again on the
-    `escalated` share, in full batches."""
-    return 1 / (1 / first_speedup + escalated)
+    `escalated` share, in full batches. With a middle stage, the `escalated` share goes through it
+    (at `middle_speedup`) and the `to_full` share (of all inputs) on to the full model."""
+    if middle_speedup is None:
+        return 1 / (1 / first_speedup + escalated)
+    return 1 / (1 / first_speedup + escalated / middle_speedup + (to_full or 0.0))
 
 
 def least_escalation(first: list[dict[str, float]], full: list[dict[str, float]], thresholds: dict[str, float],
@@ -104,10 +115,20 @@ def least_escalation(first: list[dict[str, float]], full: list[dict[str, float]]
 
 
 def escalations(results: list) -> list[bool] | None:
-    """For a cascade's rows, whether the full model decided each; None for any other engine's."""
+    """For a cascade's rows, whether a later stage than the student decided each; None for any other
+    engine's."""
     if not results or not isinstance(results[0], dict) or ESCALATED not in results[0]:
         return None
     return [bool(r[ESCALATED]) for r in results]
+
+
+def deciders(results: list) -> list[str] | None:
+    """For a cascade's rows, the stage that decided each: "student", "middle" (a three-stage
+    cascade's) or "full"; None for any other engine's."""
+    up = escalations(results)
+    if up is None:
+        return None
+    return ["middle" if u and r.get(MIDDLE) else "full" if u else "student" for u, r in zip(up, results)]
 
 
 class CascadeEngine:
@@ -123,7 +144,10 @@ class CascadeEngine:
         self.band, self.margin = band, margin
         self.thresholds = {k: v for k, v in thresholds.items() if k in teacher.labels}
         self.labels = list(teacher.labels)
-        self.score_fields = [*self.labels, ESCALATED]  # what the score cache keeps per input
+        self.three_stages = isinstance(teacher, CascadeEngine)
+        # what the score cache keeps per input
+        self.score_fields = [*self.labels, ESCALATED, *([MIDDLE] if self.three_stages else [])]
+        self._first_stage = {ESCALATED: 0.0, **({MIDDLE: 0.0} if self.three_stages else {})}  # on the student's rows
         self.variant = f"{variant}({student.variant}>{teacher.variant})"
         self.revision = revision or f"{student.revision}+{teacher.revision}"
         self.device = teacher.device
@@ -147,18 +171,27 @@ class CascadeEngine:
         pay a call of the full model."""
         if not batch:
             return []
-        return combine(self.student.run(batch), lambda idx: self.teacher.run([batch[i] for i in idx]),
-                       self.thresholds, self.band, self.margin)
+        return combine(self.student.run(batch), lambda idx: self._later([batch[i] for i in idx]),
+                       self.thresholds, self.band, self.margin, first_stage=self._first_stage)
 
     def screen(self, batch: list[list[int]]) -> list[dict[str, Any] | None]:
         """The first stage: the student's rows (ESCALATED 0.0), None where an input is near a
-        threshold and the full model must decide it."""
-        return [None if near(r, self.thresholds, self.band, self.margin) else {**r, ESCALATED: 0.0}
+        threshold and a later stage must decide it."""
+        return [None if near(r, self.thresholds, self.band, self.margin) else {**r, **self._first_stage}
                 for r in self.student.run(batch)] if batch else []
 
     def decide(self, batch: list[list[int]]) -> list[dict[str, Any]]:
-        """The second stage, for inputs `screen` escalated: the full model's rows (ESCALATED 1.0)."""
-        return [{**r, ESCALATED: 1.0} for r in self.teacher.run(batch)] if batch else []
+        """The later stages, for inputs `screen` escalated: the full model's rows (ESCALATED 1.0), or
+        a middle stage's (MIDDLE 1.0 too) where the full model is a cascade that kept them."""
+        return self._later(batch)
+
+    def _later(self, batch: list[list[int]]) -> list[dict[str, Any]]:
+        if not batch:
+            return []
+        rows = self.teacher.run(batch)
+        if self.three_stages:  # the inner cascade's first stage is this one's middle
+            return [{**r, ESCALATED: 1.0, MIDDLE: 1.0 - r[ESCALATED]} for r in rows]
+        return [{**r, ESCALATED: 1.0} for r in rows]
 
     def check_health(self) -> bool:
         return len(self.run(self.encode(["health check"]))) == 1
@@ -178,15 +211,17 @@ def escalate(student: list[dict[str, float]], full: list[dict[str, float]], thre
 
 def choose_band(student: list[dict[str, float]], teacher: list[dict[str, float]], thresholds: dict[str, float],
                 *, flags_floor: float, texts_floor: float, margin: float = 0.0,
-                bands: tuple[float, ...] = tuple(b / 20 for b in range(0, 161))) -> tuple[float, dict]:
+                bands: tuple[float, ...] = tuple(b / 20 for b in range(0, 161)),
+                reference: list[dict[str, float]] | None = None) -> tuple[float, dict]:
     """The narrowest band (logit units) whose cascade agrees with the full model's flags on these
     texts to both floors: (band, {flags, texts_identical, escalated}); the widest band tried if none
-    reaches them."""
+    reaches them. The escalated texts take `teacher`'s rows; where those are a later cascade's
+    (three stages), `reference` holds the full model's own, the ones agreement is judged against."""
     from .optimize import agreement
     stats: dict = {}
     for band in bands:
         rows, up = escalate(student, teacher, thresholds, band, margin)
-        a = agreement(teacher, rows, thresholds)
+        a = agreement(reference or teacher, rows, thresholds)
         stats = {"flags": a["flags"], "texts_identical": a["texts_identical"], "escalated": round(sum(up) / len(up), 5)}
         if a["flags"] >= flags_floor and a["texts_identical"] >= texts_floor:
             return band, stats
@@ -215,14 +250,19 @@ class HalvesJudgement:
 
 def judge_on_halves(student: list[dict[str, float]], full: list[dict[str, float]], thresholds: dict[str, float],
                     *, flags_floor: float, texts_floor: float,
-                    escalate_at: dict[str, float | list[float]] | None = None) -> HalvesJudgement:
+                    escalate_at: dict[str, float | list[float]] | None = None,
+                    later: list[dict[str, float]] | None = None) -> HalvesJudgement:
     """Choose the band on the PICK half of `student`'s and `full`'s scores of the same texts (to the
     floors, at `thresholds`), and judge it on the CHECK half; `escalate_at`: the thresholds the
-    served cascade escalates near, where they are more than the ones judged (default the same)."""
+    served cascade escalates near, where they are more than the ones judged (default the same);
+    `later`: the rows the escalated texts get where a middle stage stands before the full model
+    (default `full`'s own), judged against `full`'s."""
     from .optimize import agreement
-    band, picked = choose_band(student[PICK], full[PICK], thresholds, flags_floor=flags_floor, texts_floor=texts_floor)
+    later = later or full
+    band, picked = choose_band(student[PICK], later[PICK], thresholds, flags_floor=flags_floor,
+                               texts_floor=texts_floor, reference=full[PICK])
     at = escalate_at or thresholds
-    rows, up = escalate(student[CHECK], full[CHECK], at, band)
+    rows, up = escalate(student[CHECK], later[CHECK], at, band)
     return HalvesJudgement(band, picked, len(up), round(sum(up) / len(up), 4), agreement(full[CHECK], rows, thresholds),
                            round(full_model_near(full[CHECK], at, band), 4),
                            least_escalation(student[CHECK], full[CHECK], thresholds, flags_floor=flags_floor,

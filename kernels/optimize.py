@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -301,15 +301,20 @@ def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor],
 
 
 def write_cascade(out: Path, *, student_dir: str, teacher_model: str, source: Path, band: float,
-                  thresholds: dict[str, list[float]], report: dict, digest: str) -> dict:
+                  thresholds: dict[str, list[float]], report: dict, digest: str,
+                  middle: dict[str, Any] | None = None) -> dict:
     """A cascade artifact at `out`: the student artifact in `out/student_dir`, the full model by
     its registered name (and its weights' path, where the name is not registered) and the CPU
-    precision it runs in, the band."""
+    precision it runs in, the band; and a middle stage where given ({"dir": an artifact directory
+    inside `out`, "band": its own band}), which scores the student's escalated inputs and passes on
+    those near a threshold to the full model."""
     from .cascade import FULL_MODEL_PRECISION, MANIFEST_KIND
     manifest = {"format": FORMAT_VERSION, "kind": MANIFEST_KIND, "student": student_dir,
                 "teacher_model": teacher_model, "source": str(source), "source_revision": weights_revision(source),
                 "full_model_precision": FULL_MODEL_PRECISION,
                 "band": band, "thresholds": thresholds, "digest": digest, "variant": "cascade", "report": report}
+    if middle is not None:
+        manifest["middle"] = middle
     (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -382,7 +382,8 @@ def provenance(model: str, revision: str, variant: str, sha: str | list[str],
     """What produced a line. Classifier lines add the policy's version and thresholds digest, and
     their input_sha256 is the SHA-256 of the UTF-8 input text (a list of them for a list input);
     generation lines hash the request body in canonical JSON. A cascade's lines say which of its
-    models decided each input (`decided_by`: "student" or "full", a list for a list input)."""
+    models decided each input (`decided_by`: "student", "middle" in a three-stage cascade, or "full";
+    a list for a list input)."""
     out: dict[str, Any] = {"model": model, "model_revision": revision, "engine_variant": variant}
     if policy is not None:
         out.update(policy_version=policy.policy_version, thresholds_digest=policy.thresholds_digest)

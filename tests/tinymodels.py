@@ -78,9 +78,10 @@ def models_file(root: Path) -> Path:
     return f
 
 
-def build_cascade(models: Path, work: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """`gristmill optimize tiny-moderation --prune 0.5 --distill ... --cascade` into work/cascade:
-    (the finished command, the artifact, a models file that adds it as "tiny-cascade")."""
+def build_cascade(models: Path, work: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """`gristmill optimize tiny-moderation --prune 0.5 --distill ... --cascade` (and `extra`
+    options) into work/cascade: (the finished command, the artifact, a models file that adds it as
+    "tiny-cascade")."""
     from tests.commands import GRISTMILL, ROOT
     transfer = work / "traffic.txt"
     transfer.write_text("\n".join(f"message {i}: the quick brown fox and the lazy dog, or i will hurt you"
@@ -91,7 +92,7 @@ def build_cascade(models: Path, work: Path) -> tuple[subprocess.CompletedProcess
            "GRISTMILL_HOME": str(work / "home")}
     out = work / "cascade"
     p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--prune", "0.5", "--distill", str(transfer),
-                        "--steps", "20", "--cascade", "--texts", str(texts), "--out", str(out), "--force"],
+                        "--steps", "20", "--cascade", "--texts", str(texts), "--out", str(out), "--force", *extra],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     specs = json.loads(models.read_text())

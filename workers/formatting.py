@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..kernels.cascade import escalations
+from ..kernels.cascade import deciders
 from ..kernels.engine import Engine
 from ..producers import constants as C
 from ..producers import schemas as S
@@ -73,9 +73,9 @@ class Formatter:
 
 
 def decided_by(results: list[Any], single: bool) -> str | list[str] | None:
-    """For a cascade's results, which model decided each input ("student" or "full"); else None."""
-    up = escalations(results)
-    if up is None:
+    """For a cascade's results, which model decided each input ("student", "middle" or "full");
+    else None."""
+    names = deciders(results)
+    if names is None:
         return None
-    names = ["full" if u else "student" for u in up]
     return names[0] if single else names

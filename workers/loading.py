@@ -130,7 +130,9 @@ class EngineLoader:
         """The first stage inside the cascade directory (a student, or a torch recipe), and the full
         model (by its registered name, else the weights' path) in the CPU precision the manifest
         names: fp32, the reference the band was chosen against, since the inputs it decides are the
-        ones near a threshold, where bf16 changes decisions (kernels/cascade.py)."""
+        ones near a threshold, where bf16 changes decisions (kernels/cascade.py). A manifest naming a
+        middle stage (also inside the directory) puts it, as a cascade of its own, before the full
+        model."""
         from ..kernels.cascade import FULL_MODEL_PRECISION, CascadeEngine
         from ..kernels.classify import ClassifierEngine
         from ..kernels.optimize import artifact_engine
@@ -139,6 +141,11 @@ class EngineLoader:
         student = artifact_engine(Path(path) / manifest["student"], cpu_precision=self.settings.cpu_precision, **kw)
         precision = manifest.get("full_model_precision", FULL_MODEL_PRECISION)
         teacher = ClassifierEngine(teacher_path, cpu_precision=precision, **kw)
+        middle = manifest.get("middle")  # three stages: a middle stage, with a band of its own, before the full model
+        if middle is not None:
+            first = artifact_engine(Path(path) / middle["dir"], cpu_precision=self.settings.cpu_precision, **kw)
+            teacher = CascadeEngine(first, teacher, band=float(middle["band"]), thresholds=manifest["thresholds"],
+                                    revision=f"{manifest['digest']}/middle")
         return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
                              margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
 

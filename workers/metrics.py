@@ -33,7 +33,8 @@ SPLITS = Counter("gristmill_batch_splits_total", "Batches split after an error o
 CACHE_INPUTS = Counter("gristmill_score_cache_inputs_total", "Classifier inputs looked up in the score cache: hit "
                        "(answered by it) or miss (run, or shared with a repeat)", ["model", "outcome"])
 CASCADE_INPUTS = Counter("gristmill_cascade_inputs_total", "Classifier inputs a cascade scored, by which of its models "
-                         "decided them: the student, or the full model (escalated near a threshold)",
+                         "decided them: the student, the full model (escalated near a threshold), or a three-stage "
+                         "cascade's middle stage",
                          ["model", "decided_by"])
 CACHE_ERRORS = Counter("gristmill_score_cache_errors_total", "Score-cache calls that failed (a lookup's inputs ran; "
                        "a publish's lines kept their own scores)", ["op"])

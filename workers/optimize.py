@@ -1,5 +1,5 @@
 """`gristmill optimize MODEL [--quantize int8|int8-tensor|int8-block|int8-rows|none] [--prune F] [--distill FILE|builtin]
-[--cascade] [--out DIR]`.
+[--cascade [--middle MODE]] [--out DIR]`.
 
 Builds an ONNX Runtime artifact of a registered classifier (or, for int8-rows, a recipe for the
 compiled torch engine over the same weights), then judges it against the fp32 eager
@@ -14,7 +14,8 @@ trained against the full model on the transfer text (a file of your own traffic,
 kernels/corpus.py, or the two mixed: --distill FILE --with-builtin N). --cascade then also writes a
 cascade: the student (or, with --quantize int8-rows and no --distill, int8-rows) for every input,
 the full model for inputs near a threshold, with the band chosen on held-out text to meet the
-cascade floors.
+cascade floors; --middle MODE puts the full model quantized so between the student and fp32, with a
+band of its own.
 """
 
 from __future__ import annotations
@@ -195,6 +196,10 @@ def main(argv: list[str]) -> int:
                     help="the registered chat model --sample-lines samples from (default: the built-in generator)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
     ap.add_argument("--cascade", action="store_true", help="also write a cascade: the student (or int8-rows) in front of the full model")
+    ap.add_argument("--middle", choices=[q for q in QUANTIZE_CHOICES if q != "none"],
+                    help="with --distill and --cascade: a middle stage between the student and the full model, the "
+                         "full model quantized so (as for --quantize), with a band of its own: the student's escalated "
+                         "inputs go to it, and only those near a threshold there on to the full model in fp32")
     ap.add_argument("--distill-steps", type=int, default=0,
                     help="without --distill: train the neuron-pruned model this many steps on the calibration text")
     ap.add_argument("--calibration", type=Path, help="texts for pruning importance (default: built-in sentences)")
@@ -217,6 +222,8 @@ def main(argv: list[str]) -> int:
     if args.cascade and not args.distill and args.quantize != "int8-rows":
         raise SystemExit("--cascade needs a first stage: a student (--distill FILE or builtin, and --prune F) "
                          "or --quantize int8-rows")
+    if args.middle and not (args.distill and args.cascade):
+        raise SystemExit("--middle stands between a student and the full model: use it with --distill and --cascade")
     if args.sample_lines < 0:
         raise SystemExit(f"--sample-lines must be 0 or more, got {args.sample_lines}")
     if args.transfer_lines < 1:
@@ -238,7 +245,8 @@ def main(argv: list[str]) -> int:
         from ..kernels.optimize import TORCH_QUANTIZE, variant_name
         from ..producers.settings import Settings
         from .variants import optimized_dir
-        kind = ("cascade" if args.distill else f"cascade-{quantize}") if args.cascade else "student" if args.distill else \
+        kind = (f"cascade-via-{args.middle}" if args.middle else "cascade" if args.distill else f"cascade-{quantize}") \
+            if args.cascade else "student" if args.distill else \
             f"torch-{quantize}" if quantize in TORCH_QUANTIZE else variant_name(quantize, args.prune)
         args.out = optimized_dir(Settings(), spec.name) / kind
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,14 +257,19 @@ def main(argv: list[str]) -> int:
     return _pruned(args, spec, src, quantize)
 
 
-def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
+def _require_compiler(option: str) -> None:
+    """Exit, saying why, where `option` (a compiled torch recipe) cannot be built on this host."""
     from ..kernels.loading import cpu_compiler
+    if cpu_compiler() is None:
+        raise SystemExit(f"{option} runs through torch.compile, which needs a C++ compiler on a CPU: "
+                         "install g++ (Debian: build-essential) or set CXX")
+
+
+def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
     from ..kernels.optimize import torch_recipe_digest, write_torch_recipe
     if args.prune:
         raise SystemExit(f"--quantize {quantize} runs the full model: --prune needs --quantize int8, int8-tensor, int8-block or none")
-    if cpu_compiler() is None:
-        raise SystemExit(f"--quantize {quantize} runs through torch.compile, which needs a C++ compiler on a CPU: "
-                         "install g++ (Debian: build-essential) or set CXX")
+    _require_compiler(f"--quantize {quantize}")
     digest = torch_recipe_digest(src, quantize=quantize, compile=True)
     digest_out = digest + ("-cascade" if args.cascade else "")
     if _up_to_date(args.out, digest_out):
@@ -361,6 +374,8 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     digest = student_digest(src, transfer=transfer, fraction=args.prune, steps=args.steps, quantize=quantize,
                             max_length=spec.max_input_tokens, head=head, thresholds=focus, head_texts=head_texts)
     digest_out = digest + ("-cascade" if args.cascade else "")
+    if args.middle:
+        digest_out += "-via-" + _full_model_digest(spec, src, args.middle)
     if _up_to_date(args.out, digest_out):
         return 0
     staging = _staging(args.out)
@@ -375,7 +390,37 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     report = judge(spec, src, student_dir, heldout, reference)
     if not args.cascade:
         return _finish(args, staging, manifest, report, digest)
-    return _cascade(args, spec, src, staging, manifest, report, reference, heldout, digest_out)
+    middle = None
+    if args.middle:
+        built = _build_full_model(spec, src, staging / MIDDLE_DIR, args.middle)
+        middle = {**judge(spec, src, staging / MIDDLE_DIR, heldout, reference), "variant": built["variant"]}
+    return _cascade(args, spec, src, staging, manifest, report, reference, heldout, digest_out, middle)
+
+
+MIDDLE_DIR = "middle"  # a three-stage cascade's middle stage, inside its directory
+
+
+def _full_model_digest(spec, src: Path, quantize: str) -> str:
+    """The digest of the full model quantized so (`_build_full_model`)."""
+    from ..kernels import texts as builtin
+    from ..kernels.optimize import TORCH_QUANTIZE, artifact_digest, torch_recipe_digest
+    from ..producers.registry import POOLED_KINDS
+    if quantize in TORCH_QUANTIZE:
+        return torch_recipe_digest(src, quantize=quantize, compile=True)
+    return artifact_digest(src, zero_shot=spec.kind in POOLED_KINDS, quantize=quantize, prune=0.0,
+                           calibration=builtin.sentences(256), max_length=spec.max_input_tokens)
+
+
+def _build_full_model(spec, src: Path, out: Path, quantize: str) -> dict:
+    """The whole model quantized as --quantize would build it, unpruned, at `out` (a middle stage)."""
+    from ..kernels import texts as builtin
+    from ..kernels.optimize import TORCH_QUANTIZE, build_artifact, write_torch_recipe
+    from ..producers.registry import POOLED_KINDS
+    if quantize in TORCH_QUANTIZE:
+        _require_compiler(f"--middle {quantize}")
+        return write_torch_recipe(src, out, quantize=quantize, compile=True)
+    return build_artifact(src, out, zero_shot=spec.kind in POOLED_KINDS, quantize=quantize, prune=0.0,
+                          calibration=builtin.sentences(256), max_length=spec.max_input_tokens)
 
 
 def sampled_transfer(n: int, sampler: str) -> list[str]:
@@ -402,25 +447,40 @@ def sampled_lines(n: int, sampler: str) -> list[str]:
 
 
 def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict, reference: Reference,
-             heldout: list[str], digest_out: str) -> int:
+             heldout: list[str], digest_out: str, middle: dict | None = None) -> int:
     """Around the first stage judged in `staging/student` (`report`, with its scores and engine):
     the band, chosen on half the held-out texts and judged on the other half, the cascade's speed
-    measured end to end on that half, and the cascade's manifest."""
-    from ..kernels.cascade import CHECK, CascadeEngine, estimated_speedup, judge_on_halves
+    measured end to end on that half, and the cascade's manifest. With `middle` (the judged middle
+    stage in `staging/middle`), that stage gets a band of its own first, chosen the same way as if it
+    were the first stage, and the student's band is chosen for the rows those two stages give."""
+    from ..kernels.cascade import CHECK, CascadeEngine, escalate, estimated_speedup, judge_on_halves, near
     from ..kernels.optimize import write_cascade
     from .host import served_throughput
     thresholds = decision_thresholds(spec, reference.engine.labels)
     # escalate near the policy's thresholds (where the band is chosen) and the model's own: the
     # figures below are of the cascade as workers serve it
     every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
-    judged = judge_on_halves(report["scores"], reference.scores, thresholds, flags_floor=args.cascade_flags,
-                             texts_floor=args.cascade_texts, escalate_at=every)
+    floors = dict(flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
+    full, later, middle_report = reference.engine, None, None
+    if middle is not None:
+        inner = judge_on_halves(middle["scores"], reference.scores, thresholds, **floors, escalate_at=every)
+        later = escalate(middle["scores"], reference.scores, every, inner.band)[0]
+        full = CascadeEngine(middle["engine"], reference.engine, band=inner.band, thresholds=every)
+    judged = judge_on_halves(report["scores"], reference.scores, thresholds, **floors, escalate_at=every, later=later)
     band, escalated = judged.band, judged.escalated
     # what the cascade costs, estimated from its stages' speeds ...
     estimate = estimated_speedup(report["speedup"], escalated)
+    if middle is not None:
+        to_full = [near(s, every, band) and near(m, every, inner.band)
+                   for s, m in zip(report["scores"][CHECK], middle["scores"][CHECK])]
+        middle_report = {"dir": MIDDLE_DIR, "band": inner.band, "to_full": round(sum(to_full) / len(to_full), 4),
+                         "as_first_stage": {"escalated": inner.escalated, "agreement": inner.agreement},
+                         "report": _report_to_store(middle)}
+        estimate = estimated_speedup(report["speedup"], escalated, middle_speedup=middle["speedup"],
+                                     to_full=middle_report["to_full"])
     # ... and measured, as a worker runs it: the micro-batcher gathers escalated inputs into the full
     # model's own batches (workers/host.py), though the last, partial one still costs a whole call
-    cascade = CascadeEngine(report["engine"], reference.engine, band=band, thresholds=every)
+    cascade = CascadeEngine(report["engine"], full, band=band, thresholds=every)
     half = heldout[CHECK]
     fp32_ips = served_throughput(reference.engine, half)[0]  # timed the same way
     ips = served_throughput(cascade, half)[0]
@@ -430,16 +490,22 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
                       "speedup_estimate": round(estimate, 2), "default": reference.default,
                       "full_model_near": judged.full_model_near, "least_escalation": judged.least_escalation,
                       "agreement": judged.agreement,
-                      "student": _report_to_store(report)}
+                      "student": _report_to_store(report),
+                      **({"middle": middle_report} if middle_report else {})}
     a = cascade_report["agreement"]
     print(_describe(manifest["variant"], _report_to_store(report)))
-    print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {judged.texts} held-out texts to the "
-          f"full model; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; "
+    if middle_report is not None:
+        print(_describe(f"middle stage {middle_report['report'].get('variant', args.middle)}", middle_report["report"]))
+    onward = (f"a middle stage ({args.middle}, its own band {inner.band}), which passes on to the full model "
+              f"{middle_report['to_full']:.2%} of all the texts" if middle_report else "the full model")
+    print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {judged.texts} held-out texts to "
+          f"{onward}; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; "
           f"{cascade_report['speedup']:.2f}x fp32 measured end to end (estimate {estimate:.2f}x). "
           f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band; "
           f"to meet the floors any rule would escalate at least {judged.least_escalation:.2%}, the first stage's errors")
     write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,
-                  thresholds=every, report=cascade_report, digest=digest_out)
+                  thresholds=every, report=cascade_report, digest=digest_out,
+                  middle={"dir": MIDDLE_DIR, "band": inner.band} if middle_report else None)
     refusal = None
     if (a["flags"] < args.cascade_flags or a["texts_identical"] < args.cascade_texts) and not args.force:
         refusal = (f"the cascade misses its floors (flags {args.cascade_flags:.3%}, texts {args.cascade_texts:.2%}) "

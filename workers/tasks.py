@@ -253,17 +253,20 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
 
 
 def cascade_counts(done: list[tuple[S.WorkItem, list[Any]]]) -> dict[str, int]:
-    """Inputs scored by a cascade and those it escalated, for the batch's counters and the metric."""
-    from ..kernels.cascade import escalations
+    """Inputs scored by a cascade and those it escalated past its student, for the batch's counters;
+    the metric counts them by the stage that decided them."""
+    from collections import Counter as Tally
+
+    from ..kernels.cascade import deciders
     inputs = escalated = 0
     for it, results in done:
-        flags = escalations(results)
-        if flags is not None:
-            up = sum(flags)
-            inputs += len(flags)
-            escalated += up
-            metrics.CASCADE_INPUTS.labels(it.model, "full").inc(up)
-            metrics.CASCADE_INPUTS.labels(it.model, "student").inc(len(flags) - up)
+        names = deciders(results)
+        if names is not None:
+            by_stage = Tally(names)
+            inputs += len(names)
+            escalated += len(names) - by_stage["student"]
+            for stage, n in by_stage.items():
+                metrics.CASCADE_INPUTS.labels(it.model, stage).inc(n)
     return {"cascade_inputs": inputs, "escalated": escalated}
 
 

@@ -69,10 +69,12 @@ def _stored(manifest_file: Path) -> StoredFigures | None:
     m = _read(manifest_file)
     if m is None or _cannot_compile_here(m):
         return None
-    if m.get("kind") == CASCADE:  # a cascade runs where its first stage can
-        first = _read(manifest_file.parent / str(m.get("student")) / manifest_file.name)
-        if first is None or _cannot_compile_here(first):
-            return None
+    if m.get("kind") == CASCADE:  # a cascade runs where its first stage (and middle stage) can
+        stages = [m.get("student"), *([m["middle"].get("dir")] if isinstance(m.get("middle"), dict) else [])]
+        for stage in stages:
+            inner = _read(manifest_file.parent / str(stage) / manifest_file.name)
+            if inner is None or _cannot_compile_here(inner):
+                return None
     report = m.get("report") or {}
     a = report.get("agreement") or {}
     speed = report.get("speedup") or report.get("speedup_estimate")  # cascades built before it was measured: the estimate

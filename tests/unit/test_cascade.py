@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from gristmill.kernels.cascade import (  # noqa: E402
-    ESCALATED, CascadeEngine, choose_band, combine, escalate, estimated_speedup, full_model_near, judge_on_halves,
-    least_escalation, near)
+    ESCALATED, MIDDLE, CascadeEngine, choose_band, combine, deciders, escalate, estimated_speedup, full_model_near,
+    judge_on_halves, least_escalation, near)
 from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
@@ -155,7 +155,7 @@ def test_a_cascade_screens_then_decides_in_two_stages_as_run_does_in_one():
 
 def test_a_cascade_can_stand_in_for_the_full_model_making_three_stages():
     """The student's escalated inputs go to a second cascade, which keeps its own first stage's rows
-    but for the inputs nearer still, which the full model decides."""
+    but for the inputs nearer still, which the full model decides; each row names its stage."""
     class _Tagged(_Scored):
         def __init__(self, tag: float):
             super().__init__()
@@ -167,10 +167,22 @@ def test_a_cascade_can_stand_in_for_the_full_model_making_three_stages():
     student, middle, full = _Tagged(0.0), _Tagged(0.001), _Tagged(0.002)
     inner = CascadeEngine(middle, full, band=0.05, thresholds=TH)
     outer = CascadeEngine(student, inner, band=0.25, thresholds=TH)
-    rows = outer.run([[90], [45], [49], [10]])
+    batch = [[90], [45], [49], [10]]
+    rows = outer.run(batch)
     assert [round(r["a"], 3) for r in rows] == [0.9, 0.451, 0.492, 0.1]  # student, middle, full, student
-    assert [r[ESCALATED] for r in rows] == [0.0, 1.0, 1.0, 0.0]
+    assert [r[ESCALATED] for r in rows] == [1.0 * x for x in (0, 1, 1, 0)]
+    assert deciders(rows) == ["student", "middle", "full", "student"]
     assert middle.calls == [2] and full.calls == [1]
+    assert outer.score_fields == ["a", "b", ESCALATED, MIDDLE] and all(set(r) == set(outer.score_fields) for r in rows)
+    # a worker's two calls give the same rows: the student's screen, then the later stages together
+    screened = outer.screen(batch)
+    assert [r is None for r in screened] == [False, True, True, False]
+    decided = outer.decide([batch[1], batch[2]])
+    assert [screened[0], *decided, screened[3]] == [rows[0], rows[1], rows[2], rows[3]]
+    # a two-stage cascade's rows carry no MIDDLE, and name the student or the full model
+    two = CascadeEngine(student, full, band=0.25, thresholds=TH).run(batch)
+    assert deciders(two) == ["student", "full", "full", "student"] and all(MIDDLE not in r for r in two)
+    assert deciders([{"a": 0.1}]) is None and deciders([]) is None
 
 
 def test_choose_band_is_the_narrowest_that_meets_the_floors():
@@ -200,6 +212,23 @@ def test_a_band_is_chosen_on_one_half_and_judged_on_the_other():
     assert wider.escalated == 1.0 and wider.agreement["texts_identical"] == 1.0
 
 
+def test_with_a_middle_stage_the_band_is_chosen_for_the_rows_it_gives_judged_against_the_full_model():
+    """The escalated texts get the middle stage's rows, judged against the full model's: where the
+    middle stage gets them wrong, no band meets the floors."""
+    full = [{"a": 0.6, "b": 0.0}, {"a": 0.6, "b": 0.0}, {"a": 0.1, "b": 0.0}, {"a": 0.1, "b": 0.0}]
+    student = [{"a": 0.45, "b": 0.0}, {"a": 0.45, "b": 0.0}, {"a": 0.2, "b": 0.0}, {"a": 0.2, "b": 0.0}]
+    plain = judge_on_halves(student, full, TH, flags_floor=1.0, texts_floor=1.0)
+    assert 0 < plain.band <= 0.25 and plain.agreement["texts_identical"] == 1.0
+    assert judge_on_halves(student, full, TH, flags_floor=1.0, texts_floor=1.0, later=full) == plain
+    later = [dict(r) for r in full]
+    later[0]["a"] = later[1]["a"] = 0.4  # the middle stage flips the near ones too
+    worse = judge_on_halves(student, full, TH, flags_floor=1.0, texts_floor=1.0, later=later)
+    assert not worse.floors_met_where_chosen(1.0, 1.0) and worse.band == 8.0  # the widest band tried
+    assert worse.agreement["flags"] == 0.75 and worse.agreement["texts_identical"] == 0.5
+    band, stats = choose_band(student, later, TH, flags_floor=1.0, texts_floor=1.0, reference=full)
+    assert band == 8.0 and stats["flags"] == 0.75
+
+
 def test_full_model_near_is_what_a_flawless_student_would_escalate():
     full = [{"a": 0.52, "b": 0.01}, {"a": 0.9, "b": 0.01}, {"a": 0.1, "b": 0.29}, {"a": 0.1, "b": 0.01}]
     assert full_model_near(full, TH, band=0.1) == 0.5  # the first ("a") and the third ("b")
@@ -215,6 +244,8 @@ def test_the_estimated_speedup_prices_the_escalated_share_at_fp32():
     assert estimated_speedup(4.0, 0.0) == pytest.approx(4.0)
     assert estimated_speedup(4.0, 0.25) == pytest.approx(2.0)  # 1 / (0.25 + 0.25)
     assert estimated_speedup(2.0, 1.0) == pytest.approx(2 / 3)
+    # a middle stage at 2x takes the escalated quarter, and a twentieth of all inputs goes on to fp32
+    assert estimated_speedup(4.0, 0.25, middle_speedup=2.0, to_full=0.05) == pytest.approx(1 / (0.25 + 0.125 + 0.05))
 
 
 def test_least_escalation_is_what_a_rule_that_knew_the_errors_would_send():
@@ -297,6 +328,41 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     # the same, each batch's escalated inputs as their own call (the benchmark's comparison)
     rows_apart = served_throughput(eng, heldout, batch=16, repeats=1, stages=False)[1]
     assert [r[ESCALATED] for r in rows_apart] == [r[ESCALATED] for r in rows]
+    host.shutdown()
+
+
+def test_optimize_builds_a_three_stage_cascade_the_host_serves(tiny_models_file, tmp_path):
+    """--middle int8: the full model in ONNX int8 between the student and fp32, with a band of its
+    own; the manifest names it, the report gives what it sends on, and a worker's host serves the
+    three stages, each line naming the stage that decided."""
+    from gristmill.producers import schemas as S
+    from gristmill.producers.settings import Settings
+    from gristmill.workers.host import EngineHost
+    from gristmill.workers.tasks import cascade_counts
+    from tests.tinymodels import build_cascade, through_batcher
+    p, out, mf = build_cascade(tiny_models_file, tmp_path, "--middle", "int8")
+    manifest = json.loads((out / "gristmill-artifact.json").read_text())
+    middle = json.loads((out / "middle" / "gristmill-artifact.json").read_text())
+    assert manifest["middle"]["dir"] == "middle" and middle["variant"] == "ort-int8" and middle["prune"] == 0.0
+    report = manifest["report"]
+    assert report["middle"]["band"] == manifest["middle"]["band"] >= 0.0
+    assert 0.0 <= report["middle"]["to_full"] <= report["escalated"] <= 1.0
+    assert report["middle"]["report"]["variant"] == "ort-int8" and "a middle stage (int8" in p.stdout
+    assert report["speedup"] > 0 and report["speedup_estimate"] > 0
+
+    host = EngineHost(Settings(models_file=mf, builtin_models=False, home=tmp_path / "home", dedup_ttl_s=0))
+    eng = host.engine("tiny-cascade")
+    assert eng.variant == "cascade(ort-int8-student1of2-cpu>cascade(ort-int8-cpu>torch-float32-cpu))"
+    assert eng.teacher.band == manifest["middle"]["band"] and eng.teacher.teacher.variant == "torch-float32-cpu"
+    item = S.WorkItem(1, "c1", "/v1/moderations", "tiny-cascade", {"input": ["i will hurt you", "hello"]}, "0" * 64)
+    (prep,) = host.prepare([item])
+    for student_band, middle_band, stage in ((0.0, 0.0, "student"), (100.0, 0.0, "middle"), (100.0, 100.0, "full")):
+        eng.band, eng.teacher.band = student_band, middle_band
+        results = through_batcher(host, "tiny-cascade", prep.payloads)
+        assert host.format(item, results)["provenance"]["decided_by"] == [stage, stage]
+        assert results == eng.run(prep.payloads)
+        counts = cascade_counts([(item, results)])
+        assert counts == {"cascade_inputs": 2, "escalated": 0 if stage == "student" else 2}
     host.shutdown()
 
 

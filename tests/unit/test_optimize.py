@@ -1,6 +1,7 @@
 """Structured pruning, ONNX export / fusion / int8, the ONNX engine and the agreement report, on
 tiny random BERTs (the real weights are checked by benchmarks/engine_variants.py)."""
 
+import json
 
 import numpy as np
 import pytest
@@ -157,7 +158,6 @@ def test_agreement_report():
 
 def test_a_registered_artifact_runs_in_the_host_and_names_its_variant(weights, tmp_path):
     import gc
-    import json
 
     from gristmill.producers import schemas as S
     from gristmill.producers.settings import Settings
@@ -315,6 +315,27 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     host.shutdown()
 
 
+def test_a_cascade_counts_only_where_each_of_its_stages_can_run(tmp_path, monkeypatch):
+    """A three-stage cascade whose middle stage is a compiled torch recipe is passed over on a host
+    without a C++ compiler, as one whose first stage is; a missing stage also passes it over."""
+    from gristmill.kernels import loading as kloading
+    from gristmill.workers.variants import _stored
+    art = tmp_path / "cascade"
+    for stage, kind in (("student", "onnx"), ("middle", "torch")):
+        (art / stage).mkdir(parents=True)
+        (art / stage / "gristmill-artifact.json").write_text(json.dumps({"kind": kind, "engine": {"compile": True}}))
+    report = {"agreement": {"flags": 0.9999, "texts_identical": 0.999}, "speedup": 2.5}
+    manifest = {"kind": "cascade", "student": "student", "middle": {"dir": "middle", "band": 0.05}, "report": report}
+    (art / "gristmill-artifact.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(kloading, "cpu_compiler", lambda: "g++")
+    assert _stored(art / "gristmill-artifact.json").speedup == 2.5
+    monkeypatch.setattr(kloading, "cpu_compiler", lambda: None)
+    assert _stored(art / "gristmill-artifact.json") is None
+    monkeypatch.setattr(kloading, "cpu_compiler", lambda: "g++")
+    (art / "gristmill-artifact.json").write_text(json.dumps({**manifest, "middle": {"dir": "gone", "band": 0.05}}))
+    assert _stored(art / "gristmill-artifact.json") is None
+
+
 def test_a_worker_serves_the_fastest_artifact_that_meets_the_floors_and_beats_the_default(tiny_models_file, tmp_path):
     """The choice reads each artifact's stored report: an artifact under a floor, or one its build
     measured slower than the engine served without it, is passed over, and the reason says so."""
@@ -400,6 +421,8 @@ def test_sample_lines_belong_to_the_built_in_transfer_set_and_a_chat_model(tiny_
     assert mixed.returncode != 0 and "use it with --distill FILE" in mixed.stderr
     below = run(*base, "--distill", str(tmp_path / "mine.txt"), "--with-builtin", "-1")
     assert below.returncode != 0 and "--with-builtin must be 0 or more, got -1" in below.stderr
+    lone = run(*base, "--distill", str(tmp_path / "mine.txt"), "--middle", "int8")
+    assert lone.returncode != 0 and "use it with --distill and --cascade" in lone.stderr
     usage = run(*GRISTMILL, "optimize", "--help")
     assert usage.returncode == 0 and "--sample-lines N" in usage.stdout and "--cascade-flags" in usage.stdout
     assert "--with-builtin N" in usage.stdout
