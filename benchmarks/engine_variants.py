@@ -16,7 +16,7 @@ texts, everything reported on the other half; at each of a range of bands, what 
 keeps, and what the fp32 model's own scores put within the band; and every variant as a cascade's
 first stage, estimated, with the least share any escalation rule must send on to meet the floors)
 and `cascade_int8_rows` (int8_rows as the first stage), and `cascade_three_stage` (the student,
-then `cascade_int8_rows` for what it escalates). Each cascade is timed end to end through a
+then int8_rows with a band of its own, then fp32; the two bands chosen together). Each cascade is timed end to end through a
 micro-batcher as a worker runs it (workers/host.py `served_throughput`: batches sorted by token
 count, the escalated inputs of many batches gathered into the full model's own batches), against fp32
 timed the same way, and, for comparison, with each batch's escalated inputs as their own call of the
@@ -106,7 +106,7 @@ def cpu_variants(args) -> dict[str, dict]:
     import torch
 
     from gristmill.kernels import corpus, heads, sampled as sampling
-    from gristmill.kernels.cascade import CHECK, CascadeEngine, deciders, escalate, judge_on_halves, near
+    from gristmill.kernels.cascade import CHECK, CascadeEngine, deciders, judge_on_halves, judge_three_stages, near
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
@@ -193,15 +193,18 @@ def cpu_variants(args) -> dict[str, dict]:
     def add_cascade(name: str, first: str, middle: str | None = None) -> None:
         """`first` for every input, the full model (in fp32, as workers run it in a cascade) for
         those near a threshold, timed end to end on the check half with the band chosen on the pick
-        half. A `middle` (a cascade added before) between them makes three stages, as `gristmill
-        optimize --middle` builds them: its own band was chosen for it, and `first`'s band is chosen
-        for the rows it gives."""
-        later = None
-        if middle is not None:
-            later = escalate(student_scores[bands[middle][0]], ref_scores, thresholds, bands[middle][1])[0]
-        judged = judge_on_halves(student_scores[first], ref_scores, thresholds, later=later,
-                                 flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-        full = engines[middle] if middle is not None else None
+        half. A `middle` variant between them, with a band of its own, makes three stages, as
+        `gristmill optimize --middle` builds them: the two bands chosen together."""
+        full, to_full = None, None
+        if middle is None:
+            judged = judge_on_halves(student_scores[first], ref_scores, thresholds,
+                                     flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
+        else:
+            three = judge_three_stages(student_scores[first], student_scores[middle], ref_scores, thresholds,
+                                       flags_floor=args.cascade_flags, texts_floor=args.cascade_texts,
+                                       first_speedup=out[first]["speedup"], middle_speedup=out[middle]["speedup"])
+            judged, to_full = three.judged, three.to_full
+            full = CascadeEngine(engines[middle], ref, band=three.middle_band, thresholds=thresholds)
         cascade = CascadeEngine(engines[first], full or ref, band=judged.band, thresholds=thresholds)
         # as a worker runs it: escalated inputs batched among themselves; and, the baseline, each
         # batch's escalated inputs as their own call of the full model
@@ -220,14 +223,15 @@ def cpu_variants(args) -> dict[str, dict]:
                      "agreement": agreement(ref_half, [{k: v for k, v in r.items() if k in thresholds}
                                                        for r in c_scores], thresholds)}
         out[name]["band_curve"] = band_curve(student_scores[first][CHECK], ref_scores[CHECK], thresholds)
-        if middle is not None:  # of all inputs, the share the middle stage passed on to fp32
-            out[name]["to_full"] = round(deciders(c_scores).count("full") / len(c_scores), 4)
+        if middle is not None:  # the middle stage's band, and the share of all inputs it passed on to fp32
+            out[name].update(middle_band=three.middle_band, to_full=to_full, bands_tried=three.tried,
+                             to_full_served=round(deciders(c_scores).count("full") / len(c_scores), 4))
 
     add_cascade("cascade", "int8_pruned")
     if "int8_rows" in engines:
         add_cascade("cascade_int8_rows", "int8_rows")
         # the student's escalated inputs through that cascade in turn: most of them int8_rows decides
-        add_cascade("cascade_three_stage", "int8_pruned", middle="cascade_int8_rows")
+        add_cascade("cascade_three_stage", "int8_pruned", middle="int8_rows")
     for name, scores in student_scores.items():  # every variant as a cascade's first stage, the same way
         out[name]["as_cascade_front"] = as_cascade_front(scores, ref_scores, thresholds, args,
                                                          speedup=out[name]["speedup"])

@@ -267,3 +267,47 @@ def judge_on_halves(student: list[dict[str, float]], full: list[dict[str, float]
                            round(full_model_near(full[CHECK], at, band), 4),
                            least_escalation(student[CHECK], full[CHECK], thresholds, flags_floor=flags_floor,
                                             texts_floor=texts_floor))
+
+
+@dataclass(frozen=True)
+class ThreeStageJudgement:
+    """A three-stage cascade's two bands, chosen together on the PICK half, and what it gives on the
+    CHECK half: `judged` is the student's band's judgement (its figures those of all three stages'
+    rows), `to_full` the share of the CHECK half's texts that reach the full model."""
+    middle_band: float
+    judged: HalvesJudgement
+    to_full: float
+    tried: list[dict]  # per middle band: the student's band it needs and the PICK half's estimate
+
+
+def judge_three_stages(student: list[dict[str, float]], middle: list[dict[str, float]], full: list[dict[str, float]],
+                       thresholds: dict[str, float], *, flags_floor: float, texts_floor: float,
+                       first_speedup: float, middle_speedup: float,
+                       escalate_at: dict[str, float | list[float]] | None = None,
+                       middle_bands: tuple[float, ...] = tuple(b / 20 for b in range(0, 11))) -> ThreeStageJudgement:
+    """The bands of a cascade of `student`, then `middle` (with a band of its own), then the full
+    model, from their scores of the same texts: for each middle band, the narrowest student band
+    whose rows (the middle stage's, and the full model's within the middle band) meet both floors on
+    the PICK half; of those pairs, the one whose estimated speed (`estimated_speedup`, at the stages'
+    measured speeds) is highest there. A wider middle band sends more to fp32 but leaves more of the
+    floors' allowance to the student's band, which then escalates less. Judged on the CHECK half."""
+    at = escalate_at or thresholds
+    best: tuple[float, float, HalvesJudgement] | None = None
+    tried = []
+    for mb in middle_bands:
+        later = escalate(middle, full, at, mb)[0]
+        judged = judge_on_halves(student, full, thresholds, flags_floor=flags_floor, texts_floor=texts_floor,
+                                 escalate_at=at, later=later)
+        up = [near(s, at, judged.band) for s in student[PICK]]
+        on = [u and near(m, at, mb) for u, m in zip(up, middle[PICK])]
+        estimate = estimated_speedup(first_speedup, sum(up) / len(up), middle_speedup=middle_speedup,
+                                     to_full=sum(on) / len(on))
+        met = judged.floors_met_where_chosen(flags_floor, texts_floor)
+        tried.append({"middle_band": mb, "band": judged.band, "floors_met": met, "estimate": round(estimate, 3)})
+        if met and (best is None or estimate > best[0]):
+            best = (estimate, mb, judged)
+    if best is None:  # no pair meets the floors: the widest bands tried, judged all the same
+        best = (0.0, middle_bands[-1], judged)
+    _, mb, judged = best
+    on = [near(s, at, judged.band) and near(m, at, mb) for s, m in zip(student[CHECK], middle[CHECK])]
+    return ThreeStageJudgement(mb, judged, round(sum(on) / len(on), 4), tried)

@@ -451,9 +451,9 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     """Around the first stage judged in `staging/student` (`report`, with its scores and engine):
     the band, chosen on half the held-out texts and judged on the other half, the cascade's speed
     measured end to end on that half, and the cascade's manifest. With `middle` (the judged middle
-    stage in `staging/middle`), that stage gets a band of its own first, chosen the same way as if it
-    were the first stage, and the student's band is chosen for the rows those two stages give."""
-    from ..kernels.cascade import CHECK, CascadeEngine, escalate, estimated_speedup, judge_on_halves, near
+    stage in `staging/middle`), the middle stage's band and the student's are chosen together
+    (kernels/cascade.py `judge_three_stages`)."""
+    from ..kernels.cascade import CHECK, CascadeEngine, estimated_speedup, judge_on_halves, judge_three_stages
     from ..kernels.optimize import write_cascade
     from .host import served_throughput
     thresholds = decision_thresholds(spec, reference.engine.labels)
@@ -461,21 +461,20 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     # figures below are of the cascade as workers serve it
     every = {k: sorted({t, spec.threshold(k)}) for k, t in thresholds.items()}
     floors = dict(flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
-    full, later, middle_report = reference.engine, None, None
-    if middle is not None:
-        inner = judge_on_halves(middle["scores"], reference.scores, thresholds, **floors, escalate_at=every)
-        later = escalate(middle["scores"], reference.scores, every, inner.band)[0]
-        full = CascadeEngine(middle["engine"], reference.engine, band=inner.band, thresholds=every)
-    judged = judge_on_halves(report["scores"], reference.scores, thresholds, **floors, escalate_at=every, later=later)
+    full, middle_report = reference.engine, None
+    if middle is None:
+        judged = judge_on_halves(report["scores"], reference.scores, thresholds, **floors, escalate_at=every)
+    else:  # the two bands chosen together
+        three = judge_three_stages(report["scores"], middle["scores"], reference.scores, thresholds, **floors,
+                                   escalate_at=every, first_speedup=report["speedup"], middle_speedup=middle["speedup"])
+        judged = three.judged
+        full = CascadeEngine(middle["engine"], reference.engine, band=three.middle_band, thresholds=every)
+        middle_report = {"dir": MIDDLE_DIR, "band": three.middle_band, "to_full": three.to_full,
+                         "bands_tried": three.tried, "report": _report_to_store(middle)}
     band, escalated = judged.band, judged.escalated
     # what the cascade costs, estimated from its stages' speeds ...
     estimate = estimated_speedup(report["speedup"], escalated)
-    if middle is not None:
-        to_full = [near(s, every, band) and near(m, every, inner.band)
-                   for s, m in zip(report["scores"][CHECK], middle["scores"][CHECK])]
-        middle_report = {"dir": MIDDLE_DIR, "band": inner.band, "to_full": round(sum(to_full) / len(to_full), 4),
-                         "as_first_stage": {"escalated": inner.escalated, "agreement": inner.agreement},
-                         "report": _report_to_store(middle)}
+    if middle_report is not None:
         estimate = estimated_speedup(report["speedup"], escalated, middle_speedup=middle["speedup"],
                                      to_full=middle_report["to_full"])
     # ... and measured, as a worker runs it: the micro-batcher gathers escalated inputs into the full
@@ -496,7 +495,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     print(_describe(manifest["variant"], _report_to_store(report)))
     if middle_report is not None:
         print(_describe(f"middle stage {middle_report['report'].get('variant', args.middle)}", middle_report["report"]))
-    onward = (f"a middle stage ({args.middle}, its own band {inner.band}), which passes on to the full model "
+    onward = (f"a middle stage ({args.middle}, its own band {middle_report['band']}), which passes on to the full model "
               f"{middle_report['to_full']:.2%} of all the texts" if middle_report else "the full model")
     print(f"cascade: band {band} (logit units) escalates {escalated:.2%} of {judged.texts} held-out texts to "
           f"{onward}; flags {a['flags']:.3%}, texts identical {a['texts_identical']:.2%}; "
@@ -505,7 +504,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
           f"to meet the floors any rule would escalate at least {judged.least_escalation:.2%}, the first stage's errors")
     write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,
                   thresholds=every, report=cascade_report, digest=digest_out,
-                  middle={"dir": MIDDLE_DIR, "band": inner.band} if middle_report else None)
+                  middle={"dir": MIDDLE_DIR, "band": middle_report["band"]} if middle_report else None)
     refusal = None
     if (a["flags"] < args.cascade_flags or a["texts_identical"] < args.cascade_texts) and not args.force:
         refusal = (f"the cascade misses its floors (flags {args.cascade_flags:.3%}, texts {args.cascade_texts:.2%}) "

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 
 from gristmill.kernels.cascade import (  # noqa: E402
     ESCALATED, MIDDLE, CascadeEngine, choose_band, combine, deciders, escalate, estimated_speedup, full_model_near,
-    judge_on_halves, least_escalation, near)
+    judge_on_halves, judge_three_stages, least_escalation, near)
 from gristmill.kernels.distill import DistillLoss, StudentShape, distill_student, make_student  # noqa: E402
 
 TH = {"a": 0.5, "b": 0.3}
@@ -229,6 +229,29 @@ def test_with_a_middle_stage_the_band_is_chosen_for_the_rows_it_gives_judged_aga
     assert band == 8.0 and stats["flags"] == 0.75
 
 
+def test_three_stage_bands_are_chosen_together_for_the_highest_estimated_speed():
+    """A middle stage wrong near a threshold: at middle band 0 the student's band must reach past
+    the middle stage's errors (escalating everything), a middle band that catches them lets the
+    student's band stay narrow, and wider middle bands only send more to fp32."""
+    full = [{"a": 0.6, "b": 0.0}, {"a": 0.6, "b": 0.0}, {"a": 0.1, "b": 0.0}, {"a": 0.1, "b": 0.0}] * 2
+    student = [{"a": 0.45, "b": 0.0}, {"a": 0.45, "b": 0.0}, {"a": 0.01, "b": 0.0}, {"a": 0.01, "b": 0.0}] * 2
+    middle = [{"a": 0.48, "b": 0.0}, {"a": 0.48, "b": 0.0}, {"a": 0.1, "b": 0.0}, {"a": 0.1, "b": 0.0}] * 2
+    three = judge_three_stages(student, middle, full, TH, flags_floor=1.0, texts_floor=1.0, first_speedup=4.0,
+                               middle_speedup=2.0, middle_bands=(0.0, 0.1, 0.5))
+    by_band = {t["middle_band"]: t for t in three.tried}
+    assert not by_band[0.0]["floors_met"]  # the middle stage keeps its own wrong rows
+    assert by_band[0.1]["floors_met"] and by_band[0.5]["floors_met"]
+    assert by_band[0.1]["estimate"] == by_band[0.5]["estimate"]  # here the same texts reach fp32
+    assert three.middle_band == 0.1 and three.judged.agreement["texts_identical"] == 1.0
+    assert three.to_full == 0.5 and three.judged.escalated == 0.5  # the near half goes all the way
+    # a middle stage that is right everywhere: band 0, and nothing reaches fp32
+    exact = judge_three_stages(student, full, full, TH, flags_floor=1.0, texts_floor=1.0, first_speedup=4.0,
+                               middle_speedup=2.0, middle_bands=(0.0, 0.1, 0.5))
+    assert exact.middle_band == 0.0 and exact.to_full == 0.0 and exact.judged.agreement["flags"] == 1.0
+    assert exact.tried[0]["estimate"] == pytest.approx(estimated_speedup(4.0, 0.5, middle_speedup=2.0, to_full=0.0),
+                                                       abs=1e-3)
+
+
 def test_full_model_near_is_what_a_flawless_student_would_escalate():
     full = [{"a": 0.52, "b": 0.01}, {"a": 0.9, "b": 0.01}, {"a": 0.1, "b": 0.29}, {"a": 0.1, "b": 0.01}]
     assert full_model_near(full, TH, band=0.1) == 0.5  # the first ("a") and the third ("b")
@@ -347,6 +370,7 @@ def test_optimize_builds_a_three_stage_cascade_the_host_serves(tiny_models_file,
     report = manifest["report"]
     assert report["middle"]["band"] == manifest["middle"]["band"] >= 0.0
     assert 0.0 <= report["middle"]["to_full"] <= report["escalated"] <= 1.0
+    assert [t["middle_band"] for t in report["middle"]["bands_tried"]][:2] == [0.0, 0.05]
     assert report["middle"]["report"]["variant"] == "ort-int8" and "a middle stage (int8" in p.stdout
     assert report["speedup"] > 0 and report["speedup_estimate"] > 0
 
