@@ -101,7 +101,6 @@ class EngineLoader:
                                     max_context=spec.max_input_tokens, compile_decode=self.settings.generation_compile)
         from ..kernels.classify import ClassifierEngine
         from ..kernels.onnx_engine import read_manifest
-        from ..kernels.optimize import artifact_engine
         from .variants import choose
         st = self.settings
         choice = choose(spec, self.device, st)
@@ -110,10 +109,8 @@ class EngineLoader:
         # a directory built by `gristmill optimize` runs on ONNX Runtime or, for a torch recipe, the
         # compiled torch engine (and a cascade, on both)
         manifest = read_manifest(choice.path) if choice.artifact else None
-        if manifest is not None and manifest.get("kind") == "cascade":
-            eng = self._load_cascade(spec, choice.path, manifest, kw)
-        elif manifest is not None:
-            eng = artifact_engine(choice.path, cpu_precision=st.cpu_precision, **kw)
+        if manifest is not None:
+            eng = load_optimized(choice.path, manifest, kw, st)
         else:
             eng = ClassifierEngine(path, cpu_precision=st.cpu_precision, quantize=st.engine_quantize,
                                    sparsity=st.engine_sparsity, compile=st.engine_compile, **kw)
@@ -125,29 +122,6 @@ class EngineLoader:
             except Exception:  # noqa: BLE001 - the next heartbeat publishes it
                 log.warning("could not publish what this worker serves", exc_info=True)
         return eng
-
-    def _load_cascade(self, spec: ModelSpec, path, manifest: dict, kw: dict):
-        """The first stage inside the cascade directory (a student, or a torch recipe), and the full
-        model (by its registered name, else the weights' path) in the CPU precision the manifest
-        names: fp32, the reference the band was chosen against, since the inputs it decides are the
-        ones near a threshold, where bf16 changes decisions (kernels/cascade.py). A manifest naming a
-        middle stage (also inside the directory) puts it, as a cascade of its own, before the full
-        model."""
-        from ..kernels.cascade import FULL_MODEL_PRECISION, CascadeEngine
-        from ..kernels.classify import ClassifierEngine
-        from ..kernels.optimize import artifact_engine
-        teacher_spec = self.registry.specs.get(manifest["teacher_model"])
-        teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
-        student = artifact_engine(Path(path) / manifest["student"], cpu_precision=self.settings.cpu_precision, **kw)
-        precision = manifest.get("full_model_precision", FULL_MODEL_PRECISION)
-        teacher = ClassifierEngine(teacher_path, cpu_precision=precision, **kw)
-        middle = manifest.get("middle")  # three stages: a middle stage, with a band of its own, before the full model
-        if middle is not None:
-            first = artifact_engine(Path(path) / middle["dir"], cpu_precision=self.settings.cpu_precision, **kw)
-            teacher = CascadeEngine(first, teacher, band=float(middle["band"]), thresholds=manifest["thresholds"],
-                                    revision=f"{manifest['digest']}/middle")
-        return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
-                             margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
 
     def loaded(self) -> dict[str, Engine]:
         """The engines loaded so far, by model name."""
@@ -166,6 +140,39 @@ class EngineLoader:
             e.shutdown()
         self._engines.clear()
         gc.unfreeze()  # the engines just dropped (and whatever was frozen with them) collectable again
+
+
+def load_optimized(path: Path, manifest: dict, kw: dict[str, Any], settings: Settings) -> Engine:
+    """The engine of a `gristmill optimize` directory (its manifest read): ONNX Runtime, a compiled
+    torch recipe, or a cascade. `kw`: ClassifierEngine keyword arguments of the model it was built from."""
+    from ..kernels.optimize import artifact_engine
+    if manifest.get("kind") == "cascade":
+        return _load_cascade(path, manifest, kw, settings)
+    return artifact_engine(path, cpu_precision=settings.cpu_precision, **kw)
+
+
+def _load_cascade(path: Path, manifest: dict, kw: dict[str, Any], settings: Settings) -> Engine:
+    """The first stage inside the cascade directory (a student, or a torch recipe), and the full
+    model (by its registered name, else the weights' path) in the CPU precision the manifest
+    names: fp32, the reference the band was chosen against, since the inputs it decides are the
+    ones near a threshold, where bf16 changes decisions (kernels/cascade.py). A manifest naming a
+    middle stage (also inside the directory) puts it, as a cascade of its own, before the full
+    model."""
+    from ..kernels.cascade import FULL_MODEL_PRECISION, CascadeEngine
+    from ..kernels.classify import ClassifierEngine
+    from ..kernels.optimize import artifact_engine
+    teacher_spec = settings.registry.specs.get(manifest["teacher_model"])
+    teacher_path = teacher_spec.resolve_path() if teacher_spec is not None else Path(manifest["source"])
+    student = artifact_engine(Path(path) / manifest["student"], cpu_precision=settings.cpu_precision, **kw)
+    precision = manifest.get("full_model_precision", FULL_MODEL_PRECISION)
+    teacher = ClassifierEngine(teacher_path, cpu_precision=precision, **kw)
+    middle = manifest.get("middle")  # three stages: a middle stage, with a band of its own, before the full model
+    if middle is not None:
+        first = artifact_engine(Path(path) / middle["dir"], cpu_precision=settings.cpu_precision, **kw)
+        teacher = CascadeEngine(first, teacher, band=float(middle["band"]), thresholds=manifest["thresholds"],
+                                revision=f"{manifest['digest']}/middle")
+    return CascadeEngine(student, teacher, band=float(manifest["band"]), thresholds=manifest["thresholds"],
+                         margin=float(manifest.get("margin", 0.0)), revision=manifest["digest"])
 
 
 def revision_of(spec: ModelSpec, engine: Engine) -> str:

@@ -554,5 +554,6 @@ def test_artifact_speed_names_every_artifact_apart_from_the_reference():
     from pathlib import Path
 
     from benchmarks.artifact_speed import artifact_names
-    paths = [Path("/a/student/fp32"), Path("/a/x/int8"), Path("/a/y/int8"), Path("/a/mixed"), Path("/a/mixed")]
-    assert artifact_names(paths) == ["student/fp32", "x/int8", "y/int8", "a/mixed", "a/mixed #2"]
+    paths = [Path("/a/student/fp32"), Path("/a/x/int8"), Path("/a/y/int8"), Path("/a/mixed"), Path("/a/mixed"),
+             Path("/a/torch/bf16")]
+    assert artifact_names(paths) == ["student/fp32", "x/int8", "y/int8", "a/mixed", "a/mixed #2", "torch/bf16"]
