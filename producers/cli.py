@@ -42,8 +42,8 @@ def _details(b) -> str:
         out.append(f"  ingest waiting for {int(time.time()) - b.ingest_waiting_since} s: {b.ingest_waiting_for}; "
                    f"it resumes as workers drain the queue")
     if b.cascade.inputs:
-        out.append(f"  cascade: {b.cascade.escalated} of {b.cascade.inputs} classifier inputs escalated to the full "
-                   f"model ({b.cascade.share:.1%}); the student decided the rest")
+        out.append(f"  cascade: {b.cascade.escalated} of {b.cascade.inputs} classifier inputs escalated past the "
+                   f"student ({b.cascade.share:.1%}); the student decided the rest")
     if b.dedup.inputs:
         out.append(f"  dedup: {b.dedup.reused} of {b.dedup.inputs} classifier inputs reused "
                    f"({b.dedup.hit_rate:.1%} hit rate)")

@@ -33,10 +33,15 @@ def gristmill_stats(state, **kwargs):
 
 def _describe(eng) -> dict:
     """Where an engine runs: a torch model's device and dtype (and GPU), an ONNX Runtime session's
-    providers, a cascade's two stages."""
+    providers, a cascade's stages (student, middle where there are three, full), as `decided_by`
+    names them."""
     if hasattr(eng, "student") and hasattr(eng, "teacher"):
-        return {"device": str(eng.device), "dtype": "cascade", "variant": eng.variant,
-                "stages": {"student": _describe(eng.student), "full": _describe(eng.teacher)}}
+        later = eng.teacher
+        stages = {"student": _describe(eng.student)}
+        if hasattr(later, "student") and hasattr(later, "teacher"):  # three stages: a cascade as the full model
+            stages["middle"], later = _describe(later.student), later.teacher
+        stages["full"] = _describe(later)
+        return {"device": str(eng.device), "dtype": "cascade", "variant": eng.variant, "stages": stages}
     if getattr(eng, "model", None) is None:  # an ONNX Runtime engine
         return {"device": ",".join(eng.session.get_providers()), "dtype": "onnx", "variant": eng.variant}
     p = next(eng.model.parameters())

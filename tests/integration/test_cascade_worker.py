@@ -62,6 +62,8 @@ def test_a_worker_serves_a_cascade_batching_its_escalated_inputs(tiny_models_fil
     escalated = decided.count("full")
     assert 0 < escalated < len(texts), decided
     assert (b.cascade.inputs, b.cascade.escalated) == (len(texts), escalated)
+    from gristmill.producers.cli import _details
+    assert f"{escalated} of {len(texts)} classifier inputs escalated past the student" in _details(b)
     for i, who in enumerate(decided):
         scores = by_line[i]["response"]["body"]["results"][0]["category_scores"]
         expected = full[i] if who == "full" else student[i]

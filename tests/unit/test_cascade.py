@@ -387,6 +387,11 @@ def test_optimize_builds_a_three_stage_cascade_the_host_serves(tiny_models_file,
         assert results == eng.run(prep.payloads)
         counts = cascade_counts([(item, results)])
         assert counts == {"cascade_inputs": 2, "escalated": 0 if stage == "student" else 2}
+    # the workers' stats name the three stages as provenance does
+    from gristmill.workers.control import _describe
+    stages = _describe(eng)["stages"]
+    assert list(stages) == ["student", "middle", "full"] and stages["middle"]["variant"] == "ort-int8-cpu"
+    assert stages["full"]["variant"] == "torch-float32-cpu"
     host.shutdown()
 
 
