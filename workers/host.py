@@ -259,6 +259,17 @@ def served_throughput(engine: Engine, texts: list[str], *, batch: int = 64, repe
     return best, rows
 
 
+def served_in_turns(engines: dict[str, Engine], texts: list[str], *, rounds: int = 3) -> dict[str, float]:
+    """Each engine's items/s as `served_throughput` times it, the engines taking turns for `rounds`
+    rounds and the best round of each counting: a slow moment on a shared machine then falls on all
+    of them, not on whichever was timed alone at the time."""
+    best = dict.fromkeys(engines, 0.0)
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            best[name] = max(best[name], served_throughput(engine, texts, repeats=1)[0])
+    return best
+
+
 def item_error(it: S.WorkItem, exc: BaseException) -> dict[str, Any]:
     code = exc.code if isinstance(exc, ItemError) else C.E_ENGINE
     return S.error_line(it.custom_id, code, f"{type(exc).__name__}: {exc}", it.line)

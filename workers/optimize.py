@@ -455,7 +455,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     (kernels/cascade.py `judge_three_stages`)."""
     from ..kernels.cascade import CHECK, CascadeEngine, estimated_speedup, judge_on_halves, judge_three_stages
     from ..kernels.optimize import write_cascade
-    from .host import served_throughput
+    from .host import served_in_turns
     thresholds = decision_thresholds(spec, reference.engine.labels)
     # escalate near the policy's thresholds (where the band is chosen) and the model's own: the
     # figures below are of the cascade as workers serve it
@@ -478,11 +478,12 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
         estimate = estimated_speedup(report["speedup"], escalated, middle_speedup=middle["speedup"],
                                      to_full=middle_report["to_full"])
     # ... and measured, as a worker runs it: the micro-batcher gathers escalated inputs into the full
-    # model's own batches (workers/host.py), though the last, partial one still costs a whole call
+    # model's own batches (workers/host.py), though the last, partial one still costs a whole call;
+    # fp32 timed the same way, the two in turns
     cascade = CascadeEngine(report["engine"], full, band=band, thresholds=every)
     half = heldout[CHECK]
-    fp32_ips = served_throughput(reference.engine, half)[0]  # timed the same way
-    ips = served_throughput(cascade, half)[0]
+    timed = served_in_turns({"fp32": reference.engine, "cascade": cascade}, half)
+    fp32_ips, ips = timed["fp32"], timed["cascade"]
     cascade_report = {"band": band, "band_chosen_on": judged.chosen_on, "heldout_texts": judged.texts,
                       "escalated": escalated, "items_per_s": round(ips, 1),
                       "fp32_items_per_s": round(fp32_ips, 1), "speedup": round(ips / fp32_ips, 2),

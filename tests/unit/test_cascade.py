@@ -185,6 +185,33 @@ def test_a_cascade_can_stand_in_for_the_full_model_making_three_stages():
     assert deciders([{"a": 0.1}]) is None and deciders([]) is None
 
 
+def test_engines_timed_in_turns_alternate_and_each_keeps_its_best_round():
+    """`served_in_turns` (what `gristmill optimize` times a cascade and fp32 with): the engines take
+    turns round by round, so that a slow moment falls on both, and the faster engine is faster."""
+    import time
+
+    from gristmill.workers.host import served_in_turns
+    order = []
+
+    class _Timed(_Scored):
+        def __init__(self, name: str, pause: float):
+            super().__init__()
+            self.name, self.pause = name, pause
+
+        def encode(self, texts):
+            return [[i % 100] for i, _ in enumerate(texts)]
+
+        def run(self, batch):
+            if not order or order[-1] != self.name:
+                order.append(self.name)
+            time.sleep(self.pause)
+            return super().run(batch)
+
+    texts = [f"text {i}" for i in range(128)]
+    best = served_in_turns({"slow": _Timed("slow", 0.02), "fast": _Timed("fast", 0.002)}, texts, rounds=3)
+    assert order == ["slow", "fast"] * 3 and best["fast"] > best["slow"] > 0
+
+
 def test_choose_band_is_the_narrowest_that_meets_the_floors():
     teacher = [{"a": 0.6, "b": 0.0}, {"a": 0.2, "b": 0.0}, {"a": 0.9, "b": 0.0}]
     student = [{"a": 0.45, "b": 0.0}, {"a": 0.25, "b": 0.0}, {"a": 0.95, "b": 0.0}]  # the first flips
