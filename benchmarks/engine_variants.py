@@ -16,11 +16,11 @@ texts, everything reported on the other half; at each of a range of bands, what 
 keeps, and what the fp32 model's own scores put within the band; and every variant as a cascade's
 first stage, estimated, with the least share any escalation rule must send on to meet the floors)
 and `cascade_int8_rows` (int8_rows as the first stage), and `cascade_three_stage` (the student,
-then int8_rows with a band of its own, then fp32; the two bands chosen together). Each cascade is timed end to end through a
-micro-batcher as a worker runs it (workers/host.py `served_throughput`: batches sorted by token
-count, the escalated inputs of many batches gathered into the full model's own batches), against fp32
-timed the same way, and, for comparison, with each batch's escalated inputs as their own call of the
-full model (`escalated_each_batch`).
+then int8_rows with a band of its own, then fp32; the two bands chosen together). Each cascade is
+timed end to end through a micro-batcher as a worker runs it (workers/host.py `served_throughput`:
+batches sorted by token count, the escalated inputs of many batches gathered into the full model's
+own batches), against fp32 timed the same way, and, for comparison, with each batch's escalated
+inputs as their own call of the full model (`escalated_each_batch`).
 Where the CPU has bf16, every variant's speed is also given against bf16 (`speedup_vs_bf16`), the
 engine a worker serves without an artifact.
 The student is built once and cached under
@@ -195,7 +195,7 @@ def cpu_variants(args) -> dict[str, dict]:
         those near a threshold, timed end to end on the check half with the band chosen on the pick
         half. A `middle` variant between them, with a band of its own, makes three stages, as
         `gristmill optimize --middle` builds them: the two bands chosen together."""
-        full, to_full = None, None
+        full = None
         if middle is None:
             judged = judge_on_halves(student_scores[first], ref_scores, thresholds,
                                      flags_floor=args.cascade_flags, texts_floor=args.cascade_texts)
@@ -203,7 +203,7 @@ def cpu_variants(args) -> dict[str, dict]:
             three = judge_three_stages(student_scores[first], student_scores[middle], ref_scores, thresholds,
                                        flags_floor=args.cascade_flags, texts_floor=args.cascade_texts,
                                        first_speedup=out[first]["speedup"], middle_speedup=out[middle]["speedup"])
-            judged, to_full = three.judged, three.to_full
+            judged = three.judged
             full = CascadeEngine(engines[middle], ref, band=three.middle_band, thresholds=thresholds)
         cascade = CascadeEngine(engines[first], full or ref, band=judged.band, thresholds=thresholds)
         # as a worker runs it: escalated inputs batched among themselves; and, the baseline, each
@@ -224,7 +224,7 @@ def cpu_variants(args) -> dict[str, dict]:
                                                        for r in c_scores], thresholds)}
         out[name]["band_curve"] = band_curve(student_scores[first][CHECK], ref_scores[CHECK], thresholds)
         if middle is not None:  # the middle stage's band, and the share of all inputs it passed on to fp32
-            out[name].update(middle_band=three.middle_band, to_full=to_full, bands_tried=three.tried,
+            out[name].update(middle_band=three.middle_band, to_full=three.to_full, bands_tried=three.tried,
                              to_full_served=round(deciders(c_scores).count("full") / len(c_scores), 4))
 
     add_cascade("cascade", "int8_pruned")

@@ -298,10 +298,10 @@ def judge_three_stages(student: list[dict[str, float]], middle: list[dict[str, f
         later = escalate(middle, full, at, mb)[0]
         judged = judge_on_halves(student, full, thresholds, flags_floor=flags_floor, texts_floor=texts_floor,
                                  escalate_at=at, later=later)
-        up = [near(s, at, judged.band) for s in student[PICK]]
-        on = [u and near(m, at, mb) for u, m in zip(up, middle[PICK])]
-        estimate = estimated_speedup(first_speedup, sum(up) / len(up), middle_speedup=middle_speedup,
-                                     to_full=sum(on) / len(on))
+        picked = student[PICK]
+        escalated = sum(near(s, at, judged.band) for s in picked) / len(picked)
+        estimate = estimated_speedup(first_speedup, escalated, middle_speedup=middle_speedup,
+                                     to_full=_to_full(picked, middle[PICK], at, judged.band, mb))
         met = judged.floors_met_where_chosen(flags_floor, texts_floor)
         tried.append({"middle_band": mb, "band": judged.band, "floors_met": met, "estimate": round(estimate, 3)})
         if met and (best is None or estimate > best[0]):
@@ -309,5 +309,13 @@ def judge_three_stages(student: list[dict[str, float]], middle: list[dict[str, f
     if best is None:  # no pair meets the floors: the widest bands tried, judged all the same
         best = (0.0, middle_bands[-1], judged)
     _, mb, judged = best
-    on = [near(s, at, judged.band) and near(m, at, mb) for s, m in zip(student[CHECK], middle[CHECK])]
-    return ThreeStageJudgement(mb, judged, round(sum(on) / len(on), 4), tried)
+    return ThreeStageJudgement(mb, judged, round(_to_full(student[CHECK], middle[CHECK], at, judged.band, mb), 4),
+                               tried)
+
+
+def _to_full(student: list[dict[str, float]], middle: list[dict[str, float]], at: dict[str, float | list[float]],
+             band: float, middle_band: float) -> float:
+    """The share of texts a three-stage cascade passes on to the full model: near a threshold in
+    both the student's rows (within `band`) and the middle stage's (within `middle_band`)."""
+    on = [near(s, at, band) and near(m, at, middle_band) for s, m in zip(student, middle)]
+    return sum(on) / len(on) if on else 0.0

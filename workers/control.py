@@ -38,7 +38,7 @@ def _describe(eng) -> dict:
     if hasattr(eng, "student") and hasattr(eng, "teacher"):
         later = eng.teacher
         stages = {"student": _describe(eng.student)}
-        if hasattr(later, "student") and hasattr(later, "teacher"):  # three stages: a cascade as the full model
+        if eng.three_stages:  # a cascade as the full model: its first stage is the middle one
             stages["middle"], later = _describe(later.student), later.teacher
         stages["full"] = _describe(later)
         return {"device": str(eng.device), "dtype": "cascade", "variant": eng.variant, "stages": stages}

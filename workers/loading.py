@@ -145,8 +145,9 @@ class EngineLoader:
 def load_optimized(path: Path, manifest: dict, kw: dict[str, Any], settings: Settings) -> Engine:
     """The engine of a `gristmill optimize` directory (its manifest read): ONNX Runtime, a compiled
     torch recipe, or a cascade. `kw`: ClassifierEngine keyword arguments of the model it was built from."""
+    from ..kernels.cascade import MANIFEST_KIND as CASCADE
     from ..kernels.optimize import artifact_engine
-    if manifest.get("kind") == "cascade":
+    if manifest.get("kind") == CASCADE:
         return _load_cascade(path, manifest, kw, settings)
     return artifact_engine(path, cpu_precision=settings.cpu_precision, **kw)
 

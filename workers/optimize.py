@@ -473,8 +473,9 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
                          "bands_tried": three.tried, "report": _report_to_store(middle)}
     band, escalated = judged.band, judged.escalated
     # what the cascade costs, estimated from its stages' speeds ...
-    estimate = estimated_speedup(report["speedup"], escalated)
-    if middle_report is not None:
+    if middle_report is None:
+        estimate = estimated_speedup(report["speedup"], escalated)
+    else:
         estimate = estimated_speedup(report["speedup"], escalated, middle_speedup=middle["speedup"],
                                      to_full=middle_report["to_full"])
     # ... and measured, as a worker runs it: the micro-batcher gathers escalated inputs into the full

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from ..producers import constants as C
@@ -255,14 +256,12 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
 def cascade_counts(done: list[tuple[S.WorkItem, list[Any]]]) -> dict[str, int]:
     """Inputs scored by a cascade and those it escalated past its student, for the batch's counters;
     the metric counts them by the stage that decided them."""
-    from collections import Counter as Tally
-
     from ..kernels.cascade import deciders
     inputs = escalated = 0
     for it, results in done:
         names = deciders(results)
         if names is not None:
-            by_stage = Tally(names)
+            by_stage = Counter(names)
             inputs += len(names)
             escalated += len(names) - by_stage["student"]
             for stage, n in by_stage.items():
