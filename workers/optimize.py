@@ -79,19 +79,39 @@ def decision_thresholds(spec, labels: list[str]) -> dict[str, float]:
 
 @dataclass
 class Reference:
-    """The fp32 eager model's scores and speed on the held-out texts, and the speed of the engine a
-    worker on this host serves when no artifact beats it (bf16 where the CPU has native bf16): the
-    yardstick of every artifact's agreement and speed."""
+    """The fp32 eager model and its scores of the held-out texts, and the engine a worker on this
+    host serves when no artifact beats it (bf16 where the CPU has native bf16): the yardstick of
+    every artifact's agreement (`scores`) and speed (`timed_with`)."""
     engine: Any
-    items_per_s: float
     scores: list[dict[str, float]]
     default_engine: Any
-    default_items_per_s: float
 
-    @property
-    def default(self) -> dict:
-        return {"variant": self.default_engine.variant,
-                "speedup": round(self.default_items_per_s / self.items_per_s, 2)}
+    def timed_with(self, engine, texts: list[str]) -> "Speeds":
+        """`engine`'s speed, fp32's and the default engine's, each as a worker serves it, the three
+        timed in turns (workers/host.py `served_in_turns`). Timed one after another, a slow moment
+        on a shared machine fell on whichever was timed then, and the stored speeds that a worker
+        chooses its engine by favoured the artifact or the default by chance."""
+        from .host import served_in_turns
+        engines = {"fp32": self.engine, "artifact": engine}
+        if self.default_engine is not self.engine:
+            engines["default"] = self.default_engine
+        best = served_in_turns(engines, texts)
+        return Speeds(best["artifact"], best["fp32"], best.get("default", best["fp32"]), self.default_engine.variant)
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """Items/s of an engine, fp32 and the host's default engine, timed together on the same texts."""
+    items_per_s: float
+    fp32_items_per_s: float
+    default_items_per_s: float
+    default_variant: str
+
+    def report(self) -> dict:
+        return {"items_per_s": round(self.items_per_s, 1), "fp32_items_per_s": round(self.fp32_items_per_s, 1),
+                "speedup": round(self.items_per_s / self.fp32_items_per_s, 2),
+                "default": {"variant": self.default_variant,
+                            "speedup": round(self.default_items_per_s / self.fp32_items_per_s, 2)}}
 
 
 def reference_scores(spec, src: Path, heldout: list[str]) -> Reference:
@@ -100,11 +120,9 @@ def reference_scores(spec, src: Path, heldout: list[str]) -> Reference:
     from ..producers.settings import Settings
     from .loading import classifier_kwargs
     ref = ClassifierEngine(src, cpu_precision="fp32", **classifier_kwargs(spec))
-    ips, scores = throughput(ref, heldout)
+    scores = throughput(ref, heldout, repeats=1)[1]
     default = ClassifierEngine(src, cpu_precision=Settings().cpu_precision, **classifier_kwargs(spec))
-    if default.variant == ref.variant:
-        return Reference(ref, ips, scores, ref, ips)
-    return Reference(ref, ips, scores, default, throughput(default, heldout)[0])
+    return Reference(ref, scores, ref if default.variant == ref.variant else default)
 
 
 def judge(spec, src: Path, artifact: Path, heldout: list[str], reference: Reference | None = None) -> dict:
@@ -112,11 +130,10 @@ def judge(spec, src: Path, artifact: Path, heldout: list[str], reference: Refere
     from .loading import classifier_kwargs
     ref = reference or reference_scores(spec, src, heldout)
     new = artifact_engine(artifact, **classifier_kwargs(spec))
-    new_ips, new_scores = throughput(new, heldout)
+    new_scores = throughput(new, heldout, repeats=1)[1]
     size_ref = sum(f.stat().st_size for f in Path(src).glob("*.safetensors")) or None
     onnx_file = artifact / "model.onnx"
-    return {"heldout_texts": len(heldout), "fp32_items_per_s": round(ref.items_per_s, 1),
-            "items_per_s": round(new_ips, 1), "speedup": round(new_ips / ref.items_per_s, 2), "default": ref.default,
+    return {"heldout_texts": len(heldout), **ref.timed_with(new, heldout).report(),
             "size_bytes": onnx_file.stat().st_size if onnx_file.is_file() else None, "fp32_size_bytes": size_ref,
             "agreement": agreement(ref.scores, new_scores, decision_thresholds(spec, ref.engine.labels)),
             "scores": new_scores, "engine": new}
@@ -455,7 +472,6 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     (kernels/cascade.py `judge_three_stages`)."""
     from ..kernels.cascade import CHECK, CascadeEngine, estimated_speedup, judge_on_halves, judge_three_stages
     from ..kernels.optimize import write_cascade
-    from .host import served_in_turns
     thresholds = decision_thresholds(spec, reference.engine.labels)
     # escalate near the policy's thresholds (where the band is chosen) and the model's own: the
     # figures below are of the cascade as workers serve it
@@ -480,15 +496,12 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
                                      to_full=middle_report["to_full"])
     # ... and measured, as a worker runs it: the micro-batcher gathers escalated inputs into the full
     # model's own batches (workers/host.py), though the last, partial one still costs a whole call;
-    # fp32 timed the same way, the two in turns
+    # fp32 and the default engine timed the same way, in turns
     cascade = CascadeEngine(report["engine"], full, band=band, thresholds=every)
     half = heldout[CHECK]
-    timed = served_in_turns({"fp32": reference.engine, "cascade": cascade}, half)
-    fp32_ips, ips = timed["fp32"], timed["cascade"]
     cascade_report = {"band": band, "band_chosen_on": judged.chosen_on, "heldout_texts": judged.texts,
-                      "escalated": escalated, "items_per_s": round(ips, 1),
-                      "fp32_items_per_s": round(fp32_ips, 1), "speedup": round(ips / fp32_ips, 2),
-                      "speedup_estimate": round(estimate, 2), "default": reference.default,
+                      "escalated": escalated, **reference.timed_with(cascade, half).report(),
+                      "speedup_estimate": round(estimate, 2),
                       "full_model_near": judged.full_model_near, "least_escalation": judged.least_escalation,
                       "agreement": judged.agreement,
                       "student": _report_to_store(report),

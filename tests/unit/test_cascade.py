@@ -185,31 +185,49 @@ def test_a_cascade_can_stand_in_for_the_full_model_making_three_stages():
     assert deciders([{"a": 0.1}]) is None and deciders([]) is None
 
 
+class _Timed(_Scored):
+    """An engine that takes `pause` seconds a batch and writes its name into `order` when its turn begins."""
+
+    def __init__(self, name: str, pause: float, order: list[str]):
+        super().__init__()
+        self.name, self.pause, self.order, self.variant = name, pause, order, f"timed-{name}"
+
+    def encode(self, texts):
+        return [[i % 100] for i, _ in enumerate(texts)]
+
+    def run(self, batch):
+        import time
+        if not self.order or self.order[-1] != self.name:
+            self.order.append(self.name)
+        time.sleep(self.pause)
+        return super().run(batch)
+
+
 def test_engines_timed_in_turns_alternate_and_each_keeps_its_best_round():
     """`served_in_turns` (what `gristmill optimize` times a cascade and fp32 with): the engines take
     turns round by round, so that a slow moment falls on both, and the faster engine is faster."""
-    import time
-
     from gristmill.workers.host import served_in_turns
-    order = []
-
-    class _Timed(_Scored):
-        def __init__(self, name: str, pause: float):
-            super().__init__()
-            self.name, self.pause = name, pause
-
-        def encode(self, texts):
-            return [[i % 100] for i, _ in enumerate(texts)]
-
-        def run(self, batch):
-            if not order or order[-1] != self.name:
-                order.append(self.name)
-            time.sleep(self.pause)
-            return super().run(batch)
-
+    order: list[str] = []
     texts = [f"text {i}" for i in range(128)]
-    best = served_in_turns({"slow": _Timed("slow", 0.02), "fast": _Timed("fast", 0.002)}, texts, rounds=3)
+    best = served_in_turns({"slow": _Timed("slow", 0.02, order), "fast": _Timed("fast", 0.002, order)}, texts, rounds=3)
     assert order == ["slow", "fast"] * 3 and best["fast"] > best["slow"] > 0
+
+
+def test_an_artifact_is_timed_in_turns_with_fp32_and_the_hosts_default():
+    """What `gristmill optimize` stores of every artifact's speed, and what a worker chooses its
+    engine by: the artifact, fp32 and the default engine (bf16 where the host has it) timed in
+    turns; where the default is fp32 itself, it is timed once a round."""
+    from gristmill.workers.optimize import Reference
+    order: list[str] = []
+    texts = [f"text {i}" for i in range(128)]
+    fp32, bf16, art = _Timed("fp32", 0.02, order), _Timed("bf16", 0.01, order), _Timed("artifact", 0.004, order)
+    report = Reference(fp32, [], bf16).timed_with(art, texts).report()
+    assert order == ["fp32", "artifact", "bf16"] * 3
+    assert report["speedup"] > report["default"]["speedup"] > 1.0 and report["default"]["variant"] == "timed-bf16"
+    assert report["speedup"] == round(report["items_per_s"] / report["fp32_items_per_s"], 2)
+    order.clear()
+    alone = Reference(fp32, [], fp32).timed_with(art, texts).report()
+    assert order == ["fp32", "artifact"] * 3 and alone["default"] == {"variant": "timed-fp32", "speedup": 1.0}
 
 
 def test_choose_band_is_the_narrowest_that_meets_the_floors():
