@@ -554,3 +554,46 @@ def test_a_distilled_student_is_kept_and_reused_by_another_quantization(weights,
     assert torch.allclose(a.embed(a.encode(texts[:4])), b.embed(b.encode(texts[:4])), atol=1e-5)
     # what trains it names it; steps do, quantization does not (it is not an argument)
     assert trained_student_digest(weights / "encoder", thresholds=None, bf16=False, **{**kw, "steps": 3}) != digest
+
+
+def test_escalation_rules_are_chosen_on_the_pick_half_and_judged_on_the_check_half():
+    """benchmarks.escalation_rules: the least cut meeting the floors on the even-indexed texts, and
+    per-label bands narrowed where a label's errors allow it."""
+    import numpy as np
+
+    from benchmarks.escalation_rules import Judge, per_label_bands
+    n = 400
+    threshold = np.zeros(2)
+    full = np.column_stack([np.linspace(-2, 2, n), np.full(n, -3.0)])
+    student = full.copy()
+    student[::7, 0] = -full[::7, 0] * 0.1  # label 0: every seventh text's flag flips, near its threshold
+    judge = Judge(student, full, threshold)
+    flips = judge.wrong.any(1)
+    assert flips[judge.pick].any() and flips[judge.check].any()
+    margin = np.abs(student - threshold)
+    escalate, cut = judge.least_cut(margin)
+    # the floors (0 of 400 flags, 1 of 200 texts) leave no flip on the pick half: the least cut is
+    # the pick half's next margin above its widest flip's
+    lowest = margin.min(1)[judge.pick]
+    widest_flip = lowest[flips[judge.pick]].max()
+    assert cut == lowest[lowest > widest_flip].min() and not (flips & ~escalate)[judge.pick].any()
+    assert not judge.meets(judge.pick, np.zeros(n, dtype=bool))
+    # the check half is judged with the same cut, not one fitted to it
+    checked = judge.result(escalate)
+    assert checked.escalated == pytest.approx(escalate[judge.check].mean(), abs=1e-4)
+    assert checked.texts_identical == pytest.approx(1 - (flips & ~escalate)[judge.check].mean(), abs=1e-4)
+    # label 1 is never near its threshold: per-label bands meet the floors escalating no more
+    per_label = per_label_bands(judge, margin, cut)
+    assert judge.meets(judge.pick, per_label) and per_label.sum() <= escalate.sum()
+    none = judge.result(np.zeros(n, dtype=bool))
+    assert none.escalated == 0.0 and not none.floors_met
+
+
+def test_escalation_rules_refuses_a_directory_that_is_not_an_artifact(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "benchmarks.escalation_rules", str(tmp_path)], cwd=root,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "not an artifact directory" in run.stderr
