@@ -302,7 +302,7 @@ def own_artifact_head(out: Path, refit, head: tuple[torch.Tensor, torch.Tensor],
 
 def write_cascade(out: Path, *, student_dir: str, teacher_model: str, source: Path, band: float,
                   thresholds: dict[str, list[float]], report: dict, digest: str,
-                  middle: dict[str, Any] | None = None) -> dict:
+                  middle: dict[str, Any] | None = None, judged_on: str | None = None) -> dict:
     """A cascade artifact at `out`: the student artifact in `out/student_dir`, the full model by
     its registered name (and its weights' path, where the name is not registered) and the CPU
     precision it runs in, the band; and a middle stage where given ({"dir": an artifact directory
@@ -315,6 +315,8 @@ def write_cascade(out: Path, *, student_dir: str, teacher_model: str, source: Pa
                 "band": band, "thresholds": thresholds, "digest": digest, "variant": "cascade", "report": report}
     if middle is not None:
         manifest["middle"] = middle
+    if judged_on is not None:
+        manifest["judged_on"] = judged_on
     (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -267,11 +267,36 @@ def main(argv: list[str]) -> int:
             f"torch-{quantize}" if quantize in TORCH_QUANTIZE else variant_name(quantize, args.prune)
         args.out = optimized_dir(Settings(), spec.name) / kind
         args.out.parent.mkdir(parents=True, exist_ok=True)
+    judging = Judging.of(args)
     if args.distill:
-        return _student(args, spec, src, quantize)
+        return _student(args, spec, src, quantize, judging)
     if quantize == "int8-rows":
-        return _torch_recipe(args, spec, src, quantize)
-    return _pruned(args, spec, src, quantize)
+        return _torch_recipe(args, spec, src, quantize, judging)
+    return _pruned(args, spec, src, quantize, judging)
+
+
+# The rule that chooses a cascade's bands from held-out scores: a new rule builds cascades again.
+# 2: the student's and a middle stage's bands chosen together (kernels/cascade `judge_three_stages`).
+CASCADE_RULE = 2
+
+
+@dataclass(frozen=True)
+class Judging:
+    """The held-out texts a build is judged on, and a digest of everything its judgement depends on
+    beyond the artifact's own inputs: those texts, the floors, and for a cascade the rule that
+    chooses its bands. A build whose artifact's inputs are unchanged but whose judging is not is
+    done again: a cascade's band is chosen on those texts to those floors."""
+    texts: list[str]
+    digest: str
+
+    @classmethod
+    def of(cls, args) -> "Judging":
+        import hashlib
+        texts = heldout_texts(args.texts)
+        h = hashlib.sha256(json.dumps(texts).encode())
+        h.update(json.dumps({"min_flags": args.min_flags, "cascade": [args.cascade_flags, args.cascade_texts, CASCADE_RULE]
+                             if args.cascade else None}).encode())
+        return cls(texts, h.hexdigest()[:16])
 
 
 def _require_compiler(option: str) -> None:
@@ -282,51 +307,51 @@ def _require_compiler(option: str) -> None:
                          "install g++ (Debian: build-essential) or set CXX")
 
 
-def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
+def _torch_recipe(args, spec, src: Path, quantize: str, judging: Judging) -> int:
     from ..kernels.optimize import torch_recipe_digest, write_torch_recipe
     if args.prune:
         raise SystemExit(f"--quantize {quantize} runs the full model: --prune needs --quantize int8, int8-tensor, int8-block or none")
     _require_compiler(f"--quantize {quantize}")
     digest = torch_recipe_digest(src, quantize=quantize, compile=True)
-    digest_out = digest + ("-cascade" if args.cascade else "")
-    if _up_to_date(args.out, digest_out):
+    digest_out = digest + (f"-cascade-{judging.digest}" if args.cascade else "")
+    if _up_to_date(args.out, digest_out, judging):
         return 0
     staging = _staging(args.out)
-    heldout = heldout_texts(args.texts)
+    heldout = judging.texts
     if not args.cascade:
         manifest = write_torch_recipe(src, staging, quantize=quantize, compile=True)
-        return _finish(args, staging, manifest, judge(spec, src, staging, heldout), digest)
+        return _finish(args, staging, manifest, judge(spec, src, staging, heldout), digest, judging)
     # int8-rows for every input, the full model again for those near a threshold
     manifest = write_torch_recipe(src, staging / "student", quantize=quantize, compile=True)
     reference = reference_scores(spec, src, heldout)
     return _cascade(args, spec, src, staging, manifest, judge(spec, src, staging / "student", heldout, reference),
-                    reference, heldout, digest_out)
+                    reference, judging, digest_out)
 
 
-def _pruned(args, spec, src: Path, quantize: str | None) -> int:
+def _pruned(args, spec, src: Path, quantize: str | None, judging: Judging) -> int:
     from ..kernels import texts as builtin
     from ..kernels.optimize import artifact_digest, build_artifact
     from ..producers.registry import POOLED_KINDS
     calibration = read_texts(args.calibration) if args.calibration else builtin.sentences(256)
-    heldout = heldout_texts(args.texts)
     zero_shot = spec.kind in POOLED_KINDS  # the artifact is the encoder; the head or prototypes stay outside
     digest = artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                              calibration=calibration, max_length=spec.max_input_tokens,
                              distill_steps=args.distill_steps)
-    if _up_to_date(args.out, digest):
+    if _up_to_date(args.out, digest, judging):
         return 0
     staging = _staging(args.out)
     manifest = build_artifact(src, staging, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                               calibration=calibration, max_length=spec.max_input_tokens,
                               distill_steps=args.distill_steps)
-    return _finish(args, staging, manifest, judge(spec, src, staging, heldout), digest)
+    return _finish(args, staging, manifest, judge(spec, src, staging, judging.texts), digest, judging)
 
 
-def _up_to_date(out: Path, digest: str) -> bool:
-    """True, said with its report, where `out` already holds the artifact of these inputs."""
+def _up_to_date(out: Path, digest: str, judging: Judging) -> bool:
+    """True, said with its report, where `out` already holds the artifact of these inputs, judged so."""
     from ..kernels.onnx_engine import read_manifest
     existing = read_manifest(out)
-    if not (existing and existing.get("digest") == digest and existing.get("report")):
+    if not (existing and existing.get("digest") == digest and existing.get("judged_on") == judging.digest
+            and existing.get("report")):
         return False
     print(f"{out}: up to date (digest {digest}); reusing it")
     print(json.dumps(existing["report"]))
@@ -339,9 +364,9 @@ def _staging(out: Path) -> Path:
     return staging
 
 
-def _finish(args, staging: Path, manifest: dict, report: dict, digest: str) -> int:
+def _finish(args, staging: Path, manifest: dict, report: dict, digest: str, judging: Judging) -> int:
     report = _report_to_store(report)
-    manifest["report"] = report
+    manifest["report"], manifest["judged_on"] = report, judging.digest
     (staging / "gristmill-artifact.json").write_text(json.dumps(manifest, indent=2))
     print(_describe(manifest["variant"], report))
     refusal = None
@@ -364,7 +389,7 @@ def _install(out: Path, staging: Path, refusal: str | None, report: dict, digest
     return 0
 
 
-def _student(args, spec, src: Path, quantize: str | None) -> int:
+def _student(args, spec, src: Path, quantize: str | None, judging: Judging) -> int:
     from ..kernels import corpus, heads
     from ..kernels.loading import cpu_has_bf16
     from ..kernels.optimize import build_student, student_digest
@@ -379,7 +404,7 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
         if args.with_builtin:
             lines = transfer
             transfer = corpus.with_traffic(corpus.builtin_transfer_set(args.with_builtin, src), lines)
-    heldout = heldout_texts(args.texts)
+    heldout = judging.texts
     kw = classifier_kwargs(spec)
     loaded = heads.load_head(kw["head"]) if kw.get("head") is not None else None
     head = loaded[:2] if loaded is not None else None
@@ -390,10 +415,10 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     head_texts = corpus.builtin_head_texts(src, traffic=lines) if builtin and head is not None else None
     digest = student_digest(src, transfer=transfer, fraction=args.prune, steps=args.steps, quantize=quantize,
                             max_length=spec.max_input_tokens, head=head, thresholds=focus, head_texts=head_texts)
-    digest_out = digest + ("-cascade" if args.cascade else "")
+    digest_out = digest + (f"-cascade-{judging.digest}" if args.cascade else "")
     if args.middle:
         digest_out += "-via-" + _full_model_digest(spec, src, args.middle)
-    if _up_to_date(args.out, digest_out):
+    if _up_to_date(args.out, digest_out, judging):
         return 0
     staging = _staging(args.out)
     student_dir = staging / "student" if args.cascade else staging
@@ -406,12 +431,12 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     reference = reference_scores(spec, src, heldout)
     report = judge(spec, src, student_dir, heldout, reference)
     if not args.cascade:
-        return _finish(args, staging, manifest, report, digest)
+        return _finish(args, staging, manifest, report, digest, judging)
     middle = None
     if args.middle:
         built = _build_full_model(spec, src, staging / MIDDLE_DIR, args.middle)
         middle = {**judge(spec, src, staging / MIDDLE_DIR, heldout, reference), "variant": built["variant"]}
-    return _cascade(args, spec, src, staging, manifest, report, reference, heldout, digest_out, middle)
+    return _cascade(args, spec, src, staging, manifest, report, reference, judging, digest_out, middle)
 
 
 MIDDLE_DIR = "middle"  # a three-stage cascade's middle stage, inside its directory
@@ -464,7 +489,7 @@ def sampled_lines(n: int, sampler: str) -> list[str]:
 
 
 def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict, reference: Reference,
-             heldout: list[str], digest_out: str, middle: dict | None = None) -> int:
+             judging: Judging, digest_out: str, middle: dict | None = None) -> int:
     """Around the first stage judged in `staging/student` (`report`, with its scores and engine):
     the band, chosen on half the held-out texts and judged on the other half, the cascade's speed
     measured end to end on that half, and the cascade's manifest. With `middle` (the judged middle
@@ -498,7 +523,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
     # model's own batches (workers/host.py), though the last, partial one still costs a whole call;
     # fp32 and the default engine timed the same way, in turns
     cascade = CascadeEngine(report["engine"], full, band=band, thresholds=every)
-    half = heldout[CHECK]
+    half = judging.texts[CHECK]
     cascade_report = {"band": band, "band_chosen_on": judged.chosen_on, "heldout_texts": judged.texts,
                       "escalated": escalated, **reference.timed_with(cascade, half).report(),
                       "speedup_estimate": round(estimate, 2),
@@ -518,7 +543,7 @@ def _cascade(args, spec, src: Path, staging: Path, manifest: dict, report: dict,
           f"The full model's own scores put {cascade_report['full_model_near']:.2%} of these texts within that band; "
           f"to meet the floors any rule would escalate at least {judged.least_escalation:.2%}, the first stage's errors")
     write_cascade(staging, student_dir="student", teacher_model=spec.name, source=src, band=band,
-                  thresholds=every, report=cascade_report, digest=digest_out,
+                  thresholds=every, report=cascade_report, digest=digest_out, judged_on=judging.digest,
                   middle={"dir": MIDDLE_DIR, "band": middle_report["band"]} if middle_report else None)
     refusal = None
     if (a["flags"] < args.cascade_flags or a["texts_identical"] < args.cascade_texts) and not args.force:

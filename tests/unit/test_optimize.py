@@ -203,6 +203,12 @@ def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_m
         "flags", "texts_identical", "max_score_delta", "mean_score_delta", "top_label", "top_label_changes", "near_ties"}
     again = optimize("--min-flags", "1.01")
     assert again.returncode == 0 and "up to date" in again.stdout
+    # the same artifact judged on other held-out texts is judged again, and says so in its report
+    texts = tmp_path / "heldout.txt"
+    texts.write_text("a first held-out text\nand a second one\n")
+    rejudged = optimize("--min-flags", "1.01", "--force", "--texts", str(texts))
+    assert rejudged.returncode == 0 and "up to date" not in rejudged.stdout, rejudged.stdout
+    assert json.loads((out / "gristmill-artifact.json").read_text())["report"]["heldout_texts"] == 2
     unknown = subprocess.run([*GRISTMILL, "optimize", "nope", "--out", str(out)], env=env,
                              cwd=root, capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "no model 'nope'" in unknown.stderr
@@ -557,3 +563,29 @@ def test_artifact_speed_names_every_artifact_apart_from_the_reference():
     paths = [Path("/a/student/fp32"), Path("/a/x/int8"), Path("/a/y/int8"), Path("/a/mixed"), Path("/a/mixed"),
              Path("/a/torch/bf16")]
     assert artifact_names(paths) == ["student/fp32", "x/int8", "y/int8", "a/mixed", "a/mixed #2", "torch/bf16"]
+
+
+def test_what_a_build_is_judged_on_is_part_of_whether_it_is_up_to_date(tmp_path, monkeypatch):
+    """The held-out texts, the floors and, for a cascade, the band rule: a cascade's band is chosen
+    on those texts to those floors, so a build with any of them changed is not reused."""
+    from argparse import Namespace
+
+    from gristmill.workers import optimize
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one\ntwo\n")
+    base = dict(texts=texts, min_flags=0.995, cascade=True, cascade_flags=0.9995, cascade_texts=0.995)
+
+    def digest(**change) -> str:
+        return optimize.Judging.of(Namespace(**{**base, **change})).digest
+
+    first = digest()
+    assert optimize.Judging.of(Namespace(**base)).texts == ["one", "two"] and digest() == first
+    assert digest(cascade_texts=0.999) != first and digest(cascade_flags=0.999) != first
+    assert digest(min_flags=0.99) != first
+    other = tmp_path / "other.txt"
+    other.write_text("one\nthree\n")
+    assert digest(texts=other) != first
+    monkeypatch.setattr(optimize, "CASCADE_RULE", optimize.CASCADE_RULE + 1)
+    assert digest() != first
+    # a plain artifact's judgement does not depend on the cascade's floors
+    assert digest(cascade=False) == digest(cascade=False, cascade_texts=0.5)
