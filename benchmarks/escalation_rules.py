@@ -19,6 +19,8 @@ escalated texts take fp32's rows. Judged at the policy's thresholds.
   built-in transfer set with its own seed, plus the traffic lines with --traffic-share); k and
   the band chosen together on the pick half.
 - `z-score`: |logit - threshold| / predicted error < c.
+- `band scaled per label`: each label's band in proportion to the student's RMS logit error on
+  that label near its threshold, measured on the predictor's texts: one cut, no per-label fit.
 - `least`: what a rule that knew the student's errors would escalate on the check half
   (kernels/cascade `least_escalation`): no rule escalates less and meets the floors.
 
@@ -105,6 +107,18 @@ def per_label_bands(judge: Judge, margin: np.ndarray, band: float, step: float =
     return (margin < bands).any(1)
 
 
+def label_error_spread(student_logits: np.ndarray, full_logits: np.ndarray, threshold_logits: np.ndarray,
+                       near: float = 1.0) -> np.ndarray:
+    """Per label, the student's RMS logit error on the texts the full model puts within `near` logit
+    of the label's threshold, relative to the mean over labels (1 where a label has none)."""
+    errors = student_logits - full_logits
+    close = np.abs(full_logits - threshold_logits) < near
+    rms = np.array([np.sqrt(np.mean(errors[close[:, j], j] ** 2)) if close[:, j].any() else np.nan
+                    for j in range(errors.shape[1])])
+    rms = np.where(np.isnan(rms), np.nanmean(rms), rms)
+    return rms / rms.mean()
+
+
 def error_predictor(features: np.ndarray, errors: np.ndarray, *, epochs: int = 60, seed: int = 0):
     """A small MLP from a text's features to log(|logit error| + 0.01) per label."""
     import torch
@@ -170,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     zs, zt = logits(student, judged), logits(full, judged)
     fit_texts = builtin_transfer_set(args.predictor_texts, spec.resolve_path(), seed=PREDICTOR_SEED) + traffic
-    fit_zs = logits(student, fit_texts)
-    predict = error_predictor(features(fit_texts, fit_zs), fit_zs - logits(full, fit_texts))
+    fit_zs, fit_zt = logits(student, fit_texts), logits(full, fit_texts)
+    predict = error_predictor(features(fit_texts, fit_zs), fit_zs - fit_zt)
+    spread = label_error_spread(fit_zs, fit_zt, threshold_logits)
     error = predict(features(judged, zs))
     error_corr = float(np.corrcoef(np.log(error).ravel(), np.log(np.abs(zs - zt) + 0.01).ravel())[0, 1])
 
@@ -184,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     rules["band + learned error"] = judge.result(min(learned, key=lambda e: (not judge.meets(judge.pick, e),
                                                                               e[judge.pick].mean())))
     rules["z-score"] = judge.result(judge.least_cut(margin / error)[0])
+    rules["band scaled per label"] = judge.result(judge.least_cut(margin / spread)[0])
     from gristmill.kernels.cascade import least_escalation
 
     def rows(z: np.ndarray, idx: np.ndarray) -> list[dict[str, float]]:
