@@ -50,9 +50,11 @@ class DedupCounts(BaseModel):
 
 
 class CascadeCounts(BaseModel):
-    """Classifier inputs a cascade scored, and those it escalated to its full model."""
+    """Classifier inputs a cascade scored, those it escalated past its student, and those its full
+    model decided (fewer than escalated where a middle stage decided some)."""
     inputs: int = 0
     escalated: int = 0
+    to_full: int = 0
 
     @property
     def share(self) -> float:
@@ -65,6 +67,7 @@ class ChunkCounts(BaseModel):
     dedup_reused: int = 0
     cascade_inputs: int = 0
     escalated: int = 0
+    to_full: int = 0
 
     def __add__(self, other: "ChunkCounts") -> "ChunkCounts":
         return ChunkCounts(**{k: getattr(self, k) + getattr(other, k) for k in ChunkCounts.model_fields})
@@ -134,7 +137,7 @@ class Batch(BaseModel):
 # stored as one hash field; the chunk's kept message is dropped. KEYS: meta, results, chunks_done,
 # pending, pending_at. ARGV: chunk (or ''), now, part field
 # (or '' to only mark the chunk), value, completed, failed, dedup inputs, dedup reused, output
-# bytes, error bytes, cascade inputs, escalated. HSETNX on the part makes a redelivered chunk a no-op: its lines, and so its
+# bytes, error bytes, cascade inputs, escalated, decided by the full model. HSETNX on the part makes a redelivered chunk a no-op: its lines, and so its
 # custom_ids, are fixed at ingest. Returns {completed, failed, transition}, counting only a part
 # that was new.
 _RECORD = """
@@ -152,6 +155,7 @@ if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
   if tonumber(ARGV[11]) > 0 then
     redis.call('HINCRBY', KEYS[1], 'cascade_inputs', ARGV[11])
     redis.call('HINCRBY', KEYS[1], 'cascade_escalated', ARGV[12])
+    redis.call('HINCRBY', KEYS[1], 'cascade_to_full', ARGV[13])
   end
 end
 if ARGV[1] ~= '' then
@@ -339,7 +343,8 @@ class BatchStore:
                      policy=json.loads(m["policy"]) if m.get("policy") else None,
                      dedup=DedupCounts(inputs=int(m.get("dedup_inputs", 0)), reused=int(m.get("dedup_reused", 0))),
                      cascade=CascadeCounts(inputs=int(m.get("cascade_inputs", 0)),
-                                           escalated=int(m.get("cascade_escalated", 0))),
+                                           escalated=int(m.get("cascade_escalated", 0)),
+                                           to_full=int(m.get("cascade_to_full", 0))),
                      resent=int(m.get("resent", 0)), owner=m.get("owner") or None, endpoint=m.get("endpoint") or None,
                      ingest_waiting_since=int(m["ingest_waiting_since"]) if m.get("ingest_waiting_since") else None,
                      ingest_waiting_for=m.get("ingest_waiting_for") or None,
@@ -442,7 +447,7 @@ class BatchStore:
         c = counts or ChunkCounts()
         argv: list[Any] = ["" if chunk is None else chunk, int(time.time()), part if lines else "", enc.value,
                            enc.outputs, enc.errors, c.dedup_inputs, c.dedup_reused, enc.output_bytes, enc.error_bytes,
-                           c.cascade_inputs, c.escalated]
+                           c.cascade_inputs, c.escalated, c.to_full]
         keys = [C.batch_key(batch_id), C.results_key(batch_id), C.chunks_done_key(batch_id), C.pending_key(batch_id),
                 C.pending_at_key(batch_id)]
         _, _, transition = self._record(keys=keys, args=argv)

@@ -42,8 +42,11 @@ def _details(b) -> str:
         out.append(f"  ingest waiting for {int(time.time()) - b.ingest_waiting_since} s: {b.ingest_waiting_for}; "
                    f"it resumes as workers drain the queue")
     if b.cascade.inputs:
+        middle = b.cascade.escalated - b.cascade.to_full
+        onward = (f"; a middle stage decided {middle} of those, the full model {b.cascade.to_full} "
+                  f"({b.cascade.to_full / b.cascade.inputs:.1%} of all)" if middle > 0 else "")
         out.append(f"  cascade: {b.cascade.escalated} of {b.cascade.inputs} classifier inputs escalated past the "
-                   f"student ({b.cascade.share:.1%}); the student decided the rest")
+                   f"student ({b.cascade.share:.1%}){onward}; the student decided the rest")
     if b.dedup.inputs:
         out.append(f"  dedup: {b.dedup.reused} of {b.dedup.inputs} classifier inputs reused "
                    f"({b.dedup.hit_rate:.1%} hit rate)")

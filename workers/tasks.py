@@ -254,19 +254,21 @@ def run_items(st: WorkerState, items: list[S.WorkItem], policy: Policy | None, t
 
 
 def cascade_counts(done: list[tuple[S.WorkItem, list[Any]]]) -> dict[str, int]:
-    """Inputs scored by a cascade and those it escalated past its student, for the batch's counters;
-    the metric counts them by the stage that decided them."""
+    """Inputs scored by a cascade, those it escalated past its student, and those the full model
+    decided (the same, but for a three-stage cascade's middle stage), for the batch's counters; the
+    metric counts them by the stage that decided them."""
     from ..kernels.cascade import deciders
-    inputs = escalated = 0
+    inputs = escalated = to_full = 0
     for it, results in done:
         names = deciders(results)
         if names is not None:
             by_stage = Counter(names)
             inputs += len(names)
             escalated += len(names) - by_stage["student"]
+            to_full += by_stage["full"]
             for stage, n in by_stage.items():
                 metrics.CASCADE_INPUTS.labels(it.model, stage).inc(n)
-    return {"cascade_inputs": inputs, "escalated": escalated}
+    return {"cascade_inputs": inputs, "escalated": escalated, "to_full": to_full}
 
 
 # An item in flight during this many worker deaths (while its chunk ran one item at a time) is

@@ -61,9 +61,10 @@ def test_a_worker_serves_a_cascade_batching_its_escalated_inputs(tiny_models_fil
     decided = [by_line[i]["provenance"]["decided_by"] for i in range(len(texts))]
     escalated = decided.count("full")
     assert 0 < escalated < len(texts), decided
-    assert (b.cascade.inputs, b.cascade.escalated) == (len(texts), escalated)
+    assert (b.cascade.inputs, b.cascade.escalated, b.cascade.to_full) == (len(texts), escalated, escalated)
     from gristmill.producers.cli import _details
     assert f"{escalated} of {len(texts)} classifier inputs escalated past the student" in _details(b)
+    assert "middle stage" not in _details(b)  # two stages: the full model decided every escalated input
     for i, who in enumerate(decided):
         scores = by_line[i]["response"]["body"]["results"][0]["category_scores"]
         expected = full[i] if who == "full" else student[i]

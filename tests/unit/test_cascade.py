@@ -431,7 +431,8 @@ def test_optimize_builds_a_three_stage_cascade_the_host_serves(tiny_models_file,
         assert host.format(item, results)["provenance"]["decided_by"] == [stage, stage]
         assert results == eng.run(prep.payloads)
         counts = cascade_counts([(item, results)])
-        assert counts == {"cascade_inputs": 2, "escalated": 0 if stage == "student" else 2}
+        assert counts == {"cascade_inputs": 2, "escalated": 0 if stage == "student" else 2,
+                          "to_full": 2 if stage == "full" else 0}
     # the workers' stats name the three stages as provenance does
     from gristmill.workers.control import _describe
     stages = _describe(eng)["stages"]
@@ -597,3 +598,19 @@ def test_escalation_rules_refuses_a_directory_that_is_not_an_artifact(tmp_path):
     run = subprocess.run([sys.executable, "-m", "benchmarks.escalation_rules", str(tmp_path)], cwd=root,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "not an artifact directory" in run.stderr
+
+
+def test_status_splits_a_three_stage_cascades_escalated_inputs_between_its_later_stages():
+    from gristmill.producers.batches import Batch, CascadeCounts, ChunkCounts, RequestCounts
+    from gristmill.producers.cli import _details
+
+    def details(escalated: int, to_full: int) -> str:
+        return _details(Batch(id="batch_x", status="completed", created_at=0, request_counts=RequestCounts(total=200),
+                              cascade=CascadeCounts(inputs=200, escalated=escalated, to_full=to_full)))
+    three = details(42, 12)
+    assert "42 of 200 classifier inputs escalated past the student (21.0%)" in three
+    assert "a middle stage decided 30 of those, the full model 12 (6.0% of all)" in three
+    assert "middle stage" not in details(42, 42)
+    # chunk counts add up field by field, the full model's share with them
+    total = ChunkCounts(cascade_inputs=2, escalated=1, to_full=1) + ChunkCounts(cascade_inputs=3, escalated=2)
+    assert (total.cascade_inputs, total.escalated, total.to_full) == (5, 3, 1)
