@@ -37,6 +37,8 @@ BUILTIN_HELDOUT_LINES = 2_048
 
 def read_texts(path: Path) -> list[str]:
     """Plain lines, or batch-input JSONL lines whose body.input (string or list) is taken."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
     out: list[str] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

@@ -209,6 +209,9 @@ def test_optimize_command_refuses_under_the_floor_then_forces_then_reuses(tiny_m
     rejudged = optimize("--min-flags", "1.01", "--force", "--texts", str(texts))
     assert rejudged.returncode == 0 and "up to date" not in rejudged.stdout, rejudged.stdout
     assert json.loads((out / "gristmill-artifact.json").read_text())["report"]["heldout_texts"] == 2
+    missing = optimize("--texts", str(tmp_path / "missing.txt"))
+    assert missing.returncode != 0 and f"{tmp_path / 'missing.txt'}: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
     unknown = subprocess.run([*GRISTMILL, "optimize", "nope", "--out", str(out)], env=env,
                              cwd=root, capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "no model 'nope'" in unknown.stderr
