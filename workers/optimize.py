@@ -269,12 +269,11 @@ def main(argv: list[str]) -> int:
             f"torch-{quantize}" if quantize in TORCH_QUANTIZE else variant_name(quantize, args.prune)
         args.out = optimized_dir(Settings(), spec.name) / kind
         args.out.parent.mkdir(parents=True, exist_ok=True)
-    judging = Judging.of(args)
     if args.distill:
-        return _student(args, spec, src, quantize, judging)
+        return _student(args, spec, src, quantize)
     if quantize == "int8-rows":
-        return _torch_recipe(args, spec, src, quantize, judging)
-    return _pruned(args, spec, src, quantize, judging)
+        return _torch_recipe(args, spec, src, quantize)
+    return _pruned(args, spec, src, quantize)
 
 
 # The rule that chooses a cascade's bands from held-out scores: a new rule builds cascades again.
@@ -309,12 +308,13 @@ def _require_compiler(option: str) -> None:
                          "install g++ (Debian: build-essential) or set CXX")
 
 
-def _torch_recipe(args, spec, src: Path, quantize: str, judging: Judging) -> int:
+def _torch_recipe(args, spec, src: Path, quantize: str) -> int:
     from ..kernels.optimize import torch_recipe_digest, write_torch_recipe
     if args.prune:
         raise SystemExit(f"--quantize {quantize} runs the full model: --prune needs --quantize int8, int8-tensor, int8-block or none")
     _require_compiler(f"--quantize {quantize}")
     digest = torch_recipe_digest(src, quantize=quantize, compile=True)
+    judging = Judging.of(args)
     digest_out = digest + (f"-cascade-{judging.digest}" if args.cascade else "")
     if _up_to_date(args.out, digest_out, judging):
         return 0
@@ -330,11 +330,12 @@ def _torch_recipe(args, spec, src: Path, quantize: str, judging: Judging) -> int
                     reference, judging, digest_out)
 
 
-def _pruned(args, spec, src: Path, quantize: str | None, judging: Judging) -> int:
+def _pruned(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels import texts as builtin
     from ..kernels.optimize import artifact_digest, build_artifact
     from ..producers.registry import POOLED_KINDS
     calibration = read_texts(args.calibration) if args.calibration else builtin.sentences(256)
+    judging = Judging.of(args)
     zero_shot = spec.kind in POOLED_KINDS  # the artifact is the encoder; the head or prototypes stay outside
     digest = artifact_digest(src, zero_shot=zero_shot, quantize=quantize, prune=args.prune,
                              calibration=calibration, max_length=spec.max_input_tokens,
@@ -391,7 +392,7 @@ def _install(out: Path, staging: Path, refusal: str | None, report: dict, digest
     return 0
 
 
-def _student(args, spec, src: Path, quantize: str | None, judging: Judging) -> int:
+def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels import corpus, heads
     from ..kernels.loading import cpu_has_bf16
     from ..kernels.optimize import build_student, student_digest
@@ -406,6 +407,7 @@ def _student(args, spec, src: Path, quantize: str | None, judging: Judging) -> i
         if args.with_builtin:
             lines = transfer
             transfer = corpus.with_traffic(corpus.builtin_transfer_set(args.with_builtin, src), lines)
+    judging = Judging.of(args)
     heldout = judging.texts
     kw = classifier_kwargs(spec)
     loaded = heads.load_head(kw["head"]) if kw.get("head") is not None else None
