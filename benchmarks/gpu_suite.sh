@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh OUTDIR [stage ...]      # default: every stage, in this order
 #
 # Stages: tests, host, queue, queue-shared, gen, gen-sampled, gen-real (needs GEN_WEIGHTS: a copy of
-# SmolLM2-135M-Instruct's GGUF file, for a host without the weights package). Set PYTHON to the
+# SmolLM2-135M-Instruct's GGUF file, for a host without the weights package), variants (the
+# classifier's precisions and quantizations, MiniLM-L6's shape, raw forwards against fp32 and bf16). Set PYTHON to the
 # interpreter (default python3). Stages run under `timeout` (STAGE_TIMEOUT_S, default 540 s), so
 # one that hangs does not take the rest with it; the exit status is the number of stages that failed.
 set -u
@@ -15,7 +16,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 limit=${STAGE_TIMEOUT_S:-540}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests host queue queue-shared gen gen-sampled gen-real)
+[ ${#stages[@]} -eq 0 ] && stages=(tests host queue queue-shared gen gen-sampled gen-real variants)
 
 run_stage() {
     local name=$1
@@ -48,6 +49,7 @@ for stage in "${stages[@]}"; do
             fi
             run_stage gen-real "$py" -m benchmarks.generation --device cuda --quick --weights "$GEN_WEIGHTS" \
                 --consistency --fp32-reference ;;
+        variants) run_stage variants "$py" -m benchmarks.engine_variants --device cuda ;;
         *) echo "unknown stage: $stage" >&2; failed=$((failed + 1)); continue ;;
     esac
     [ $? -eq 0 ] || failed=$((failed + 1))
