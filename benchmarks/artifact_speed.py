@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from gristmill.kernels.optimize import agreement, throughput
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.producers.settings import Settings
-    from gristmill.workers.host import served_throughput
+    from gristmill.workers.host import served_throughput, timed_in_turns
     from gristmill.workers.loading import classifier_kwargs, load_optimized
     from gristmill.workers.optimize import decision_thresholds, heldout_texts
 
@@ -66,18 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                     for name, p, m in zip(artifact_names(args.artifacts), args.artifacts, manifests)})
     thresholds = decision_thresholds(spec, engines["fp32"].labels)
 
-    def timed(engine) -> tuple[float, list[dict]]:
-        if served:
-            ips, rows = served_throughput(engine, heldout, repeats=1)
-            return ips, [{k: r[k] for k in thresholds} for r in rows]
-        return throughput(engine, heldout, repeats=1)
-
-    best = dict.fromkeys(engines, 0.0)
-    scores: dict[str, list[dict]] = {}
-    for _ in range(args.rounds):
-        for name, engine in engines.items():
-            ips, scores[name] = timed(engine)
-            best[name] = max(best[name], ips)
+    best, scores = timed_in_turns(engines, heldout, rounds=args.rounds,
+                                  timer=served_throughput if served else throughput)
+    if served:  # a cascade's rows also carry the stage that decided them
+        scores = {name: [{k: r[k] for k in thresholds} for r in rows] for name, rows in scores.items()}
     out: dict[str, dict] = {"fp32": {"items_per_s": round(best["fp32"], 1)}}
     rows = [("fp32", engines["fp32"].variant, f"{best['fp32']:,.0f}", "1.00x", "100%", "100%", "-")]
     for name, engine in list(engines.items())[1:]:

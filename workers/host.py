@@ -259,15 +259,19 @@ def served_throughput(engine: Engine, texts: list[str], *, batch: int = 64, repe
     return best, rows
 
 
-def served_in_turns(engines: dict[str, Engine], texts: list[str], *, rounds: int = 3) -> dict[str, float]:
-    """Each engine's items/s as `served_throughput` times it, the engines taking turns for `rounds`
-    rounds and the best round of each counting: a slow moment on a shared machine then falls on all
-    of them, not on whichever was timed alone at the time."""
+def timed_in_turns(engines: dict[str, Engine], texts: list[str], *, rounds: int = 3,
+                   timer=served_throughput) -> tuple[dict[str, float], dict[str, list[dict[str, float]]]]:
+    """(each engine's items/s, its rows of the last round) as `timer` times it (default as a worker
+    runs it, `served_throughput`; kernels/optimize.py `throughput` takes the same arguments), the
+    engines taking turns for `rounds` rounds and the best round of each counting: a slow moment on a
+    shared machine then falls on all of them, not on whichever was timed alone at the time."""
     best = dict.fromkeys(engines, 0.0)
+    rows: dict[str, list[dict[str, float]]] = {}
     for _ in range(rounds):
         for name, engine in engines.items():
-            best[name] = max(best[name], served_throughput(engine, texts, repeats=1)[0])
-    return best
+            ips, rows[name] = timer(engine, texts, repeats=1)
+            best[name] = max(best[name], ips)
+    return best, rows
 
 
 def item_error(it: S.WorkItem, exc: BaseException) -> dict[str, Any]:

@@ -90,14 +90,14 @@ class Reference:
 
     def timed_with(self, engine, texts: list[str]) -> "Speeds":
         """`engine`'s speed, fp32's and the default engine's, each as a worker serves it, the three
-        timed in turns (workers/host.py `served_in_turns`). Timed one after another, a slow moment
+        timed in turns (workers/host.py `timed_in_turns`). Timed one after another, a slow moment
         on a shared machine fell on whichever was timed then, and the stored speeds that a worker
         chooses its engine by favoured the artifact or the default by chance."""
-        from .host import served_in_turns
+        from .host import timed_in_turns
         engines = {"fp32": self.engine, "artifact": engine}
         if self.default_engine is not self.engine:
             engines["default"] = self.default_engine
-        best = served_in_turns(engines, texts)
+        best = timed_in_turns(engines, texts)[0]
         return Speeds(best["artifact"], best["fp32"], best.get("default", best["fp32"]), self.default_engine.variant)
 
 

@@ -204,12 +204,12 @@ class _Timed(_Scored):
 
 
 def test_engines_timed_in_turns_alternate_and_each_keeps_its_best_round():
-    """`served_in_turns` (what `gristmill optimize` times a cascade and fp32 with): the engines take
+    """`timed_in_turns` (what `gristmill optimize` times a cascade and fp32 with): the engines take
     turns round by round, so that a slow moment falls on both, and the faster engine is faster."""
-    from gristmill.workers.host import served_in_turns
+    from gristmill.workers.host import timed_in_turns
     order: list[str] = []
     texts = [f"text {i}" for i in range(128)]
-    best = served_in_turns({"slow": _Timed("slow", 0.02, order), "fast": _Timed("fast", 0.002, order)}, texts, rounds=3)
+    best, _ = timed_in_turns({"slow": _Timed("slow", 0.02, order), "fast": _Timed("fast", 0.002, order)}, texts, rounds=3)
     assert order == ["slow", "fast"] * 3 and best["fast"] > best["slow"] > 0
 
 
