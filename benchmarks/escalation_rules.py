@@ -66,9 +66,10 @@ class Judge:
     of them on either half."""
 
     def __init__(self, student_logits: np.ndarray, full_logits: np.ndarray, threshold_logits: np.ndarray):
+        from gristmill.kernels.cascade import CHECK, PICK  # the halves `gristmill optimize` chooses and judges on
         self.wrong = (student_logits >= threshold_logits) != (full_logits >= threshold_logits)
         idx = np.arange(len(self.wrong))
-        self.pick, self.check = idx[0::2], idx[1::2]  # kernels/cascade PICK, CHECK
+        self.pick, self.check = idx[PICK], idx[CHECK]
 
     def kept(self, rows: np.ndarray, escalate: np.ndarray) -> tuple[float, float]:
         left = self.wrong[rows] & ~escalate[rows, None]
