@@ -108,7 +108,7 @@ def cpu_variants(args) -> dict[str, dict]:
     from gristmill.kernels import corpus, heads, sampled as sampling
     from gristmill.kernels.cascade import CHECK, CascadeEngine, deciders, judge_on_halves, judge_three_stages, near
     from gristmill.kernels.classify import ClassifierEngine
-    from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16
+    from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16, training_bf16, training_device
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
     from gristmill.kernels.optimize import agreement, build_artifact, build_student, student_digest, throughput
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
@@ -119,6 +119,7 @@ def cpu_variants(args) -> dict[str, dict]:
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
+    train_device = training_device(args.train_device)
     traffic, heldout = traffic_split(heldout_texts(args.texts), args.traffic_share)
     calibration = corpus.transfer_set(256, seed=1)
     kw = classifier_kwargs(spec)
@@ -164,9 +165,10 @@ def cpu_variants(args) -> dict[str, dict]:
     if manifest is None or manifest.get("digest") != digest:
         manifest = build_student(src, student_dir, transfer=transfer, fraction=STUDENT_PRUNE, steps=args.student_steps,
                                  head=head, thresholds=focus, labels=head_labels, quantize="int8",
-                                 max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
+                                 max_length=spec.max_input_tokens, bf16=training_bf16(train_device),
+                                 head_texts=head_texts,
                                  head_fit_on="other texts and the traffic's sample" if traffic else "other texts",
-                                 trained_cache=Settings().model_cache_dir / "students",
+                                 trained_cache=Settings().model_cache_dir / "students", device=train_device.type,
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     student = OnnxClassifierEngine(student_dir, **kw)
     add("int8_pruned", student, {"size_mb": round(manifest["size_bytes"] / 1e6, 1), "student": manifest["student"],
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--texts", type=Path, help="held-out texts (plain lines or batch JSONL) for agreement")
     ap.add_argument("--student-steps", type=int, default=2000, help="distillation steps of the student (default 2000)")
+    ap.add_argument("--train-device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="cpu variants: where the student trains (default auto: a GPU where CUDA has one)")
     ap.add_argument("--transfer-lines", type=int, default=30_000, help="built-in transfer texts (default 30,000)")
     ap.add_argument("--sample-lines", type=int, default=0, metavar="N",
                     help="also sample N transfer lines from --sampler (kernels/sampled.py, cached), as up to half the "

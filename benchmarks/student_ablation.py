@@ -5,6 +5,7 @@
         [--attention-weight W] [--lr LR]
         [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F]
         [--head-texts draw|draw-alone|transfer] [--save FILE | --load FILE] [--traffic-share F [--traffic-weight W]]
+        [--device auto|cpu|cuda]
 
 The student of `gristmill optimize --distill builtin` and of `benchmarks.engine_variants` (the real
 all-MiniLM-L6-v2 weights and the default moderation head), trained by kernels/distill.py with the
@@ -22,7 +23,8 @@ ONNX int8 artifact workers serve and judged by the benchmark's code, through the
 head and through a head of the student's own (kernels/distill.py refit_head; fit on a second draw of
 the built-in transfer set and any --traffic-share texts, or with --head-texts transfer on its own
 transfer texts). `--load FILE` judges a student an earlier `--save FILE` kept, in place of training
-one. `--traffic-share F` plays a user who distils on a sample of their own traffic (`gristmill
+one. `--device cuda` (the default where CUDA has a GPU) trains it there, bf16 autocast, and judges
+it on the CPU. `--traffic-share F` plays a user who distils on a sample of their own traffic (`gristmill
 optimize --distill FILE --with-builtin N`): F of the table's texts, chosen by a hash of each text,
 join the built-in transfer set as that command mixes them (`corpus.with_traffic`; --traffic-weight
 sets the share of the built-in set's size they are repeated to weigh), and the student is judged on
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --traffic-share: repeat the traffic to weigh W times the built-in set's size "
                     "(default: corpus.TRAFFIC_SHARE, as gristmill optimize --with-builtin)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the student trains (default auto: a GPU where CUDA has one); it is judged and "
+                    "exported on the CPU")
     ap.add_argument("--quantize", choices=["int8", "int8-tensor"], default="int8",
                     help="how the ONNX artifact is quantized (kernels/optimize.ONNX_QUANTIZE; default int8, per row)")
     args = ap.parse_args(argv)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.kernels.distill import (DistillLoss, StudentShape, distill_student, make_student, refit_head,
                                           teacher_targets, threshold_logits)
-    from gristmill.kernels.loading import cpu_has_bf16
+    from gristmill.kernels.loading import training_bf16, training_device
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine
     from gristmill.kernels.optimize import agreement, own_artifact_head, throughput, write_onnx_artifact
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = training_device(args.device)
+    except RuntimeError as e:
+        ap.error(f"--device {args.device}: {e}")
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
     kw = classifier_kwargs(spec)
@@ -174,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     steps_run = args.steps
     if args.load is None:
         report = distill_student(teacher, student, tok, transfer, steps=args.steps, max_length=length, head=(w, b),
-                                 thresholds=focus, lr=args.lr, bf16=cpu_has_bf16(), keep_layers=shape.keep_layers,
-                                 loss_weights=loss, on_step=on_step, log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 thresholds=focus, lr=args.lr, bf16=training_bf16(device), keep_layers=shape.keep_layers,
+                                 loss_weights=loss, device=device, on_step=on_step,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
         steps_run, teacher_pooled = report.steps, report.teacher_pooled
     out: dict = {"args": vars(args), "transfer_texts": len(transfer), "steps_run": steps_run,
                  "train_s": round(time.perf_counter() - t0, 1), "curve": curve}

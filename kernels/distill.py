@@ -13,6 +13,7 @@ once, in fp32, and with them the token states of the teacher layers the student'
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -87,15 +88,23 @@ class DistillReport:
     teacher_pooled: torch.Tensor | None = None  # the teacher's pooled embedding of each text, in input order
 
 
-def _encode(tokenizer, texts: list[str], max_length: int):
+def _encode(tokenizer, texts: list[str], max_length: int, device: torch.device | None = None):
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    if device is None or device.type == "cpu":
+        return enc["input_ids"], enc["attention_mask"]
+    return enc["input_ids"].to(device, non_blocking=True), enc["attention_mask"].to(device, non_blocking=True)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's weights are: its forwards take their inputs there."""
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, tokenizer, texts: list[str], max_length: int,
                     batch: int = 128) -> torch.Tensor:
-    """The teacher's pooled, normalised fp32 embedding of every text, [n, hidden]."""
+    """The teacher's pooled, normalised fp32 embedding of every text, [n, hidden], on the CPU
+    (the forwards run where the model's weights are)."""
     return _teacher_pass(teacher, tokenizer, texts, max_length, batch=batch).pooled
 
 
@@ -116,24 +125,32 @@ class TeacherPass:
 def _teacher_pass(teacher: nn.Module, tokenizer, texts: list[str], max_length: int, *,
                   layers: tuple[int, ...] = (), batch: int = 128, cache_bytes: int = 0) -> TeacherPass:
     """One fp32 teacher forward over `texts`: their pooled embeddings and, where `layers` are
-    given and their token states fit in `cache_bytes`, those states (hidden_states[i + 1] per i)."""
+    given and their token states fit in `cache_bytes`, those states (hidden_states[i + 1] per i).
+    The forwards run on the teacher's device; what they give is kept on the CPU."""
     teacher.eval()
+    device = model_device(teacher)
     batches = [_encode(tokenizer, texts[s: s + batch], max_length) for s in range(0, len(texts), batch)]
     tokens = sum(int(mask.sum()) for _, mask in batches)
     keep = bool(layers) and tokens * len(layers) * teacher.config.hidden_size * 2 <= cache_bytes
     pooled, states = [], []
     for ids, mask in batches:
+        ids, mask = ids.to(device), mask.to(device)
         out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=keep)
-        pooled.append(_pooled(out.last_hidden_state.float(), mask))
+        pooled.append(_pooled(out.last_hidden_state.float(), mask).cpu())
         if keep:
-            stacked = torch.stack([out.hidden_states[i + 1] for i in layers], 2).half()  # [b, len, k, hidden]
-            states += [stacked[j, : int(n)].clone() for j, n in enumerate(mask.sum(1))]
+            stacked = torch.stack([out.hidden_states[i + 1] for i in layers], 2).half().cpu()  # [b, len, k, hidden]
+            states += [stacked[j, : int(n)].clone() for j, n in enumerate(mask.sum(1).tolist())]
     return TeacherPass(torch.cat(pooled), states if keep else None)
+
+
+def states_on(states: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Per-text teacher states copied to `device` in one transfer, as views of one tensor there."""
+    return list(torch.cat(states).to(device).split([len(st) for st in states]))
 
 
 def _padded(states: list[torch.Tensor], length: int) -> torch.Tensor:
     """Per-text [tokens, k, hidden] states as one fp32 [b, length, k, hidden], zeros past each text."""
-    out = torch.zeros(len(states), length, *states[0].shape[1:])
+    out = torch.zeros(len(states), length, *states[0].shape[1:], device=states[0].device)
     for j, st in enumerate(states):
         out[j, : st.shape[0]] = st.float()
     return out
@@ -150,27 +167,61 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
                     thresholds: list[float] | None = None, batch: int = 64, lr: float = 3e-4, seed: int = 0,
                     bf16: bool = False, keep_layers: tuple[int, ...] | None = None,
                     loss_weights: DistillLoss = DistillLoss(), state_cache_bytes: int | None = None,
-                    on_step=None, log=None) -> DistillReport:
+                    device: str | torch.device | None = None, on_step=None, log=None) -> DistillReport:
     """Train `student` in place toward `teacher` on `texts` for `steps` batches (length-bucketed,
     so little padding), AdamW with a cosine schedule. With the head and its per-label `thresholds`,
     texts near a decision are drawn more often (FOCUS_*). `bf16`: autocast the student's matmuls (on
     CPUs with native bf16; its weights and the targets stay fp32). `state_cache_bytes` (default
-    STATE_CACHE_BYTES; 0: a teacher forward every step) bounds the teacher states kept. `on_step(step)`,
-    called after each step (counted from 1), may look at the student; it returns True to stop training
-    there (the schedule stays the one for `steps`)."""
+    STATE_CACHE_BYTES; 0: a teacher forward every step) bounds the teacher states kept. `device`
+    (default: the student's): where the teacher's pass and the training run ("cuda": a GPU, where a
+    step takes milliseconds, `bf16` there autocasting on it; the cached states are copied there once,
+    so STATE_CACHE_BYTES is then GPU memory); both models are back where they were when it returns,
+    and the report's tensors are on the CPU. `on_step(step)`, called
+    after each step (counted from 1), may look at the student (on `device`); it returns True to stop
+    training there (the schedule stays the one for `steps`)."""
+    device = torch.device(device) if device is not None else model_device(student)
+    try:
+        with on_device(device, teacher, student):
+            return _distill(teacher, student, tokenizer, texts, steps=steps, max_length=max_length, head=head,
+                            thresholds=thresholds, batch=batch, lr=lr, seed=seed, bf16=bf16, keep_layers=keep_layers,
+                            loss_weights=loss_weights, state_cache_bytes=state_cache_bytes, device=device,
+                            on_step=on_step, log=log)
+    finally:
+        student.eval()
+
+
+@contextlib.contextmanager
+def on_device(device: str | torch.device, *models: nn.Module):
+    """The models moved to `device` for the block, and back where each was after it."""
+    homes = [model_device(m) for m in models]
+    try:
+        for m in models:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(models, homes):
+            m.to(home)
+
+
+def _distill(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *, steps: int, max_length: int,
+             head, thresholds, batch: int, lr: float, seed: int, bf16: bool, keep_layers, loss_weights: DistillLoss,
+             state_cache_bytes: int | None, device: torch.device, on_step, log) -> DistillReport:
     t0 = time.perf_counter()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     sorted_texts = [texts[i] for i in order]
     cap = STATE_CACHE_BYTES if state_cache_bytes is None else state_cache_bytes
     teacher_pass = _teacher_pass(teacher, tokenizer, sorted_texts, max_length, layers=keep_layers or (),
                                  cache_bytes=cap if loss_weights.layer else 0)
-    targets = teacher_pass.pooled
+    targets = teacher_pass.pooled.to(device)
+    states = teacher_pass.states
+    if states is not None and device.type != "cpu":  # on the GPU with the student: one copy, not one a step
+        states = states_on(states, device)
     buckets = [range(s, min(s + batch, len(texts))) for s in range(0, len(texts), batch)]
-    w, b = head if head is not None else (None, None)
+    w, b = (head[0].to(device), head[1].to(device)) if head is not None else (None, None)
     z_threshold = None
     if w is not None and thresholds is not None:
-        z_threshold = threshold_logits(thresholds)
-        gap = ((targets @ w.T + b) - z_threshold).abs().min(1).values
+        z_threshold = threshold_logits(thresholds).to(device)
+        gap = ((targets @ w.T + b) - z_threshold).abs().min(1).values.cpu()
         near = [i for i in range(len(texts)) if gap[i] < FOCUS_BAND]
         for s in range(0, len(near), batch):  # the near texts again, in buckets of their own
             buckets += [near[s: s + batch]] * (FOCUS_WEIGHT - 1)
@@ -187,16 +238,16 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
     done = 0
     for step in range(steps):
         idx = list(rng.choice(buckets))
-        ids, mask = _encode(tokenizer, [sorted_texts[i] for i in idx], max_length)
+        ids, mask = _encode(tokenizer, [sorted_texts[i] for i in idx], max_length, device)
         t = targets[idx]
         attend = keep_layers is not None and loss_weights.attention > 0
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = student(input_ids=ids, attention_mask=mask, output_hidden_states=keep_layers is not None,
                           output_attentions=attend)
         e = _pooled(out.last_hidden_state.float(), mask)
         loss = (1 - (e * t).sum(-1)).mean()
         match_states = keep_layers is not None and bool(loss_weights.layer)
-        fresh_states = match_states and teacher_pass.states is None
+        fresh_states = match_states and states is None
         if fresh_states or attend:  # one teacher forward gives whatever this step needs that was not cached
             with torch.no_grad():
                 teacher_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=fresh_states,
@@ -205,7 +256,7 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
             if fresh_states:
                 th = [teacher_out.hidden_states[i + 1] for i in keep_layers]
             else:
-                th = _padded([teacher_pass.states[i] for i in idx], ids.shape[1]).unbind(2)
+                th = _padded([states[i] for i in idx], ids.shape[1]).to(device).unbind(2)
             m = mask.unsqueeze(-1).float()
             for j, t_layer in enumerate(th):
                 d = out.hidden_states[j + 1].float() - t_layer
@@ -223,18 +274,17 @@ def distill_student(teacher: nn.Module, student: nn.Module, tokenizer, texts: li
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         sched.step()
-        running += loss.item()
+        running = running + loss.detach()  # read every 100 steps: a GPU need not wait on each
         if (step + 1) % 100 == 0 or step == steps - 1:
-            losses.append(round(running / ((step % 100) + 1), 6))
+            losses.append(round(float(running) / ((step % 100) + 1), 6))
             running = 0.0
             if log is not None:
                 log(f"distill step {step + 1}/{steps}: loss {losses[-1]:.5f} ({time.perf_counter() - t0:.0f} s)")
         done = step + 1
         if on_step is not None and on_step(done):
             break
-    student.eval()
-    pooled = torch.empty_like(targets)
-    pooled[order] = targets
+    pooled = torch.empty_like(teacher_pass.pooled)
+    pooled[order] = teacher_pass.pooled
     return DistillReport(len(texts), done, round(time.perf_counter() - t0, 1), losses,
                          len(_layers(teacher)), len(_layers(student)), pooled)
 

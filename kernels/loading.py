@@ -51,6 +51,27 @@ def cpu_compiler() -> str | None:
     return None
 
 
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
+
+
+def training_device(choice: str) -> torch.device:
+    """Where a student is distilled: 'auto' (the first GPU where CUDA has one, else the CPU),
+    'cpu' or 'cuda' (an error where there is no GPU)."""
+    if choice not in TRAIN_DEVICES:
+        raise ValueError(f"the training device must be one of {', '.join(TRAIN_DEVICES)}, not {choice!r}")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(choice)
+
+
+def training_bf16(device: torch.device) -> bool:
+    """Whether distillation autocasts its matmuls to bf16 there: on a GPU that has bf16, and on a
+    CPU with native bf16 dot products (`cpu_has_bf16`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """Mixed precision for CPU engines: 'auto' (bf16 where the CPU has native bf16), 'bf16', 'fp32'.
     Autocast runs matmuls in bf16 and keeps LayerNorm and softmax in fp32."""

@@ -198,11 +198,14 @@ def student_digest(src: Path, *, transfer: list[str], fraction: float, steps: in
 
 def trained_student_digest(src: Path, *, transfer: list[str], fraction: float, steps: int, max_length: int,
                            head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None,
-                           bf16: bool) -> str:
-    """Names a distilled fp32 student by what its training saw, and nothing of how it is exported
-    or quantized (nor the artifact format): another quantization of it reuses the training."""
-    return _student_hash(src, transfer, head, {"trained": 1, "p": fraction, "steps": steps, "len": max_length,
-                                               "th": thresholds, "bf16": bf16}).hexdigest()[:16]
+                           bf16: bool, device: str = "cpu") -> str:
+    """Names a distilled fp32 student by what its training saw and where it ran (a GPU's numerics
+    are not a CPU's), and nothing of how it is exported or quantized (nor the artifact format):
+    another quantization of it reuses the training."""
+    fields = {"trained": 1, "p": fraction, "steps": steps, "len": max_length, "th": thresholds, "bf16": bf16}
+    if device != "cpu":  # students trained on the CPU keep the names they had before GPUs trained any
+        fields["device"] = device
+    return _student_hash(src, transfer, head, fields).hexdigest()[:16]
 
 
 TRAINED_REPORT = "distill-report.json"
@@ -237,7 +240,7 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
                   head: tuple[torch.Tensor, torch.Tensor] | None, thresholds: list[float] | None = None,
                   labels: list[str] | None = None, quantize: str | None = "int8", max_length: int = 128,
                   bf16: bool = False, head_texts: list[str] | None = None, head_fit_on: str = "other texts",
-                  trained_cache: Path | None = None, log=None) -> dict:
+                  trained_cache: Path | None = None, device: str = "cpu", log=None) -> dict:
     """Distill a student with `fraction` of the encoder's layers removed on the `transfer` texts
     (kernels/distill.py; `thresholds`, per head row, focus it on texts near a decision), then write
     it as an ONNX artifact at `out`. With the head and thresholds, the student gets a head of its
@@ -246,10 +249,11 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
     with the teacher on others of them than the teacher's head does; engines use it in place of the
     registered head it names. `trained_cache`: where distilled students are kept by what trained
     them (`trained_student_digest`), so another quantization or artifact format of the same student
-    skips the distillation. Returns its manifest."""
+    skips the distillation. `device`: where the distillation runs ("cuda": a GPU; the export,
+    quantization and head refit stay on the CPU). Returns its manifest."""
     from transformers import AutoModel, AutoTokenizer
 
-    from .distill import StudentShape, distill_student, make_student, refit_head
+    from .distill import StudentShape, distill_student, make_student, on_device, refit_head
     teacher = AutoModel.from_pretrained(str(src), attn_implementation="eager", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(src))
     shape = StudentShape.for_fraction(fraction, teacher.config.num_hidden_layers)
@@ -258,16 +262,18 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
         student = make_student(teacher, shape)
         return student, distill_student(teacher, student, tok, transfer, steps=steps, max_length=max_length,
                                         head=head, thresholds=thresholds, keep_layers=shape.keep_layers, bf16=bf16,
-                                        log=log)
+                                        device=device, log=log)
     trained = trained_student_digest(src, transfer=transfer, fraction=fraction, steps=steps, max_length=max_length,
-                                     head=head, thresholds=thresholds, bf16=bf16)
+                                     head=head, thresholds=thresholds, bf16=bf16, device=device)
     student, report = _trained_student(cache=trained_cache, digest=trained, train=train, log=log)
     kept = f"{len(shape.keep_layers)}of{shape.teacher_layers}"
     refit = None
     own_texts = transfer if head_texts is None else head_texts
     if head is not None and thresholds is not None and len(own_texts) >= 10:
-        refit = refit_head(teacher, student, tok, own_texts, max_length=max_length, head=head, thresholds=thresholds,
-                           teacher_pooled=report.teacher_pooled if head_texts is None else None)
+        with on_device(device, teacher, student):  # their forwards over the head's texts run there too
+            refit = refit_head(teacher, student, tok, own_texts, max_length=max_length, head=head,
+                               thresholds=thresholds,
+                               teacher_pooled=report.teacher_pooled if head_texts is None else None)
         if log is not None:
             log(f"student head refit: flags on {refit.check_texts} texts it was not fit on "
                 f"{refit.flags_teacher_head:.3%} through the full model's head, {refit.flags_refit:.3%} through "
@@ -278,7 +284,7 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
                                  max_length=max_length, head=head, thresholds=thresholds, head_texts=head_texts),
         "student": {"keep_layers": list(shape.keep_layers), "teacher_layers": shape.teacher_layers,
                     "transfer_texts": report.texts, "steps": report.steps, "train_s": report.seconds,
-                    "losses": report.losses, "trained": trained}})
+                    "train_device": device, "losses": report.losses, "trained": trained}})
     if refit is None:
         return onnx_engine.read_manifest(out)
     return own_artifact_head(out, refit, head, labels, fit_on="transfer texts" if head_texts is None else head_fit_on)

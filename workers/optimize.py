@@ -182,6 +182,7 @@ QUANTIZE_CHOICES = ("int8", "int8-tensor", "int8-block", "int8-rows", "none")
 
 
 def main(argv: list[str]) -> int:
+    from ..kernels.loading import TRAIN_DEVICES
     from ..producers.registry import DEFAULT_GENERATOR
     ap = argparse.ArgumentParser(prog="gristmill optimize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,6 +215,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sampler", default=DEFAULT_GENERATOR.name,
                     help="the registered chat model --sample-lines samples from (default: the built-in generator)")
     ap.add_argument("--steps", type=int, default=2000, help="distillation steps of 64 texts (default 2000)")
+    ap.add_argument("--train-device", choices=TRAIN_DEVICES, default="auto",
+                    help="where --distill trains the student (default auto: a GPU where CUDA has one, else the "
+                         "CPU); the artifact is exported, judged and served on the CPU either way")
     ap.add_argument("--cascade", action="store_true", help="also write a cascade: the student (or int8-rows) in front of the full model")
     ap.add_argument("--middle", choices=[q for q in QUANTIZE_CHOICES if q != "none"],
                     help="with --distill and --cascade: a middle stage between the student and the full model, the "
@@ -394,10 +398,14 @@ def _install(out: Path, staging: Path, refusal: str | None, report: dict, digest
 
 def _student(args, spec, src: Path, quantize: str | None) -> int:
     from ..kernels import corpus, heads
-    from ..kernels.loading import cpu_has_bf16
+    from ..kernels.loading import training_bf16, training_device
     from ..kernels.optimize import build_student, student_digest
     from ..producers.settings import Settings
     from .loading import classifier_kwargs
+    try:
+        train_device = training_device(args.train_device)
+    except RuntimeError as e:
+        raise SystemExit(f"--train-device {args.train_device}: {e}") from None
     lines: list[str] = []  # a file's lines mixed into the built-in set
     if args.distill == "builtin":
         transfer = corpus.builtin_transfer_set(args.transfer_lines, src,
@@ -428,9 +436,9 @@ def _student(args, spec, src: Path, quantize: str | None) -> int:
     student_dir = staging / "student" if args.cascade else staging
     manifest = build_student(src, student_dir, transfer=transfer, fraction=args.prune, steps=args.steps, head=head,
                              thresholds=focus, labels=loaded[2] if loaded is not None else None, quantize=quantize,
-                             max_length=spec.max_input_tokens, bf16=cpu_has_bf16(), head_texts=head_texts,
+                             max_length=spec.max_input_tokens, bf16=training_bf16(train_device), head_texts=head_texts,
                              head_fit_on="other texts and the file's lines" if lines else "other texts",
-                             trained_cache=Settings().model_cache_dir / "students",
+                             trained_cache=Settings().model_cache_dir / "students", device=train_device.type,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     reference = reference_scores(spec, src, heldout)
     report = judge(spec, src, student_dir, heldout, reference)

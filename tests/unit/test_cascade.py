@@ -100,6 +100,9 @@ def test_cached_teacher_states_train_the_student_the_per_step_teacher_would(weig
     teacher, _, tok = _tiny_student(weights)
     cached = distill._teacher_pass(teacher, tok, texts[:5], 16, layers=(1,), cache_bytes=1 << 20)
     assert [s.shape[:2] for s in cached.states] == [(min(16, len(tok(t)["input_ids"])), 1) for t in texts[:5]]
+    # as they go to a GPU: in one copy, each text's states unchanged
+    moved = distill.states_on(cached.states, torch.device("cpu"))
+    assert len(moved) == 5 and all(torch.equal(a, b) for a, b in zip(moved, cached.states))
     assert distill._teacher_pass(teacher, tok, texts[:5], 16, layers=(1,), cache_bytes=10).states is None
 
 
@@ -352,6 +355,7 @@ def test_optimize_distills_a_student_and_a_cascade_the_host_serves(tiny_models_f
     student = json.loads((out / "student" / "gristmill-artifact.json").read_text())
     assert manifest["kind"] == "cascade" and manifest["teacher_model"] == "tiny-moderation"
     assert student["student"]["keep_layers"] == [1] and student["variant"] == "ort-int8-student1of2"
+    assert student["student"]["train_device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --train-device auto
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report == manifest["report"] and 0.0 <= report["escalated"] <= 1.0
     assert set(report["agreement"]) >= {"flags", "texts_identical"}
@@ -514,6 +518,53 @@ def test_a_student_fits_its_own_head_on_other_texts_where_given(weights, tmp_pat
     assert not set(corpus.heldout_set(200)) & set(draw)
     # where a file of traffic was mixed into the transfer set, its lines follow the draw, once each
     assert corpus.builtin_head_texts(weights / "encoder", 300, traffic=["mine", "yours"]) == [*draw, "mine", "yours"]
+
+
+def test_distilling_on_a_named_device_leaves_both_models_where_they_were(weights):
+    """`device` moves the training, not the models: the student comes back trained, on the CPU
+    where it started, as it would from a GPU, and the same as without `device`."""
+    from gristmill.kernels.distill import model_device
+    texts = [f"text number {i}" + " with some words" * (i % 4) for i in range(40)]
+    trained = []
+    for device in (None, "cpu"):
+        teacher, student, tok = _tiny_student(weights)
+        report = distill_student(teacher, student, tok, texts, steps=3, max_length=16, batch=8, device=device,
+                                 keep_layers=StudentShape.for_fraction(0.5, 2).keep_layers)
+        assert model_device(student).type == model_device(teacher).type == "cpu" and not student.training
+        assert report.teacher_pooled.device.type == "cpu"
+        trained.append(student.encoder.layer[0].output.dense.weight.detach().clone())
+    assert torch.equal(trained[0], trained[1])
+
+
+def test_the_training_device_is_chosen_checked_and_named(weights):
+    from gristmill.kernels.loading import training_bf16, training_device
+    from gristmill.kernels.optimize import trained_student_digest
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert training_device("cpu").type == "cpu" and isinstance(training_bf16(torch.device("cpu")), bool)
+    with pytest.raises(ValueError, match="must be one of auto, cpu, cuda"):
+        training_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            training_device("cuda")
+    # a student trained on a GPU is another student; those trained on the CPU keep their names
+    kw = dict(transfer=["a", "b"], fraction=0.5, steps=2, head=None, max_length=32, thresholds=None, bf16=False)
+    on_cpu = trained_student_digest(weights / "encoder", **kw)
+    assert trained_student_digest(weights / "encoder", device="cpu", **kw) == on_cpu
+    assert trained_student_digest(weights / "encoder", device="cuda", **kw) != on_cpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_optimize_refuses_to_train_on_a_gpu_it_does_not_have(tiny_models_file, tmp_path):
+    import os
+    import subprocess
+    from tests.commands import GRISTMILL, ROOT as root
+    env = {**os.environ, "GRISTMILL_MODELS_FILE": str(tiny_models_file), "GRISTMILL_BUILTIN_MODELS": "false",
+           "GRISTMILL_HOME": str(tmp_path / "home")}
+    p = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--out", str(tmp_path / "art"), "--prune", "0.5",
+                        "--distill", "builtin", "--train-device", "cuda"], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0 and "--train-device cuda: device 'cuda' requested but CUDA is not available" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "art").exists()
 
 
 def test_a_head_refit_reuses_the_teachers_embeddings_from_training(weights):
