@@ -258,6 +258,8 @@ def main(argv: list[str]) -> int:
     if args.with_builtin and (not args.distill or args.distill == "builtin"):
         raise SystemExit("--with-builtin mixes the built-in transfer set into a file's: use it with --distill FILE "
                          "(with --distill builtin, --transfer-lines sizes the set)")
+    if args.train_device != "auto" and not args.distill:
+        raise SystemExit("--train-device says where --distill trains a student: use it with --distill FILE or builtin")
     if args.sample_lines and args.distill != "builtin":
         raise SystemExit("--sample-lines adds to the built-in transfer set: use it with --distill builtin")
     if args.distill and spec.kind not in POOLED_KINDS:

@@ -554,7 +554,7 @@ def test_the_training_device_is_chosen_checked_and_named(weights):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
-def test_optimize_refuses_to_train_on_a_gpu_it_does_not_have(tiny_models_file, tmp_path):
+def test_optimize_refuses_to_train_on_a_gpu_it_does_not_have_or_without_a_student(tiny_models_file, tmp_path):
     import os
     import subprocess
     from tests.commands import GRISTMILL, ROOT as root
@@ -565,6 +565,9 @@ def test_optimize_refuses_to_train_on_a_gpu_it_does_not_have(tiny_models_file, t
                        text=True, timeout=300)
     assert p.returncode != 0 and "--train-device cuda: device 'cuda' requested but CUDA is not available" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "art").exists()
+    alone = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--out", str(tmp_path / "art"),
+                            "--train-device", "cpu"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert alone.returncode != 0 and "use it with --distill" in alone.stderr and "Traceback" not in alone.stderr
 
 
 def test_a_head_refit_reuses_the_teachers_embeddings_from_training(weights):
