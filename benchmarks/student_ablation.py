@@ -29,8 +29,12 @@ optimize --distill FILE --with-builtin N`): F of the table's texts, chosen by a 
 join the built-in transfer set as that command mixes them (`corpus.with_traffic`; --traffic-weight
 sets the share of the built-in set's size they are repeated to weigh), and the student is judged on
 the rest alone ("table" then names that rest; a student --load gives is judged on the same rest).
-Prints a table, then one JSON line: {"args": {...}, "curve": [{"step", "<set>": {"flags",
-"texts_identical", "cosine", "near_logit_error"}}], "own_head": {...}, "int8": {...}, "int8_own_head": {...}}.
+Each judgement also plays the fp32 student as a cascade's first stage on that set (`cascade`): the
+band chosen on its even-indexed texts to the default floors, the share it escalates on the others,
+and the least share any rule would escalate there (what part of a band's escalation the student's
+own errors make unavoidable). Prints a table, then one JSON line: {"args": {...}, "curve": [{"step",
+"<set>": {"flags", "texts_identical", "cosine", "near_logit_error", "cascade": {"band", "escalated",
+"least_escalation", "flags", "texts_identical"}}}], "own_head": {...}, "int8": {...}, "int8_own_head": {...}}.
 """
 
 from __future__ import annotations
@@ -102,15 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     from gristmill.kernels import corpus, heads, sampled
     if args.substituted is None:
         args.substituted = corpus.SUBSTITUTED_SHARE
+    from gristmill.kernels.cascade import judge_on_halves
     from gristmill.kernels.classify import ClassifierEngine
-    from gristmill.kernels.distill import (DistillLoss, StudentShape, distill_student, make_student, refit_head,
-                                          teacher_targets, threshold_logits)
+    from gristmill.kernels.distill import (DistillLoss, StudentShape, distill_student, make_student, on_device,
+                                          refit_head, teacher_targets, threshold_logits)
     from gristmill.kernels.loading import training_bf16, training_device
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine
     from gristmill.kernels.optimize import agreement, own_artifact_head, throughput, write_onnx_artifact
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.workers.loading import classifier_kwargs
-    from gristmill.workers.optimize import decision_thresholds, heldout_texts, sampled_lines
+    from gristmill.workers.optimize import (CASCADE_FLAGS, CASCADE_TEXTS, decision_thresholds, heldout_texts,
+                                            sampled_lines)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,11 +167,23 @@ def main(argv: list[str] | None = None) -> int:
                          "texts_identical": round(same.all(1).float().mean().item(), 5),
                          "cosine": round((e * reference[name]).sum(-1).mean().item(), 4),
                          "near_logit_error": round((z_student - z_full).abs()[near].median().item(), 4)
-                         if near.any() else None}
+                         if near.any() else None,
+                         "cascade": cascade_figures(z_student, z_full)}
         student.train()
         curve.append(row)
         print(f"step {step}: " + "; ".join(f"{k} {v['flags']:.3%} / {v['texts_identical']:.2%} (cos {v['cosine']:.3f})"
                                           for k, v in row.items() if k != "step"), file=sys.stderr, flush=True)
+
+    def cascade_figures(z_student: torch.Tensor, z_full: torch.Tensor) -> dict:
+        """The fp32 student as a cascade's first stage on these texts: the band chosen on the pick
+        half to the default floors, what it escalates on the check half, and the least share any
+        rule would escalate there (kernels/cascade `judge_on_halves`)."""
+        def rows(z: torch.Tensor) -> list[dict[str, float]]:
+            return [dict(zip(labels, r)) for r in torch.sigmoid(z.double()).tolist()]
+        j = judge_on_halves(rows(z_student), rows(z_full), thresholds, flags_floor=CASCADE_FLAGS,
+                            texts_floor=CASCADE_TEXTS)
+        return {"band": j.band, "escalated": j.escalated, "least_escalation": j.least_escalation,
+                "flags": j.agreement["flags"], "texts_identical": j.agreement["texts_identical"]}
 
     def on_step(step: int) -> bool:
         if step % args.eval_every == 0 or step == args.steps or step == args.stop:
@@ -195,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         draw = args.head_texts != "transfer"
         fit_texts = (corpus.builtin_head_texts(src, traffic=traffic if args.head_texts == "draw" else None) if draw
                      else transfer)
-        refit = refit_head(teacher, student, tok, fit_texts,
-                           max_length=length, head=(w, b), thresholds=focus,
-                           teacher_pooled=None if draw else teacher_pooled)
+        with on_device(device, teacher, student):
+            refit = refit_head(teacher, student, tok, fit_texts,
+                               max_length=length, head=(w, b), thresholds=focus,
+                               teacher_pooled=None if draw else teacher_pooled)
         out["own_head"] = refit.summary()
         judge("own head", (refit.weight, refit.bias))
         ref = ClassifierEngine(src, cpu_precision="fp32", **kw)
@@ -218,15 +237,17 @@ def main(argv: list[str] | None = None) -> int:
             else f"{len(shape.keep_layers)} of {shape.teacher_layers} layers")
     print(f"\nstudent {kept}, {len(transfer):,} transfer texts, "
           f"loss {loss}, lr {args.lr}")
-    print("| step | " + " | ".join(f"{k}: flags / texts identical / cosine / logit error near a threshold"
-                                   for k in held) + " |")
+    print("| step | " + " | ".join(f"{k}: flags / texts identical / cosine / logit error near a threshold / "
+                                   f"cascade: band, escalated (least)" for k in held) + " |")
     print("| --- |" + " --- |" * len(held))
 
     def near_error(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
     for row in curve:
         print(f"| {row['step']} | " + " | ".join(f"{row[k]['flags']:.3%} / {row[k]['texts_identical']:.2%} / "
-                                               f"{row[k]['cosine']:.3f} / {near_error(row[k]['near_logit_error'])}"
+                                               f"{row[k]['cosine']:.3f} / {near_error(row[k]['near_logit_error'])} / "
+                                               f"{row[k]['cascade']['band']:.2f}, {row[k]['cascade']['escalated']:.1%} "
+                                               f"({row[k]['cascade']['least_escalation']:.1%})"
                                                for k in held) + " |")
     for key, what in (("int8", "the full model's head"), ("int8_own_head", "its own head")):
         for name, a in out.get(key, {}).items():
