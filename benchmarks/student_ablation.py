@@ -1,7 +1,7 @@
 """The distilled student's recipe, one change at a time: its agreement with the fp32 model as it trains.
 
     python -m benchmarks.student_ablation [--prune 0.5] [--steps 2000] [--stop N] [--eval-every 500]
-        [--boundary W] [--boundary-tau T] [--layer-weight W] [--logit-weight W]
+        [--boundary W] [--boundary-tau T] [--tail-weight W] [--tail-margin M] [--layer-weight W] [--logit-weight W]
         [--attention-weight W] [--lr LR]
         [--sample-lines 20000] [--transfer-lines 60000] [--threads N] [--neurons F [--heads H]] [--substituted F]
         [--head-texts draw|draw-alone|transfer] [--save FILE | --load FILE] [--traffic-share F [--traffic-weight W]]
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--boundary", type=float, default=0.0, help="DistillLoss.boundary (default 0: off)")
     ap.add_argument("--boundary-tau", type=float, default=0.5)
+    ap.add_argument("--tail-weight", type=float, default=0.0,
+                    help="DistillLoss.tail: the logit errors near a decision beyond --tail-margin (default 0: off)")
+    ap.add_argument("--tail-margin", type=float, default=0.05)
     ap.add_argument("--layer-weight", type=float, default=1.0)
     ap.add_argument("--logit-weight", type=float, default=1.0)
     ap.add_argument("--attention-weight", type=float, default=0.0,
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     focus = [thresholds[k] for k in labels]
     loss = DistillLoss(logit=args.logit_weight, layer=args.layer_weight, boundary=args.boundary,
-                       boundary_tau=args.boundary_tau, attention=args.attention_weight)
+                       boundary_tau=args.boundary_tau, attention=args.attention_weight, tail=args.tail_weight,
+                       tail_margin=args.tail_margin)
     teacher_pooled = None  # of the transfer texts, from training
     if args.load is not None:  # a student trained before (--save): judged as at the end of its schedule
         student.load_state_dict(torch.load(args.load))

@@ -45,6 +45,15 @@ class DistillLoss:
     # > 0: per kept layer, the KL divergence of its attention distributions from its teacher layer's
     # (as MiniLM's own distillation matches self-attention); needs a teacher forward every step
     attention: float = 0.0
+    # > 0: the tail of the logit errors near a decision. Per (text, label) whose teacher logit lies
+    # within TAIL_BAND of the threshold's, the squared part of its error beyond `tail_margin`
+    # (averaged over those pairs): a cascade's band must cover the student's largest errors there,
+    # not its typical ones
+    tail: float = 0.0
+    tail_margin: float = 0.05
+
+
+TAIL_BAND = 0.5
 
 
 @dataclass(frozen=True)
@@ -268,7 +277,12 @@ def _distill(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str]
             z_teacher = t @ w.T + b
             weight = 1.0 if z_threshold is None or not loss_weights.boundary else (
                 1 + loss_weights.boundary * torch.exp(-(z_teacher - z_threshold).abs() / loss_weights.boundary_tau))
-            loss = loss + loss_weights.logit * (weight * ((e @ w.T + b) - z_teacher).pow(2)).mean()
+            err = (e @ w.T + b) - z_teacher
+            loss = loss + loss_weights.logit * (weight * err.pow(2)).mean()
+            if loss_weights.tail and z_threshold is not None:
+                near = ((z_teacher - z_threshold).abs() < TAIL_BAND).float()
+                beyond = (err.abs() - loss_weights.tail_margin).clamp_min(0).pow(2)
+                loss = loss + loss_weights.tail * (beyond * near).sum() / near.sum().clamp_min(1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

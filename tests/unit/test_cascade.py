@@ -64,6 +64,26 @@ def test_the_boundary_weight_weighs_logit_errors_near_a_threshold(weights):
     assert not torch.equal(trained[0], trained[2])
 
 
+def test_the_tail_term_is_off_by_default_and_trains_a_student_when_on(weights):
+    """Off, the student is the default recipe's (the margin alone changes nothing); on, it changes
+    what is learnt; and a margin beyond every error leaves the term at zero."""
+    from gristmill.kernels.distill import teacher_targets
+    texts = [f"text number {i}" for i in range(40)]
+    w = torch.randn(3, 32, generator=torch.Generator().manual_seed(3))
+    teacher, _, tok = _tiny_student(weights)
+    head = (w, -(teacher_targets(teacher, tok, texts, 16) @ w.T).mean(0))  # the teacher's logits around 0.5's
+    trained, losses = [], []
+    for loss in (DistillLoss(), DistillLoss(tail_margin=0.0), DistillLoss(tail=50.0, tail_margin=0.0),
+                 DistillLoss(tail=50.0, tail_margin=1e6)):
+        teacher, student, tok = _tiny_student(weights)
+        report = distill_student(teacher, student, tok, texts, steps=4, max_length=16, batch=8, head=head,
+                                 thresholds=[0.5, 0.5, 0.5], loss_weights=loss)
+        trained.append(student.encoder.layer[0].output.dense.weight.detach().clone())
+        losses.append(report.losses[-1])
+    assert torch.equal(trained[0], trained[1]) and torch.equal(trained[0], trained[3])
+    assert not torch.equal(trained[0], trained[2]) and losses[2] > losses[0]
+
+
 def test_the_attention_term_is_zero_for_the_teacher_itself_and_trains_a_student_when_on(weights):
     from gristmill.kernels import distill
     teacher, student, tok = _tiny_student(weights)
