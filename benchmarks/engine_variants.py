@@ -436,6 +436,7 @@ def by_core(ref: list[dict], new: list[dict], heldout: list[str], thresholds: di
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gristmill.kernels.loading import TRAIN_DEVICES
     from gristmill.producers.registry import DEFAULT_GENERATOR
     ap = argparse.ArgumentParser(prog="python -m benchmarks.engine_variants", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--texts", type=Path, help="held-out texts (plain lines or batch JSONL) for agreement")
     ap.add_argument("--student-steps", type=int, default=2000, help="distillation steps of the student (default 2000)")
-    ap.add_argument("--train-device", choices=["auto", "cpu", "cuda"], default="auto",
+    ap.add_argument("--train-device", choices=TRAIN_DEVICES, default="auto",
                     help="cpu variants: where the student trains (default auto: a GPU where CUDA has one)")
     ap.add_argument("--transfer-lines", type=int, default=30_000, help="built-in transfer texts (default 30,000)")
     ap.add_argument("--sample-lines", type=int, default=0, metavar="N",

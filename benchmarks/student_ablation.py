@@ -55,6 +55,7 @@ NEAR_LOGITS = 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gristmill.kernels.loading import TRAIN_DEVICES
     ap = argparse.ArgumentParser(prog="python -m benchmarks.student_ablation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prune", type=float, default=0.5, help="share of the layers removed (default 0.5: 3 of 6 kept)")
     ap.add_argument("--neurons", type=float, default=0.0,
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --traffic-share: repeat the traffic to weigh W times the built-in set's size "
                     "(default: corpus.TRAFFIC_SHARE, as gristmill optimize --with-builtin)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    ap.add_argument("--device", choices=TRAIN_DEVICES, default="auto",
                     help="where the student trains (default auto: a GPU where CUDA has one); it is judged and "
                     "exported on the CPU")
     ap.add_argument("--quantize", choices=["int8", "int8-tensor"], default="int8",

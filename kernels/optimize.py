@@ -249,8 +249,8 @@ def build_student(src: Path, out: Path, *, transfer: list[str], fraction: float,
     with the teacher on others of them than the teacher's head does; engines use it in place of the
     registered head it names. `trained_cache`: where distilled students are kept by what trained
     them (`trained_student_digest`), so another quantization or artifact format of the same student
-    skips the distillation. `device`: where the distillation runs ("cuda": a GPU; the export,
-    quantization and head refit stay on the CPU). Returns its manifest."""
+    skips the distillation. `device`: where the distillation and the head refit's forwards run
+    ("cuda": a GPU; the export and quantization stay on the CPU). Returns its manifest."""
     from transformers import AutoModel, AutoTokenizer
 
     from .distill import StudentShape, distill_student, make_student, on_device, refit_head
