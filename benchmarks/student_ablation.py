@@ -23,8 +23,8 @@ ONNX int8 artifact workers serve and judged by the benchmark's code, through the
 head and through a head of the student's own (kernels/distill.py refit_head; fit on a second draw of
 the built-in transfer set and any --traffic-share texts, or with --head-texts transfer on its own
 transfer texts). `--load FILE` judges a student an earlier `--save FILE` kept, in place of training
-one. `--device cuda` (the default where CUDA has a GPU) trains it there, bf16 autocast, and judges
-it on the CPU. `--traffic-share F` plays a user who distils on a sample of their own traffic (`gristmill
+one. `--device cuda` (the default where CUDA has a GPU) trains it there, bf16 autocast; its fp32
+judgements run there too, the ONNX artifact's on the CPU. `--traffic-share F` plays a user who distils on a sample of their own traffic (`gristmill
 optimize --distill FILE --with-builtin N`): F of the table's texts, chosen by a hash of each text,
 join the built-in transfer set as that command mixes them (`corpus.with_traffic`; --traffic-weight
 sets the share of the built-in set's size they are repeated to weigh), and the student is judged on
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: corpus.TRAFFIC_SHARE, as gristmill optimize --with-builtin)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--device", choices=TRAIN_DEVICES, default="auto",
-                    help="where the student trains (default auto: a GPU where CUDA has one); it is judged and "
-                    "exported on the CPU")
+                    help="where the student trains and is judged in fp32 (default auto: a GPU where CUDA has one); "
+                    "its ONNX artifact is exported and judged on the CPU")
     ap.add_argument("--quantize", choices=["int8", "int8-tensor"], default="int8",
                     help="how the ONNX artifact is quantized (kernels/optimize.ONNX_QUANTIZE; default int8, per row)")
     args = ap.parse_args(argv)
