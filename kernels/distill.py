@@ -97,11 +97,9 @@ class DistillReport:
     teacher_pooled: torch.Tensor | None = None  # the teacher's pooled embedding of each text, in input order
 
 
-def _encode(tokenizer, texts: list[str], max_length: int, device: torch.device | None = None):
+def _encode(tokenizer, texts: list[str], max_length: int, device: torch.device | str = "cpu"):
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    if device is None or device.type == "cpu":
-        return enc["input_ids"], enc["attention_mask"]
-    return enc["input_ids"].to(device, non_blocking=True), enc["attention_mask"].to(device, non_blocking=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -265,7 +263,7 @@ def _distill(teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str]
             if fresh_states:
                 th = [teacher_out.hidden_states[i + 1] for i in keep_layers]
             else:
-                th = _padded([states[i] for i in idx], ids.shape[1]).to(device).unbind(2)
+                th = _padded([states[i] for i in idx], ids.shape[1]).unbind(2)  # where the states are: `device`
             m = mask.unsqueeze(-1).float()
             for j, t_layer in enumerate(th):
                 d = out.hidden_states[j + 1].float() - t_layer
