@@ -110,7 +110,8 @@ def cpu_variants(args) -> dict[str, dict]:
     from gristmill.kernels.classify import ClassifierEngine
     from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16, training_bf16, training_device
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
-    from gristmill.kernels.optimize import agreement, build_artifact, build_student, student_digest, throughput
+    from gristmill.kernels.optimize import (agreement, build_artifact, build_student, student_digest, throughput,
+                                            torch_recipe_engine)
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.producers.settings import Settings
     from gristmill.workers.host import served_throughput
@@ -142,7 +143,7 @@ def cpu_variants(args) -> dict[str, dict]:
     if cpu_has_bf16():
         add("bf16", ClassifierEngine(src, cpu_precision="bf16", **kw))
     if cpu_compiler() is not None:  # torch.compile's CPU backend builds C++
-        add("int8_rows", ClassifierEngine(src, cpu_precision="auto", quantize="int8-rows", compile=True, **kw))
+        add("int8_rows", ClassifierEngine(src, cpu_precision="auto", **torch_recipe_engine("int8-rows"), **kw))
     work = Path(tempfile.mkdtemp(prefix="gristmill-variants-"))
     for name, quantize in [("ort_fp32", None), ("int8", "int8"), ("int8_tensor", "int8-tensor"),
                            ("int8_block", "int8-block")]:

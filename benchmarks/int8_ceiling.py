@@ -164,6 +164,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from gristmill.kernels.classify import ClassifierEngine
+    from gristmill.kernels.optimize import torch_recipe_engine
     from gristmill.producers.registry import DEFAULT_CLASSIFIER
     from gristmill.workers.loading import classifier_kwargs
     from gristmill.workers.optimize import heldout_texts
@@ -181,7 +182,7 @@ def main() -> None:
 
     measures = {"tokenize": each(fp32.encode, text_batches), "fp32": each(fp32.embed, batches)}
     if not args.no_compile:
-        rows = ClassifierEngine(src, cpu_precision="auto", quantize="int8-rows", compile=True, **kw)
+        rows = ClassifierEngine(src, cpu_precision="auto", **torch_recipe_engine("int8-rows"), **kw)
         compiled = ClassifierEngine(src, cpu_precision="fp32", compile=True, **kw)
         measures.update(int8_rows=each(rows.embed, batches), fp32_compiled=each(compiled.embed, batches))
     shapes = [s for b in batches for s in gemm_shapes(fp32.model, lambda b=b: fp32.embed(b))]

@@ -53,9 +53,11 @@ class ClassifierEngine:
                  head: Path | None = None, pooled: bool = False, dtype: torch.dtype | None = None,
                  cpu_precision: str = "auto", quantize: str = "none",
                  sparsity: str = "none", compile: bool | str = False, chunk_cache: bool = False,
-                 fast_tokenizer: bool = False):
+                 fast_tokenizer: bool = False, attention: str | None = None):
         self.device = resolve_device(device)
         self.quantize, self.sparsity, self.compiled = quantize, sparsity, compile
+        # the torch encoder's attention implementation ("eager", "sdpa"); None: transformers' default
+        self.attention = attention
         self.dtype = dtype or default_dtype(self.device)
         # On CPUs with native bf16 (AVX-512 BF16, AMX), bf16 autocast ran MiniLM-L6 1.4-1.8x faster
         # than fp32 at batch 64 on a 2-core AVX-512 BF16 machine (benchmarks/README.md, "Classifier
@@ -138,10 +140,13 @@ class ClassifierEngine:
         self.model, self.tokenizer, self.revision = load_encoder(path, self.device, self.dtype,
                                                                  classifier=not self.pooled)
         self.config = self.model.config
+        if self.attention is not None:
+            self.model.set_attn_implementation(self.attention)
         precision = "bf16-autocast" if self.autocast is not None else str(self.dtype).removeprefix("torch.")
         from .quant import apply_variant, variant_suffix
         apply_variant(self.model, self.quantize, self.sparsity)
-        self.variant = f"torch-{precision}-{self.device.type}{variant_suffix(self.quantize, self.sparsity, self.compiled)}"
+        suffix = variant_suffix(self.quantize, self.sparsity, self.compiled, self.attention)
+        self.variant = f"torch-{precision}-{self.device.type}{suffix}"
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states (pooled) or logits, as float32."""

@@ -130,11 +130,24 @@ def write_onnx_artifact(model, src: Path, out: Path, *, zero_shot: bool, quantiz
 # over the source weights), not an ONNX file: the CPU's int8-rows runs there, through Inductor.
 TORCH_RECIPE = "torch"
 TORCH_QUANTIZE = ("int8-rows",)
+# The attention a torch recipe runs. Compiled int8-rows on a CPU ran 8-15% faster with transformers'
+# eager attention (matmuls and a softmax that Inductor fuses) than with its default, the CPU's
+# flash-attention kernel, which took a fifth of the forward on short texts; and a text's scores no
+# longer moved with the texts batched beside it (benchmarks/README.md, "Attention for compiled
+# int8_rows"). Recipes written before carry no attention and keep the default.
+TORCH_RECIPE_ATTENTION = {"int8-rows": "eager"}
+
+
+def torch_recipe_engine(quantize: str, compile: bool = True) -> dict:
+    """The torch engine's arguments a recipe of `quantize` stores, and serves with."""
+    return {"quantize": quantize, "compile": compile, "attention": TORCH_RECIPE_ATTENTION.get(quantize)}
 
 
 def torch_recipe_digest(src: Path, *, quantize: str, compile: bool) -> str:
     return hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "kind": TORCH_RECIPE, "src": weights_revision(src),
-                                      "q": quantize, "compile": compile}, sort_keys=True).encode()).hexdigest()[:16]
+                                      "q": quantize, "compile": compile,
+                                      "attention": TORCH_RECIPE_ATTENTION.get(quantize)},
+                                     sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_torch_recipe(src: Path, out: Path, *, quantize: str, compile: bool = True) -> dict:
@@ -143,9 +156,11 @@ def write_torch_recipe(src: Path, out: Path, *, quantize: str, compile: bool = T
     if quantize not in TORCH_QUANTIZE:
         raise ValueError(f"a torch recipe quantizes with {', '.join(TORCH_QUANTIZE)}, not {quantize!r}")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": FORMAT_VERSION, "kind": TORCH_RECIPE, "variant": f"torch-{quantize}" + ("-compiled" * compile),
+    engine = torch_recipe_engine(quantize, compile)
+    variant = f"torch-{quantize}" + ("-compiled" * compile) + (f"-attn-{engine['attention']}" if engine["attention"] else "")
+    manifest = {"format": FORMAT_VERSION, "kind": TORCH_RECIPE, "variant": variant,
                 "source": str(src), "source_revision": weights_revision(src), "quantize": quantize,
-                "engine": {"quantize": quantize, "compile": compile},
+                "engine": engine,
                 "digest": torch_recipe_digest(src, quantize=quantize, compile=compile)}
     (out / onnx_engine.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -158,7 +173,8 @@ def artifact_engine(path: Path, **kw):
     if manifest is not None and manifest.get("kind") == TORCH_RECIPE:
         from .classify import ClassifierEngine
         engine = manifest["engine"]
-        return ClassifierEngine(Path(manifest["source"]), quantize=engine["quantize"], compile=engine["compile"], **kw)
+        return ClassifierEngine(Path(manifest["source"]), quantize=engine["quantize"], compile=engine["compile"],
+                                attention=engine.get("attention"), **kw)
     return onnx_engine.OnnxClassifierEngine(path, **kw)
 
 

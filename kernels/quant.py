@@ -355,8 +355,9 @@ def apply_variant(model: nn.Module, quantize: str = "none", sparsity: str = "non
     return n
 
 
-def variant_suffix(quantize: str, sparsity: str, compiled: bool | str) -> str:
+def variant_suffix(quantize: str, sparsity: str, compiled: bool | str, attention: str | None = None) -> str:
     parts = [] if quantize == "none" else [QUANTIZED_LAYERS[quantize][1]]
     parts += ["sparse24"] if sparsity == "2:4" else []
     parts += [] if not compiled else ["compiled"] if compiled is True else [f"compiled-{compiled}"]
+    parts += [f"attn-{attention}"] if attention else []
     return "".join(f"+{p}" for p in parts)

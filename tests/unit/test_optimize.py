@@ -273,7 +273,8 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     assert p.returncode == 0, p.stderr[-3000:]
     art = home / "models" / "optimized" / "tiny-moderation" / "torch-int8-rows"
     manifest = read_manifest(art)
-    assert manifest["kind"] == "torch" and manifest["engine"] == {"quantize": "int8-rows", "compile": True}
+    assert manifest["kind"] == "torch"
+    assert manifest["engine"] == {"quantize": "int8-rows", "compile": True, "attention": "eager"}
     assert not list(art.glob("*.onnx")) and manifest["report"]["size_bytes"] is None
     # timed beside it: the engine a worker serves without an artifact, which it must beat
     assert manifest["report"]["default"]["variant"].startswith("torch-") and manifest["report"]["default"]["speedup"] > 0
@@ -288,7 +289,7 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     item = S.WorkItem(1, "c1", "/v1/moderations", "tiny-moderation", {"input": ["i will hurt you", "hello"]}, "0" * 64)
     (prep,) = host.prepare([item])
     line = host.format(item, host.run("tiny-moderation", prep.payloads))
-    assert line["provenance"]["engine_variant"].endswith("+w8a8rows+compiled")
+    assert line["provenance"]["engine_variant"].endswith("+w8a8rows+compiled+attn-eager")
     assert "torch-int8-rows: its build measured" in host.serving["tiny-moderation"]
     host.shutdown()
     monkeypatch.setattr(kloading, "cpu_compiler", lambda: None)
@@ -312,7 +313,7 @@ def test_int8_rows_recipe_is_judged_then_picked_by_a_worker_only_where_it_can_co
     shutil.rmtree(art)  # the plain recipe out of the way: the cascade is the one artifact left
     host = EngineHost(settings)
     eng = host.engine("tiny-moderation")
-    assert eng.variant.startswith("cascade(") and "+w8a8rows+compiled>" in eng.variant
+    assert eng.variant.startswith("cascade(") and "+w8a8rows+compiled+attn-eager>" in eng.variant
     assert "cascade-int8-rows: its build measured" in host.serving["tiny-moderation"]
     eng.band = 100.0  # every input escalates
     line = host.format(item, through_batcher(host, "tiny-moderation", prep.payloads))

@@ -117,7 +117,8 @@ def test_apply_variant_rewrites_only_the_transformer_layers(encoder_path):
                                        ({"quantize": "int8-dynamic"}, "+w8a8"),
                                        ({"quantize": "int8-rows"}, "+w8a8rows"),
                                        ({"quantize": "fp8-dynamic"}, "+fp8"),
-                                       ({"sparsity": "2:4"}, "+sparse24")])
+                                       ({"sparsity": "2:4"}, "+sparse24"),
+                                       ({"attention": "eager"}, "+attn-eager")])
 def test_engine_variants_name_themselves_and_score_near_fp32(encoder_path, kw, suffix):
     texts = ["the quick brown fox", "hello world this is a test", "i will hurt you"]
     ref = ClassifierEngine(encoder_path, max_length=32, cpu_precision="fp32")
@@ -127,6 +128,9 @@ def test_engine_variants_name_themselves_and_score_near_fp32(encoder_path, kw, s
     assert [list(r) for r in a] == [list(r) for r in b]
     # random tiny weights: int8 stays close; 2:4 without retraining only keeps a valid distribution
     tol = {"int8-weight-only": 0.05, "int8-dynamic": 0.05, "int8-rows": 0.05, "fp8-dynamic": 0.15}.get(kw.get("quantize"), 1.0)
+    if "attention" in kw:  # the same products in another kernel
+        assert eng.model.config._attn_implementation == kw["attention"] != ref.model.config._attn_implementation
+        tol = 1e-5
     assert max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in x) < tol
     assert all(abs(sum(r.values()) - 1) < 1e-4 for r in b)
 
@@ -181,3 +185,26 @@ def test_int8_rows_uses_each_rows_own_asymmetric_range():
     # fewer than 17 rows (torch._int_mm's minimum) are padded and cut back
     assert layer(x[:3]).shape == (3, 96)
     assert torch.allclose(layer(x[:3]), layer(x)[:3], atol=1e-5)
+
+
+def test_a_torch_recipe_serves_the_attention_it_names_and_older_recipes_the_default(encoder_path, tmp_path,
+                                                                                   monkeypatch):
+    import json
+
+    from gristmill.kernels.onnx_engine import MANIFEST
+    from gristmill.kernels.optimize import artifact_engine, torch_recipe_digest, write_torch_recipe
+    manifest = write_torch_recipe(encoder_path, tmp_path, quantize="int8-rows", compile=False)
+    assert manifest["engine"]["attention"] == "eager" and manifest["variant"].endswith("-attn-eager")
+    eng = artifact_engine(tmp_path, max_length=32, cpu_precision="fp32")
+    assert eng.attention == "eager" and eng.variant.endswith("+w8a8rows+attn-eager")
+    # a recipe written before recipes named their attention
+    del manifest["engine"]["attention"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    old = artifact_engine(tmp_path, max_length=32, cpu_precision="fp32")
+    assert old.attention is None and old.variant.endswith("+w8a8rows")
+    assert old.model.config._attn_implementation != "eager"
+    # the attention a recipe runs is part of its digest: a re-run of `optimize` rebuilds and judges
+    # the recipes written before
+    from gristmill.kernels import optimize
+    monkeypatch.setattr(optimize, "TORCH_RECIPE_ATTENTION", {})
+    assert manifest["digest"] != torch_recipe_digest(encoder_path, quantize="int8-rows", compile=False)
