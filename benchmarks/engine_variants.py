@@ -460,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=50, help="cuda: timed batches")
     ap.add_argument("--only", help=f"cuda: comma-separated variants (default all: {', '.join(GPU_VARIANTS)})")
     args = ap.parse_args(argv)
+    if not args.device.startswith("cuda"):
+        from gristmill.kernels.loading import training_device
+        try:  # said in one line, as `gristmill optimize --train-device` says it
+            training_device(args.train_device)
+        except RuntimeError as e:
+            ap.error(f"--train-device {args.train_device}: {e}")
     t0 = time.perf_counter()
     variants = cuda_variants(args) if args.device.startswith("cuda") else cpu_variants(args)
     rows = []

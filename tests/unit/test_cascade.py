@@ -4,6 +4,7 @@ host path on the tests' tiny encoder."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -588,6 +589,11 @@ def test_optimize_refuses_to_train_on_a_gpu_it_does_not_have_or_without_a_studen
     alone = subprocess.run([*GRISTMILL, "optimize", "tiny-moderation", "--out", str(tmp_path / "art"),
                             "--train-device", "cpu"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert alone.returncode != 0 and "use it with --distill" in alone.stderr and "Traceback" not in alone.stderr
+    # the benchmarks that train a student say it the same way, before any work
+    for bench, flag in (("benchmarks.engine_variants", "--train-device"), ("benchmarks.student_ablation", "--device")):
+        p = subprocess.run([sys.executable, "-m", bench, flag, "cuda"], env=env, cwd=root, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 2 and f"{flag} cuda: device 'cuda' requested" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_a_head_refit_reuses_the_teachers_embeddings_from_training(weights):
