@@ -9,19 +9,22 @@ threshold, so a 5% cap leaves a band under 0.1. Students with fewer layers are f
 by several times that. This asks the other side: how fast can a full-depth int8 model get here?
 
 On the real all-MiniLM-L6-v2 encoder, over real batches of held-out text (sorted by token count,
-`--batch` per batch, as a worker's batcher forms them), each timed as the least of `--rounds`:
+`--batch` per batch, as a worker's batcher forms them), each the least of `--rounds` rounds in
+which they take turns:
 
   fp32          the encoder in torch eager fp32, the baseline of every speedup gristmill reports
-  int8_rows     the served int8 engine (torch.compile'd, a range per activation row)
+  fp32 compiled the same, torch.compile'd: Inductor fuses the work between the products
+  int8_rows     the served int8 engine (the `int8-rows` recipe: compiled, a range per activation row)
   tokenize      the engine's tokenizer over the batch's texts, which every engine pays alike
   GEMMs fp32    the encoder's linear layers' products alone, each timed apart at its shape
   GEMMs int8    the same products as int8 x int8 -> int32 (`torch._int_mm`: oneDNN, VNNI where
                 the CPU has it), with no quantizing, rescaling or bias
 
-and two bounds on a full-depth int8 model against fp32, tokenizing included:
-  GEMMs int8, the rest as fp32 runs it   fp32's time with its linear products swapped for the
-                                         int8 ones and quantizing free
-  GEMMs int8, the rest free              only the int8 products and tokenizing left
+and three bounds on a full-depth int8 model against fp32, tokenizing included, "the rest" being
+an engine's time less its linear products:
+  GEMMs int8, the rest as fp32 runs it            quantizing free
+  GEMMs int8, the rest as compiled fp32 runs it   quantizing free
+  GEMMs int8, the rest free                       only the int8 products and tokenizing left
 
 beside the speed a cascade's first stage needs for `--target` times fp32 while it escalates
 `--escalated` of its inputs to the full model in fp32 (1 / (1 / target - escalated)), and the time
@@ -85,6 +88,7 @@ def gemm_calls(shapes: list[tuple[int, int, int]]) -> dict[str, list[tuple[Calla
     weight: fp32 (`torch.mm`) and int8 x int8 -> int32 (`torch._int_mm`)."""
     fp32, int8 = [], []
     for (m, k, n), count in Counter(shapes).items():
+        m = max(m, 17)  # torch._int_mm takes more than 16 rows (the int8-rows layers pad to 17 too)
         x, w = torch.randn(m, k), torch.randn(k, n)
         xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
         wq = torch.randint(-128, 128, (k, n), dtype=torch.int8)
