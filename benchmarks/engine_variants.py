@@ -102,13 +102,14 @@ def labelled_quality(embed_fns: dict, ref_name: str = "fp32") -> dict[str, dict]
     return report
 
 
-def cpu_variants(args) -> dict[str, dict]:
+def cpu_variants(args, train_device) -> dict[str, dict]:
+    """`train_device`: where the student trains (kernels/loading `training_device`, resolved by `main`)."""
     import torch
 
     from gristmill.kernels import corpus, heads, sampled as sampling
     from gristmill.kernels.cascade import CHECK, CascadeEngine, deciders, judge_on_halves, judge_three_stages, near
     from gristmill.kernels.classify import ClassifierEngine
-    from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16, training_bf16, training_device
+    from gristmill.kernels.loading import cpu_compiler, cpu_has_bf16, training_bf16
     from gristmill.kernels.onnx_engine import OnnxClassifierEngine, read_manifest
     from gristmill.kernels.optimize import (agreement, build_artifact, build_student, student_digest, throughput,
                                             torch_recipe_engine)
@@ -120,7 +121,6 @@ def cpu_variants(args) -> dict[str, dict]:
 
     spec = DEFAULT_CLASSIFIER
     src = spec.resolve_path()
-    train_device = training_device(args.train_device)
     traffic, heldout = traffic_split(heldout_texts(args.texts), args.traffic_share)
     calibration = corpus.transfer_set(256, seed=1)
     kw = classifier_kwargs(spec)
@@ -460,14 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=50, help="cuda: timed batches")
     ap.add_argument("--only", help=f"cuda: comma-separated variants (default all: {', '.join(GPU_VARIANTS)})")
     args = ap.parse_args(argv)
-    if not args.device.startswith("cuda"):
+    t0 = time.perf_counter()
+    if args.device.startswith("cuda"):
+        variants = cuda_variants(args)
+    else:
         from gristmill.kernels.loading import training_device
         try:  # said in one line, as `gristmill optimize --train-device` says it
-            training_device(args.train_device)
+            train_device = training_device(args.train_device)
         except RuntimeError as e:
             ap.error(f"--train-device {args.train_device}: {e}")
-    t0 = time.perf_counter()
-    variants = cuda_variants(args) if args.device.startswith("cuda") else cpu_variants(args)
+        variants = cpu_variants(args, train_device)
     rows = []
     for name, v in variants.items():
         if "error" in v:

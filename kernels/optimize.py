@@ -145,8 +145,7 @@ def torch_recipe_engine(quantize: str, compile: bool = True) -> dict:
 
 def torch_recipe_digest(src: Path, *, quantize: str, compile: bool) -> str:
     return hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "kind": TORCH_RECIPE, "src": weights_revision(src),
-                                      "q": quantize, "compile": compile,
-                                      "attention": TORCH_RECIPE_ATTENTION.get(quantize)},
+                                      "engine": torch_recipe_engine(quantize, compile)},
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
